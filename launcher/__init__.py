@@ -1,0 +1,3 @@
+"""launcher: fine-tune language models on downstream tasks from one YAML recipe."""
+
+__version__ = "0.1.0"

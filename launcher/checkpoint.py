@@ -1,0 +1,134 @@
+"""Checkpoints that survive crashes, exact resume, and the final export.
+
+Accelerate's save_state/load_state carry model, optimiser, scheduler and every process's RNG
+under DDP, DeepSpeed and FSDP alike. What it does not do is be atomic or pick the last good
+checkpoint; that is this module: each checkpoint is written under a temporary name and renamed
+only once complete, with `trainer_state.json` written last inside it.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+from launcher.recipe import UserError
+
+STATE_FILE = "trainer_state.json"
+# Keys of the recipe that may change between a run and its resumption.
+RESUMABLE_CHANGES = {("train", "max_steps"), ("train", "epochs"), ("train", "eval_every"), ("train", "save_every"),
+                     ("train", "log_every"), ("train", "keep_last"), ("eval", "samples"), ("report", "tensorboard")}
+
+
+def checkpoints(run_dir: Path) -> list[tuple[int, Path]]:
+    """Complete checkpoints, oldest first."""
+    found = []
+    for path in (run_dir / "checkpoints").glob("step-*"):
+        step = path.name.removeprefix("step-")
+        if step.isdigit() and (path / STATE_FILE).is_file():
+            found.append((int(step), path))
+    return sorted(found)
+
+
+def last_checkpoint(run_dir: Path) -> Path | None:
+    found = checkpoints(run_dir)
+    return found[-1][1] if found else None
+
+
+def _changed_keys(old: dict, new: dict, prefix: tuple = ()) -> list[tuple]:
+    changed = []
+    for key in sorted(set(old) | set(new)):
+        a, b = old.get(key), new.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            changed += _changed_keys(a, b, prefix + (key,))
+        elif a != b:
+            changed.append(prefix + (key,))
+    return changed
+
+
+def plan_run_dir(run_dir: Path, resolved: dict, overwrite: bool) -> Path | None:
+    """Decide, before any model loads, whether this run starts fresh or resumes; never clobber silently."""
+    if overwrite and run_dir.exists():
+        return None
+    previous = run_dir / "recipe.yaml"
+    if not run_dir.exists() or not any(run_dir.iterdir()):
+        return None
+    if not previous.is_file():
+        raise UserError(f"output_dir {run_dir} exists and is not a launcher run; choose another output_dir or pass --overwrite")
+    import yaml
+    changed = [k for k in _changed_keys(yaml.safe_load(previous.read_text()) or {}, resolved) if k not in RESUMABLE_CHANGES]
+    if changed:
+        names = ", ".join(".".join(k) for k in changed[:5])
+        raise UserError(f"output_dir {run_dir} holds a run with a different recipe ({names} changed); "
+                        f"resume with the same recipe, choose another output_dir, or pass --overwrite to start fresh")
+    return last_checkpoint(run_dir)
+
+
+def clear_run_dir(run_dir: Path) -> None:
+    """--overwrite: remove what a previous run wrote (only the launcher's own files)."""
+    for name in ("checkpoints", "final", "metrics.jsonl", "report.md", "loss.png", "recipe.yaml", "tb", "logs"):
+        target = run_dir / name
+        if target.is_dir():
+            shutil.rmtree(target)
+        elif target.exists():
+            target.unlink()
+
+
+def keep_trainable_only(model_names: set[str]):
+    """A save_state pre-hook: adapter runs checkpoint only what trains, not the frozen base."""
+    def hook(models, weights, output_dir):
+        for index, state in enumerate(weights):
+            weights[index] = {k: v for k, v in state.items() if k in model_names}
+    return hook
+
+
+def save_checkpoint(accelerator, run_dir: Path, step: int, state: dict, keep_last: int) -> Path:
+    """Write checkpoints/step-N atomically and prune to the newest `keep_last`."""
+    folder = run_dir / "checkpoints" / f"step-{step}"
+    staging = folder.with_name(folder.name + ".tmp")
+    if accelerator.is_main_process:
+        shutil.rmtree(staging, ignore_errors=True)
+        staging.mkdir(parents=True)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(staging))
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        with open(staging / STATE_FILE, "w") as handle:
+            json.dump(state, handle)
+            handle.flush()
+            os.fsync(handle.fileno())
+        if folder.exists():
+            shutil.rmtree(folder)
+        staging.rename(folder)
+        for _, old in checkpoints(run_dir)[:-keep_last]:
+            shutil.rmtree(old, ignore_errors=True)
+    accelerator.wait_for_everyone()
+    return folder
+
+
+def load_state_file(folder: Path) -> dict:
+    return json.loads((folder / STATE_FILE).read_text())
+
+
+def load_checkpoint(accelerator, folder: Path) -> dict:
+    accelerator.load_state(str(folder), strict=False)
+    return load_state_file(folder)
+
+
+def export_final(accelerator, model, tokenizer, run_dir: Path) -> Path:
+    """A save_pretrained folder that transformers or PEFT load directly.
+
+    The state dict comes from the accelerator, which gathers ZeRO-3 and FSDP shards; a PEFT model
+    picks its adapter out of that full dict, so a sharded run never saves an empty adapter.
+    """
+    target = run_dir / "final"
+    staging = target.with_name("final.tmp")
+    state_dict = accelerator.get_state_dict(model)
+    if accelerator.is_main_process:
+        shutil.rmtree(staging, ignore_errors=True)
+        accelerator.unwrap_model(model).save_pretrained(staging, state_dict=state_dict, safe_serialization=True)
+        tokenizer.save_pretrained(staging)
+        shutil.rmtree(target, ignore_errors=True)
+        staging.rename(target)
+    accelerator.wait_for_everyone()
+    return target

@@ -1,0 +1,293 @@
+"""Rows -> token ids and labels, for every data format.
+
+`datasets` reads the files and caches the tokenised result (its fingerprint covers the
+tokenizer and the settings). What no library does for us is the part kept here: turning each
+format into trained and masked segments, so the label of every token is decided in one place.
+"""
+from __future__ import annotations
+
+import csv
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator
+
+from launcher.recipe import FORMAT_FIELDS, DataSection, UserError
+
+IGNORE = -100
+PEEK_ROWS = 5
+
+
+# ---------------------------------------------------------------- reading and peeking
+
+def _kind(path: Path) -> str:
+    if path.is_dir():
+        return "folder"
+    suffix = path.suffix.lower()
+    kinds = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
+    if suffix not in kinds:
+        raise UserError(f"{path}: unsupported data file type '{suffix}' (use .jsonl, .json, .csv, .parquet or a datasets folder)")
+    return kinds[suffix]
+
+
+def peek_rows(path: str | Path, limit: int = PEEK_ROWS) -> list[dict]:
+    """The first rows of a data file, read cheaply so bad data fails before any model loads."""
+    path = Path(path)
+    kind = _kind(path)
+    if kind == "json" and path.suffix == ".jsonl":
+        rows = []
+        with path.open() as handle:
+            for number, line in enumerate(handle, start=1):
+                if not line.strip():
+                    continue
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError as exc:
+                    raise UserError(f"{path} row {number}: not valid JSON ({exc.msg})") from None
+                if not isinstance(row, dict):
+                    raise UserError(f"{path} row {number}: expected a JSON object, got {type(row).__name__}")
+                rows.append(row)
+                if len(rows) == limit:
+                    break
+        return rows
+    if kind == "json":
+        try:
+            data = json.loads(path.read_text())
+        except json.JSONDecodeError as exc:
+            raise UserError(f"{path}: not valid JSON (line {exc.lineno}: {exc.msg})") from None
+        if not isinstance(data, list) or not all(isinstance(row, dict) for row in data[:limit]):
+            raise UserError(f"{path}: a .json data file must hold a list of objects")
+        return data[:limit]
+    if kind == "csv":
+        with path.open(newline="") as handle:
+            return [row for _, row in zip(range(limit), csv.DictReader(handle))]
+    if kind == "parquet":
+        import pyarrow.parquet as pq
+        table = pq.ParquetFile(path).read_row_group(0)
+        return table.slice(0, limit).to_pylist()
+    from datasets import load_from_disk
+    return load_from_disk(str(path)).select(range(limit)).to_list()
+
+
+def check_rows(path: str | Path, data: DataSection) -> None:
+    """Fail on the first peeked row that lacks a field the format needs, naming file, row and field."""
+    rows = peek_rows(path)
+    if not rows:
+        raise UserError(f"{path}: no rows")
+    required, _ = FORMAT_FIELDS[data.format]
+    for number, row in enumerate(rows, start=1):
+        for canonical in required:
+            column = data.field(canonical)
+            if column not in row:
+                hint = f" (set data.fields.{canonical} to one of: {', '.join(map(str, row))})"
+                raise UserError(f"{path} row {number}: missing field '{column}' needed by format {data.format}{hint}")
+            value = row[column]
+            if canonical == "messages":
+                _check_messages(path, number, value)
+            elif not isinstance(value, str):
+                raise UserError(f"{path} row {number}: field '{column}' must be text, got {type(value).__name__}")
+
+
+def _check_messages(path: Any, number: int, messages: Any) -> None:
+    if not isinstance(messages, list) or not messages:
+        raise UserError(f"{path} row {number}: field 'messages' must be a non-empty list of {{role, content}}")
+    for turn, message in enumerate(messages):
+        if not isinstance(message, dict) or message.get("role") not in ("system", "user", "assistant"):
+            raise UserError(f"{path} row {number}: messages[{turn}] needs role system, user or assistant")
+        if not isinstance(message.get("content"), str):
+            raise UserError(f"{path} row {number}: messages[{turn}].content must be text")
+    if not any(m["role"] == "assistant" for m in messages):
+        raise UserError(f"{path} row {number}: messages has no assistant turn to train on")
+
+
+def load_table(path: str | Path):
+    """A `datasets.Dataset` from any supported source."""
+    import datasets
+    path = Path(path)
+    kind = _kind(path)
+    if kind == "folder":
+        loaded = datasets.load_from_disk(str(path))
+        return loaded["train"] if isinstance(loaded, datasets.DatasetDict) else loaded
+    return datasets.load_dataset(kind, data_files=str(path), split="train")
+
+
+# ---------------------------------------------------------------- formats to segments
+
+def to_segments(row: dict, data: DataSection, use_chat: bool) -> list[tuple[str, bool]] | list[dict]:
+    """A row as chat messages (when the chat template applies) or as (text, trained) segments."""
+    fmt, col = data.format, data.field
+    if fmt == "chat":
+        return row[col("messages")]
+    if fmt == "text":
+        return [(row[col("text")], True)]
+    if fmt == "instruction":
+        prompt = row[col("instruction")]
+        extra = row.get(col("input")) or ""
+        if use_chat:
+            prompt, completion = (f"{prompt}\n\n{extra}" if extra else prompt), row[col("output")]
+        else:
+            prompt = f"### Instruction:\n{prompt}\n\n" + (f"### Input:\n{extra}\n\n" if extra else "") + "### Response:\n"
+            completion = row[col("output")]
+    elif fmt == "translation":
+        prompt = data.prompt_template.format(source_lang=data.source_lang, target_lang=data.target_lang,
+                                             source=row[col("source")])
+        completion = row[col("target")]
+        prompt = prompt if use_chat else prompt + "\n"
+    else:  # completion
+        prompt, completion = row[col("prompt")], row[col("completion")]
+    if use_chat:
+        system = [{"role": "system", "content": data.system_prompt}] if data.system_prompt else []
+        return system + [{"role": "user", "content": prompt}, {"role": "assistant", "content": completion}]
+    return [(prompt, False), (completion, True)]
+
+
+def chat_segments(messages: list[dict], tokenizer) -> list[tuple[str, bool]]:
+    """Render a conversation with the tokenizer's template; each assistant reply (and its end tag) is trained."""
+    def render(turns: list[dict], prompt: bool) -> str:
+        return tokenizer.apply_chat_template(turns, tokenize=False, add_generation_prompt=prompt)
+
+    segments, done = [], ""
+    for index, message in enumerate(messages):
+        if message["role"] != "assistant":
+            continue
+        before, after = render(messages[:index], True), render(messages[: index + 1], False)
+        if not before.startswith(done) or not after.startswith(before):
+            raise UserError("the tokenizer's chat template does not render turns as prefixes of each other; "
+                            "set data.chat_template: never")
+        segments += [(before[len(done):], False), (after[len(before):], True)]
+        done = after
+    tail = render(messages, False)[len(done):]
+    return segments + ([(tail, False)] if tail else [])
+
+
+@dataclass
+class Encoder:
+    """Tokenises one row into input_ids, labels and the length of its first prompt."""
+
+    tokenizer: Any
+    data: DataSection
+
+    def __post_init__(self) -> None:
+        has_template = bool(getattr(self.tokenizer, "chat_template", None))
+        self.use_chat = self.data.chat_template == "auto" and has_template
+        if self.data.format == "chat" and not has_template:
+            raise UserError("data.format chat needs a tokenizer with a chat template; this model's tokenizer has none")
+        bos = self.tokenizer.bos_token_id
+        probe = self.tokenizer("x")["input_ids"]
+        self.bos = [bos] if bos is not None and probe and probe[0] == bos else []
+        self.eos = self.tokenizer.eos_token or ""
+
+    def segments(self, row: dict) -> list[tuple[str, bool]]:
+        parts = to_segments(row, self.data, self.use_chat)
+        if self.use_chat or self.data.format == "chat":
+            return chat_segments(parts, self.tokenizer)
+        return [(text + self.eos, True) if trained else (text, False) for text, trained in parts]
+
+    def __call__(self, row: dict) -> dict:
+        ids, labels = list(self.bos), [IGNORE] * len(self.bos)
+        prompt_len = None
+        for text, trained in self.segments(row):
+            piece = self.tokenizer(text, add_special_tokens=False)["input_ids"]
+            if trained and prompt_len is None:
+                prompt_len = len(ids)
+            ids += piece
+            labels += piece if (trained or self.data.train_on_prompt) else [IGNORE] * len(piece)
+        ids, labels = ids[: self.data.max_length], labels[: self.data.max_length]
+        trained_tokens = sum(label != IGNORE for label in labels[1:])
+        return {"input_ids": ids, "labels": labels, "prompt_len": prompt_len or 0,
+                "drop": "no target token within max_length" if trained_tokens == 0 else ""}
+
+
+@dataclass
+class Tokenised:
+    dataset: Any
+    rows: int
+    dropped: dict[str, int]
+
+
+def tokenise(path: str, tokenizer, data: DataSection, limit: int | None) -> Tokenised:
+    """Load and tokenise one source; rows left with nothing to train are dropped and counted."""
+    table = load_table(path)
+    if limit is not None:
+        table = table.select(range(min(limit, len(table))))
+    encoded = table.map(Encoder(tokenizer, data), remove_columns=table.column_names, desc=f"tokenising {Path(path).name}")
+    reasons: dict[str, int] = {}
+    for reason in encoded["drop"]:
+        if reason:
+            reasons[reason] = reasons.get(reason, 0) + 1
+    kept = encoded.filter(lambda row: not row["drop"]).remove_columns("drop") if reasons else encoded.remove_columns("drop")
+    return Tokenised(kept, len(table), reasons)
+
+
+def split_eval(train: Tokenised, fraction: float, seed: int) -> tuple[Tokenised, Tokenised]:
+    parts = train.dataset.train_test_split(test_size=fraction, seed=seed)
+    return (Tokenised(parts["train"], len(parts["train"]), train.dropped),
+            Tokenised(parts["test"], len(parts["test"]), {}))
+
+
+# ---------------------------------------------------------------- batches
+
+def collate(rows: list[dict], pad_id: int) -> dict:
+    """Right-pad to the longest row; padding is masked out of attention and loss."""
+    import torch
+    width = max(len(row["input_ids"]) for row in rows)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(rows), width), IGNORE, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, row in enumerate(rows):
+        n = len(row["input_ids"])
+        ids[i, :n] = torch.tensor(row["input_ids"])
+        labels[i, :n] = torch.tensor(row["labels"])
+        mask[i, :n] = 1
+    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+
+
+@dataclass
+class StepPlan:
+    """Which rows each rank reads at each optimiser step.
+
+    Step s of epoch e takes rows perm_e[s*G:(s+1)*G] with G = micro * accum * world; micro-batch a
+    of rank r is the slice starting at (a*world + r)*micro. So one process with micro*world rows
+    per micro-batch sees exactly the same global batches as `world` processes, and a resumed run
+    can jump straight to any step.
+    """
+
+    rows: int
+    micro: int
+    accum: int
+    world: int
+    rank: int
+    seed: int
+
+    @property
+    def global_batch(self) -> int:
+        return self.micro * self.accum * self.world
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return self.rows // self.global_batch
+
+    def total_steps(self, epochs: float | None, max_steps: int | None) -> int:
+        return max_steps if max_steps is not None else max(1, math.ceil(epochs * self.steps_per_epoch))
+
+    def micro_batches(self, step: int) -> list[list[int]]:
+        import torch
+        epoch, within = divmod(step, self.steps_per_epoch)
+        order = torch.randperm(self.rows, generator=torch.Generator().manual_seed(self.seed + epoch)).tolist()
+        start = within * self.global_batch
+        return [order[start + (a * self.world + self.rank) * self.micro:][: self.micro] for a in range(self.accum)]
+
+
+def eval_batches(rows: int, size: int, world: int, rank: int) -> Iterator[tuple[list[int], bool]]:
+    """Eval rows in order, batch i going to rank i % world.
+
+    Every rank runs the same number of forward passes (sharded models need all ranks in each
+    one); a rank with no batch left repeats the first with `real` False, and its loss is ignored.
+    """
+    starts = list(range(0, rows, size))
+    for first in range(0, len(starts), world):
+        index = first + rank
+        real = index < len(starts)
+        start = starts[index] if real else starts[0]
+        yield list(range(start, min(start + size, rows))), real

@@ -1,0 +1,62 @@
+"""`launcher inspect`: see exactly what the model will be trained on, before training it."""
+from __future__ import annotations
+
+from rich.console import Console
+from rich.table import Table
+from rich.text import Text
+
+from launcher.data import IGNORE
+from launcher.recipe import Recipe
+
+
+def highlighted(tokenizer, ids: list[int], labels: list[int]) -> Text:
+    """Trained tokens in bold green, masked ones dim: the boundary between prompt and target is visible."""
+    text = Text()
+    for token, label in zip(ids, labels):
+        piece = tokenizer.decode([token])
+        text.append(piece, style="bold green" if label != IGNORE else "dim")
+    return text
+
+
+def length_histogram(lengths: list[int], bins: int = 8) -> list[tuple[str, int]]:
+    if not lengths:
+        return []
+    top = max(lengths)
+    width = max(1, -(-top // bins))
+    counts = [0] * bins
+    for length in lengths:
+        counts[min((length - 1) // width, bins - 1)] += 1
+    return [(f"{i * width + 1}-{(i + 1) * width}", c) for i, c in enumerate(counts)]
+
+
+def show(recipe: Recipe, examples: int, console: Console | None = None) -> dict:
+    from launcher import modeling
+    from launcher.train import build_datasets
+
+    console = console or Console(highlight=False)
+    weights = modeling.resolve_weights(recipe)
+    tokenizer = modeling.load_tokenizer(weights, recipe)
+    train, evaluation = build_datasets(recipe, tokenizer)
+    dataset = train.dataset
+    for index in range(min(examples, len(dataset))):
+        row = dataset[index]
+        console.rule(f"example {index} ({len(row['input_ids'])} tokens)")
+        console.print(highlighted(tokenizer, row["input_ids"], row["labels"]))
+    lengths = [len(ids) for ids in dataset["input_ids"]]
+    trained = sum(sum(label != IGNORE for label in labels) for labels in dataset["labels"])
+    counts = {"rows": train.rows, "kept": len(dataset), "dropped": train.dropped, "tokens": sum(lengths),
+              "trained_fraction": trained / max(1, sum(lengths)),
+              "eval_rows": len(evaluation.dataset) if evaluation else 0}
+    table = Table(title="training data")
+    table.add_column("what")
+    table.add_column("value")
+    for key, value in counts.items():
+        table.add_row(key, f"{value:.3f}" if isinstance(value, float) else str(value or "none"))
+    console.print(table)
+    histogram = Table(title="length (tokens)")
+    histogram.add_column("range")
+    histogram.add_column("rows")
+    for span, count in length_histogram(lengths):
+        histogram.add_row(span, f"{count} " + "#" * min(count, 60))
+    console.print(histogram)
+    return counts

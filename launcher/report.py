@@ -1,0 +1,134 @@
+"""What the user sees and keeps: console progress, metrics.jsonl, TensorBoard, report.md, loss.png.
+
+Only the main process constructs a Reporter with `active=True`; the others get a silent one,
+so call sites never branch on rank.
+"""
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+from rich.console import Console
+from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
+from rich.table import Table
+
+
+class Reporter:
+    def __init__(self, run_dir: Path, active: bool, tensorboard: bool = False, total_steps: int = 0, start_step: int = 0):
+        self.run_dir, self.active = run_dir, active
+        self.console = Console(stderr=False, highlight=False)
+        self.metrics_path = run_dir / "metrics.jsonl"
+        self.progress = None
+        self.writer = None
+        if not active:
+            return
+        if tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+            self.writer = SummaryWriter(str(run_dir / "tb"))
+        self.progress = Progress(TextColumn("step {task.completed}/{task.total}"), BarColumn(),
+                                 TextColumn("{task.fields[status]}"), TimeRemainingColumn(), console=self.console,
+                                 transient=False, disable=not self.console.is_terminal)
+        self.task = self.progress.add_task("train", total=total_steps, completed=start_step, status="")
+
+    def print(self, *parts) -> None:
+        if self.active:
+            self.console.print(*parts)
+
+    def log(self, record: dict) -> None:
+        """Append one line to metrics.jsonl (and TensorBoard)."""
+        if not self.active:
+            return
+        record = {"time": round(time.time(), 3), **record}
+        with self.metrics_path.open("a") as handle:
+            handle.write(json.dumps(record) + "\n")
+        if self.writer is not None:
+            for key, value in record.items():
+                if isinstance(value, (int, float)) and key not in ("step", "time"):
+                    self.writer.add_scalar(key, value, record.get("step", 0))
+
+    def step(self, step: int, loss: float, lr: float, tokens_per_s: float) -> None:
+        if self.progress is None:
+            return
+        status = f"loss {loss:.4f}  lr {lr:.2e}  {tokens_per_s:,.0f} tok/s"
+        self.progress.update(self.task, completed=step, status=status)
+        if not self.console.is_terminal:
+            self.console.print(f"step {step}: {status}")
+
+    def __enter__(self):
+        if self.progress is not None:
+            self.progress.start()
+        return self
+
+    def __exit__(self, *exc):
+        if self.progress is not None:
+            self.progress.stop()
+        if self.writer is not None:
+            self.writer.close()
+
+
+def read_metrics(path: Path) -> list[dict]:
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def plot_loss(records: list[dict], target: Path) -> bool:
+    """loss.png: training loss per step, eval loss as markers."""
+    train = [(r["step"], r["loss"]) for r in records if r.get("kind") == "train"]
+    evals = [(r["step"], r["eval_loss"]) for r in records if r.get("kind") == "eval"]
+    if not train:
+        return False
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    figure, axis = plt.subplots(figsize=(7, 4))
+    axis.plot(*zip(*train), label="train loss", linewidth=1)
+    if evals:
+        axis.plot(*zip(*evals), "o-", label="eval loss")
+    axis.set_xlabel("optimiser step")
+    axis.set_ylabel("cross-entropy")
+    axis.legend()
+    figure.tight_layout()
+    figure.savefig(target, dpi=100)
+    plt.close(figure)
+    return True
+
+
+def before_after(records: list[dict]) -> list[tuple[str, float, float]]:
+    """(metric, first eval, last eval) for every numeric eval metric."""
+    evals = [r for r in records if r.get("kind") == "eval"]
+    if len(evals) < 1:
+        return []
+    first, last = evals[0], evals[-1]
+    return [(k, first[k], last[k]) for k in first if k.startswith("eval_") and isinstance(first[k], (int, float))]
+
+
+def write_report(run_dir: Path, summary: dict, samples: list[dict], console: Console | None = None) -> None:
+    """report.md, loss.png and a console table of every eval metric before and after."""
+    records = read_metrics(run_dir / "metrics.jsonl")
+    rows = before_after(records)
+    has_plot = plot_loss(records, run_dir / "loss.png")
+    lines = [f"# Run report: {run_dir.name}", ""]
+    lines += [f"- {key}: {value}" for key, value in summary.items()]
+    lines += ["", "| metric | before | after |", "|---|---|---|"]
+    lines += [f"| {name} | {a:.4f} | {b:.4f} |" for name, a, b in rows]
+    if has_plot:
+        lines += ["", "![loss](loss.png)"]
+    if samples:
+        lines += ["", "## Samples", ""]
+        for sample in samples:
+            lines += [f"**Prompt:** {sample['prompt']!r}", "", f"- reference: {sample['reference']!r}",
+                      f"- before: {sample.get('before', '')!r}", f"- after: {sample.get('after', '')!r}", ""]
+    (run_dir / "report.md").write_text("\n".join(lines) + "\n")
+    if console is None:
+        return
+    table = Table(title="eval before -> after")
+    for column in ("metric", "before", "after"):
+        table.add_column(column)
+    for name, a, b in rows:
+        table.add_row(name, f"{a:.4f}", f"{b:.4f}")
+    console.print(table)
+    for sample in samples:
+        console.print(f"[bold]prompt[/] {sample['prompt'][-120:]!r}\n  reference {sample['reference']!r}\n"
+                      f"  before    {sample.get('before', '')!r}\n  after     {sample.get('after', '')!r}")
