@@ -180,7 +180,7 @@ class Encoder:
 
     def segments(self, row: dict) -> list[tuple[str, bool]]:
         parts = to_segments(row, self.data, self.use_chat)
-        if self.use_chat or self.data.format == "chat":
+        if isinstance(parts[0], dict):  # chat messages
             return chat_segments(parts, self.tokenizer)
         return [(text + self.eos, True) if trained else (text, False) for text, trained in parts]
 

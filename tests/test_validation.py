@@ -1,0 +1,191 @@
+"""Bad input: one clear message naming the key, file, row or field; exit status 2; no traceback."""
+import json
+import os
+import subprocess
+import sys
+import time
+
+import pytest
+import yaml
+
+from launcher.cli import main
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def good_recipe(tmp_path) -> dict:
+    data = tmp_path / "train.jsonl"
+    data.write_text("".join(json.dumps({"en": f"verse {i}", "es": f"verso {i}"}) + "\n" for i in range(8)))
+    model = tmp_path / "model"
+    model.mkdir(exist_ok=True)
+    return {"model": {"path": str(model)}, "method": "lora",
+            "data": {"train": str(data), "format": "translation", "fields": {"source": "en", "target": "es"}},
+            "train": {"max_steps": 2, "micro_batch_size": 2, "lr": 1e-3}, "output_dir": str(tmp_path / "run")}
+
+
+def write(tmp_path, recipe, name="recipe.yaml"):
+    path = tmp_path / name
+    path.write_text(yaml.safe_dump(recipe) if not isinstance(recipe, str) else recipe)
+    return str(path)
+
+
+def set_key(recipe: dict, dotted: str, value):
+    node = recipe
+    *parents, last = dotted.split(".")
+    for part in parents:
+        node = node.setdefault(part, {})
+    if value is DELETE:
+        node.pop(last)
+    else:
+        node[last] = value
+    return recipe
+
+
+DELETE = object()
+
+# (case id, dotted key to change, new value, fragment the error must contain)
+BAD_RECIPES = [
+    ("top-level typo", "trian", {"lr": 1e-3}, "unknown key 'trian'; did you mean 'train'?"),
+    ("nested typo", "train.micro_batch", 4, "unknown key 'train.micro_batch'; did you mean 'micro_batch_size'?"),
+    ("lora typo", "lora.alpah", 8, "unknown key 'lora.alpah'; did you mean 'alpha'?"),
+    ("wrong type", "train.lr", "fast", "key 'train.lr': Input should be a valid number"),
+    ("out of range", "train.lr", 5, "key 'train.lr': Input should be less than or equal to 1"),
+    ("zero batch", "train.micro_batch_size", 0, "key 'train.micro_batch_size': Input should be greater than or equal to 1"),
+    ("bad method", "method", "adapters", "key 'method': Input should be 'full', 'lora' or 'qlora'"),
+    ("qlora not yet", "method", "qlora", "method: 'qlora' is not available yet"),
+    ("missing output_dir", "output_dir", DELETE, "missing key 'output_dir'"),
+    ("missing data file", "data.train", "/nonexistent/train.jsonl", "key 'data.train': file not found: /nonexistent/train.jsonl"),
+    ("missing model folder", "model.path", "/nonexistent/model", "key 'model.path': folder not found: /nonexistent/model"),
+    ("freeze with lora", "freeze", {"embeddings": True}, "freeze: only applies to method: full"),
+    ("field typo", "data.fields", {"sorce": "en"}, "unknown key 'data.fields.sorce'; did you mean 'source'?"),
+    ("eval twice", "data.eval_fraction", 0.1, None),  # filled below with an eval file
+    ("bad format", "data.format", "csv", "key 'data.format': Input should be"),
+    ("bad schedule", "train.schedule", "step", "key 'train.schedule'"),
+    ("bad dropout", "lora.dropout", 1.5, "key 'lora.dropout': Input should be less than 1"),
+]
+
+
+@pytest.mark.parametrize("case,key,value,expected", BAD_RECIPES, ids=[c[0] for c in BAD_RECIPES])
+def test_bad_recipe_names_the_key(tmp_path, capsys, case, key, value, expected):
+    recipe = set_key(good_recipe(tmp_path), key, value)
+    if case == "eval twice":
+        recipe["data"]["eval"] = recipe["data"]["train"]
+        expected = "data.eval and data.eval_fraction both set"
+    assert main(["validate", write(tmp_path, recipe)]) == 2
+    err = capsys.readouterr().err
+    assert expected in err
+    assert err.count("\n") == 1 and "Traceback" not in err
+
+
+BAD_OVERRIDES = [
+    ("train.lrr=1e-4", "unknown key 'train.lrr'; did you mean 'lr'?"),
+    ("train.epochs=-1", "key 'train.epochs': Input should be greater than 0"),
+    ("train.lr", "override 'train.lr' is not of the form key.path=value"),
+    ("data.max_length=many", "key 'data.max_length': Input should be a valid integer"),
+]
+
+
+@pytest.mark.parametrize("override,expected", BAD_OVERRIDES)
+def test_bad_override_is_checked_like_the_file(tmp_path, capsys, override, expected):
+    assert main(["validate", write(tmp_path, good_recipe(tmp_path)), override]) == 2
+    assert expected in capsys.readouterr().err
+
+
+def test_override_changes_the_value(tmp_path, capsys):
+    assert main(["validate", write(tmp_path, good_recipe(tmp_path)), "train.lr=3e-4"]) == 0
+    from launcher.recipe import load_recipe
+    assert load_recipe(tmp_path / "recipe.yaml", ["train.lr=3e-4", "lora.target_modules=[q_proj,v_proj]"]).lora.target_modules == ["q_proj", "v_proj"]
+
+
+def test_yaml_syntax_error_names_the_line(tmp_path, capsys):
+    path = write(tmp_path, "model:\n  path: x\n\tdata: 1\n")
+    assert main(["validate", path]) == 2
+    assert f"{path} line 3: not valid YAML" in capsys.readouterr().err
+
+
+def test_recipe_must_be_a_mapping(tmp_path, capsys):
+    assert main(["validate", write(tmp_path, "- a\n- b\n")]) == 2
+    assert "a recipe is a mapping of keys, got list" in capsys.readouterr().err
+
+
+def test_missing_recipe_file(tmp_path, capsys):
+    assert main(["validate", str(tmp_path / "nope.yaml")]) == 2
+    assert "recipe file not found" in capsys.readouterr().err
+
+
+def test_base_inheritance_merges_and_detects_cycles(tmp_path, capsys):
+    base = good_recipe(tmp_path)
+    write(tmp_path, base, "base.yaml")
+    child = write(tmp_path, {"base": "base.yaml", "train": {"lr": 5e-5}}, "child.yaml")
+    from launcher.recipe import load_recipe
+    loaded = load_recipe(child)
+    assert loaded.train.lr == 5e-5 and loaded.train.max_steps == 2 and loaded.data.format == "translation"
+    write(tmp_path, {"base": "b.yaml"}, "a.yaml")
+    write(tmp_path, {"base": "a.yaml"}, "b.yaml")
+    assert main(["validate", str(tmp_path / "a.yaml")]) == 2
+    assert "'base' forms a cycle: a.yaml -> b.yaml -> a.yaml" in capsys.readouterr().err
+
+
+# (case id, file name, content, fragment the error must contain)
+BAD_DATA = [
+    ("invalid json row", "t.jsonl", '{"en": "a", "es": "b"}\n{"en": "a", "es": "b"}\n{"en": "a", \n', "t.jsonl row 3: not valid JSON"),
+    ("missing field", "t.jsonl", '{"en": "a", "es": "b"}\n{"en": "a", "spanish": "b"}\n',
+     "t.jsonl row 2: missing field 'es' needed by format translation (set data.fields.target to one of: en, spanish)"),
+    ("not text", "t.jsonl", '{"en": "a", "es": 7}\n', "t.jsonl row 1: field 'es' must be text, got int"),
+    ("not an object", "t.jsonl", '["en", "es"]\n', "t.jsonl row 1: expected a JSON object, got list"),
+    ("empty file", "t.jsonl", "\n", "t.jsonl: no rows"),
+    ("unsupported type", "t.txt", "hello\n", "t.txt: unsupported data file type '.txt'"),
+    ("csv missing column", "t.csv", "en,target\na,b\n", "t.csv row 1: missing field 'es'"),
+    ("json not a list", "t.json", '{"en": "a"}', "t.json: a .json data file must hold a list of objects"),
+]
+
+
+@pytest.mark.parametrize("case,name,content,expected", BAD_DATA, ids=[c[0] for c in BAD_DATA])
+def test_bad_data_names_file_row_and_field(tmp_path, capsys, case, name, content, expected):
+    (tmp_path / name).write_text(content)
+    recipe = set_key(good_recipe(tmp_path), "data.train", str(tmp_path / name))
+    assert main(["validate", write(tmp_path, recipe)]) == 2
+    err = capsys.readouterr().err
+    assert expected in err and "Traceback" not in err
+
+
+BAD_CHATS = [
+    ("bad role", [{"role": "user", "content": "hi"}, {"role": "bot", "content": "yo"}], "row 1: messages[1] needs role system, user or assistant"),
+    ("no assistant", [{"role": "user", "content": "hi"}], "row 1: messages has no assistant turn to train on"),
+    ("content not text", [{"role": "user", "content": ["hi"]}], "row 1: messages[0].content must be text"),
+]
+
+
+@pytest.mark.parametrize("case,messages,expected", BAD_CHATS, ids=[c[0] for c in BAD_CHATS])
+def test_bad_chat_rows(tmp_path, capsys, case, messages, expected):
+    (tmp_path / "chat.jsonl").write_text(json.dumps({"messages": messages}) + "\n")
+    recipe = good_recipe(tmp_path)
+    recipe["data"] = {"train": str(tmp_path / "chat.jsonl"), "format": "chat"}
+    assert main(["validate", write(tmp_path, recipe)]) == 2
+    assert expected in capsys.readouterr().err
+
+
+def run_cli(*args, timeout=120):
+    started = time.perf_counter()
+    result = subprocess.run([sys.executable, "-m", "launcher", *args], capture_output=True, text=True, cwd=REPO, timeout=timeout)
+    return result, time.perf_counter() - started
+
+
+def test_validate_is_fast_exits_2_and_suggests(tmp_path):
+    recipe = good_recipe(tmp_path)
+    recipe["train"]["learning_rat"] = recipe["train"].pop("lr")
+    result, seconds = run_cli("validate", write(tmp_path, recipe))
+    assert result.returncode == 2
+    assert "unknown key 'train.learning_rat'" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert seconds < 2.0, f"validate took {seconds:.2f}s"
+
+
+def test_train_on_bad_data_fails_before_loading_any_model(tmp_path):
+    """The model folder is empty: reaching model loading would crash differently."""
+    (tmp_path / "bad.jsonl").write_text('{"en": "a"}\n')
+    recipe = set_key(good_recipe(tmp_path), "data.train", str(tmp_path / "bad.jsonl"))
+    result, _ = run_cli(write(tmp_path, recipe))
+    assert result.returncode == 2
+    assert result.stderr.strip().endswith("bad.jsonl row 1: missing field 'es' needed by format translation (set data.fields.target to one of: en)")
+    assert not (tmp_path / "run").exists(), "nothing may be written for bad input"
