@@ -1,0 +1,241 @@
+"""Slurm: render a batch script for a run, submit it, and requeue a preempted job.
+
+Why hand-written: submitit and simple_slurm drive Slurm from Python objects, but neither
+writes a plain, editable sbatch file that runs `accelerate launch` once per node, and the
+parts that go wrong are shell details no library owns:
+- the machine rank must be read in each srun task (`$SLURM_PROCID` single-quoted inside
+  `bash -c`), not expanded once in the batch shell, or every node becomes rank 0;
+- bash runs a trap only after its foreground child ends, so the batch shell must run srun in
+  the background and `wait`, or `--signal=B:USR1@T` arrives after the job is killed;
+- the requeue after a checkpoint is the trainer's job (`requeue_self`), since only it knows
+  when the checkpoint is complete.
+
+The template is slurm/job.sbatch.tmpl; `{{name}}` marks a variable. This module imports no
+torch, so `launcher slurm render` is instant.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shlex
+import shutil
+import subprocess
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+TEMPLATE_NAME = "job.sbatch.tmpl"
+LOG_NAME = "%x-%j.out"  # Slurm fills in job name and id
+PORT_PROBE = "import socket; s = socket.socket(); s.bind(('', 0)); print(s.getsockname()[1])"
+
+
+class SlurmError(RuntimeError):
+    """A Slurm command is missing or failed; the message says which and why."""
+
+
+@dataclass
+class SlurmJob:
+    """What to ask Slurm for, and how to start the run on what it gives."""
+
+    nodes: int = 1
+    """Number of nodes; one `accelerate launch` (srun task) runs on each."""
+    gpus_per_node: int = 1
+    """GPUs per node, one training process each. 0: CPU only (see `processes_per_node`)."""
+    processes_per_node: int | None = None
+    """Training processes per node. Default: `gpus_per_node`, or 1 on CPU. On CPU, more than one
+    runs gloo processes through `ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu`."""
+    tasks_per_node: int = 1
+    """srun tasks (machines, to accelerate) per node. Leave at 1 except to imitate several
+    machines on one host."""
+    cpus_per_task: int | None = None
+    partition: str | None = None
+    time: str | None = None
+    """Time limit, as sbatch takes it: `HH:MM:SS`, `D-HH:MM`, minutes."""
+    account: str | None = None
+    qos: str | None = None
+    extra_sbatch: list[str] = field(default_factory=list)
+    """More sbatch options, such as `--mem=0` or `--exclusive`."""
+    signal_grace: int = 120
+    """Seconds before the time limit at which USR1 asks the trainer to checkpoint and requeue."""
+    setup: list[str] = field(default_factory=list)
+    """Shell lines run first in the job: `module load ...`, `source venv/bin/activate`."""
+    python: str = field(default_factory=lambda: sys.executable)
+    """The Python that runs the launcher on the nodes (default: the one rendering)."""
+    env: dict[str, str] = field(default_factory=dict)
+    """Variables exported for the run, after the automatic CPU ones."""
+    job_name: str = "launcher"
+    port: int | None = None
+    """Rendezvous port on the head node. Default: one found free when the job starts."""
+    rdzv_timeout: int = 900
+    """Seconds the nodes wait for each other at start (slow file systems, staggered starts)."""
+    workdir: str | None = None
+    """The job's working directory. Default: where sbatch runs."""
+    program: list[str] | None = None
+    """What accelerate (or python) runs. Default: `-m launcher train RECIPE`."""
+    command: str | None = None
+    """A whole per-task shell command instead of the launch (for tests and odd sites)."""
+    template: str | None = None
+    """Path of another template. Default: slurm/job.sbatch.tmpl."""
+
+    def __post_init__(self) -> None:
+        for name in ("nodes", "tasks_per_node", "signal_grace", "rdzv_timeout"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if self.gpus_per_node < 0:
+            raise ValueError(f"gpus_per_node must be 0 or more, got {self.gpus_per_node}")
+        if self.processes_per_node is not None and self.processes_per_node < 1:
+            raise ValueError(f"processes_per_node must be at least 1, got {self.processes_per_node}")
+        if not re.fullmatch(r"[\w.+-]+", self.job_name):
+            raise ValueError(f"job_name must be letters, digits and ._+-, got {self.job_name!r}")
+
+    @property
+    def machines(self) -> int:
+        return self.nodes * self.tasks_per_node
+
+    @property
+    def procs_per_machine(self) -> int:
+        return self.processes_per_node or self.gpus_per_node or 1
+
+    @property
+    def world_size(self) -> int:
+        return self.machines * self.procs_per_machine
+
+
+def task_command(recipe_path: str | os.PathLike, spec: SlurmJob, overrides: Sequence[str] = ()) -> str:
+    """The command each srun task runs, unquoted; `$SLURM_PROCID` in it is read per task."""
+    if spec.command is not None:
+        return f'trap "" USR1; {spec.command}'
+    q = shlex.quote
+    program = spec.program or ["-m", "launcher", "train", str(Path(recipe_path).resolve()), *overrides]
+    if spec.world_size == 1:
+        argv = [q(spec.python)]
+    else:
+        argv = [q(spec.python), "-m", "accelerate.commands.launch", "--multi_gpu",
+                "--num_machines", str(spec.machines), "--num_processes", str(spec.world_size)]
+        if spec.machines > 1:
+            argv += ["--machine_rank", '"$SLURM_PROCID"', "--main_process_ip", '"$LAUNCHER_HEAD"']
+        argv += ["--main_process_port", '"$LAUNCHER_PORT"', "--rdzv_conf", f"timeout={spec.rdzv_timeout}"]
+    return 'trap "" USR1; exec ' + " ".join(argv + [q(str(a)) for a in program])
+
+
+def _sbatch_line(option: str) -> str:
+    option = option.strip().removeprefix("#SBATCH").strip()
+    if not option.startswith("-"):
+        option = "--" + option
+    return f"#SBATCH {option}"
+
+
+def _template_text(spec: SlurmJob) -> str:
+    here = Path(__file__).resolve().parent
+    candidates = [Path(spec.template)] if spec.template else [here.parent / "slurm" / TEMPLATE_NAME,
+                                                              here / "templates" / TEMPLATE_NAME]
+    for path in candidates:
+        if path.is_file():
+            return path.read_text()
+    raise SlurmError(f"sbatch template not found; looked at {', '.join(map(str, candidates))}")
+
+
+def render(recipe_path: str | os.PathLike, run_dir: str | os.PathLike, spec: SlurmJob,
+           overrides: Sequence[str] = ()) -> str:
+    """The sbatch script for `recipe_path`, logging to `run_dir`/slurm/."""
+    run_dir = Path(run_dir).resolve()
+    if re.search(r"\s", str(run_dir)):
+        raise SlurmError(f"run directory {run_dir} has white space, which #SBATCH --output cannot take")
+    options = []
+    if spec.gpus_per_node:
+        options.append(f"--gres=gpu:{spec.gpus_per_node}")
+    for name in ("cpus_per_task", "partition", "time", "account", "qos", "workdir"):
+        value = getattr(spec, name)
+        if value is not None:
+            options.append(f"--{'chdir' if name == 'workdir' else name.replace('_', '-')}={value}")
+    options += spec.extra_sbatch
+    env = {"ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"} if not spec.gpus_per_node and spec.world_size > 1 else {}
+    env.update(spec.env)
+    srun = [f"--nodes={spec.nodes}", f"--ntasks-per-node={spec.tasks_per_node}", "--kill-on-bad-exit=1"]
+    if spec.machines > 1:
+        srun.append("--label")
+    if spec.cpus_per_task:  # srun stopped inheriting it from sbatch in Slurm 22.05
+        srun.append(f"--cpus-per-task={spec.cpus_per_task}")
+    port = spec.port or f'$({shlex.quote(spec.python)} -c "{PORT_PROBE}")'
+    values = {
+        "header": f"launcher run of {Path(recipe_path).name!r}: {spec.nodes} node(s) x {spec.gpus_per_node} GPU(s), "
+                  f"{spec.world_size} process(es)",
+        "job_name": spec.job_name,
+        "nodes": spec.nodes,
+        "tasks_per_node": spec.tasks_per_node,
+        "sbatch_options": "\n".join(map(_sbatch_line, options)) or "# (no other sbatch options)",
+        "log_file": run_dir / "slurm" / LOG_NAME,
+        "signal_grace": spec.signal_grace,
+        "setup": "\n".join(spec.setup) or "# (none)",
+        "port": port,
+        "launch_env": "\n".join(f"export {k}={shlex.quote(str(v))}" for k, v in env.items()),
+        "srun_options": " ".join(srun),
+        "task_command": shlex.quote(task_command(recipe_path, spec, overrides)),
+    }
+
+    def fill(match: re.Match) -> str:
+        if match.group(1) not in values:
+            raise SlurmError(f"template variable {{{{{match.group(1)}}}}} is unknown; known: {', '.join(values)}")
+        return str(values[match.group(1)])
+
+    return re.sub(r"\{\{\s*(\w+)\s*\}\}", fill, _template_text(spec))
+
+
+def write_script(recipe_path: str | os.PathLike, run_dir: str | os.PathLike, spec: SlurmJob,
+                 overrides: Sequence[str] = ()) -> Path:
+    """Render into `run_dir`/slurm/job.sbatch (creating the folder Slurm logs into) and return it."""
+    text = render(recipe_path, run_dir, spec, overrides)
+    path = Path(run_dir).resolve() / "slurm" / "job.sbatch"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+    return path
+
+
+def log_path(run_dir: str | os.PathLike, spec: SlurmJob, job_id: str = "%j") -> Path:
+    """Where the job's log goes (the `%j` pattern, or the file once the id is known)."""
+    return Path(run_dir).resolve() / "slurm" / LOG_NAME.replace("%x", spec.job_name).replace("%j", str(job_id))
+
+
+def submit(script_path: str | os.PathLike, cwd: str | os.PathLike | None = None) -> str:
+    """`sbatch --parsable` the script, from `cwd` (the job's default working directory); return the job id."""
+    if shutil.which("sbatch") is None:
+        raise SlurmError("sbatch is not on PATH: submit from a Slurm login node, or run "
+                         "`launcher slurm render` and sbatch the script there")
+    r = subprocess.run(["sbatch", "--parsable", str(script_path)], cwd=cwd, capture_output=True, text=True)
+    if r.returncode != 0:
+        raise SlurmError(f"sbatch {script_path} failed ({r.returncode}): {r.stderr.strip() or r.stdout.strip()}")
+    return r.stdout.strip().split(";")[0]  # "id" or "id;cluster"
+
+
+def under_slurm() -> bool:
+    """True inside a Slurm job (batch script or srun task)."""
+    return "SLURM_JOB_ID" in os.environ
+
+
+def restart_count() -> int:
+    """How many times Slurm has requeued this job (0 on the first run or outside Slurm)."""
+    return int(os.environ.get("SLURM_RESTART_COUNT", "0") or 0)
+
+
+def requeue_self() -> bool:
+    """Ask Slurm to requeue this job (call it once, after the checkpoint is complete).
+
+    Returns True if Slurm accepted. Outside Slurm, or when scontrol fails (a job submitted
+    without --requeue, say), it returns False and, for the failure, says why on stderr.
+    Slurm then ends this run (TERM, then KILL) and starts the job again later, with
+    SLURM_RESTART_COUNT one higher.
+    """
+    job_id = os.environ.get("SLURM_JOB_ID")
+    if not job_id:
+        return False
+    try:
+        r = subprocess.run(["scontrol", "requeue", job_id], capture_output=True, text=True, timeout=60)
+    except (OSError, subprocess.TimeoutExpired) as e:
+        print(f"launcher: scontrol requeue {job_id} failed: {e}", file=sys.stderr)
+        return False
+    if r.returncode != 0:
+        print(f"launcher: scontrol requeue {job_id} failed: {r.stderr.strip()}", file=sys.stderr)
+        return False
+    return True
