@@ -33,7 +33,7 @@ def show(recipe: Recipe, examples: int, console: Console | None = None) -> dict:
     from launcher import modeling
     from launcher.train import build_datasets
 
-    console = console or Console(highlight=False)
+    console = console or Console(highlight=False, soft_wrap=True)
     weights = modeling.resolve_weights(recipe)
     tokenizer = modeling.load_tokenizer(weights, recipe)
     train, evaluation = build_datasets(recipe, tokenizer)

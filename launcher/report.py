@@ -17,7 +17,7 @@ from rich.table import Table
 class Reporter:
     def __init__(self, run_dir: Path, active: bool, tensorboard: bool = False, total_steps: int = 0, start_step: int = 0):
         self.run_dir, self.active = run_dir, active
-        self.console = Console(stderr=False, highlight=False)
+        self.console = Console(highlight=False, soft_wrap=True)
         self.metrics_path = run_dir / "metrics.jsonl"
         self.progress = None
         self.writer = None

@@ -4,7 +4,7 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
-from tiny import build_tiny_llama  # noqa: E402
+from support import build_tiny_llama  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 
