@@ -30,7 +30,8 @@ def build_parser() -> argparse.ArgumentParser:
     inspect = verbs.add_parser("inspect", help="show tokenised examples with trained tokens highlighted, and data counts")
     _recipe_args(inspect)
     inspect.add_argument("-n", "--examples", type=int, default=3, help="examples to show")
-    verbs.add_parser("reference", help="print the recipe reference (every key, default and meaning)")
+    reference = verbs.add_parser("reference", help="print the recipe reference (every key, default and meaning)")
+    reference.add_argument("--readme", metavar="PATH", help="rewrite the reference block inside this README instead")
     return parser
 
 
@@ -65,8 +66,13 @@ def cmd_inspect(args) -> int:
 
 
 def cmd_reference(args) -> int:
-    from launcher.recipe import reference_markdown
-    print(reference_markdown())
+    from pathlib import Path
+
+    from launcher.recipe import readme_with_reference, reference_markdown
+    if args.readme:
+        Path(args.readme).write_text(readme_with_reference(Path(args.readme).read_text()))
+    else:
+        print(reference_markdown())
     return 0
 
 

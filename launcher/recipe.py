@@ -288,7 +288,18 @@ def reference_markdown() -> str:
                 walk(annotation, f"{prefix}{name}.")
                 continue
             default = "required" if field.is_required() else repr(field.get_default(call_default_factory=True))
-            lines.append(f"| `{prefix}{name}` | `{default}` | {field.description or ''} |")
+            meaning = (field.description or "").replace("|", "\\|")
+            lines.append(f"| `{prefix}{name}` | `{default.replace('|', '/')}` | {meaning} |")
 
     walk(Recipe, "")
     return "\n".join(lines)
+
+
+REFERENCE_START, REFERENCE_END = "<!-- recipe-reference:start -->", "<!-- recipe-reference:end -->"
+
+
+def readme_with_reference(readme: str) -> str:
+    """README text with its generated recipe reference block replaced by the current schema's."""
+    head, _, rest = readme.partition(REFERENCE_START)
+    _, _, tail = rest.partition(REFERENCE_END)
+    return f"{head}{REFERENCE_START}\n{reference_markdown()}\n{REFERENCE_END}{tail}"

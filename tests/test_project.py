@@ -1,0 +1,33 @@
+"""The project as a new user meets it: README commands, CI, recipe reference, shipped recipes."""
+import re
+from pathlib import Path
+
+import pytest
+
+from launcher.recipe import load_recipe, readme_with_reference
+
+REPO = Path(__file__).resolve().parents[1]
+README = (REPO / "README.md").read_text()
+
+
+def test_readme_reference_matches_the_schema():
+    assert readme_with_reference(README) == README, "run: python -m launcher reference --readme README.md"
+
+
+def test_ci_runs_exactly_the_readme_test_command():
+    test_command = re.search(r"## Tests\n\n    (.+)\n", README).group(1)
+    ci_commands = [line.strip() for line in (REPO / ".ci" / "run").read_text().splitlines()
+                   if line.strip() and not line.startswith(("#", "set ", "cd "))]
+    assert ci_commands == [test_command]
+
+
+def test_readme_quickstart_runs_the_quickstart_recipe():
+    quickstart = re.search(r"## Quick start.*?\n\n    ([^\n]+)\n", README, re.S).group(1)
+    assert quickstart == "make quickstart"
+    assert "-m launcher recipes/quickstart.yaml" in (REPO / "Makefile").read_text()
+
+
+@pytest.mark.parametrize("recipe", sorted(p.name for p in (REPO / "recipes").glob("*.yaml")))
+def test_every_shipped_recipe_validates(recipe):
+    loaded = load_recipe(REPO / "recipes" / recipe)
+    assert Path(loaded.data.train).is_file()
