@@ -46,12 +46,24 @@ def _changed_keys(old: dict, new: dict, prefix: tuple = ()) -> list[tuple]:
     return changed
 
 
+def _holds_only_launch_files(run_dir: Path) -> bool:
+    """True for what exists before a run's first recipe.yaml: the job script and Slurm log that
+    `launcher slurm submit` writes to slurm/, and per-rank logs/."""
+    for entry in run_dir.iterdir():
+        if entry.name == "slurm" and (entry / "job.sbatch").is_file():
+            continue
+        if entry.name == "logs" and entry.is_dir() and all(f.name.startswith("rank-") for f in entry.iterdir()):
+            continue
+        return False
+    return True
+
+
 def plan_run_dir(run_dir: Path, resolved: dict, overwrite: bool) -> Path | None:
     """Decide, before any model loads, whether this run starts fresh or resumes; never clobber silently."""
     if overwrite and run_dir.exists():
         return None
     previous = run_dir / "recipe.yaml"
-    if not run_dir.exists() or not any(run_dir.iterdir()):
+    if not run_dir.exists() or _holds_only_launch_files(run_dir):
         return None
     if not previous.is_file():
         raise UserError(f"output_dir {run_dir} exists and is not a launcher run; choose another output_dir or pass --overwrite")
@@ -65,7 +77,8 @@ def plan_run_dir(run_dir: Path, resolved: dict, overwrite: bool) -> Path | None:
 
 
 def clear_run_dir(run_dir: Path) -> None:
-    """--overwrite: remove what a previous run wrote (only the launcher's own files)."""
+    """--overwrite: remove what a previous run wrote (only the launcher's own files, and never slurm/:
+    the running job's script and log are there)."""
     for name in ("checkpoints", "final", "metrics.jsonl", "report.md", "loss.png", "recipe.yaml", "tb", "logs"):
         target = run_dir / name
         if target.is_dir():

@@ -1,4 +1,4 @@
-"""The verbs: train (the default for a .yaml), validate, inspect, reference.
+"""The verbs: train (the default for a .yaml), validate, inspect, reference, slurm (render, submit).
 
 User mistakes surface as one `error:` line and exit status 2; anything else keeps its traceback,
 since it is ours to fix.
@@ -11,7 +11,7 @@ import sys
 
 from launcher.recipe import UserError, load_recipe
 
-VERBS = ("train", "validate", "inspect", "reference")
+VERBS = ("train", "validate", "inspect", "reference", "slurm")
 
 
 def _recipe_args(parser: argparse.ArgumentParser) -> None:
@@ -32,13 +32,27 @@ def build_parser() -> argparse.ArgumentParser:
     inspect.add_argument("-n", "--examples", type=int, default=3, help="examples to show")
     reference = verbs.add_parser("reference", help="print the recipe reference (every key, default and meaning)")
     reference.add_argument("--readme", metavar="PATH", help="rewrite the reference block inside this README instead")
+    from launcher.slurm import add_cli_options  # imports no torch
+    slurm = verbs.add_parser("slurm", help="Slurm batch jobs: print the sbatch script, or submit it (docs/slurm.md)")
+    actions = slurm.add_subparsers(dest="action", required=True)
+    for action, text in (("render", "print the sbatch script for the recipe"),
+                         ("submit", "validate the recipe, write the script to output_dir/slurm/ and sbatch it")):
+        _recipe_args(actions.add_parser(action, help=text, description=text))
+        add_cli_options(actions.choices[action])
     return parser
 
 
 def parse(argv: list[str]) -> argparse.Namespace:
     if argv and argv[0] not in VERBS and argv[0].endswith((".yaml", ".yml")):
         argv = ["train", *argv]
-    return build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    # argparse gives up on key=value overrides placed after options (`R --nodes 2 lr=1e-4`); take them here.
+    if extra and (not hasattr(args, "overrides") or any(a.startswith("-") or "=" not in a for a in extra)):
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    if extra:
+        args.overrides = [*args.overrides, *extra]
+    return args
 
 
 def cmd_validate(args) -> int:
@@ -65,6 +79,28 @@ def cmd_inspect(args) -> int:
     return 0
 
 
+def cmd_slurm(args) -> int:
+    from pathlib import Path
+
+    from launcher import slurm
+    recipe = load_recipe(args.recipe, args.overrides)
+    spec, run_dir = slurm.job_from_cli(args), Path(recipe.output_dir)
+    if args.action == "render":
+        print(slurm.render(args.recipe, run_dir, spec, args.overrides), end="")
+        return 0
+    from launcher.checkpoint import plan_run_dir
+    from launcher.train import check_inputs
+    check_inputs(recipe)
+    resume = plan_run_dir(run_dir, recipe.model_dump(mode="json"), overwrite=False)  # refuse now, not once queued
+    script = slurm.write_script(args.recipe, run_dir, spec, args.overrides)
+    job = slurm.submit(script)
+    log = slurm.log_path(run_dir, spec, job)
+    print(f"submitted job {job}: {spec.nodes} node(s), {spec.world_size} process(es); script {script}"
+          + (f"; resumes from {resume}" if resume else ""))
+    print(f"log: {log}\nfollow: tail -f {log}    status: squeue -j {job}    stop: scancel {job}")
+    return 0
+
+
 def cmd_reference(args) -> int:
     from pathlib import Path
 
@@ -78,7 +114,8 @@ def cmd_reference(args) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse(sys.argv[1:] if argv is None else argv)
-    handler = {"train": cmd_train, "validate": cmd_validate, "inspect": cmd_inspect, "reference": cmd_reference}[args.verb]
+    handler = {"train": cmd_train, "validate": cmd_validate, "inspect": cmd_inspect, "reference": cmd_reference,
+               "slurm": cmd_slurm}[args.verb]
     try:
         return handler(args)
     except UserError as exc:

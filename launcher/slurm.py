@@ -16,26 +16,34 @@ torch, so `launcher slurm render` is instant.
 
 from __future__ import annotations
 
+import argparse
 import os
 import re
 import shlex
 import shutil
 import subprocess
 import sys
+import typing
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import field
 from pathlib import Path
+
+from pydantic import ConfigDict, ValidationError
+from pydantic.dataclasses import dataclass
+
+from launcher.recipe import UserError
 
 TEMPLATE_NAME = "job.sbatch.tmpl"
 LOG_NAME = "%x-%j.out"  # Slurm fills in job name and id
 PORT_PROBE = "import socket; s = socket.socket(); s.bind(('', 0)); print(s.getsockname()[1])"
 
 
-class SlurmError(RuntimeError):
-    """A Slurm command is missing or failed; the message says which and why."""
+class SlurmError(UserError):
+    """A Slurm command is missing or failed, or the job asked for is impossible; the message says which and why."""
 
 
-@dataclass
+# A pydantic dataclass so that each field's docstring is its `--help` (use_attribute_docstrings).
+@dataclass(config=ConfigDict(use_attribute_docstrings=True))
 class SlurmJob:
     """What to ask Slurm for, and how to start the run on what it gives."""
 
@@ -50,13 +58,17 @@ class SlurmJob:
     """srun tasks (machines, to accelerate) per node. Leave at 1 except to imitate several
     machines on one host."""
     cpus_per_task: int | None = None
+    """CPUs for each srun task (data loading, tokenising)."""
     partition: str | None = None
+    """Slurm partition (queue)."""
     time: str | None = None
     """Time limit, as sbatch takes it: `HH:MM:SS`, `D-HH:MM`, minutes."""
     account: str | None = None
+    """Account charged for the job."""
     qos: str | None = None
+    """Quality of service."""
     extra_sbatch: list[str] = field(default_factory=list)
-    """More sbatch options, such as `--mem=0` or `--exclusive`."""
+    """More sbatch options, such as `mem=0` or `exclusive` (the leading `--` may be left out)."""
     signal_grace: int = 120
     """Seconds before the time limit at which USR1 asks the trainer to checkpoint and requeue."""
     setup: list[str] = field(default_factory=list)
@@ -64,8 +76,9 @@ class SlurmJob:
     python: str = field(default_factory=lambda: sys.executable)
     """The Python that runs the launcher on the nodes (default: the one rendering)."""
     env: dict[str, str] = field(default_factory=dict)
-    """Variables exported for the run, after the automatic CPU ones."""
+    """Variables exported for the run (KEY=VALUE), after the automatic CPU ones."""
     job_name: str = "launcher"
+    """Job name in squeue and in the log file's name."""
     port: int | None = None
     """Rendezvous port on the head node. Default: one found free when the job starts."""
     rdzv_timeout: int = 900
@@ -105,8 +118,10 @@ class SlurmJob:
 
 def task_command(recipe_path: str | os.PathLike, spec: SlurmJob, overrides: Sequence[str] = ()) -> str:
     """The command each srun task runs, unquoted; `$SLURM_PROCID` in it is read per task."""
+    hello = (f'trap "" USR1; echo "[launcher] task $SLURM_PROCID on $(hostname): machine rank $SLURM_PROCID of '
+             f'{spec.machines}, {spec.procs_per_machine} process(es)"; ')
     if spec.command is not None:
-        return f'trap "" USR1; {spec.command}'
+        return hello + spec.command
     q = shlex.quote
     program = spec.program or ["-m", "launcher", "train", str(Path(recipe_path).resolve()), *overrides]
     if spec.world_size == 1:
@@ -117,7 +132,42 @@ def task_command(recipe_path: str | os.PathLike, spec: SlurmJob, overrides: Sequ
         if spec.machines > 1:
             argv += ["--machine_rank", '"$SLURM_PROCID"', "--main_process_ip", '"$LAUNCHER_HEAD"']
         argv += ["--main_process_port", '"$LAUNCHER_PORT"', "--rdzv_conf", f"timeout={spec.rdzv_timeout}"]
-    return 'trap "" USR1; exec ' + " ".join(argv + [q(str(a)) for a in program])
+    return hello + "exec " + " ".join(argv + [q(str(a)) for a in program])
+
+
+NOT_ON_CLI = ("program", "command")  # hooks for Python callers and tests
+
+
+def add_cli_options(parser: argparse.ArgumentParser) -> None:
+    """One option per SlurmJob field, its help the field's docstring (`--gpus-per-node` for gpus_per_node)."""
+    for name, info in SlurmJob.__pydantic_fields__.items():
+        if name in NOT_ON_CLI:
+            continue
+        flag, text = "--" + name.replace("_", "-"), (info.description or "").replace("%", "%%")
+        kind = typing.get_origin(info.annotation) or info.annotation
+        if kind in (list, dict):
+            parser.add_argument(flag, action="append", metavar="KEY=VALUE" if kind is dict else "TEXT",
+                                help=f"{text} Repeat for more.")
+            continue
+        default = "" if info.default in (None, typing.Any) or info.default_factory else f" (default: {info.default})"
+        number = int in (typing.get_args(info.annotation) or (info.annotation,))
+        parser.add_argument(flag, type=int if number else str, metavar="N" if number else "TEXT", help=text + default)
+
+
+def job_from_cli(args: argparse.Namespace) -> SlurmJob:
+    """The SlurmJob the options in `args` describe; unset options keep SlurmJob's defaults."""
+    given = {name: getattr(args, name) for name in SlurmJob.__pydantic_fields__
+             if name not in NOT_ON_CLI and getattr(args, name, None) is not None}
+    if "env" in given:
+        pairs = [item.partition("=") for item in given["env"]]
+        if bad := [key for key, sep, _ in pairs if not sep or not key]:
+            raise SlurmError(f"--env takes KEY=VALUE, got {bad[0]!r}")
+        given["env"] = {key: value for key, _, value in pairs}
+    try:
+        return SlurmJob(**given)
+    except ValidationError as exc:
+        raise SlurmError("; ".join(f"{'--' + str(e['loc'][0]).replace('_', '-') + ': ' if e['loc'] else ''}"
+                                   f"{e['msg'].removeprefix('Value error, ')}" for e in exc.errors())) from None
 
 
 def _sbatch_line(option: str) -> str:
@@ -222,20 +272,32 @@ def restart_count() -> int:
 def requeue_self() -> bool:
     """Ask Slurm to requeue this job (call it once, after the checkpoint is complete).
 
-    Returns True if Slurm accepted. Outside Slurm, or when scontrol fails (a job submitted
-    without --requeue, say), it returns False and, for the failure, says why on stderr.
-    Slurm then ends this run (TERM, then KILL) and starts the job again later, with
-    SLURM_RESTART_COUNT one higher.
+    Returns True if Slurm accepted; Slurm then ends this run (TERM, then KILL) and starts the
+    job again later, with SLURM_RESTART_COUNT one higher. Returns False outside Slurm, and, saying
+    why on stderr, for a job no longer running or when scontrol fails (no --requeue, say).
+
+    Only a RUNNING job is requeued: `scancel JOB` sends the same TERM, but the job is already
+    COMPLETING then, and Slurm would requeue even that (seen on 22.05), undoing the cancel.
     """
     job_id = os.environ.get("SLURM_JOB_ID")
     if not job_id:
         return False
     try:
-        r = subprocess.run(["scontrol", "requeue", job_id], capture_output=True, text=True, timeout=60)
+        shown = _scontrol("show", "job", "-o", job_id)
+        state = re.search(r"\bJobState=(\S+)", shown.stdout)
+        if state is None or state.group(1) != "RUNNING":
+            print(f"launcher: not requeueing job {job_id}: it is {state.group(1) if state else 'not known to scontrol'} "
+                  "(cancelled or ending), not RUNNING", file=sys.stderr)
+            return False
+        r = _scontrol("requeue", job_id)
     except (OSError, subprocess.TimeoutExpired) as e:
-        print(f"launcher: scontrol requeue {job_id} failed: {e}", file=sys.stderr)
+        print(f"launcher: scontrol for job {job_id} failed: {e}", file=sys.stderr)
         return False
     if r.returncode != 0:
         print(f"launcher: scontrol requeue {job_id} failed: {r.stderr.strip()}", file=sys.stderr)
         return False
     return True
+
+
+def _scontrol(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(["scontrol", *args], capture_output=True, text=True, timeout=60)

@@ -113,6 +113,7 @@ def run(recipe: Recipe, overwrite: bool = False) -> int:
     from launcher.distributed import make_accelerator
     from launcher.report import Reporter, write_report
 
+    stop = StopRequest()  # first thing: a signal during start-up is then acted on at the first step boundary
     run_dir = Path(recipe.output_dir)
     resolved = recipe.model_dump(mode="json")
     resume_from = ckpt.plan_run_dir(run_dir, resolved, overwrite)
@@ -180,7 +181,6 @@ def run(recipe: Recipe, overwrite: bool = False) -> int:
     def save(at: int) -> None:
         ckpt.save_checkpoint(accelerator, run_dir, at, {"step": at, "total_steps": total_steps}, cfg.keep_last)
 
-    stop = StopRequest()
     model.train()
     with reporter:
         while step < total_steps:
@@ -215,7 +215,7 @@ def run(recipe: Recipe, overwrite: bool = False) -> int:
             reporter.step(step, loss, lr, seen / max(elapsed, 1e-9))
             if cfg.eval_every and step % cfg.eval_every == 0 and step < total_steps:
                 run_eval(step)
-            if stop.agreed(accelerator):
+            if step < total_steps and stop.agreed(accelerator):  # at the last step, finishing is the quickest way out
                 save(step)
                 _preempted(reporter, stop, step, total_steps)
                 del model, optimizer, scheduler
@@ -244,9 +244,10 @@ def run(recipe: Recipe, overwrite: bool = False) -> int:
 def _preempted(reporter, stop: StopRequest, step: int, total: int) -> None:
     from launcher import slurm
     name = signal.Signals(stop.signal).name if stop.signal else "a signal on another rank"
-    requeued = slurm.requeue_self() if reporter.active else False
-    reporter.print(f"stopped by {name} after step {step}/{total}; checkpoint written"
-                   + ("; job requeued" if requeued else "; run the same command again to resume"))
+    reporter.print(f"stopped by {name} after step {step}/{total}; checkpoint written")
+    requeued = slurm.requeue_self() if reporter.active else False  # Slurm ends this run soon after
+    reporter.print("requeued this Slurm job: it resumes from the checkpoint when Slurm restarts it"
+                   if requeued else "run the same command again to resume")
 
 
 def _release(accelerator) -> int:

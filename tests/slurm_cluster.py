@@ -22,6 +22,8 @@ import subprocess
 import time
 from pathlib import Path
 
+import pytest
+
 APT_PACKAGES = ["slurmctld", "slurmd", "slurm-client", "munge"]
 TERMINAL = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "PREEMPTED", "BOOT_FAIL", "DEADLINE"}
 
@@ -256,3 +258,24 @@ PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP
 
     def cancel(self, job_id: str) -> None:
         self.run("scancel", str(job_id), check=False)
+
+
+@pytest.fixture(scope="module")
+def slurm_cluster(tmp_path_factory):
+    """A started one-node cluster for the test module that imports this fixture; stopped after it."""
+    try:
+        cluster = SlurmCluster.start(tmp_path_factory.mktemp("slurm"))
+    except SlurmUnavailable as e:
+        pytest.skip(f"no local Slurm cluster: {e}")
+    yield cluster
+    cluster.stop()
+
+
+def wait_for(path: Path, timeout: float, what: str, log: Path | None = None) -> None:
+    """Poll until `path` exists; on timeout, say what was awaited and show the job log."""
+    deadline = time.monotonic() + timeout
+    while not path.exists():
+        if time.monotonic() > deadline:
+            tail = log.read_text() if log and log.exists() else "(no log)"
+            raise TimeoutError(f"{what}: {path} did not appear in {timeout}s\njob log:\n{tail}")
+        time.sleep(0.1)

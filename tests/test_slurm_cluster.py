@@ -16,33 +16,17 @@ from pathlib import Path
 
 import pytest
 
+from launcher import cli
+from launcher.checkpoint import clear_run_dir, plan_run_dir
+from launcher.recipe import UserError
 from launcher.slurm import SlurmError, SlurmJob, log_path, render, requeue_self, submit, task_command, write_script
 
 sys.path.insert(0, str(Path(__file__).parent))
-import slurm_cluster as cluster_lib  # noqa: E402
+from slurm_cluster import slurm_cluster, wait_for  # noqa: E402,F401 (slurm_cluster is a fixture)
+from support import tiny_recipe, write_recipe  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 PY = sys.executable
-
-
-@pytest.fixture(scope="session")
-def slurm_cluster(tmp_path_factory):
-    """A started one-node cluster (see tests/slurm_cluster.py); stopped after the session."""
-    try:
-        cluster = cluster_lib.SlurmCluster.start(tmp_path_factory.mktemp("slurm"))
-    except cluster_lib.SlurmUnavailable as e:
-        pytest.skip(f"no local Slurm cluster: {e}")
-    yield cluster
-    cluster.stop()
-
-
-def wait_for(path: Path, timeout: float, what: str, log: Path | None = None) -> None:
-    deadline = time.monotonic() + timeout
-    while not path.exists():
-        if time.monotonic() > deadline:
-            tail = log.read_text() if log and log.exists() else "(no log)"
-            raise TimeoutError(f"{what}: {path} did not appear in {timeout}s\njob log:\n{tail}")
-        time.sleep(0.1)
 
 
 # -- rendering, no Slurm needed ------------------------------------------------------------
@@ -66,24 +50,27 @@ with open(os.path.join(os.environ["FAKE_OUT"], "task-" + os.environ["SLURM_PROCI
 """
 
 
-def test_render_two_nodes_eight_gpus_ranks_evaluated_per_task(tmp_path):
+def test_render_two_nodes_eight_gpus_ranks_evaluated_per_task(tmp_path, capsys):
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
     for name, text in (("srun", FAKE_SRUN), ("scontrol", FAKE_SCONTROL), ("python", FAKE_PYTHON)):
         (bin_dir / name).write_text(text)
         (bin_dir / name).chmod(0o755)
     recipe = tmp_path / "my recipe's.yaml"  # a space and a quote: the quoting must hold
-    recipe.write_text("{}\n")
-    spec = SlurmJob(nodes=2, gpus_per_node=8, cpus_per_task=16, partition="gpu", time="2:00:00",
-                    setup=["export SETUP_RAN=yes"], python=str(bin_dir / "python"))
-    script = render(recipe, tmp_path / "run", spec)
+    write_recipe(tiny_recipe("org/some-model", tmp_path / "run"), recipe)
+    status = cli.main(["slurm", "render", str(recipe), "--nodes", "2", "--gpus-per-node", "8", "--cpus-per-task", "16",
+                       "--partition", "gpu", "--time", "2:00:00", "--setup", "export SETUP_RAN=yes",
+                       "--python", str(bin_dir / "python"), "train.lr=1e-4"])  # an override after the options
+    script = capsys.readouterr().out
+    assert status == 0 and script.startswith("#!/bin/bash")
 
     assert subprocess.run(["bash", "-n"], input=script, text=True).returncode == 0
     for line in ("#SBATCH --requeue", "#SBATCH --signal=B:USR1@120", "#SBATCH --nodes=2",
                  "#SBATCH --ntasks-per-node=1", "#SBATCH --gres=gpu:8", "#SBATCH --partition=gpu",
                  f"#SBATCH --output={tmp_path / 'run' / 'slurm'}/%x-%j.out", "#SBATCH --open-mode=append"):
         assert line in script.splitlines(), line
-    assert "--machine_rank \"$SLURM_PROCID\"" in task_command(recipe, spec)
+    srun = next(line for line in script.splitlines() if line.startswith("srun "))
+    assert "bash -c 'trap" in srun and "--machine_rank \"$SLURM_PROCID\"" in srun  # single-quoted: read per task
 
     # Run the script as the batch shell would, with SLURM_PROCID=0 there: if the rank were
     # expanded in the batch shell, both nodes would say machine rank 0.
@@ -93,6 +80,7 @@ def test_render_two_nodes_eight_gpus_ranks_evaluated_per_task(tmp_path):
                SLURM_NNODES="2", SLURM_JOB_NUM_NODES="2", SLURM_JOB_NODELIST="node-[a-b]", SLURM_PROCID="0")
     r = subprocess.run(["bash", "-c", script], env=env, capture_output=True, text=True, timeout=30)
     assert r.returncode == 0, r.stderr + r.stdout
+    assert "machine rank 0 of 2, 8 process(es)" in r.stdout and "machine rank 1 of 2" in r.stdout, r.stdout
     tasks = [json.loads((out / f"task-{i}.json").read_text()) for i in range(2)]
     ports = set()
     for rank, task in enumerate(tasks):
@@ -103,7 +91,7 @@ def test_render_two_nodes_eight_gpus_ranks_evaluated_per_task(tmp_path):
         assert opt["--num_machines"] == "2" and opt["--num_processes"] == "16"
         assert opt["--main_process_ip"] == "node-a"
         assert opt["--rdzv_conf"] == "timeout=900"
-        assert argv[-4:] == ["-m", "launcher", "train", str(recipe.resolve())]
+        assert argv[-5:] == ["-m", "launcher", "train", str(recipe.resolve()), "train.lr=1e-4"]
         assert task["env"]["SETUP_RAN"] == "yes" and task["env"]["TORCH_ELASTIC_SHUTDOWN_TIMEOUT"] == "120"
         assert "ACCELERATE_USE_CPU" not in task["env"]
         ports.add(opt["--main_process_port"])
@@ -130,6 +118,22 @@ def test_write_script_submit_errors_and_requeue_outside_slurm(tmp_path, monkeypa
         submit(path)
     monkeypatch.delenv("SLURM_JOB_ID", raising=False)
     assert requeue_self() is False
+
+
+def test_run_dir_holding_only_the_job_script_is_fresh_and_overwrite_keeps_it(tmp_path):
+    run = tmp_path / "run"
+    write_script(tmp_path / "r.yaml", run, SlurmJob(gpus_per_node=0))  # what `launcher slurm submit` leaves
+    (run / "slurm" / "launcher-7.out").write_text("log\n")
+    (run / "logs").mkdir()
+    (run / "logs" / "rank-1.jsonl").write_text("{}\n")
+    assert plan_run_dir(run, {}, overwrite=False) is None
+    (run / "notes.txt").write_text("not ours")
+    with pytest.raises(UserError, match="not a launcher run"):
+        plan_run_dir(run, {}, overwrite=False)
+    (run / "recipe.yaml").write_text("{}\n")
+    clear_run_dir(run)  # --overwrite inside the job must keep the job's own script and log
+    assert sorted(p.name for p in (run / "slurm").iterdir()) == ["job.sbatch", "launcher-7.out"]
+    assert not (run / "recipe.yaml").exists() and not (run / "logs").exists()
 
 
 # -- on a real Slurm -------------------------------------------------------------------------
@@ -191,6 +195,37 @@ def test_usr1_reaches_the_task_which_requeues_itself(slurm_cluster, tmp_path):
     assert (tmp_path / "second-run").read_text() == "1"
     text = log.read_text()
     assert "batch shell got SIGUSR1" in text and "restart 0" in text and "restart 1" in text, text
+
+
+ON_TERM_REQUEUE = """\
+import signal, sys, time
+from pathlib import Path
+from launcher.slurm import requeue_self
+out = Path(sys.argv[1])
+def stop(sig, frame):
+    (out / "requeued").write_text(str(requeue_self()))
+    sys.exit(0)
+signal.signal(signal.SIGTERM, stop)
+(out / "ready").touch()
+time.sleep(60)
+"""
+
+
+@pytest.mark.slurm
+def test_scancel_is_final_even_though_the_trainer_requeues_on_term(slurm_cluster, tmp_path):
+    """scancel sends TERM, which the trainer treats as preemption; requeueing then would undo the cancel."""
+    (tmp_path / "t.py").write_text(ON_TERM_REQUEUE)
+    spec = SlurmJob(gpus_per_node=0, python=PY, env={"PYTHONPATH": str(ROOT)},
+                    command=f"exec {PY} {tmp_path / 't.py'} {tmp_path}")
+    job = slurm_cluster.submit(write_script(tmp_path / "r.yaml", tmp_path, spec), cwd=tmp_path)
+    log = log_path(tmp_path, spec, job)
+    wait_for(tmp_path / "ready", 30, "job start", log)
+    slurm_cluster.cancel(job)
+    wait_for(tmp_path / "requeued", 15, "TERM handler", log)
+    assert (tmp_path / "requeued").read_text() == "False", log.read_text()
+    time.sleep(2)  # a requeue would show as PENDING with Restarts=1 by now
+    info = slurm_cluster.job_info(job)
+    assert info["JobState"] == "CANCELLED" and info["Restarts"] == "0", info
 
 
 DIST_WAITER = """\
