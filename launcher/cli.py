@@ -1,4 +1,4 @@
-"""The verbs: train (the default for a .yaml), validate, inspect, reference, slurm (render, submit).
+"""The verbs: train (the default for a .yaml), validate, inspect, reference, eval, slurm (render, submit).
 
 User mistakes surface as one `error:` line and exit status 2; anything else keeps its traceback,
 since it is ours to fix.
@@ -11,7 +11,7 @@ import sys
 
 from launcher.recipe import UserError, load_recipe
 
-VERBS = ("train", "validate", "inspect", "reference", "slurm")
+VERBS = ("train", "validate", "inspect", "reference", "eval", "slurm", "merge")
 
 
 def _recipe_args(parser: argparse.ArgumentParser) -> None:
@@ -32,7 +32,15 @@ def build_parser() -> argparse.ArgumentParser:
     inspect.add_argument("-n", "--examples", type=int, default=3, help="examples to show")
     reference = verbs.add_parser("reference", help="print the recipe reference (every key, default and meaning)")
     reference.add_argument("--readme", metavar="PATH", help="rewrite the reference block inside this README instead")
+    evaluate = verbs.add_parser("eval", help="score the base model and output_dir/final (or one --checkpoint) on the eval data")
+    _recipe_args(evaluate)
+    evaluate.add_argument("--checkpoint", metavar="PATH|base", help="a saved folder (output_dir/final, output_dir/best) or base")
     from launcher.slurm import add_cli_options  # imports no torch
+    merge = verbs.add_parser("merge", help="fold a lora/qlora run's adapter into its base; save and verify a plain model folder")
+    merge.add_argument("run_dir", help="output_dir of a finished lora or qlora run")
+    merge.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], default="bf16", help="dtype of the merged weights (default bf16)")
+    merge.add_argument("--out", help="where to save (default RUN_DIR/final/merged)")
+    merge.add_argument("--overwrite", action="store_true", help="replace an existing merged folder")
     slurm = verbs.add_parser("slurm", help="Slurm batch jobs: print the sbatch script, or submit it (docs/slurm.md)")
     actions = slurm.add_subparsers(dest="action", required=True)
     for action, text in (("render", "print the sbatch script for the recipe"),
@@ -79,6 +87,15 @@ def cmd_inspect(args) -> int:
     return 0
 
 
+def cmd_eval(args) -> int:
+    from launcher.evaluate import compare
+    from launcher.train import check_inputs
+    recipe = load_recipe(args.recipe, args.overrides)
+    check_inputs(recipe)
+    compare(recipe, args.checkpoint)
+    return 0
+
+
 def cmd_slurm(args) -> int:
     from pathlib import Path
 
@@ -101,6 +118,12 @@ def cmd_slurm(args) -> int:
     return 0
 
 
+def cmd_merge(args) -> int:
+    from launcher.merge import merge
+    merge(args.run_dir, args.dtype, args.out, args.overwrite)
+    return 0
+
+
 def cmd_reference(args) -> int:
     from pathlib import Path
 
@@ -115,7 +138,7 @@ def cmd_reference(args) -> int:
 def main(argv: list[str] | None = None) -> int:
     args = parse(sys.argv[1:] if argv is None else argv)
     handler = {"train": cmd_train, "validate": cmd_validate, "inspect": cmd_inspect, "reference": cmd_reference,
-               "slurm": cmd_slurm}[args.verb]
+               "eval": cmd_eval, "slurm": cmd_slurm, "merge": cmd_merge}[args.verb]
     try:
         return handler(args)
     except UserError as exc:

@@ -32,7 +32,9 @@ def weights_folder(recipe: Recipe) -> str:
     path = recipe.model.path
     if path.startswith("pkg:"):
         folder = package_folder(path.removeprefix("pkg:"))
-        nested = [p.parent for p in folder.rglob("config.json")]
+        # The shallowest config.json beside weights: packages also hold configs of sub-modules (1_Pooling/).
+        nested = sorted((p.parent for p in folder.rglob("config.json")
+                         if any(p.parent.glob("*.safetensors")) or any(p.parent.glob("*.bin"))), key=lambda f: len(f.parts))
         return str(nested[0] if nested and not recipe.model.gguf_file else folder)
     return os.path.expanduser(path)
 
@@ -93,6 +95,43 @@ def weight_dtype(recipe: Recipe, on_gpu: bool):
     return torch.bfloat16 if on_gpu and recipe.method != "full" else torch.float32
 
 
+def compute_dtype(recipe: Recipe, on_gpu: bool):
+    """What 4-bit layers dequantise to for their matmuls: bf16 where the GPU has it, float32 on CPU (exact, and as fast there)."""
+    import torch
+    if recipe.quant.compute_dtype != "auto":
+        return getattr(torch, recipe.quant.compute_dtype)
+    if not on_gpu:
+        return torch.float32
+    return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+
+
+def quantization_config(recipe: Recipe, on_gpu: bool):
+    """bitsandbytes loading settings for method qlora; None for the other methods."""
+    if recipe.method != "qlora":
+        return None
+    from transformers import BitsAndBytesConfig
+    quant = recipe.quant
+    if quant.bits == 8:
+        return BitsAndBytesConfig(load_in_8bit=True)
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=quant.type, bnb_4bit_use_double_quant=quant.double_quant,
+                              bnb_4bit_compute_dtype=compute_dtype(recipe, on_gpu))
+
+
+def check_backend(recipe: Recipe, device_type: str) -> None:
+    """Refuse, before any weights load, quantisation or optimisers this device's bitsandbytes backend lacks."""
+    from launcher.optim import check_optimizer
+    check_optimizer(recipe.train.optimizer, device_type)
+    if recipe.method != "qlora":
+        return
+    try:
+        import bitsandbytes
+    except ImportError:
+        raise UserError("method: qlora needs bitsandbytes: pip install bitsandbytes") from None
+    if device_type not in bitsandbytes.supported_torch_devices:
+        raise UserError(f"method: qlora: bitsandbytes {bitsandbytes.__version__} has no {device_type} backend "
+                        f"(it supports {', '.join(sorted(bitsandbytes.supported_torch_devices))}); use method: lora")
+
+
 def freeze(model, recipe: Recipe) -> list[str]:
     """Freeze what the recipe's `freeze` section names; returns the frozen parameter names."""
     rules = recipe.freeze
@@ -120,37 +159,105 @@ def add_lora(model, recipe: Recipe):
     return get_peft_model(model, config)
 
 
-def load_model(path: str, recipe: Recipe, on_gpu: bool):
-    """The model the loop trains: loaded, frozen or adapted, and checkpointed as the recipe says."""
-    from transformers import AutoModelForCausalLM
+def auto_class(task: str):
+    import transformers
+    return {"causal-lm": transformers.AutoModelForCausalLM, "seq2seq": transformers.AutoModelForSeq2SeqLM,
+            "classification": transformers.AutoModelForSequenceClassification}[task]
+
+
+def load_base(path: str, recipe: Recipe, on_gpu: bool, labels: list[str] | None = None):
+    """The pretrained model with the task's head; a classifier gets a new head sized and named from `labels`."""
     kwargs = {"dtype": weight_dtype(recipe, on_gpu), "trust_remote_code": recipe.model.trust_remote_code}
     if recipe.model.attn_implementation:
         kwargs["attn_implementation"] = recipe.model.attn_implementation
-    model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    quantization = quantization_config(recipe, on_gpu)
+    if quantization is not None:
+        from accelerate import PartialState
+        # Quantised weights are placed at load; accelerate will not move them to this process's device later.
+        kwargs.update(quantization_config=quantization, device_map={"": PartialState().device})
+    if recipe.model.task == "classification":
+        kwargs.update(num_labels=len(labels), id2label=dict(enumerate(labels)),
+                      label2id={name: i for i, name in enumerate(labels)})
+    model = auto_class(recipe.model.task).from_pretrained(path, **kwargs)
+    if model.config.pad_token_id is None:  # decoder classifiers find each row's last token by the pad id
+        model.config.pad_token_id = model.config.eos_token_id
+    return model
+
+
+def load_trained(path: str, recipe: Recipe, on_gpu: bool, labels: list[str] | None = None):
+    """A saved run output (final/, best/): a full save_pretrained folder, or an adapter on the recipe's base."""
+    folder = Path(path)
+    if not (folder / "adapter_config.json").is_file():
+        return auto_class(recipe.model.task).from_pretrained(folder, dtype=weight_dtype(recipe, on_gpu))
+    from peft import PeftModel
+    base = load_base(resolve_weights(recipe), recipe, on_gpu, labels)
+    return PeftModel.from_pretrained(base, folder)
+
+
+def load_model(path: str, recipe: Recipe, on_gpu: bool, labels: list[str] | None = None):
+    """The model the loop trains: loaded, frozen or adapted, and checkpointed as the recipe says."""
+    model = load_base(path, recipe, on_gpu, labels)
     model.config.use_cache = False
     if recipe.method == "full":
         freeze(model, recipe)
+    if recipe.method == "qlora":
+        # Norms and head to float32, input grads on; it would turn gradient checkpointing on unless told the recipe's choice.
+        from peft import prepare_model_for_kbit_training
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=recipe.train.gradient_checkpointing,
+                                                gradient_checkpointing_kwargs={"use_reentrant": False})
     if recipe.train.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    if recipe.method == "lora":
+    if recipe.method in ("lora", "qlora"):
         model = add_lora(model, recipe)
     return model
 
 
 @dataclass
 class ParamCount:
+    """The memory a run's choices cost before activations: what the user needs to trust them."""
     total: int
     trainable: int
     weight_bytes: int
+    quantised: int = 0  # parameters held in 4 or 8 bits
+    gradient_bytes: int = 0
+    optimizer: str = "adamw"
+    optimizer_bytes: int = 0
 
     def line(self) -> str:
         share = 100 * self.trainable / max(self.total, 1)
-        return (f"{self.total / 1e6:.1f}M parameters, {self.trainable / 1e6:.2f}M trainable ({share:.2f}%), "
-                f"{self.weight_bytes / 2**20:.0f} MiB of weights")
+        quantised = f" ({self.quantised / 1e6:.1f}M quantised)" if self.quantised else ""
+        return (f"{self.total / 1e6:.1f}M parameters{quantised}, {self.trainable / 1e6:.2f}M trainable ({share:.2f}%); "
+                f"weights {_mib(self.weight_bytes)}, gradients {_mib(self.gradient_bytes)}, "
+                f"{self.optimizer} state {_mib(self.optimizer_bytes)}")
 
 
-def count_parameters(model) -> ParamCount:
+def _mib(count: int) -> str:
+    return f"{count / 2**20:.1f} MiB" if count < 10 * 2**20 else f"{count / 2**20:.0f} MiB"
+
+
+def _logical_numel(param) -> int:
+    """bitsandbytes packs two 4-bit weights per byte; its quant_state keeps the real shape."""
+    state = getattr(param, "quant_state", None)
+    return state.shape.numel() if state is not None else param.numel()
+
+
+def _quant_state_bytes(param) -> int:
+    """Per-block scales (4-bit) or per-row scales (8-bit) stored beside the packed weights."""
+    state = getattr(param, "quant_state", None)
+    if state is not None:
+        return sum(t.numel() * t.element_size() for t in state.as_dict(packed=False).values() if hasattr(t, "element_size"))
+    scales = getattr(param, "SCB", None)
+    return scales.numel() * scales.element_size() if scales is not None else 0
+
+
+def count_parameters(model, optimizer: str = "adamw") -> ParamCount:
+    from launcher.optim import state_bytes
     params = list(model.parameters())
-    return ParamCount(total=sum(p.numel() for p in params),
-                      trainable=sum(p.numel() for p in params if p.requires_grad),
-                      weight_bytes=sum(p.numel() * p.element_size() for p in params))
+    trainable = [p for p in params if p.requires_grad]
+    quantised = [p for p in params if str(p.dtype) in ("torch.int8", "torch.uint8") or getattr(p, "quant_state", None) is not None]
+    return ParamCount(total=sum(_logical_numel(p) for p in params),
+                      trainable=sum(p.numel() for p in trainable),
+                      weight_bytes=sum(p.numel() * p.element_size() + _quant_state_bytes(p) for p in params),
+                      quantised=sum(_logical_numel(p) for p in quantised),
+                      gradient_bytes=sum(p.numel() * p.element_size() for p in trainable),
+                      optimizer=optimizer, optimizer_bytes=state_bytes(trainable, optimizer))

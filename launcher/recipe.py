@@ -48,7 +48,15 @@ class LoraSection(Section):
     modules_to_save: list[str] = Field(default_factory=list, description="Extra modules trained in full and saved with the adapter.")
 
 
-DataFormat = Literal["instruction", "chat", "translation", "completion", "text"]
+class QuantSection(Section):
+    bits: Literal[4, 8] = Field(4, description="method qlora: base weights as bitsandbytes 4-bit (QLoRA) or 8-bit (LLM.int8) layers.")
+    type: Literal["nf4", "fp4"] = Field("nf4", description="4-bit data type: nf4 (QLoRA's normal float) or fp4.")
+    double_quant: bool = Field(True, description="4-bit: also quantise the per-block scales (about 0.4 bits less per weight).")
+    compute_dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto", description="4-bit: dtype weights are dequantised to for each matmul; auto is bfloat16 on a GPU that has it, float32 on CPU.")
+
+
+DataFormat = Literal["instruction", "chat", "translation", "completion", "text", "qa", "classification"]
 
 # Canonical field names each format reads, and which of them a row may omit.
 FORMAT_FIELDS: dict[str, tuple[list[str], list[str]]] = {
@@ -57,7 +65,18 @@ FORMAT_FIELDS: dict[str, tuple[list[str], list[str]]] = {
     "translation": (["source", "target"], []),
     "completion": (["prompt", "completion"], []),
     "text": (["text"], []),
+    "qa": (["question", "answer"], ["context"]),
+    "classification": (["text", "label"], ["text_pair"]),
 }
+# Formats each task can learn from: an encoder-decoder needs a prompt and a target; a classifier, labels.
+TASK_FORMATS: dict[str, tuple[str, ...]] = {
+    "causal-lm": ("instruction", "chat", "translation", "completion", "text", "qa"),
+    "seq2seq": ("instruction", "translation", "completion", "qa"),
+    "classification": ("classification",),
+}
+# The metric each format is scored by when eval.metric is auto; generation metrics need a reference.
+DEFAULT_METRIC = {"translation": "chrf", "qa": "exact_match", "classification": "macro_f1"}
+LOWER_IS_BETTER = ("loss", "ppl")
 
 
 class DataSection(Section):
@@ -68,6 +87,9 @@ class DataSection(Section):
     fields: dict[str, str] = Field(default_factory=dict, description="Canonical field name -> column name in your files.")
     max_length: int = Field(512, ge=8, description="Tokens per example; longer rows are truncated, rows left with no target dropped.")
     train_on_prompt: bool = Field(False, description="Also train on prompt tokens (labels are -100 there otherwise).")
+    packing: bool = Field(False, description="causal-lm: pack several examples into each row of up to max_length tokens "
+                          "(best-fit decreasing); positions restart and attention stays inside each example. "
+                          "micro_batch_size then counts packed rows.")
     chat_template: Literal["auto", "never"] = Field("auto", description="Wrap prompts in the tokenizer's chat template when it has one.")
     system_prompt: str | None = Field(None, description="System message for chat-template formats.")
     source_lang: str = Field("English", description="Source language name for the translation prompt.")
@@ -77,6 +99,9 @@ class DataSection(Section):
         description="Translation prompt; may use {source_lang}, {target_lang}, {source}.")
     max_train_rows: int | None = Field(None, ge=1, description="Use only the first N training rows.")
     max_eval_rows: int | None = Field(None, ge=1, description="Use only the first N eval rows.")
+    qa_template: str = Field(
+        "{context}Question: {question}\nAnswer:",
+        description="QA prompt; may use {question} and {context} (the context line, empty when a row has none).")
 
     def field(self, canonical: str) -> str:
         """Column name in the user's files for a canonical field."""
@@ -93,12 +118,17 @@ class TrainSection(Section):
     warmup_steps: int = Field(0, ge=0, description="Linear warmup steps.")
     decay_rate: float = Field(0.96, gt=0, le=1, description="exponential: lr_t = lr * decay_rate ** (t / decay_steps).")
     decay_steps: int = Field(100, ge=1, description="exponential: steps per factor of decay_rate.")
-    optimizer: Literal["adamw"] = Field("adamw", description="Optimiser.")
+    optimizer: Literal["adamw", "adamw-8bit", "paged-adamw", "paged-adamw-8bit", "adafactor", "sgd"] = Field(
+        "adamw", description="adamw (torch, fused on GPU); adamw-8bit (bitsandbytes, 8-bit state); paged-adamw / paged-adamw-8bit "
+                             "(state pages to CPU memory under GPU memory pressure; CUDA only); adafactor (factored state); sgd (momentum 0.9).")
     weight_decay: float = Field(0.0, ge=0, description="Decoupled weight decay (AdamW).")
     l2_lambda: float = Field(0.0, ge=0, description="Explicit penalty lambda * ||theta||^2 on trainable parameters, added to the loss.")
     max_grad_norm: float | None = Field(1.0, gt=0, description="Clip the global gradient norm; null disables.")
     precision: Literal["auto", "fp32", "bf16", "fp16"] = Field("auto", description="Mixed precision: auto is bf16 on a capable GPU, fp32 on CPU.")
     gradient_checkpointing: bool = Field(False, description="Recompute activations in backward (non-reentrant) to save memory.")
+    loss_chunk_tokens: int = Field(0, ge=0, description="causal-lm: compute lm_head + cross-entropy over chunks of this many "
+                                   "target tokens, recomputed in backward, so full-vocabulary logits never exist for "
+                                   "the whole batch (e.g. 1024; 0: off). Same loss and gradients as plain CE.")
     seed: int = Field(42, description="Drives init, data order and dropout.")
     eval_every: int = Field(0, ge=0, description="Evaluate every N steps (0: only before and after training).")
     save_every: int = Field(0, ge=0, description="Checkpoint every N steps (0: only at the end and on preemption).")
@@ -108,12 +138,60 @@ class TrainSection(Section):
 
 
 class EvalSection(Section):
-    samples: int = Field(3, ge=0, description="Eval prompts generated before and after training and shown in the report.")
-    max_new_tokens: int = Field(64, ge=1, description="Generation length for samples.")
+    samples: int = Field(3, ge=0, description="Eval predictions shown before and after training in the report.")
+    max_new_tokens: int = Field(64, ge=1, description="Generation length for samples and generation metrics.")
+    num_beams: int = Field(1, ge=1, description="1: greedy decoding; more: beam search.")
+    generate_rows: int = Field(48, ge=0, description="Eval rows generated and scored (BLEU/chrF, EM/F1) at each eval; 0 skips it.")
+    metric: Literal["auto", "loss", "ppl", "bleu", "chrf", "accuracy", "macro_f1", "exact_match", "f1"] = Field(
+        "auto", description="Picks the best checkpoint (saved to output_dir/best); auto: chrf for translation, "
+                            "exact_match for qa, macro_f1 for classification, loss otherwise.")
+    greater_is_better: bool | None = Field(None, description="Direction of eval.metric; default: false for loss and ppl, true otherwise.")
+
+    def chosen(self, data_format: str) -> tuple[str, bool]:
+        """(metrics.jsonl key, greater is better) of the metric that selects the best checkpoint."""
+        name = DEFAULT_METRIC.get(data_format, "loss") if self.metric == "auto" else self.metric
+        greater = self.greater_is_better if self.greater_is_better is not None else name not in LOWER_IS_BETTER
+        return f"eval_{name}", greater
 
 
 class ReportSection(Section):
     tensorboard: bool = Field(False, description="Also write TensorBoard event files under output_dir/tb.")
+
+
+DEEPSPEED_SHORTHANDS = ("zero1", "zero2", "zero3", "zero3_offload")
+
+
+class FsdpSection(Section):
+    sharding: Literal["full", "grad_op"] = Field(
+        "full", description="full: parameters resharded after forward (like ZeRO-3); grad_op: kept gathered until backward (like ZeRO-2).")
+    cpu_offload: bool = Field(False, description="Keep sharded parameters, gradients and optimiser state in CPU memory (GPU runs).")
+    activation_checkpointing: bool = Field(False, description="Recompute each block's activations in backward (as train.gradient_checkpointing).")
+
+
+class DistributedSection(Section):
+    strategy: Literal["ddp", "deepspeed", "fsdp"] = Field("ddp", description="How the model is spread over processes.")
+    num_processes: int | None = Field(None, ge=1, description="Processes this run must see; any other count is refused (catches launches that silently start one).")
+    deepspeed: str | None = Field(None, description="strategy deepspeed: zero1, zero2, zero3, zero3_offload (ds_configs/) or a DeepSpeed JSON file.")
+    fsdp: FsdpSection | None = Field(None, description="strategy fsdp: FSDP2 options (default: full sharding).")
+    timeout_minutes: float = Field(10, gt=0, description="How long a rank waits for the others in a collective before the launch fails.")
+
+    def rules(self, train: "TrainSection") -> None:
+        """Combinations that cannot work, refused before anything loads."""
+        if self.deepspeed is not None and self.strategy != "deepspeed":
+            raise ValueError(f"distributed.deepspeed is set but distributed.strategy is {self.strategy}; "
+                             "set strategy: deepspeed, or remove distributed.deepspeed (FSDP and DeepSpeed are alternatives)")
+        if self.fsdp is not None and self.strategy != "fsdp":
+            raise ValueError(f"distributed.fsdp is set but distributed.strategy is {self.strategy}; "
+                             "set strategy: fsdp, or remove distributed.fsdp (FSDP and DeepSpeed are alternatives)")
+        if self.strategy == "deepspeed" and self.deepspeed is None:
+            raise ValueError(f"distributed.strategy deepspeed needs distributed.deepspeed: one of {', '.join(DEEPSPEED_SHORTHANDS)} "
+                             "or a path to a DeepSpeed JSON file")
+        if self.strategy == "deepspeed" and not self.deepspeed.endswith(".json") and self.deepspeed not in DEEPSPEED_SHORTHANDS:
+            raise ValueError(f"distributed.deepspeed '{self.deepspeed}' is neither a known stage "
+                             f"({', '.join(DEEPSPEED_SHORTHANDS)}) nor a .json file")
+        if self.strategy == "fsdp" and train.l2_lambda:
+            raise ValueError("train.l2_lambda with strategy fsdp: each rank holds only a shard of the parameters, so the "
+                             "penalty would be wrong; use train.weight_decay, or strategy ddp / deepspeed zero1-2")
 
 
 class Recipe(Section):
@@ -121,16 +199,17 @@ class Recipe(Section):
     method: Literal["full", "lora", "qlora"] = Field("lora", description="full fine-tuning, LoRA, or QLoRA.")
     freeze: FreezeSection = Field(default_factory=FreezeSection)
     lora: LoraSection = Field(default_factory=LoraSection)
+    quant: QuantSection = Field(default_factory=QuantSection)
     data: DataSection
     train: TrainSection = Field(default_factory=TrainSection)
     eval: EvalSection = Field(default_factory=EvalSection)
     report: ReportSection = Field(default_factory=ReportSection)
+    distributed: DistributedSection = Field(default_factory=DistributedSection)
     output_dir: str = Field(description="Run directory: resolved recipe, metrics, checkpoints, final model, report.")
 
     @model_validator(mode="after")
     def _cross_field_rules(self) -> "Recipe":
-        if self.method == "qlora":
-            raise ValueError("method: 'qlora' is not available yet; use method: lora (4-bit loading lands with QLoRA support)")
+        _quant_rules(self)
         frozen = self.freeze.embeddings or self.freeze.first_n_blocks or self.freeze.patterns
         if frozen and self.method != "full":
             raise ValueError(f"freeze: only applies to method: full (LoRA already freezes the base); remove it or set method: full")
@@ -139,11 +218,53 @@ class Recipe(Section):
             if key not in required + optional:
                 raise ValueError(_unknown("data.fields", key, required + optional)
                                  + f" (format {self.data.format} reads {', '.join(required + optional)})")
+        task, fmt = self.model.task, self.data.format
+        if fmt not in TASK_FORMATS[task]:
+            fix = ("use data.format: classification" if task == "classification" else
+                   "set model.task: classification" if fmt == "classification" else
+                   f"use one of: {', '.join(TASK_FORMATS[task])}")
+            raise ValueError(f"model.task {task} cannot train on data.format {fmt}; {fix}")
+        metric = self.eval.chosen(fmt)[0].removeprefix("eval_")
+        allowed = {"translation": ("bleu", "chrf"), "qa": ("exact_match", "f1"),
+                   "classification": ("accuracy", "macro_f1")}.get(fmt, ())
+        if metric not in LOWER_IS_BETTER + allowed:
+            raise ValueError(f"eval.metric {metric} is not computed for data.format {fmt}; "
+                             f"choose one of: {', '.join(LOWER_IS_BETTER + allowed)}")
+        if task != "causal-lm" and (self.data.packing or self.train.loss_chunk_tokens):
+            key = "data.packing" if self.data.packing else "train.loss_chunk_tokens"
+            raise ValueError(f"{key} applies to model.task causal-lm only (got {task}); remove it")
+        if self.train.loss_chunk_tokens and (self.distributed.strategy == "fsdp" or str(self.distributed.deepspeed).startswith("zero3")):
+            raise ValueError("train.loss_chunk_tokens with sharded parameters (fsdp, deepspeed zero3): lm_head is used after the "
+                             "forward pass, when its weight is already resharded; remove loss_chunk_tokens or use ddp / zero1-2")
+        self.distributed.rules(self.train)
         if self.data.eval and self.data.eval_fraction:
             raise ValueError("data.eval and data.eval_fraction both set: give one")
         if self.train.max_steps is None and self.train.epochs is None:
             raise ValueError("train: set epochs or max_steps")
         return self
+
+
+def _quant_rules(recipe: Recipe) -> None:
+    """QLoRA and 8-bit optimiser combinations, decided before anything loads (see the README's QLoRA notes)."""
+    quant, strategy, optimizer = recipe.quant, recipe.distributed.strategy, recipe.train.optimizer
+    changed = {name for name in QuantSection.model_fields if getattr(quant, name) != getattr(QuantSection(), name)}
+    if changed and recipe.method != "qlora":
+        raise ValueError(f"quant: only applies to method: qlora (got method: {recipe.method}); remove it or set method: qlora")
+    four_bit_only = changed & {"type", "double_quant", "compute_dtype"}
+    if quant.bits == 8 and four_bit_only:
+        raise ValueError(f"quant.{sorted(four_bit_only)[0]} applies to 4-bit weights only; remove it or set quant.bits: 4")
+    if recipe.method == "qlora" and strategy == "deepspeed":
+        raise ValueError("method: qlora with distributed.strategy: deepspeed is not supported: ZeRO-3 would shard bitsandbytes' "
+                         "packed weights apart from their quantisation state, and ZeRO-1/2 only shard optimiser state, which "
+                         "for adapters is already small; use strategy: ddp (the quantised base is replicated per GPU)")
+    if recipe.method == "qlora" and strategy == "fsdp":
+        raise ValueError("method: qlora with distributed.strategy: fsdp is not supported: FSDP2 would shard bitsandbytes' packed "
+                         "weights apart from their quantisation state; use strategy: ddp (the quantised base is replicated per GPU), "
+                         "or method: lora with strategy: fsdp")
+    if optimizer in ("adamw-8bit", "paged-adamw", "paged-adamw-8bit") and strategy != "ddp":
+        raise ValueError(f"train.optimizer {optimizer} with distributed.strategy: {strategy}: bitsandbytes optimisers step "
+                         "whole local tensors, not DeepSpeed's flat partitions or FSDP's sharded DTensors; "
+                         "use train.optimizer: adamw (the strategy already shards its state), or strategy: ddp")
 
 
 def _unknown(where: str, key: str, known: list[str]) -> str:
@@ -215,12 +336,12 @@ def _resolve_bases(path: Path, seen: tuple[Path, ...] = ()) -> dict:
 
 def _absolutise_paths(data: dict, folder: Path) -> None:
     """Data paths are relative to the recipe that names them; so is a model path starting with ./ or ../."""
-    for section, key in (("data", "train"), ("data", "eval"), ("model", "path")):
+    for section, key in (("data", "train"), ("data", "eval"), ("model", "path"), ("distributed", "deepspeed")):
         node = data.get(section)
         value = node.get(key) if isinstance(node, dict) else None
         if not isinstance(value, str) or os.path.isabs(value) or value.startswith(("pkg:", "~")):
             continue
-        if section == "data" or value.startswith(("./", "../")):
+        if section == "data" or value.startswith(("./", "../")) or value.endswith(".json"):
             node[key] = os.path.normpath(folder / value)
 
 
@@ -259,6 +380,9 @@ def load_recipe(path: str | os.PathLike, overrides: list[str] = ()) -> Recipe:
         suffix = f" (and {more} more problem{'s' * (more > 1)})" if more else ""
         raise UserError(f"{path}: {_describe(first)}{suffix}") from None
     check_paths(recipe, Path(path))
+    if recipe.distributed.strategy == "deepspeed":
+        from launcher.distributed import deepspeed_config  # reads the JSON file; imports no torch
+        deepspeed_config(recipe, world_size=recipe.distributed.num_processes)
     return recipe
 
 

@@ -6,13 +6,14 @@ checked, data is peeked, then tokenised, and only then does the model load.
 from __future__ import annotations
 
 import gc
-import math
 import signal
 import time
 from pathlib import Path
 
 from launcher import checkpoint as ckpt
-from launcher.data import IGNORE, StepPlan, Tokenised, check_rows, collate, eval_batches, split_eval, tokenise
+from launcher.data import StepPlan, Tokenised, check_rows, collate, label_names, split_eval, tokenise
+from launcher.evaluate import Best, Evaluation, evaluate, to_device
+from launcher.loss import target_count, task_loss_sum
 from launcher.recipe import Recipe, UserError, resolved_yaml
 
 
@@ -42,66 +43,21 @@ def check_inputs(recipe: Recipe) -> None:
         check_rows(recipe.data.eval, recipe.data)
 
 
-def build_datasets(recipe: Recipe, tokenizer) -> tuple[Tokenised, Tokenised | None]:
-    data = recipe.data
-    train = tokenise(data.train, tokenizer, data, data.max_train_rows)
+def class_labels(recipe: Recipe) -> list[str] | None:
+    """A classifier's class names, read from the train file (the model config saves them as id2label)."""
+    if recipe.model.task != "classification":
+        return None
+    return label_names(recipe.data.train, recipe.data, recipe.data.max_train_rows)
+
+
+def build_datasets(recipe: Recipe, tokenizer, labels: list[str] | None = None) -> tuple[Tokenised, Tokenised | None]:
+    data, task = recipe.data, recipe.model.task
+    train = tokenise(data.train, tokenizer, data, data.max_train_rows, task, labels)
     if data.eval:
-        return train, tokenise(data.eval, tokenizer, data, data.max_eval_rows)
+        return train, tokenise(data.eval, tokenizer, data, data.max_eval_rows, task, labels)
     if data.eval_fraction:
         return split_eval(train, data.eval_fraction, recipe.train.seed)
     return train, None
-
-
-def token_loss_sum(model, batch):
-    """Summed next-token cross-entropy and the number of trained tokens (loss is never averaged early,
-    so accumulation and data parallelism weight every token equally)."""
-    import torch.nn.functional as F
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-    labels = batch["labels"][:, 1:]
-    shifted = logits[:, :-1].float()
-    total = F.cross_entropy(shifted.reshape(-1, shifted.size(-1)), labels.reshape(-1), ignore_index=IGNORE, reduction="sum")
-    return total, (labels != IGNORE).sum()
-
-
-def to_device(batch: dict, device) -> dict:
-    return {k: v.to(device) for k, v in batch.items()}
-
-
-def evaluate(accelerator, model, dataset, batch_size: int, pad_id: int) -> dict:
-    import torch
-    model.eval()
-    loss_sum = torch.zeros((), device=accelerator.device, dtype=torch.float64)
-    tokens = torch.zeros((), device=accelerator.device, dtype=torch.float64)
-    with torch.no_grad():
-        for rows, real in eval_batches(len(dataset), batch_size, accelerator.num_processes, accelerator.process_index):
-            total, count = token_loss_sum(model, to_device(collate(dataset.select(rows), pad_id), accelerator.device))
-            if real:
-                loss_sum += total.double()
-                tokens += count.double()
-    model.train()
-    loss = (accelerator.reduce(loss_sum, "sum") / accelerator.reduce(tokens, "sum").clamp(min=1)).item()
-    return {"eval_loss": loss, "eval_ppl": math.exp(min(loss, 50.0))}
-
-
-def generate_samples(accelerator, model, tokenizer, dataset, count: int, max_new_tokens: int) -> list[dict]:
-    """Greedy completions of the first eval prompts; every rank runs them (sharded models need all)."""
-    import torch
-    samples = []
-    model.eval()
-    generator = accelerator.unwrap_model(model)
-    for row in dataset.select(range(min(count, len(dataset)))):
-        prompt = row["input_ids"][: row["prompt_len"]]
-        target = [t for t, label in zip(row["input_ids"], row["labels"]) if label != IGNORE]
-        with torch.no_grad():
-            output = generator.generate(input_ids=torch.tensor([prompt], device=accelerator.device),
-                                        attention_mask=torch.ones(1, len(prompt), dtype=torch.long, device=accelerator.device),
-                                        max_new_tokens=max_new_tokens, do_sample=False, use_cache=True,
-                                        pad_token_id=tokenizer.pad_token_id)
-        samples.append({"prompt": tokenizer.decode(prompt, skip_special_tokens=True),
-                        "reference": tokenizer.decode(target, skip_special_tokens=True).strip(),
-                        "output": tokenizer.decode(output[0, len(prompt):], skip_special_tokens=True).strip()})
-    model.train()
-    return samples
 
 
 def run(recipe: Recipe, overwrite: bool = False) -> int:
@@ -110,7 +66,8 @@ def run(recipe: Recipe, overwrite: bool = False) -> int:
     from accelerate.utils import set_seed
 
     from launcher import modeling, optim
-    from launcher.distributed import make_accelerator
+    from launcher.distributed import (check_resume, check_synchronised, make_accelerator, parameter_bytes, prepare,
+                                      shard_model, write_rank_log)
     from launcher.report import Reporter, write_report
 
     stop = StopRequest()  # first thing: a signal during start-up is then acted on at the first step boundary
@@ -120,6 +77,7 @@ def run(recipe: Recipe, overwrite: bool = False) -> int:
     check_inputs(recipe)
 
     accelerator = make_accelerator(recipe)
+    modeling.check_backend(recipe, accelerator.device.type)  # bitsandbytes' device support, before the run dir is written
     main = accelerator.is_main_process
     if main:
         if overwrite:
@@ -129,7 +87,11 @@ def run(recipe: Recipe, overwrite: bool = False) -> int:
     with accelerator.main_process_first():
         weights = modeling.resolve_weights(recipe)
         tokenizer = modeling.load_tokenizer(weights, recipe)
-        train_data, eval_data = build_datasets(recipe, tokenizer)
+        labels = class_labels(recipe)
+        train_data, eval_data = build_datasets(recipe, tokenizer, labels)
+        if recipe.data.packing:  # several examples per row (launcher/packing.py)
+            from launcher.packing import pack_dataset
+            train_data = Tokenised(pack_dataset(train_data.dataset, recipe.data.max_length), train_data.rows, train_data.dropped)
 
     cfg = recipe.train
     plan = StepPlan(len(train_data.dataset), cfg.micro_batch_size, cfg.grad_accum, accelerator.num_processes,
@@ -139,6 +101,7 @@ def run(recipe: Recipe, overwrite: bool = False) -> int:
                         f"(micro_batch_size x grad_accum x processes = {plan.global_batch})")
     total_steps = plan.total_steps(cfg.epochs, cfg.max_steps)
     if resume_from is not None:
+        check_resume(ckpt.load_state_file(resume_from), recipe, accelerator.num_processes)
         done = ckpt.load_state_file(resume_from)["step"]
         if done >= total_steps:
             if main:
@@ -147,11 +110,14 @@ def run(recipe: Recipe, overwrite: bool = False) -> int:
             return 0
 
     set_seed(cfg.seed)
-    model = modeling.load_model(weights, recipe, on_gpu=accelerator.device.type == "cuda")
-    params = modeling.count_parameters(model)
+    model = modeling.load_model(weights, recipe, on_gpu=accelerator.device.type == "cuda", labels=labels)
+    params = modeling.count_parameters(model, cfg.optimizer)
+    model = shard_model(model, recipe, accelerator)  # FSDP2 shards before the optimiser sees the parameters
     optimizer = optim.build_optimizer(model, cfg)
     scheduler = optim.build_scheduler(optimizer, cfg, total_steps)
-    model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
+    model, optimizer, scheduler = prepare(accelerator, recipe, model, optimizer, scheduler)
+    write_rank_log(run_dir, accelerator, {"strategy": recipe.distributed.strategy, "world_size": accelerator.num_processes,
+                                          **parameter_bytes(model)})
     if recipe.method != "full":
         trainable = {name for name, p in accelerator.unwrap_model(model).named_parameters() if p.requires_grad}
         accelerator.register_save_state_pre_hook(ckpt.keep_trainable_only(trainable))
@@ -160,39 +126,48 @@ def run(recipe: Recipe, overwrite: bool = False) -> int:
     reporter.print(f"model {weights}: {params.line()}")
     reporter.print(f"data: {train_data.rows} train rows ({sum(train_data.dropped.values())} dropped: {train_data.dropped or 'none'}), "
                    f"{len(eval_data.dataset) if eval_data else 0} eval rows; {total_steps} steps of {plan.global_batch} examples")
-    pad_id = tokenizer.pad_token_id
-    eval_size = cfg.eval_batch_size or cfg.micro_batch_size
-    samples_before: list[dict] = []
+    pad_id, task = tokenizer.pad_token_id, recipe.model.task
+    best = Best(recipe)
+    first_eval: Evaluation | None = None
 
-    def run_eval(step: int) -> None:
-        if eval_data is not None:
-            reporter.log({"kind": "eval", "step": step, **evaluate(accelerator, model, eval_data.dataset, eval_size, pad_id)})
+    def run_eval(step: int) -> Evaluation | None:
+        """Task metrics into metrics.jsonl; a new best (after step 0) is exported to output_dir/best."""
+        if eval_data is None:
+            return None
+        result = evaluate(accelerator, model, tokenizer, eval_data.dataset, recipe, labels)
+        extra = {"confusion": result.confusion} if result.confusion else {}
+        reporter.log({"kind": "eval", "step": step, **result.metrics, **extra})
+        if best.update(result.metrics, step) and step > 0:
+            ckpt.export_final(accelerator, model, tokenizer, run_dir, name="best")
+        return result
 
     step = 0
     if resume_from is not None:
-        step = ckpt.load_checkpoint(accelerator, resume_from)["step"]
+        state = ckpt.load_checkpoint(accelerator, resume_from)
+        step, best = state["step"], Best(recipe, state.get("best"))
         reporter.print(f"resuming from {resume_from} at step {step}")
     else:
-        run_eval(0)
-        if eval_data is not None and recipe.eval.samples:
-            samples_before = generate_samples(accelerator, model, tokenizer, eval_data.dataset, recipe.eval.samples,
-                                              recipe.eval.max_new_tokens)
+        first_eval = run_eval(0)
 
     def save(at: int) -> None:
-        ckpt.save_checkpoint(accelerator, run_dir, at, {"step": at, "total_steps": total_steps}, cfg.keep_last)
+        state = {"step": at, "total_steps": total_steps, "best": best.state(),
+                 "world_size": accelerator.num_processes, "strategy": recipe.distributed.strategy}
+        ckpt.save_checkpoint(accelerator, run_dir, at, state, cfg.keep_last)
 
     model.train()
+    start_step = step
+    real_tokens = token_slots = 0  # padding efficiency for the summary
     with reporter:
         while step < total_steps:
             started = time.perf_counter()
-            micro = [to_device(collate(train_data.dataset.select(rows), pad_id), accelerator.device)
+            micro = [to_device(collate(train_data.dataset.select(rows), pad_id, task), accelerator.device)
                      for rows in plan.micro_batches(step)]
-            local_tokens = sum((b["labels"][:, 1:] != IGNORE).sum() for b in micro)
+            local_tokens = sum(target_count(b["labels"], task) for b in micro)
             step_tokens = accelerator.reduce(local_tokens.double(), "sum")
             loss_sum = torch.zeros((), device=accelerator.device, dtype=torch.float64)
             for batch in micro:
                 with accelerator.accumulate(model):
-                    total, _ = token_loss_sum(model, batch)
+                    total, _ = task_loss_sum(model, batch, task, cfg.loss_chunk_tokens)
                     scale = accelerator.num_processes * cfg.grad_accum / step_tokens
                     accelerator.backward(total * scale.float() + optim.l2_penalty(model, cfg.l2_lambda))
                     grad_norm = None
@@ -204,8 +179,11 @@ def run(recipe: Recipe, overwrite: bool = False) -> int:
                     optimizer.zero_grad()
                 loss_sum += total.detach().double()
             step += 1
+            if step == start_step + 1:
+                check_synchronised(accelerator, model, recipe)  # refuses processes that train independently
             loss = (accelerator.reduce(loss_sum, "sum") / step_tokens).item()
             seen = accelerator.reduce(sum(b["attention_mask"].sum() for b in micro), "sum").item()
+            real_tokens, token_slots = real_tokens + seen, token_slots + sum(b["attention_mask"].numel() for b in micro) * accelerator.num_processes
             elapsed = time.perf_counter() - started
             lr = scheduler.get_last_lr()[0]
             if step % cfg.log_every == 0 or step == total_steps:
@@ -223,22 +201,32 @@ def run(recipe: Recipe, overwrite: bool = False) -> int:
             if cfg.save_every and step % cfg.save_every == 0 and step < total_steps:
                 save(step)
 
-    run_eval(total_steps)
-    samples = []
-    if eval_data is not None and recipe.eval.samples:
-        after = generate_samples(accelerator, model, tokenizer, eval_data.dataset, recipe.eval.samples, recipe.eval.max_new_tokens)
-        for index, sample in enumerate(after):
-            before = samples_before[index]["output"] if index < len(samples_before) else ""
-            samples.append({"prompt": sample["prompt"], "reference": sample["reference"], "before": before, "after": sample["output"]})
+    last_eval = run_eval(total_steps)
+    samples = paired_samples(first_eval, last_eval)
     save(total_steps)
     final = ckpt.export_final(accelerator, model, tokenizer, run_dir)
     if main:
-        summary = {"model": weights, "method": recipe.method, "parameters": params.line(), "steps": total_steps,
-                   "processes": accelerator.num_processes, "final": str(final)}
+        if task == "classification":  # an adapter folder has no config.json: keep the label names beside it
+            accelerator.unwrap_model(model).config.save_pretrained(final)
+        summary = {"model": weights, "method": recipe.method, "task": task, "parameters": params.line(),
+                   "steps": total_steps, "processes": accelerator.num_processes, "final": str(final)}
+        if token_slots:  # real tokens / batch slots (slots estimated from this process's batch shapes)
+            summary["padding efficiency"] = f"{real_tokens / token_slots:.1%} ({'packed' if recipe.data.packing else 'padded'})"
+        if best.step is not None:
+            summary["best"] = f"{best.key} {best.value:.4f} at step {best.step}" + (f" ({run_dir / 'best'})" if best.step else "")
         write_report(run_dir, summary, samples, reporter.console)
         reporter.print(f"saved {final}; report {run_dir / 'report.md'}")
     del model, optimizer, scheduler
     return _release(accelerator)
+
+
+def paired_samples(before: Evaluation | None, after: Evaluation | None) -> list[dict]:
+    """Report rows: each eval prediction before training beside the same row after it."""
+    if after is None:
+        return []
+    earlier = before.predictions if before else []
+    return [{"prompt": row["prompt"], "reference": row["reference"], "after": row["output"],
+             "before": earlier[i]["output"] if i < len(earlier) else ""} for i, row in enumerate(after.predictions)]
 
 
 def _preempted(reporter, stop: StopRequest, step: int, total: int) -> None:

@@ -1,0 +1,97 @@
+"""`launcher merge RUN_DIR`: fold a run's adapter into its base and save a plain model folder.
+
+PEFT's merge_and_unload does the arithmetic. What is kept here: finding the base the adapter was
+trained on (the run's resolved recipe), dequantising a QLoRA base first, so the merged weights are
+the ones the adapter learnt against, and checking the saved folder, reloaded with plain
+`from_pretrained`, against the unmerged adapter model on a few prompts.
+"""
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+from launcher.recipe import Recipe, UserError
+
+DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
+# Largest |merged - adapter| logit difference accepted, relative to the largest |logit|: the merged
+# weight W + BA is rounded once to the saved dtype, where the adapter model adds BAx in float32.
+TOLERANCE = {"float32": 1e-4, "bfloat16": 5e-2, "float16": 1e-2}
+PROMPTS = ["The quick brown fox jumps over the lazy dog.",
+           "Translate from English to Spanish:\nIn the beginning God created the heaven and the earth.",
+           "Question: What is the capital of France?\nAnswer:"]
+
+
+def run_recipe(run_dir: Path) -> Recipe:
+    """The resolved recipe a run wrote; it names the base model and how it was loaded."""
+    import yaml
+    path = run_dir / "recipe.yaml"
+    if not path.is_file():
+        raise UserError(f"{run_dir} is not a launcher run (no recipe.yaml); give the output_dir of a finished run")
+    return Recipe.model_validate(yaml.safe_load(path.read_text()))
+
+
+def load_base(recipe: Recipe, dtype: str):
+    """The base in `dtype`; a QLoRA base is loaded quantised, as in training, then dequantised."""
+    import torch
+
+    from launcher import modeling
+    from launcher.train import class_labels
+    plain = recipe.model_copy(deep=True)
+    plain.model.dtype = dtype
+    on_gpu = torch.cuda.is_available()
+    model = modeling.load_base(modeling.resolve_weights(plain), plain, on_gpu, class_labels(plain))
+    if recipe.method == "qlora":
+        model = model.dequantize()  # also drops quantization_config: the merged folder is a plain model
+    return model.to(getattr(torch, dtype))
+
+
+def logits(model, batch):
+    import torch
+    with torch.no_grad():
+        out = model(**batch).logits.float()
+    return out * batch["attention_mask"][..., None] if out.dim() == 3 else out
+
+
+def merge(run_dir: str | Path, dtype: str = "bf16", out: str | Path | None = None, overwrite: bool = False) -> float:
+    """Write the merged model; returns the verified max logit difference."""
+    run_dir = Path(run_dir)
+    recipe = run_recipe(run_dir)
+    adapter = run_dir / "final"
+    if not (adapter / "adapter_config.json").is_file():
+        what = "a full model: nothing to merge" if (adapter / "config.json").is_file() else "not there: train to the end first"
+        raise UserError(f"{adapter} is {what} (merge needs the adapter of a lora or qlora run)")
+    target = Path(out) if out else adapter / "merged"
+    if target.exists() and not overwrite:
+        raise UserError(f"{target} exists; pass --overwrite to replace it, or --out to write elsewhere")
+    torch_dtype = DTYPES[dtype]
+
+    import torch
+    from peft import PeftModel
+
+    from launcher import modeling
+    model = PeftModel.from_pretrained(load_base(recipe, torch_dtype), adapter).eval()
+    tokenizer = modeling.load_tokenizer(str(adapter), recipe)
+    batch = dict(tokenizer(PROMPTS, return_tensors="pt", padding=True))
+    expected = logits(model, batch)
+    merged = model.merge_and_unload()
+    staging = target.with_name(target.name + ".tmp")
+    shutil.rmtree(staging, ignore_errors=True)
+    merged.save_pretrained(staging, safe_serialization=True)
+    tokenizer.save_pretrained(staging)
+    del model, merged
+    reloaded = modeling.auto_class(recipe.model.task).from_pretrained(staging, dtype=getattr(torch, torch_dtype)).eval()
+    difference = (logits(reloaded, batch) - expected).abs().max().item()
+    scale = max(1.0, expected.abs().max().item())
+    limit = TOLERANCE[torch_dtype] * scale
+    verdict = "ok" if difference <= limit else "FAILED"
+    print(f"merged {adapter} into {recipe.model.path} ({torch_dtype}); reloaded with from_pretrained: "
+          f"max |logit difference| vs the adapter model on {len(PROMPTS)} prompts = {difference:.3g} "
+          f"(tolerance {limit:.3g}) {verdict}")
+    if difference > limit:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise RuntimeError(f"merged model disagrees with the adapter model by {difference:.3g} > {limit:.3g}; nothing written")
+    if target.exists():
+        shutil.rmtree(target)
+    staging.rename(target)
+    print(f"saved {target}")
+    return difference
