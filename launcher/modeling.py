@@ -219,16 +219,22 @@ class ParamCount:
     trainable: int
     weight_bytes: int
     quantised: int = 0  # parameters held in 4 or 8 bits
+    quantised_bytes: int = 0  # their packed bytes and scales
     gradient_bytes: int = 0
     optimizer: str = "adamw"
     optimizer_bytes: int = 0
 
     def line(self) -> str:
         share = 100 * self.trainable / max(self.total, 1)
-        quantised = f" ({self.quantised / 1e6:.1f}M quantised)" if self.quantised else ""
-        return (f"{self.total / 1e6:.1f}M parameters{quantised}, {self.trainable / 1e6:.2f}M trainable ({share:.2f}%); "
+        bits = 8 * self.quantised_bytes / max(self.quantised, 1)
+        quantised = f" ({_count(self.quantised)} quantised, {bits:.2f} bits each)" if self.quantised else ""
+        return (f"{_count(self.total)} parameters{quantised}, {_count(self.trainable)} trainable ({share:.2f}%); "
                 f"weights {_mib(self.weight_bytes)}, gradients {_mib(self.gradient_bytes)}, "
                 f"{self.optimizer} state {_mib(self.optimizer_bytes)}")
+
+
+def _count(n: int) -> str:
+    return f"{n / 1e9:.2f}B" if n >= 1e9 else f"{n / 1e6:.1f}M" if n >= 1e6 else f"{n / 1e3:.1f}k"
 
 
 def _mib(count: int) -> str:
@@ -259,5 +265,6 @@ def count_parameters(model, optimizer: str = "adamw") -> ParamCount:
                       trainable=sum(p.numel() for p in trainable),
                       weight_bytes=sum(p.numel() * p.element_size() + _quant_state_bytes(p) for p in params),
                       quantised=sum(_logical_numel(p) for p in quantised),
+                      quantised_bytes=sum(p.numel() * p.element_size() + _quant_state_bytes(p) for p in quantised),
                       gradient_bytes=sum(p.numel() * p.element_size() for p in trainable),
                       optimizer=optimizer, optimizer_bytes=state_bytes(trainable, optimizer))

@@ -52,9 +52,9 @@ def test_qlora_base_weights_are_4bit_and_checkpointing_stays_as_asked(llama, tmp
         packed += weight.numel()
         state += modeling._quant_state_bytes(weight)
     assert (packed + state) * 8 / logical < 5.0, "nf4 with double quantisation: about 4.1-4.5 bits per weight"
-    assert not model.get_base_model().is_gradient_checkpointing  # peft's k-bit preparation would have turned it on
+    assert not model.get_base_model().is_activation_checkpointing  # peft's k-bit preparation would have turned it on
     count = modeling.count_parameters(model, "adamw-8bit")
-    assert count.quantised == logical
+    assert count.quantised == logical and count.quantised_bytes == packed + state
     assert count.total == sum(p.numel() for p in modeling.load_base(str(llama), recipe.model_copy(update={"method": "lora"}),
                                                                      on_gpu=False).parameters()) + count.trainable
     assert count.trainable == sum(p.numel() for p in model.parameters() if p.requires_grad) > 0
@@ -71,7 +71,7 @@ def test_8bit_loading_makes_int8_layers(llama, tmp_path):
     model = modeling.load_model(str(llama), recipe, on_gpu=False)
     linears = [m for m in model.get_base_model().modules() if isinstance(m, bnb.nn.Linear8bitLt)]
     assert len(linears) == 14 and all(m.weight.dtype == torch.int8 for m in linears)
-    assert model.get_base_model().is_gradient_checkpointing
+    assert model.get_base_model().is_activation_checkpointing
     batch = torch.randint(0, 1000, (2, 16))
     model(input_ids=batch, labels=batch).loss.backward()
     assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
@@ -112,6 +112,28 @@ def test_paged_optimizer_is_refused_on_cpu_before_anything_loads(llama, tmp_path
     assert result.returncode == 2
     assert "train.optimizer paged-adamw-8bit: paging moves optimiser state" in result.stderr and "adamw-8bit" in result.stderr
     assert "Traceback" not in result.stderr and not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("name", ["adamw", "adamw-8bit", "adafactor", "sgd"])
+def test_optimizer_steps_and_its_state_is_as_announced(name):
+    """The start-up summary's optimiser bytes are known before the first step; here they are checked after it."""
+    import torch
+
+    from launcher.optim import build_optimizer, state_bytes
+    from launcher.recipe import TrainSection
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(64, 128), torch.nn.Linear(128, 8), torch.nn.LayerNorm(8))
+    before = [p.detach().clone() for p in model.parameters()]
+    optimizer = build_optimizer(model, TrainSection(optimizer=name, lr=1e-2))
+    model(torch.randn(4, 64)).square().sum().backward()
+    optimizer.step()
+    assert all(not torch.equal(a, b) for a, b in zip(before, model.parameters()))
+    storages = {t.untyped_storage().data_ptr(): t.numel() * t.element_size()  # bitsandbytes shares its code books
+                for state in optimizer.state.values() for t in state.values() if torch.is_tensor(t) and t.dim() > 0}
+    expected = state_bytes(list(model.parameters()), name)
+    assert expected <= sum(storages.values()) <= expected + 2 * 256 * 4, (name, storages, expected)
+    if name == "adamw-8bit":
+        assert {t.dtype for t in optimizer.state[model[0].weight].values() if torch.is_tensor(t) and t.dim() == 2} == {torch.uint8}
 
 
 REFUSED = [
