@@ -8,7 +8,8 @@ parts that go wrong are shell details no library owns:
 - bash runs a trap only after its foreground child ends, so the batch shell must run srun in
   the background and `wait`, or `--signal=B:USR1@T` arrives after the job is killed;
 - the requeue after a checkpoint is the trainer's job (`requeue_self`), since only it knows
-  when the checkpoint is complete.
+  when the checkpoint is complete; and `scancel` sends the same TERM as a preemption, so only
+  a job still RUNNING is requeued, or the cancel would be undone.
 
 The template is slurm/job.sbatch.tmpl; `{{name}}` marks a variable. This module imports no
 torch, so `launcher slurm render` is instant.
