@@ -231,6 +231,9 @@ def split_eval(train: Tokenised, fraction: float, seed: int) -> tuple[Tokenised,
 def collate(rows: list[dict], pad_id: int) -> dict:
     """Right-pad to the longest row; padding is masked out of attention and loss."""
     import torch
+    if "lengths" in rows[0]:  # rows made by launcher.packing.pack_dataset (data.packing)
+        from launcher.packing import collate_packed
+        return collate_packed(rows, pad_id)
     width = max(len(row["input_ids"]) for row in rows)
     ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
     labels = torch.full((len(rows), width), IGNORE, dtype=torch.long)

@@ -1,0 +1,72 @@
+"""train.loss_chunk_tokens: the chunked lm_head + cross-entropy equals plain CE in loss and gradients."""
+import pytest
+import torch
+
+from launcher.data import IGNORE
+from launcher.loss import task_loss_sum
+from pydantic import ValidationError
+
+from launcher.recipe import Recipe
+
+
+def _model(vocab: int = 997, seed: int = 0):
+    from transformers import LlamaConfig, LlamaForCausalLM
+    torch.manual_seed(seed)
+    config = LlamaConfig(vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=2, num_key_value_heads=2, tie_word_embeddings=False)
+    return LlamaForCausalLM(config).double()  # float64 model; both paths take CE in fp32, so only summation order differs
+
+
+def _batch(vocab: int = 997):
+    torch.manual_seed(1)
+    ids = torch.randint(0, vocab, (3, 21))
+    mask = torch.ones_like(ids)
+    mask[1, 15:] = 0  # a right-padded row
+    labels = ids.clone()
+    labels[:, :5] = IGNORE  # a masked prompt
+    labels[mask == 0] = IGNORE
+    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+
+
+def _loss_and_grads(model, batch, chunk):
+    model.zero_grad()
+    total, count = task_loss_sum(model, batch, "causal-lm", chunk)
+    total.backward()
+    return total.detach(), count, {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize("chunk", [7, 4096])
+def test_chunked_ce_matches_plain_ce_in_loss_and_gradients(chunk):
+    model, batch = _model(), _batch()
+    plain, count, plain_grads = _loss_and_grads(model, batch, 0)
+    chunked, chunked_count, chunked_grads = _loss_and_grads(model, batch, chunk)
+    assert count == chunked_count
+    torch.testing.assert_close(chunked, plain, rtol=1e-6, atol=0)
+    assert plain_grads.keys() == chunked_grads.keys() and "lm_head.weight" in plain_grads
+    for name, grad in plain_grads.items():
+        torch.testing.assert_close(chunked_grads[name], grad, rtol=1e-5, atol=1e-9, msg=name)
+
+
+def test_chunked_ce_reaches_a_lora_wrapped_head():
+    from peft import LoraConfig, get_peft_model
+    model = get_peft_model(_model(), LoraConfig(r=4, target_modules=["q_proj", "v_proj", "lm_head"], lora_dropout=0.0, init_lora_weights=False)).double()
+    batch = _batch()
+    plain, _, plain_grads = _loss_and_grads(model, batch, 0)
+    chunked, _, chunked_grads = _loss_and_grads(model, batch, 5)
+    torch.testing.assert_close(chunked, plain, rtol=1e-6, atol=0)
+    assert any("lm_head.lora" in name for name in plain_grads)
+    for name, grad in plain_grads.items():
+        torch.testing.assert_close(chunked_grads[name], grad, rtol=1e-5, atol=1e-9, msg=name)
+
+
+def test_chunked_ce_and_packing_are_refused_where_they_cannot_work():
+    base = {"model": {"path": "m", "task": "classification"}, "data": {"train": "t.jsonl", "format": "classification"},
+            "output_dir": "o"}
+    with pytest.raises(ValidationError, match="loss_chunk_tokens applies to model.task causal-lm"):
+        Recipe.model_validate({**base, "train": {"loss_chunk_tokens": 64}})
+    with pytest.raises(ValidationError, match="data.packing applies to model.task causal-lm"):
+        Recipe.model_validate({**base, "data": {**base["data"], "packing": True}})
+    sharded = {"model": {"path": "m"}, "data": {"train": "t.jsonl"}, "output_dir": "o", "train": {"loss_chunk_tokens": 64},
+               "distributed": {"strategy": "fsdp"}}
+    with pytest.raises(ValidationError, match="sharded parameters"):
+        Recipe.model_validate(sharded)
