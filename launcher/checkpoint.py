@@ -79,7 +79,7 @@ def plan_run_dir(run_dir: Path, resolved: dict, overwrite: bool) -> Path | None:
 def clear_run_dir(run_dir: Path) -> None:
     """--overwrite: remove what a previous run wrote (only the launcher's own files, and never slurm/:
     the running job's script and log are there)."""
-    for name in ("checkpoints", "final", "metrics.jsonl", "report.md", "loss.png", "recipe.yaml", "tb", "logs"):
+    for name in ("checkpoints", "final", "best", "metrics.jsonl", "report.md", "loss.png", "recipe.yaml", "tb", "logs"):
         target = run_dir / name
         if target.is_dir():
             shutil.rmtree(target)
@@ -128,14 +128,14 @@ def load_checkpoint(accelerator, folder: Path) -> dict:
     return load_state_file(folder)
 
 
-def export_final(accelerator, model, tokenizer, run_dir: Path) -> Path:
+def export_final(accelerator, model, tokenizer, run_dir: Path, name: str = "final") -> Path:
     """A save_pretrained folder that transformers or PEFT load directly.
 
     The state dict comes from the accelerator, which gathers ZeRO-3 and FSDP shards; a PEFT model
     picks its adapter out of that full dict, so a sharded run never saves an empty adapter.
     """
-    target = run_dir / "final"
-    staging = target.with_name("final.tmp")
+    target = run_dir / name  # final/, or best/ for the best eval so far
+    staging = target.with_name(f"{name}.tmp")
     state_dict = accelerator.get_state_dict(model)
     if accelerator.is_main_process:
         shutil.rmtree(staging, ignore_errors=True)

@@ -85,6 +85,9 @@ def check_rows(path: str | Path, data: DataSection) -> None:
             value = row[column]
             if canonical == "messages":
                 _check_messages(path, number, value)
+            elif canonical == "label":
+                if isinstance(value, bool) or not isinstance(value, (str, int)):
+                    raise UserError(f"{path} row {number}: field '{column}' must be a label name or integer, got {value!r}")
             elif not isinstance(value, str):
                 raise UserError(f"{path} row {number}: field '{column}' must be text, got {type(value).__name__}")
 
@@ -129,6 +132,11 @@ def to_segments(row: dict, data: DataSection, use_chat: bool) -> list[tuple[str,
         else:
             prompt = f"### Instruction:\n{prompt}\n\n" + (f"### Input:\n{extra}\n\n" if extra else "") + "### Response:\n"
             completion = row[col("output")]
+    elif fmt == "qa":
+        context = row.get(col("context")) or ""
+        prompt = data.qa_template.format(question=row[col("question")], context=f"Context: {context}\n" if context else "")
+        completion = row[col("answer")]
+        prompt = prompt if use_chat else prompt + "\n"
     elif fmt == "translation":
         prompt = data.prompt_template.format(source_lang=data.source_lang, target_lang=data.target_lang,
                                              source=row[col("source")])
@@ -161,16 +169,30 @@ def chat_segments(messages: list[dict], tokenizer) -> list[tuple[str, bool]]:
     return segments + ([(tail, False)] if tail else [])
 
 
+def label_names(path: str | Path, data: DataSection, limit: int | None) -> list[str]:
+    """Class names of a classification train file: its sorted unique labels (id i is names[i])."""
+    table = load_table(path)
+    if limit is not None:
+        table = table.select(range(min(limit, len(table))))
+    return sorted({str(label) for label in table[data.field("label")]})
+
+
 @dataclass
 class Encoder:
-    """Tokenises one row into input_ids, labels and the length of its first prompt."""
+    """Tokenises one row into input_ids, labels and the length of its first prompt.
+
+    causal-lm: one sequence, labels aligned with it (-100 on prompt tokens). seq2seq: input_ids are
+    the prompt, labels the target (decoder side). classification: labels is [class id].
+    """
 
     tokenizer: Any
     data: DataSection
+    task: str = "causal-lm"
+    label2id: dict[str, int] | None = None
 
     def __post_init__(self) -> None:
         has_template = bool(getattr(self.tokenizer, "chat_template", None))
-        self.use_chat = self.data.chat_template == "auto" and has_template
+        self.use_chat = self.data.chat_template == "auto" and has_template and self.task == "causal-lm"
         if self.data.format == "chat" and not has_template:
             raise UserError("data.format chat needs a tokenizer with a chat template; this model's tokenizer has none")
         bos = self.tokenizer.bos_token_id
@@ -185,6 +207,10 @@ class Encoder:
         return [(text + self.eos, True) if trained else (text, False) for text, trained in parts]
 
     def __call__(self, row: dict) -> dict:
+        if self.task == "classification":
+            return self.classify(row)
+        if self.task == "seq2seq":
+            return self.seq2seq(row)
         ids, labels = list(self.bos), [IGNORE] * len(self.bos)
         prompt_len = None
         for text, trained in self.segments(row):
@@ -198,6 +224,26 @@ class Encoder:
         return {"input_ids": ids, "labels": labels, "prompt_len": prompt_len or 0,
                 "drop": "no target token within max_length" if trained_tokens == 0 else ""}
 
+    def classify(self, row: dict) -> dict:
+        col = self.data.field
+        pair = row.get(col("text_pair"))
+        ids = self.tokenizer(row[col("text")], pair or None, truncation=True, max_length=self.data.max_length)["input_ids"]
+        label = self.label2id.get(str(row[col("label")]))
+        return {"input_ids": ids, "labels": [label if label is not None else IGNORE], "prompt_len": len(ids),
+                "drop": "label not among the training labels" if label is None else ""}
+
+    def seq2seq(self, row: dict) -> dict:
+        """Tokenizer special tokens as the model expects them (T5 appends </s>, BART wraps in <s>..</s>);
+        the target always ends in eos so generation learns to stop."""
+        (prompt, _), (target, _) = to_segments(row, self.data, use_chat=False)
+        limit = self.data.max_length
+        ids = self.tokenizer(prompt, truncation=True, max_length=limit)["input_ids"]
+        labels = self.tokenizer(text_target=target, truncation=True, max_length=limit)["input_ids"]
+        eos = self.tokenizer.eos_token_id
+        if eos is not None and (not labels or labels[-1] != eos):
+            labels = labels[: limit - 1] + [eos]
+        return {"input_ids": ids, "labels": labels, "prompt_len": len(ids), "drop": ""}
+
 
 @dataclass
 class Tokenised:
@@ -206,12 +252,14 @@ class Tokenised:
     dropped: dict[str, int]
 
 
-def tokenise(path: str, tokenizer, data: DataSection, limit: int | None) -> Tokenised:
+def tokenise(path: str, tokenizer, data: DataSection, limit: int | None, task: str = "causal-lm",
+             labels: list[str] | None = None) -> Tokenised:
     """Load and tokenise one source; rows left with nothing to train are dropped and counted."""
     table = load_table(path)
     if limit is not None:
         table = table.select(range(min(limit, len(table))))
-    encoded = table.map(Encoder(tokenizer, data), remove_columns=table.column_names, desc=f"tokenising {Path(path).name}")
+    label2id = {name: i for i, name in enumerate(labels)} if labels else None
+    encoded = table.map(Encoder(tokenizer, data, task, label2id), remove_columns=table.column_names, desc=f"tokenising {Path(path).name}")
     reasons: dict[str, int] = {}
     for reason in encoded["drop"]:
         if reason:
@@ -228,21 +276,28 @@ def split_eval(train: Tokenised, fraction: float, seed: int) -> tuple[Tokenised,
 
 # ---------------------------------------------------------------- batches
 
-def collate(rows: list[dict], pad_id: int) -> dict:
-    """Right-pad to the longest row; padding is masked out of attention and loss."""
+def collate(rows: list[dict], pad_id: int, task: str = "causal-lm") -> dict:
+    """Right-pad to the longest row; padding is masked out of attention and loss.
+
+    Labels are padded to their own width (seq2seq targets differ in length from the prompt);
+    a classification batch's labels are one class id per row.
+    """
     import torch
     if "lengths" in rows[0]:  # rows made by launcher.packing.pack_dataset (data.packing)
         from launcher.packing import collate_packed
         return collate_packed(rows, pad_id)
     width = max(len(row["input_ids"]) for row in rows)
     ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-    labels = torch.full((len(rows), width), IGNORE, dtype=torch.long)
     mask = torch.zeros((len(rows), width), dtype=torch.long)
+    label_width = max(len(row["labels"]) for row in rows)
+    labels = torch.full((len(rows), label_width), IGNORE, dtype=torch.long)
     for i, row in enumerate(rows):
         n = len(row["input_ids"])
         ids[i, :n] = torch.tensor(row["input_ids"])
-        labels[i, :n] = torch.tensor(row["labels"])
+        labels[i, : len(row["labels"])] = torch.tensor(row["labels"])
         mask[i, :n] = 1
+    if task == "classification":
+        labels = labels[:, 0]
     return {"input_ids": ids, "attention_mask": mask, "labels": labels}
 
 

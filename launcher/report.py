@@ -104,6 +104,13 @@ def before_after(records: list[dict]) -> list[tuple[str, float, float]]:
     return [(k, first[k], last[k]) for k in first if k.startswith("eval_") and isinstance(first[k], (int, float))]
 
 
+def confusion_markdown(confusion: dict) -> list[str]:
+    """Rows are the gold label, columns the predicted one."""
+    labels = confusion["labels"]
+    lines = ["| gold \\ predicted | " + " | ".join(labels) + " |", "|---" * (len(labels) + 1) + "|"]
+    return lines + [f"| {label} | " + " | ".join(map(str, row)) + " |" for label, row in zip(labels, confusion["matrix"])]
+
+
 def write_report(run_dir: Path, summary: dict, samples: list[dict], console: Console | None = None) -> None:
     """report.md, loss.png and a console table of every eval metric before and after."""
     records = read_metrics(run_dir / "metrics.jsonl")
@@ -113,6 +120,9 @@ def write_report(run_dir: Path, summary: dict, samples: list[dict], console: Con
     lines += [f"- {key}: {value}" for key, value in summary.items()]
     lines += ["", "| metric | before | after |", "|---|---|---|"]
     lines += [f"| {name} | {a:.4f} | {b:.4f} |" for name, a, b in rows]
+    confusion = next((r["confusion"] for r in reversed(records) if r.get("kind") == "eval" and r.get("confusion")), None)
+    if confusion:
+        lines += ["", "## Confusion matrix (last eval)", ""] + confusion_markdown(confusion)
     if has_plot:
         lines += ["", "![loss](loss.png)"]
     if samples:

@@ -1,0 +1,205 @@
+"""Task evaluation: the eval loss of every task, plus the metric each task is judged by.
+
+Classification is scored from logits (accuracy, macro-F1, confusion matrix); translation and QA
+from generated text (BLEU/chrF, exact match/token F1). The arithmetic lives in metrics.py; this
+module turns a model and a tokenised eval set into predictions. Every rank runs every generation
+(a sharded model needs all ranks in each forward), so generation rows are kept few.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+from launcher import metrics
+from launcher.data import IGNORE, collate, eval_batches
+from launcher.loss import task_loss_sum
+from launcher.recipe import Recipe
+
+GENERATED_FORMATS = ("translation", "qa")
+
+
+@dataclass
+class Evaluation:
+    metrics: dict                                         # eval_loss, eval_ppl, eval_chrf, ... (metrics.jsonl keys)
+    predictions: list[dict] = field(default_factory=list)  # first rows: prompt, reference, output
+    confusion: dict | None = None                          # classification: {"labels": [...], "matrix": rows gold, cols predicted}
+
+
+def to_device(batch: dict, device) -> dict:
+    return {k: v.to(device) for k, v in batch.items()}
+
+
+def loss_pass(accelerator, model, dataset, batch_size: int, pad_id: int, task: str) -> tuple[float, list[tuple[int, int]]]:
+    """Mean eval loss over all ranks, and for a classifier the (row, predicted id) of every row."""
+    import torch
+    from accelerate.utils import gather_object
+    device = accelerator.device
+    total = torch.zeros((), device=device, dtype=torch.float64)
+    count = torch.zeros((), device=device, dtype=torch.float64)
+    predicted: list[tuple[int, int]] = []
+    with torch.no_grad():
+        for rows, real in eval_batches(len(dataset), batch_size, accelerator.num_processes, accelerator.process_index):
+            batch = to_device(collate(dataset.select(rows), pad_id, task), device)
+            if task == "classification":
+                logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.float()
+                part = torch.nn.functional.cross_entropy(logits, batch["labels"], reduction="sum")
+                part_count = batch["labels"].new_tensor(len(rows))
+                if real:
+                    predicted += list(zip(rows, logits.argmax(-1).tolist()))
+            else:
+                part, part_count = task_loss_sum(model, batch, task)
+            if real:
+                total += part.double()
+                count += part_count.double()
+    loss = (accelerator.reduce(total, "sum") / accelerator.reduce(count, "sum").clamp(min=1)).item()
+    if accelerator.num_processes > 1 and task == "classification":
+        predicted = gather_object(predicted)
+    return loss, sorted(predicted)
+
+
+def prompt_and_target(row: dict, task: str) -> tuple[list[int], list[int]]:
+    if task == "seq2seq":
+        return row["input_ids"], [t for t in row["labels"] if t != IGNORE]
+    return row["input_ids"][: row["prompt_len"]], row["input_ids"][row["prompt_len"]:]
+
+
+def generate(accelerator, model, tokenizer, dataset, count: int, recipe: Recipe, batch_size: int) -> list[dict]:
+    """Decoded outputs for the first `count` eval rows, batched; causal prompts are left-padded."""
+    import torch
+    task, settings = recipe.model.task, recipe.eval
+    generator = accelerator.unwrap_model(model)
+    pad = tokenizer.pad_token_id
+    out = []
+    for start in range(0, min(count, len(dataset)), batch_size):
+        rows = dataset.select(range(start, min(start + batch_size, count, len(dataset))))
+        pairs = [prompt_and_target(row, task) for row in rows]
+        width = max(len(prompt) for prompt, _ in pairs)
+        ids = torch.full((len(pairs), width), pad, dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        for i, (prompt, _) in enumerate(pairs):
+            span = slice(width - len(prompt), width) if task == "causal-lm" else slice(0, len(prompt))
+            ids[i, span], mask[i, span] = torch.tensor(prompt), 1
+        with torch.no_grad():
+            generated = generator.generate(input_ids=ids.to(accelerator.device), attention_mask=mask.to(accelerator.device),
+                                           max_new_tokens=settings.max_new_tokens, num_beams=settings.num_beams,
+                                           do_sample=False, use_cache=True, pad_token_id=pad,
+                                           eos_token_id=tokenizer.eos_token_id)
+        if task == "causal-lm":
+            generated = generated[:, width:]
+        for (prompt, target), output in zip(pairs, generated):
+            out.append({"prompt": tokenizer.decode(prompt, skip_special_tokens=True),
+                        "reference": tokenizer.decode(target, skip_special_tokens=True).strip(),
+                        "output": tokenizer.decode(output, skip_special_tokens=True).strip()})
+    return out
+
+
+def score(data_format: str, predictions: list[dict]) -> dict:
+    outputs, references = [p["output"] for p in predictions], [p["reference"] for p in predictions]
+    if data_format == "translation":
+        return {"eval_bleu": metrics.bleu(outputs, references), "eval_chrf": metrics.chrf(outputs, references)}
+    scores = metrics.qa_scores(outputs, references)
+    return {"eval_exact_match": scores["exact_match"], "eval_f1": scores["f1"]}
+
+
+def evaluate(accelerator, model, tokenizer, dataset, recipe: Recipe, labels: list[str] | None = None) -> Evaluation:
+    """Loss and task metrics on the eval set; the model is left in the mode it came in."""
+    task, fmt = recipe.model.task, recipe.data.format
+    size = recipe.train.eval_batch_size or recipe.train.micro_batch_size
+    was_training = model.training
+    model.eval()
+    loss, predicted = loss_pass(accelerator, model, dataset, size, tokenizer.pad_token_id, task)
+    result = Evaluation({"eval_loss": loss})
+    if task == "classification":
+        gold = [labels[row["labels"][0]] for row in dataset]
+        pred = [labels[index] for _, index in predicted]
+        result.metrics.update(eval_accuracy=metrics.accuracy(pred, gold), eval_macro_f1=metrics.macro_f1(pred, gold, labels))
+        result.confusion = {"labels": labels, "matrix": metrics.confusion_matrix(pred, gold, labels)}
+        result.predictions = [{"prompt": tokenizer.decode(dataset[i]["input_ids"], skip_special_tokens=True)[:160],
+                               "reference": gold[i], "output": pred[i]} for i in range(min(recipe.eval.samples, len(gold)))]
+    else:
+        result.metrics["eval_ppl"] = metrics.perplexity(min(loss, 50.0))
+        scored = fmt in GENERATED_FORMATS and recipe.eval.generate_rows
+        rows = recipe.eval.generate_rows if scored else recipe.eval.samples
+        if rows:
+            generated = generate(accelerator, model, tokenizer, dataset, rows, recipe, size)
+            if scored:
+                result.metrics.update(score(fmt, generated))
+            result.predictions = generated[: recipe.eval.samples]
+    if was_training:
+        model.train()
+    return result
+
+
+class Best:
+    """The best eval so far by the recipe's chosen metric (kept in trainer_state.json to survive resume)."""
+
+    def __init__(self, recipe: Recipe, state: dict | None = None):
+        self.key, self.greater = recipe.eval.chosen(recipe.data.format)
+        self.value: float | None = (state or {}).get("value")
+        self.step: int | None = (state or {}).get("step")
+
+    def update(self, values: dict, step: int) -> bool:
+        """Record this eval if it beats the best; True when it does."""
+        value = values.get(self.key)
+        if value is None or (isinstance(value, float) and math.isnan(value)):
+            return False
+        if self.value is not None and not (value > self.value if self.greater else value < self.value):
+            return False
+        self.value, self.step = value, step
+        return True
+
+    def state(self) -> dict:
+        return {"metric": self.key, "value": self.value, "step": self.step, "greater_is_better": self.greater}
+
+
+def compare(recipe: Recipe, checkpoint: str | None = None, console=None) -> dict[str, dict]:
+    """`launcher eval`: the same metrics for the base model and trained folders, side by side.
+
+    Without --checkpoint it scores the base model and output_dir/final, so before -> after is one
+    command; a classifier's base gets a fresh head seeded by train.seed (chance level, as at step 0).
+    """
+    import json
+    from pathlib import Path
+
+    from accelerate.utils import set_seed
+    from rich.console import Console
+    from rich.table import Table
+
+    from launcher import modeling
+    from launcher.distributed import make_accelerator
+    from launcher.recipe import UserError
+    from launcher.train import build_datasets, class_labels
+
+    targets = [checkpoint] if checkpoint else ["base", str(Path(recipe.output_dir) / "final")]
+    for target in targets:
+        if target != "base" and not (Path(target) / "config.json").is_file() and not (Path(target) / "adapter_config.json").is_file():
+            raise UserError(f"--checkpoint {target}: not a saved model folder (give output_dir/final, output_dir/best or 'base')")
+    accelerator = make_accelerator(recipe)
+    on_gpu = accelerator.device.type == "cuda"
+    weights = modeling.resolve_weights(recipe)
+    tokenizer = modeling.load_tokenizer(weights, recipe)
+    labels = class_labels(recipe)
+    _, eval_data = build_datasets(recipe, tokenizer, labels)
+    if eval_data is None:
+        raise UserError("eval: the recipe has no eval data; set data.eval or data.eval_fraction")
+    results: dict[str, dict] = {}
+    for target in targets:
+        set_seed(recipe.train.seed)
+        loader = modeling.load_base if target == "base" else modeling.load_trained
+        model = loader(weights if target == "base" else target, recipe, on_gpu, labels).to(accelerator.device)
+        found = evaluate(accelerator, model, tokenizer, eval_data.dataset, recipe, labels)
+        results[target] = {**found.metrics, "predictions": found.predictions, "confusion": found.confusion}
+        del model
+    console = console or Console(highlight=False, soft_wrap=True)
+    table = Table(title=f"eval on {len(eval_data.dataset)} rows of {recipe.data.eval or recipe.data.train}")
+    table.add_column("metric")
+    for target in targets:
+        table.add_column(Path(target).name)
+    for key in [k for k, v in results[targets[0]].items() if k.startswith("eval_")]:
+        table.add_row(key, *(f"{results[t][key]:.4f}" for t in targets))
+    if accelerator.is_main_process:
+        console.print(table)
+        run_dir = Path(recipe.output_dir)
+        if run_dir.is_dir():
+            (run_dir / "eval.json").write_text(json.dumps(results, indent=1))
+    return results
