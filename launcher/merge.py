@@ -46,9 +46,11 @@ def load_base(recipe: Recipe, dtype: str):
 
 
 def logits(model, batch):
+    """Float32 logits on CPU, padding positions zeroed, wherever the model lives."""
     import torch
+    device = next(model.parameters()).device
     with torch.no_grad():
-        out = model(**batch).logits.float()
+        out = model(**{k: v.to(device) for k, v in batch.items()}).logits.float().cpu()
     return out * batch["attention_mask"][..., None] if out.dim() == 3 else out
 
 
@@ -70,6 +72,7 @@ def merge(run_dir: str | Path, dtype: str = "bf16", out: str | Path | None = Non
 
     from launcher import modeling
     model = PeftModel.from_pretrained(load_base(recipe, torch_dtype), adapter).eval()
+    device = next(model.parameters()).device
     tokenizer = modeling.load_tokenizer(str(adapter), recipe)
     batch = dict(tokenizer(PROMPTS, return_tensors="pt", padding=True))
     expected = logits(model, batch)
@@ -79,7 +82,8 @@ def merge(run_dir: str | Path, dtype: str = "bf16", out: str | Path | None = Non
     merged.save_pretrained(staging, safe_serialization=True)
     tokenizer.save_pretrained(staging)
     del model, merged
-    reloaded = modeling.auto_class(recipe.model.task).from_pretrained(staging, dtype=getattr(torch, torch_dtype)).eval()
+    reloaded = modeling.auto_class(recipe.model.task).from_pretrained(staging, dtype=getattr(torch, torch_dtype),
+                                                                      device_map={"": device}).eval()
     difference = (logits(reloaded, batch) - expected).abs().max().item()
     scale = max(1.0, expected.abs().max().item())
     limit = TOLERANCE[torch_dtype] * scale
