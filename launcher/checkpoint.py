@@ -12,12 +12,13 @@ import os
 import shutil
 from pathlib import Path
 
+from launcher.distributed import full_state_dict
 from launcher.recipe import UserError
 
 STATE_FILE = "trainer_state.json"
 # Keys of the recipe that may change between a run and its resumption.
 RESUMABLE_CHANGES = {("train", "max_steps"), ("train", "epochs"), ("train", "eval_every"), ("train", "save_every"),
-                     ("train", "log_every"), ("train", "keep_last"), ("eval", "samples"), ("report", "tensorboard")}
+                     ("distributed", "num_processes"), ("train", "log_every"), ("train", "keep_last"), ("eval", "samples"), ("report", "tensorboard")}
 
 
 def checkpoints(run_dir: Path) -> list[tuple[int, Path]]:
@@ -124,7 +125,10 @@ def load_state_file(folder: Path) -> dict:
 
 
 def load_checkpoint(accelerator, folder: Path) -> dict:
-    accelerator.load_state(str(folder), strict=False)
+    # strict=False lets adapter runs load their trainable-only weights; a DeepSpeed engine saves and
+    # loads its whole module itself and takes no `strict`.
+    kwargs = {} if accelerator.distributed_type == "DEEPSPEED" else {"strict": False}
+    accelerator.load_state(str(folder), **kwargs)
     return load_state_file(folder)
 
 
@@ -136,7 +140,7 @@ def export_final(accelerator, model, tokenizer, run_dir: Path, name: str = "fina
     """
     target = run_dir / name  # final/, or best/ for the best eval so far
     staging = target.with_name(f"{name}.tmp")
-    state_dict = accelerator.get_state_dict(model)
+    state_dict = full_state_dict(accelerator, model)
     if accelerator.is_main_process:
         shutil.rmtree(staging, ignore_errors=True)
         accelerator.unwrap_model(model).save_pretrained(staging, state_dict=state_dict, safe_serialization=True)

@@ -1,0 +1,251 @@
+"""Sharding across 2 real processes on CPU (gloo): DDP, DeepSpeed ZeRO-2/3 (+offload), FSDP2.
+
+Each strategy trains once on 2 processes; its losses and saved model are compared with a 1-process
+run on the same global batches (micro 4 x accum 2 on one process = micro 2 x accum 2 x 2 processes),
+run once per method and shared. The same 2-process runs are then resumed from their step-2
+checkpoint, on 2 and on 1 process. Launcher processes cost 10-15 s of imports each, so cases are
+combined rather than split into many launches.
+"""
+import json
+import shutil
+import socket
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from support import build_tiny_llama, launch, tiny_recipe, train_losses, write_recipe
+
+pytestmark = [pytest.mark.multiproc, pytest.mark.slow]
+
+STEPS = 4
+LOSS_RTOL = 1e-5   # fp32 on CPU: reduction order differs between 1 and 2 processes, nothing else
+WEIGHT_ATOL = 1e-5
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def launch_two(args, timeout=400):
+    """The documented CPU launch: accelerate with ACCELERATE_USE_CPU=1 --multi_gpu (gloo), on a free port."""
+    prefix = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+              "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+              "--main_process_port", str(free_port()), "-m", "launcher"]
+    return launch(args, env={"ACCELERATE_USE_CPU": "1"}, timeout=timeout, prefix=prefix)
+
+
+def recipe_for(model: Path, folder: Path, method: str, distributed: dict, **train) -> Path:
+    """No eval data and no dropout: runs compare exactly, and nothing but training costs time."""
+    recipe = tiny_recipe(model, folder / "run", method=method, distributed=distributed,
+                         train={"max_steps": STEPS, "save_every": 2, "keep_last": 3, **train})
+    recipe["lora"]["dropout"] = 0.0
+    for key in ("eval", "max_eval_rows"):
+        recipe["data"].pop(key)
+    return write_recipe(recipe, folder / "recipe.yaml")
+
+
+def ok(result):
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-6000:]
+    return result
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory):
+    return build_tiny_llama(tmp_path_factory.mktemp("dist-llama"))
+
+
+@pytest.fixture(scope="module")
+def reference(model, tmp_path_factory):
+    """1-process runs, one per method, on the same global batches as the 2-process runs."""
+    runs = {}
+
+    def get(method: str) -> Path:
+        if method not in runs:
+            folder = tmp_path_factory.mktemp(f"ref-{method}")
+            ok(launch([recipe_for(model, folder, method, {}, micro_batch_size=4)]))
+            runs[method] = folder / "run"
+        return runs[method]
+    return get
+
+
+CASES = {  # name: (method, distributed section)
+    "ddp": ("full", {"strategy": "ddp", "num_processes": 2}),
+    "zero2": ("full", {"strategy": "deepspeed", "deepspeed": "zero2"}),
+    "zero3-lora": ("lora", {"strategy": "deepspeed", "deepspeed": "zero3"}),
+    "zero3_offload": ("full", {"strategy": "deepspeed", "deepspeed": "zero3_offload"}),
+    "fsdp": ("full", {"strategy": "fsdp"}),
+}
+
+
+@pytest.fixture(scope="module")
+def two_process(model, tmp_path_factory):
+    """The 2-process run of each case, made once and shared by the tests that read it."""
+    runs = {}
+
+    def get(name: str) -> tuple[Path, Path]:
+        if name not in runs:
+            method, distributed = CASES[name]
+            folder = tmp_path_factory.mktemp(name)
+            recipe = recipe_for(model, folder, method, distributed)
+            started = time.time()
+            ok(launch_two([recipe]))
+            print(f"{name}: 2-process run {time.time() - started:.0f} s")
+            runs[name] = (recipe, folder / "run")
+        return runs[name]
+    return get
+
+
+def load_tensors(folder: Path) -> dict:
+    from safetensors.torch import load_file
+    files = sorted(folder.glob("*.safetensors"))
+    assert files, f"nothing saved in {folder}"
+    tensors = {}
+    for file in files:
+        tensors.update(load_file(file))
+    return tensors
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_two_processes_match_one_process(name, two_process, reference):
+    import torch
+    method = CASES[name][0]
+    _, run = two_process(name)
+    ref = reference(method)
+    seen, expected = train_losses(run), train_losses(ref)
+    assert sorted(seen) == list(range(1, STEPS + 1))
+    for step in expected:
+        assert seen[step] == pytest.approx(expected[step], rel=LOSS_RTOL), f"{name} step {step}: {seen} vs {expected}"
+    got, want = load_tensors(run / "final"), load_tensors(ref / "final")
+    assert got.keys() == want.keys() and got, f"{name}: saved tensors differ in names"
+    for key in want:
+        assert got[key].shape == want[key].shape and got[key].numel() > 0, key
+        torch.testing.assert_close(got[key].float(), want[key].float(), atol=WEIGHT_ATOL, rtol=0, msg=f"{name}: {key}")
+    if method == "full":  # and it loads as users load it
+        from transformers import AutoModelForCausalLM
+        reloaded = AutoModelForCausalLM.from_pretrained(run / "final")
+        first = next(iter(want))
+        torch.testing.assert_close(reloaded.state_dict()[first].float(), want[first].float(), atol=WEIGHT_ATOL, rtol=0)
+    else:  # the ZeRO-3 adapter is complete: every LoRA matrix, equal to the 1-process one (checked above)
+        from peft import PeftModel
+        from transformers import AutoModelForCausalLM
+        adapter = [k for k in got if "lora_" in k]
+        assert adapter and all(got[k].abs().sum() > 0 for k in adapter if "lora_A" in k)
+        PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base_model_path(run)), run / "final")
+
+
+def base_model_path(run: Path) -> str:
+    import yaml
+    return yaml.safe_load((run / "recipe.yaml").read_text())["model"]["path"]
+
+
+def test_fsdp2_really_shards(two_process):
+    _, run = two_process("fsdp")
+    ranks = [json.loads((run / "logs" / f"rank-{r}.jsonl").read_text().splitlines()[0]) for r in (0, 1)]
+    full = ranks[0]["full_parameter_bytes"]
+    for record in ranks:
+        assert record["world_size"] == 2 and record["strategy"] == "fsdp"
+        assert 0.45 * full <= record["parameter_bytes"] <= 0.55 * full, ranks
+    assert sum(r["parameter_bytes"] for r in ranks) == full
+
+
+def _rewind_to_step_2(run: Path) -> None:
+    """Drop everything after the step-2 checkpoint, as if the run had been stopped there."""
+    for step, folder in [(int(p.name.removeprefix("step-")), p) for p in (run / "checkpoints").glob("step-*")]:
+        if step > 2:
+            shutil.rmtree(folder)
+    shutil.rmtree(run / "final", ignore_errors=True)
+
+
+@pytest.mark.parametrize("name", ["zero3-lora", "fsdp"])
+def test_resume_two_to_two_is_exact_and_two_to_one_works_or_is_refused(name, two_process):
+    recipe, run = two_process(name)
+    straight = train_losses(run)
+    _rewind_to_step_2(run)
+    resumed = ok(launch_two([recipe]))
+    assert "resuming from" in resumed.stdout and "step-2 at step 2" in resumed.stdout
+    again = train_losses(run)  # later lines for steps 3-4 win
+    assert [again[s] for s in range(1, STEPS + 1)] == [straight[s] for s in range(1, STEPS + 1)]  # bitwise
+    assert (run / "final").is_dir()
+
+    _rewind_to_step_2(run)
+    one = launch([recipe])
+    if name.startswith("zero"):  # ZeRO's optimiser state is split per process: refused, saying what to do
+        assert one.returncode == 2, one.stderr[-3000:]
+        assert "written by 2 processes under DeepSpeed ZeRO" in one.stderr and "--num_processes 2" in one.stderr
+        assert "Traceback" not in one.stderr
+    else:  # FSDP2 checkpoints are full state dicts: they resume on one process
+        ok(one)
+        assert "step-2 at step 2" in one.stdout and (run / "final" / "model.safetensors").is_file()
+
+
+def test_failing_rank_ends_the_launch_with_its_error(tmp_path, model):
+    """Rank 1 raises in its third forward; the launch must end non-zero, quickly, showing rank 1's error."""
+    boom = tmp_path / "boom-model"
+    shutil.copytree(model, boom)
+    (boom / "boom.py").write_text(
+        "import os\nfrom transformers import LlamaForCausalLM\n\n\n"
+        "class BoomForCausalLM(LlamaForCausalLM):\n    calls = 0\n\n"
+        "    def forward(self, *args, **kwargs):\n        BoomForCausalLM.calls += 1\n"
+        "        if os.environ.get('RANK') == '1' and BoomForCausalLM.calls == 3:\n"
+        "            raise RuntimeError('boom on rank 1')\n        return super().forward(*args, **kwargs)\n")
+    config = json.loads((boom / "config.json").read_text())
+    config["auto_map"] = {"AutoModelForCausalLM": "boom.BoomForCausalLM"}
+    (boom / "config.json").write_text(json.dumps(config))
+    recipe = tiny_recipe(boom, tmp_path / "run", method="full", train={"max_steps": STEPS},
+                         model={"path": str(boom), "trust_remote_code": True}, distributed={"timeout_minutes": 1})
+    recipe["data"].pop("eval")
+    started = time.time()
+    result = launch_two([write_recipe(recipe, tmp_path / "r.yaml")], timeout=300)
+    elapsed = time.time() - started
+    assert result.returncode != 0
+    assert "boom on rank 1" in result.stderr
+    assert elapsed < 180, f"took {elapsed:.0f} s"
+
+
+def test_wrong_process_count_is_refused_before_loading(tmp_path, model):
+    recipe = tiny_recipe(model, tmp_path / "run", distributed={"num_processes": 2})
+    result = launch([write_recipe(recipe, tmp_path / "r.yaml")])
+    assert result.returncode == 2
+    assert "distributed.num_processes is 2 but 1 process started" in result.stderr
+    assert "--num_processes 2" in result.stderr and "Traceback" not in result.stderr
+
+
+def _unsynchronised_rank(rank: int, port: int, queue) -> None:
+    """One of two real gloo processes whose models never exchanged gradients (different weights)."""
+    import os
+    os.environ.update({"RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1",
+                       "MASTER_PORT": str(port), "OMP_NUM_THREADS": "1"})
+    import torch
+    from accelerate import Accelerator
+    from accelerate.utils import InitProcessGroupKwargs
+
+    from launcher.distributed import check_synchronised
+    from launcher.recipe import Recipe, UserError
+    accelerator = Accelerator(cpu=True, kwargs_handlers=[InitProcessGroupKwargs(backend="gloo")])
+    torch.manual_seed(rank)
+    recipe = Recipe.model_validate({"model": {"path": "m"}, "data": {"train": "t.jsonl"}, "output_dir": "o"})
+    try:
+        check_synchronised(accelerator, torch.nn.Linear(4, 4), recipe)
+        queue.put((rank, "passed"))
+    except UserError as exc:
+        queue.put((rank, str(exc)))
+    accelerator.end_training()
+
+
+def test_unsynchronised_processes_are_refused():
+    import torch.multiprocessing as mp
+    context = mp.get_context("spawn")
+    queue = context.Queue()
+    port = free_port()
+    processes = [context.Process(target=_unsynchronised_rank, args=(rank, port, queue)) for rank in (0, 1)]
+    for process in processes:
+        process.start()
+    results = dict(queue.get(timeout=120) for _ in processes)
+    for process in processes:
+        process.join(timeout=60)
+    for message in results.values():
+        assert "gradients are not synchronised" in message and "accelerate launch" in message, results
