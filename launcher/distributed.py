@@ -147,7 +147,7 @@ def make_accelerator(recipe: Recipe):
     check_launch(recipe)
     on_gpu = torch.cuda.is_available()
     world = launched_world_size()
-    backend = None if on_gpu or world == 1 else "gloo"
+    backend = None if on_gpu or (world == 1 and recipe.distributed.strategy != "deepspeed") else "gloo"
     timeout = timedelta(minutes=recipe.distributed.timeout_minutes)
     precision = mixed_precision(recipe, on_gpu)
     plugin, use_deepspeed = None, recipe.distributed.strategy == "deepspeed"
@@ -155,6 +155,8 @@ def make_accelerator(recipe: Recipe):
         # Accelerate silently drops DeepSpeed when told to use the CPU (cpu=True or ACCELERATE_USE_CPU, which the
         # documented CPU launch sets); with no GPU, DeepSpeed itself runs on the CPU over gloo.
         os.environ["ACCELERATE_USE_CPU"] = "false"
+        if "RANK" not in os.environ:  # `python -m launcher R`: a one-process group, as `accelerate launch` would set up
+            os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()))
         os.environ.setdefault("DS_ACCELERATOR", "cuda" if on_gpu else "cpu")
         plugin = DeepSpeedPlugin(hf_ds_config=deepspeed_config(recipe, world, precision))
     accelerator = Accelerator(gradient_accumulation_steps=recipe.train.grad_accum, cpu=not (on_gpu or use_deepspeed),
@@ -164,6 +166,13 @@ def make_accelerator(recipe: Recipe):
     if use_deepspeed and accelerator.distributed_type != "DEEPSPEED":
         raise RuntimeError(f"accelerate chose {accelerator.distributed_type} instead of DeepSpeed for strategy deepspeed")
     return accelerator
+
+
+def _free_port() -> int:
+    import socket
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
 
 
 # ---------------------------------------------------------------- preparing the model

@@ -195,8 +195,8 @@ def test_failing_rank_ends_the_launch_with_its_error(tmp_path, model):
     config = json.loads((boom / "config.json").read_text())
     config["auto_map"] = {"AutoModelForCausalLM": "boom.BoomForCausalLM"}
     (boom / "config.json").write_text(json.dumps(config))
-    recipe = tiny_recipe(boom, tmp_path / "run", method="full", train={"max_steps": STEPS},
-                         model={"path": str(boom), "trust_remote_code": True}, distributed={"timeout_minutes": 1})
+    recipe = tiny_recipe(boom, tmp_path / "run", method="full", train={"max_steps": STEPS}, distributed={"timeout_minutes": 1})
+    recipe["model"]["trust_remote_code"] = True
     recipe["data"].pop("eval")
     started = time.time()
     result = launch_two([write_recipe(recipe, tmp_path / "r.yaml")], timeout=300)
