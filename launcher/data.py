@@ -255,6 +255,8 @@ class Tokenised:
 def tokenise(path: str, tokenizer, data: DataSection, limit: int | None, task: str = "causal-lm",
              labels: list[str] | None = None) -> Tokenised:
     """Load and tokenise one source; rows left with nothing to train are dropped and counted."""
+    import datasets
+    datasets.disable_progress_bars()  # the run summary reports the counts; bars only clutter logs
     table = load_table(path)
     if limit is not None:
         table = table.select(range(min(limit, len(table))))
