@@ -241,10 +241,15 @@ def _mib(count: int) -> str:
     return f"{count / 2**20:.1f} MiB" if count < 10 * 2**20 else f"{count / 2**20:.0f} MiB"
 
 
+def stored_numel(param) -> int:
+    """Elements a parameter really has: ZeRO-3 loads parameters already partitioned (numel 0), ds_numel keeps the count."""
+    return getattr(param, "ds_numel", None) or param.numel()
+
+
 def _logical_numel(param) -> int:
     """bitsandbytes packs two 4-bit weights per byte; its quant_state keeps the real shape."""
     state = getattr(param, "quant_state", None)
-    return state.shape.numel() if state is not None else param.numel()
+    return state.shape.numel() if state is not None else stored_numel(param)
 
 
 def _quant_state_bytes(param) -> int:
@@ -262,9 +267,9 @@ def count_parameters(model, optimizer: str = "adamw") -> ParamCount:
     trainable = [p for p in params if p.requires_grad]
     quantised = [p for p in params if str(p.dtype) in ("torch.int8", "torch.uint8") or getattr(p, "quant_state", None) is not None]
     return ParamCount(total=sum(_logical_numel(p) for p in params),
-                      trainable=sum(p.numel() for p in trainable),
-                      weight_bytes=sum(p.numel() * p.element_size() + _quant_state_bytes(p) for p in params),
+                      trainable=sum(stored_numel(p) for p in trainable),
+                      weight_bytes=sum(stored_numel(p) * p.element_size() + _quant_state_bytes(p) for p in params),
                       quantised=sum(_logical_numel(p) for p in quantised),
-                      quantised_bytes=sum(p.numel() * p.element_size() + _quant_state_bytes(p) for p in quantised),
-                      gradient_bytes=sum(p.numel() * p.element_size() for p in trainable),
+                      quantised_bytes=sum(stored_numel(p) * p.element_size() + _quant_state_bytes(p) for p in quantised),
+                      gradient_bytes=sum(stored_numel(p) * p.element_size() for p in trainable),
                       optimizer=optimizer, optimizer_bytes=state_bytes(trainable, optimizer))

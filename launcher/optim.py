@@ -75,9 +75,10 @@ def build_optimizer(model, train: TrainSection) -> torch.optim.Optimizer:
 
 def state_bytes(params, name: str) -> int:
     """Bytes of optimiser state `name` will hold for these trainable tensors, known before its first step."""
+    from launcher.modeling import stored_numel
     total = 0
     for p in params:
-        count, size = p.numel(), p.element_size()
+        count, size = stored_numel(p), p.element_size()
         if name == "adamw":
             total += 2 * count * size  # exp_avg and exp_avg_sq in the parameter's dtype
         elif name == "sgd":

@@ -101,9 +101,10 @@ def run(recipe: Recipe, overwrite: bool = False) -> int:
                         f"(micro_batch_size x grad_accum x processes = {plan.global_batch})")
     total_steps = plan.total_steps(cfg.epochs, cfg.max_steps)
     if resume_from is not None:
-        check_resume(ckpt.load_state_file(resume_from), recipe, accelerator.num_processes)
-        done = ckpt.load_state_file(resume_from)["step"]
-        if done >= total_steps:
+        previous = ckpt.load_state_file(resume_from)
+        check_resume(previous, recipe, accelerator.num_processes)
+        done = previous["step"]
+        if done >= total_steps and (run_dir / "final").is_dir():  # without final/ (stopped during export) go on and export
             if main:
                 print(f"nothing left to train: {run_dir} already finished step {done} of {total_steps}. "
                       f"Raise train.max_steps or train.epochs to continue, or pass --overwrite to start again.")

@@ -43,6 +43,14 @@ def test_rerun_of_a_finished_run_says_nothing_is_left(tmp_path, tiny_model):
     again = launch([recipe])
     assert again.returncode == 0
     assert "nothing left to train" in again.stdout and "step 2 of 2" in again.stdout
+    # A run stopped after its last checkpoint but before the export finishes the export, training nothing.
+    losses = train_losses(tmp_path / "run")
+    import shutil
+    shutil.rmtree(tmp_path / "run" / "final")
+    export = launch([recipe])
+    assert export.returncode == 0, export.stderr
+    assert (tmp_path / "run" / "final" / "adapter_model.safetensors").is_file()
+    assert train_losses(tmp_path / "run") == losses
 
 
 def test_changed_recipe_refuses_to_reuse_the_run_dir(tmp_path, tiny_model):
