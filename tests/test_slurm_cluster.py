@@ -178,13 +178,18 @@ time.sleep(60)  # Slurm ends this run once the requeue is taken
 """
 
 
+def submit_program(slurm_cluster, folder, source: str):
+    """Submit a one-task job whose task runs `source` (given the folder as argv[1]); returns (job id, log path)."""
+    (folder / "program.py").write_text(source)
+    spec = SlurmJob(gpus_per_node=0, python=PY, env={"PYTHONPATH": str(ROOT)},
+                    command=f"exec {PY} {folder / 'program.py'} {folder}")
+    job = slurm_cluster.submit(write_script(folder / "r.yaml", folder, spec), cwd=folder)
+    return job, log_path(folder, spec, job)
+
+
 @pytest.mark.slurm
 def test_usr1_reaches_the_task_which_requeues_itself(slurm_cluster, tmp_path):
-    (tmp_path / "waiter.py").write_text(WAITER)
-    spec = SlurmJob(gpus_per_node=0, python=PY, env={"PYTHONPATH": str(ROOT)},
-                    command=f"exec {PY} {tmp_path / 'waiter.py'} {tmp_path}")
-    job = slurm_cluster.submit(write_script(tmp_path / "r.yaml", tmp_path, spec), cwd=tmp_path)
-    log = log_path(tmp_path, spec, job)
+    job, log = submit_program(slurm_cluster, tmp_path, WAITER)
     wait_for(tmp_path / "ready", 30, "first run", log)
     slurm_cluster.signal_batch(job, "USR1")  # what --signal=B:USR1@120 does before the time limit
     wait_for(tmp_path / "requeued", 15, "signal forwarded", log)
@@ -214,11 +219,7 @@ time.sleep(60)
 @pytest.mark.slurm
 def test_scancel_is_final_even_though_the_trainer_requeues_on_term(slurm_cluster, tmp_path):
     """scancel sends TERM, which the trainer treats as preemption; requeueing then would undo the cancel."""
-    (tmp_path / "t.py").write_text(ON_TERM_REQUEUE)
-    spec = SlurmJob(gpus_per_node=0, python=PY, env={"PYTHONPATH": str(ROOT)},
-                    command=f"exec {PY} {tmp_path / 't.py'} {tmp_path}")
-    job = slurm_cluster.submit(write_script(tmp_path / "r.yaml", tmp_path, spec), cwd=tmp_path)
-    log = log_path(tmp_path, spec, job)
+    job, log = submit_program(slurm_cluster, tmp_path, ON_TERM_REQUEUE)
     wait_for(tmp_path / "ready", 30, "job start", log)
     slurm_cluster.cancel(job)
     wait_for(tmp_path / "requeued", 15, "TERM handler", log)
