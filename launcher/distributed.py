@@ -22,7 +22,7 @@ from pathlib import Path
 
 from launcher.recipe import Recipe, UserError
 
-DS_CONFIGS = Path(__file__).resolve().parents[1] / "ds_configs"
+DS_CONFIGS = Path(__file__).resolve().parent / "ds_configs"  # symlink to the repo's ds_configs/, packaged in wheels
 CPU_LAUNCH = ("`ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu --num_processes N -m launcher R` "
               "or `torchrun --nproc_per_node N -m launcher R` (on GPUs: `accelerate launch --num_processes N -m launcher R`)")
 

@@ -179,13 +179,11 @@ def _sbatch_line(option: str) -> str:
 
 
 def _template_text(spec: SlurmJob) -> str:
-    here = Path(__file__).resolve().parent
-    candidates = [Path(spec.template)] if spec.template else [here.parent / "slurm" / TEMPLATE_NAME,
-                                                              here / "templates" / TEMPLATE_NAME]
-    for path in candidates:
-        if path.is_file():
-            return path.read_text()
-    raise SlurmError(f"sbatch template not found; looked at {', '.join(map(str, candidates))}")
+    # launcher/templates is a symlink to the repo's slurm/, packaged in wheels.
+    path = Path(spec.template) if spec.template else Path(__file__).resolve().parent / "templates" / TEMPLATE_NAME
+    if not path.is_file():
+        raise SlurmError(f"sbatch template not found: {path}")
+    return path.read_text()
 
 
 def render(recipe_path: str | os.PathLike, run_dir: str | os.PathLike, spec: SlurmJob,

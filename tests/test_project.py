@@ -31,3 +31,17 @@ def test_readme_quickstart_runs_the_quickstart_recipe():
 def test_every_shipped_recipe_validates(recipe):
     loaded = load_recipe(REPO / "recipes" / recipe)
     assert Path(loaded.data.train).is_file()
+
+
+def test_a_built_wheel_carries_the_deepspeed_shorthands_and_sbatch_template(tmp_path):
+    """A non-editable install must still resolve `deepspeed: zero3` and render Slurm jobs."""
+    import subprocess
+    import sys
+    import zipfile
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q",
+                    "-w", str(tmp_path), str(REPO)], check=True, capture_output=True)
+    [wheel] = tmp_path.glob("launcher-*.whl")
+    packaged = set(zipfile.ZipFile(wheel).namelist())
+    shipped = {f"launcher/ds_configs/{p.name}" for p in (REPO / "ds_configs").glob("*.json")}
+    assert shipped and shipped <= packaged
+    assert "launcher/templates/job.sbatch.tmpl" in packaged
