@@ -105,9 +105,12 @@ def deepspeed_stage(recipe: Recipe) -> int | None:
 
 # ---------------------------------------------------------------- launch checks
 
-def check_launch(recipe: Recipe) -> None:
-    """Before any process group: the process count and an accelerate config that contradicts the recipe."""
+def check_launch(recipe: Recipe, on_gpu: bool) -> None:
+    """Before any process group or model: the process count, options this device cannot honour, and an
+    accelerate config that contradicts the recipe."""
     dist = recipe.distributed
+    if dist.fsdp is not None and dist.fsdp.cpu_offload and not on_gpu:
+        raise UserError("distributed.fsdp.cpu_offload: there is no GPU, so parameters already live in CPU memory; remove it")
     started = launched_world_size()
     if dist.num_processes is not None and started != dist.num_processes:
         raise UserError(f"distributed.num_processes is {dist.num_processes} but {started} process{'es' * (started != 1)} "
@@ -144,8 +147,8 @@ def make_accelerator(recipe: Recipe):
     from accelerate import Accelerator
     from accelerate.utils import DeepSpeedPlugin, InitProcessGroupKwargs
 
-    check_launch(recipe)
     on_gpu = torch.cuda.is_available()
+    check_launch(recipe, on_gpu)
     world = launched_world_size()
     backend = None if on_gpu or (world == 1 and recipe.distributed.strategy != "deepspeed") else "gloo"
     timeout = timedelta(minutes=recipe.distributed.timeout_minutes)
@@ -195,9 +198,7 @@ def shard_model(model, recipe: Recipe, accelerator):
 
     kwargs = {"mesh": init_device_mesh(accelerator.device.type, (accelerator.num_processes,)),
               "reshard_after_forward": options is None or options.sharding == "full"}
-    if options is not None and options.cpu_offload:
-        if accelerator.device.type == "cpu":
-            raise UserError("distributed.fsdp.cpu_offload: parameters already live in CPU memory on a CPU run; remove it")
+    if options is not None and options.cpu_offload:  # GPU only: check_launch refused it on CPU
         kwargs["offload_policy"] = CPUOffloadPolicy()
     if accelerator.mixed_precision in ("bf16", "fp16"):
         kwargs["mp_policy"] = MixedPrecisionPolicy(param_dtype=getattr(torch, {"bf16": "bfloat16", "fp16": "float16"}[accelerator.mixed_precision]),

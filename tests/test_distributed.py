@@ -74,10 +74,12 @@ def reference(model, tmp_path_factory):
 
 CASES = {  # name: (method, distributed section)
     "ddp": ("full", {"strategy": "ddp", "num_processes": 2}),
+    "zero1": ("full", {"strategy": "deepspeed", "deepspeed": "zero1"}),
     "zero2": ("full", {"strategy": "deepspeed", "deepspeed": "zero2"}),
     "zero3-lora": ("lora", {"strategy": "deepspeed", "deepspeed": "zero3"}),
     "zero3_offload": ("full", {"strategy": "deepspeed", "deepspeed": "zero3_offload"}),
     "fsdp": ("full", {"strategy": "fsdp"}),
+    "fsdp-lora-grad_op": ("lora", {"strategy": "fsdp", "fsdp": {"sharding": "grad_op"}}),
 }
 
 
@@ -129,7 +131,7 @@ def test_two_processes_match_one_process(name, two_process, reference):
         reloaded = AutoModelForCausalLM.from_pretrained(run / "final")
         first = next(iter(want))
         torch.testing.assert_close(reloaded.state_dict()[first].float(), want[first].float(), atol=WEIGHT_ATOL, rtol=0)
-    else:  # the ZeRO-3 adapter is complete: every LoRA matrix, equal to the 1-process one (checked above)
+    else:  # a sharded adapter is complete: every LoRA matrix, equal to the 1-process one (checked above)
         from peft import PeftModel
         from transformers import AutoModelForCausalLM
         adapter = [k for k in got if "lora_" in k]
@@ -249,3 +251,11 @@ def test_unsynchronised_processes_are_refused():
         process.join(timeout=60)
     for message in results.values():
         assert "gradients are not synchronised" in message and "accelerate launch" in message, results
+
+
+def test_fsdp_cpu_offload_without_a_gpu_is_refused_before_loading(tmp_path, model):
+    recipe = tiny_recipe(model, tmp_path / "run", distributed={"strategy": "fsdp", "fsdp": {"cpu_offload": True}})
+    result = launch([write_recipe(recipe, tmp_path / "r.yaml")])
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert "distributed.fsdp.cpu_offload" in result.stderr and "Traceback" not in result.stderr
+    assert not (tmp_path / "run").exists()
