@@ -102,3 +102,34 @@ def test_truncation_that_removes_every_target_marks_the_row_dropped(tokenizer):
     kept = encode(tokenizer, {"prompt": "short", "completion": " target"}, format="completion",
                   chat_template="never", max_length=16)
     assert kept["drop"] == ""
+
+
+def test_a_batch_of_rows_encodes_as_each_row_alone(tokenizer):
+    """Training tokenises in batches (one tokenizer call for all segments); nothing may shift between rows."""
+    rows = [{"messages": [{"role": "user", "content": f"question {i} " * i},
+                          {"role": "assistant", "content": f"answer {i}"}]} for i in range(1, 6)]
+    encoder = Encoder(tokenizer, DataSection(train="unused.jsonl", format="chat", max_length=40))
+    batch = encoder.batch({"messages": [row["messages"] for row in rows]})
+    for i, row in enumerate(rows):
+        assert {key: values[i] for key, values in batch.items()} == encoder(row)
+    assert len(set(map(tuple, batch["input_ids"]))) == len(rows)
+
+
+def test_the_token_cache_key_follows_the_settings_and_the_tokenizer(tokenizer):
+    """The tokenised data is cached under this key: a changed setting or tokenizer must miss the cache."""
+    from transformers import AutoTokenizer
+    key = Encoder(tokenizer, DataSection(train="unused.jsonl")).fingerprint("source")
+    assert Encoder(tokenizer, DataSection(train="unused.jsonl")).fingerprint("source") == key
+    assert Encoder(tokenizer, DataSection(train="unused.jsonl", max_length=64)).fingerprint("source") != key
+    assert Encoder(tokenizer, DataSection(train="unused.jsonl")).fingerprint("other source") != key
+    other = AutoTokenizer.from_pretrained(tokenizer.name_or_path)
+    other.add_tokens(["<new>"])
+    assert Encoder(other, DataSection(train="unused.jsonl")).fingerprint("source") != key
+
+
+def test_generation_is_scored_against_the_whole_reference_even_when_max_length_cuts_the_target(tokenizer):
+    row = {"en": "In the beginning", "es": "En el principio creó Dios los cielos y la tierra. " * 4}
+    out = encode(tokenizer, row, format="translation", fields={"source": "en", "target": "es"},
+                 chat_template="never", max_length=24)
+    assert len(out["input_ids"]) == 24
+    assert out["reference"] == row["es"]
