@@ -11,11 +11,11 @@ import math
 from dataclasses import dataclass, field
 
 from launcher import metrics
-from launcher.data import IGNORE, collate, eval_batches
+from launcher.data import IGNORE, REFERENCE_FIELDS, collate, eval_batches
 from launcher.loss import task_loss_sum
 from launcher.recipe import Recipe
 
-GENERATED_FORMATS = ("translation", "qa")
+GENERATED_FORMATS = tuple(REFERENCE_FIELDS)
 
 
 @dataclass
@@ -82,13 +82,15 @@ def generate(accelerator, model, tokenizer, dataset, count: int, recipe: Recipe,
         with torch.no_grad():
             generated = generator.generate(input_ids=ids.to(accelerator.device), attention_mask=mask.to(accelerator.device),
                                            max_new_tokens=settings.max_new_tokens, num_beams=settings.num_beams,
+                                           no_repeat_ngram_size=settings.no_repeat_ngram_size,
+                                           repetition_penalty=settings.repetition_penalty,
                                            do_sample=False, use_cache=True, pad_token_id=pad,
                                            eos_token_id=tokenizer.eos_token_id)
         if task == "causal-lm":
             generated = generated[:, width:]
-        for (prompt, target), output in zip(pairs, generated):
+        for row, (prompt, target), output in zip(rows, pairs, generated):
             out.append({"prompt": tokenizer.decode(prompt, skip_special_tokens=True),
-                        "reference": tokenizer.decode(target, skip_special_tokens=True).strip(),
+                        "reference": row.get("reference") or tokenizer.decode(target, skip_special_tokens=True).strip(),
                         "output": tokenizer.decode(output, skip_special_tokens=True).strip()})
     return out
 

@@ -141,6 +141,8 @@ class EvalSection(Section):
     samples: int = Field(3, ge=0, description="Eval predictions shown before and after training in the report.")
     max_new_tokens: int = Field(64, ge=1, description="Generation length for samples and generation metrics.")
     num_beams: int = Field(1, ge=1, description="1: greedy decoding; more: beam search.")
+    no_repeat_ngram_size: int = Field(0, ge=0, description="Forbid any n-gram of this size twice in one output (0: off); stops the loops small models fall into.")
+    repetition_penalty: float = Field(1.0, gt=0, description="Divide the scores of tokens already in the output by this (1.0: off).")
     generate_rows: int = Field(48, ge=0, description="Eval rows generated and scored (BLEU/chrF, EM/F1) at each eval; 0 skips it.")
     metric: Literal["auto", "loss", "ppl", "bleu", "chrf", "accuracy", "macro_f1", "exact_match", "f1"] = Field(
         "auto", description="Picks the best checkpoint (saved to output_dir/best); auto: chrf for translation, "
