@@ -5,6 +5,11 @@
    (same StepPlan order, same collate) with torch.optim.AdamW. Median step seconds after warmup.
 2. Padding efficiency (real tokens / token slots) on recipes/data/bible_en_es, padded batches in
    training order vs packed rows.
+3. Preprocessing throughput (rows/s): the launcher's tokenisation of the Bible pairs through a
+   ChatML template against TRL's SFT data path (`SFTTrainer._prepare_dataset`: template, tokenise,
+   completion mask, labels, truncation) on the same pairs as prompt/completion conversations, and
+   both packers on the same token rows. TRL is not a dependency; install it beside the venv with
+   `pip install --no-deps --target /tmp/trl_pkg trl` and run with PYTHONPATH=/tmp/trl_pkg.
 
     OMP_NUM_THREADS=2 .venv/bin/python bench/cpu_overhead.py
 """
@@ -93,7 +98,7 @@ def padding_table(model: Path, micro: int, length: int) -> None:
 
 
 def trl_packing(rows, length: int, ours_rows: int, ours_s: float) -> None:
-    """TRL's BFD packer on the same token rows, when TRL is importable (not a dependency: install with --no-deps)."""
+    """TRL's BFD packer on the same token rows, when TRL is importable."""
     try:
         from trl.data_utils import pack_dataset as trl_pack
     except ImportError as exc:
@@ -107,6 +112,59 @@ def trl_packing(rows, length: int, ours_rows: int, ours_s: float) -> None:
     print(f"{'packer':<14} | {'rows out':>8} | {'seconds':>7} | {'rows/s':>8}")
     print(f"{'launcher':<14} | {ours_rows:>8} | {ours_s:>7.3f} | {len(rows) / ours_s:>8.0f}")
     print(f"{'trl ' + trl.__version__:<14} | {len(packed):>8} | {trl_s:>7.3f} | {len(rows) / trl_s:>8.0f}")
+    print(f"launcher / trl time: {ours_s / trl_s:.2f}")
+
+
+def preprocessing_table(chat_model: Path, length: int, work: Path) -> None:
+    """Rows/s from the jsonl rows to trainable token rows (ids + masked labels), launcher vs TRL's SFT path."""
+    from transformers import AutoTokenizer
+
+    from launcher.data import load_table, tokenise
+    from launcher.recipe import DataSection
+    source = DATA / "bible_en_es" / "train.jsonl"
+    tokenizer = AutoTokenizer.from_pretrained(chat_model)
+    data = DataSection(train=str(source), format="translation", fields={"source": "en", "target": "es"}, max_length=length)
+    load_table(source)  # json -> Arrow once, outside both timings
+    started = time.perf_counter()
+    ours = tokenise(data.train, tokenizer, data, None).dataset
+    ours_s = time.perf_counter() - started
+    print(f"\npreprocessing {len(ours)} translation pairs, ChatML template, max_length {length}:")
+    print(f"{'path':<30} | {'seconds':>7} | {'rows/s':>7} | {'trained tokens':>14}")
+    print(f"{'launcher tokenise':<30} | {ours_s:>7.2f} | {len(ours) / ours_s:>7.0f} | "
+          f"{sum(sum(t != -100 for t in row) for row in ours['labels']):>14}")
+    try:
+        import trl
+        from transformers import AutoModelForCausalLM
+        from trl import SFTConfig, SFTTrainer
+    except ImportError as exc:
+        print(f"TRL not importable ({exc}); no TRL comparison")
+        return
+    prompt = data.prompt_template
+    conversations = load_table(source).map(lambda row: {
+        "prompt": [{"role": "user", "content": prompt.format(source_lang="English", target_lang="Spanish", source=row["en"])}],
+        "completion": [{"role": "assistant", "content": row["es"]}]}, remove_columns=["en", "es"])
+    args = SFTConfig(output_dir=str(work / "trl"), max_length=length, report_to="none", dataset_num_proc=None,
+                     bf16=False, use_cpu=True)
+    trainer = SFTTrainer(model=AutoModelForCausalLM.from_pretrained(chat_model), args=args,
+                         train_dataset=conversations.select(range(8)), processing_class=tokenizer)
+    started = time.perf_counter()
+    theirs = trainer._prepare_dataset(conversations, tokenizer, args, False, None, "train")
+    trl_s = time.perf_counter() - started
+    print(f"{'trl ' + trl.__version__ + ' SFT _prepare_dataset':<30} | {trl_s:>7.2f} | {len(theirs) / trl_s:>7.0f} | "
+          f"{sum(sum(t != -100 for t in row) for row in theirs['labels']):>14}")
+    print(f"launcher rows/s / trl rows/s: {(len(ours) / ours_s) / (len(theirs) / trl_s):.2f}")
+
+
+def step_table(model: Path, work: Path, args) -> None:
+    ours = launcher_steps(model, work, args.steps, args.micro, args.length)[5:]
+    plain = plain_steps(model, args.steps, args.micro, args.length)[5:]
+    a, b = statistics.median(ours), statistics.median(plain)
+    print(f"step time, random Llama hidden {args.hidden} x {args.layers} layers, full FT, AdamW, "
+          f"micro-batch {args.micro}, max_length {args.length}, median of steps 6-{args.steps}:")
+    print(f"{'loop':<10} | {'median s':>9} | {'mean s':>7}")
+    print(f"{'launcher':<10} | {a:>9.4f} | {statistics.mean(ours):>7.4f}")
+    print(f"{'plain':<10} | {b:>9.4f} | {statistics.mean(plain):>7.4f}")
+    print(f"overhead (launcher / plain - 1): {a / b - 1:+.1%}")
 
 
 def main() -> None:
@@ -116,20 +174,17 @@ def main() -> None:
     parser.add_argument("--length", type=int, default=128)
     parser.add_argument("--hidden", type=int, default=256)
     parser.add_argument("--layers", type=int, default=4)
+    parser.add_argument("--only-data", action="store_true", help="skip the step-time comparison")
     args = parser.parse_args()
+    import datasets
+    datasets.disable_caching()  # every arm really computes: a rerun would otherwise read the last run's results
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         model = build_tiny_llama(work / "model", chat=False, hidden=args.hidden, layers=args.layers)
-        ours = launcher_steps(model, work, args.steps, args.micro, args.length)[5:]
-        plain = plain_steps(model, args.steps, args.micro, args.length)[5:]
-        a, b = statistics.median(ours), statistics.median(plain)
-        print(f"step time, random Llama hidden {args.hidden} x {args.layers} layers, full FT, AdamW, "
-              f"micro-batch {args.micro}, max_length {args.length}, median of steps 6-{args.steps}:")
-        print(f"{'loop':<10} | {'median s':>9} | {'mean s':>7}")
-        print(f"{'launcher':<10} | {a:>9.4f} | {statistics.mean(ours):>7.4f}")
-        print(f"{'plain':<10} | {b:>9.4f} | {statistics.mean(plain):>7.4f}")
-        print(f"overhead (launcher / plain - 1): {a / b - 1:+.1%}")
+        if not args.only_data:
+            step_table(model, work, args)
         padding_table(model, args.micro, args.length)
+        preprocessing_table(build_tiny_llama(work / "chat-model", chat=True, hidden=64, layers=1), args.length, work)
 
 
 if __name__ == "__main__":
