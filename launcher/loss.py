@@ -37,7 +37,9 @@ def task_loss_sum(model, batch: dict, task: str, chunk_tokens: int = 0):
     if task == "causal-lm" and chunk_tokens:
         # logits_to_keep=1: the model projects only the last position; hidden_states[-1] is the final-norm output
         hidden = model(**inputs, output_hidden_states=True, logits_to_keep=1).hidden_states[-1]
-        total = chunked_causal_ce(hidden[:, :-1], labels[:, 1:], _output_head(model), chunk_tokens)
+        inner = _unwrapped(model)
+        total = chunked_causal_ce(hidden[:, :-1], labels[:, 1:], inner.get_output_embeddings(), chunk_tokens,
+                                  softcap=getattr(inner.config, "final_logit_softcapping", None))
         return total, target_count(labels, task)
     if task == "seq2seq":
         logits = model(**inputs, labels=labels).logits
@@ -50,8 +52,10 @@ def task_loss_sum(model, batch: dict, task: str, chunk_tokens: int = 0):
     return total, target_count(batch["labels"], task)
 
 
-def chunked_causal_ce(hidden, targets, head, chunk_tokens: int):
+def chunked_causal_ce(hidden, targets, head, chunk_tokens: int, softcap: float | None = None):
     """Summed CE of `head(hidden)` against `targets`, never holding more than one chunk of logits.
+
+    softcap: the model's final_logit_softcapping (Gemma 2/3), applied to each chunk as its forward does.
 
     Only positions with a target are projected. Each chunk's lm_head + CE runs under non-reentrant
     checkpointing, so backward recomputes that chunk's logits instead of keeping them: peak memory
@@ -65,17 +69,21 @@ def chunked_causal_ce(hidden, targets, head, chunk_tokens: int):
     total = hidden.new_zeros((), dtype=torch.float32)
     for start in range(0, wanted.numel(), chunk_tokens):
         piece = slice(start, start + chunk_tokens)
-        total = total + checkpoint(_chunk_ce, head, states[piece], wanted[piece], use_reentrant=False)
+        total = total + checkpoint(_chunk_ce, head, states[piece], wanted[piece], softcap, use_reentrant=False)
     return total
 
 
-def _chunk_ce(head, states, targets):
+def _chunk_ce(head, states, targets, softcap):
+    import torch
     import torch.nn.functional as F
-    return F.cross_entropy(head(states).float(), targets, reduction="sum")
+    logits = head(states).float()
+    if softcap:
+        logits = softcap * torch.tanh(logits / softcap)
+    return F.cross_entropy(logits, targets, reduction="sum")
 
 
-def _output_head(model):
-    """The lm_head under any wrapper: DDP and DeepSpeed keep the model in `.module`; PEFT forwards the call."""
+def _unwrapped(model):
+    """The model under DDP and DeepSpeed (both keep it in `.module`); PEFT forwards config and lm_head."""
     while hasattr(model, "module"):
         model = model.module
-    return model.get_output_embeddings()
+    return model

@@ -70,3 +70,17 @@ def test_chunked_ce_and_packing_are_refused_where_they_cannot_work():
                "distributed": {"strategy": "fsdp"}}
     with pytest.raises(ValidationError, match="sharded parameters"):
         Recipe.model_validate(sharded)
+
+
+def test_chunked_ce_applies_the_models_final_logit_softcapping():
+    """Gemma 2 squashes its logits with cap * tanh(logits / cap); the chunked path must do the same."""
+    from transformers import Gemma2Config, Gemma2ForCausalLM
+    torch.manual_seed(0)
+    config = Gemma2Config(vocab_size=997, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                          num_key_value_heads=2, head_dim=16, final_logit_softcapping=0.5, tie_word_embeddings=False)
+    model, batch = Gemma2ForCausalLM(config).double(), _batch()
+    plain, _, plain_grads = _loss_and_grads(model, batch, 0)
+    chunked, _, chunked_grads = _loss_and_grads(model, batch, 6)
+    torch.testing.assert_close(chunked, plain, rtol=1e-6, atol=0)
+    for name, grad in plain_grads.items():  # fp32 CE: summation order moves the sum by ~1e-7 of its largest term
+        torch.testing.assert_close(chunked_grads[name], grad, rtol=1e-5, atol=1e-6 * grad.abs().max().item(), msg=name)
