@@ -121,6 +121,8 @@ def check_backend(recipe: Recipe, device_type: str) -> None:
     """Refuse, before any weights load, quantisation or optimisers this device's bitsandbytes backend lacks."""
     from launcher.optim import check_optimizer
     check_optimizer(recipe.train.optimizer, device_type)
+    if recipe.train.compile:
+        check_compiler(device_type)
     if recipe.method != "qlora":
         return
     try:
@@ -130,6 +132,18 @@ def check_backend(recipe: Recipe, device_type: str) -> None:
     if device_type not in bitsandbytes.supported_torch_devices:
         raise UserError(f"method: qlora: bitsandbytes {bitsandbytes.__version__} has no {device_type} backend "
                         f"(it supports {', '.join(sorted(bitsandbytes.supported_torch_devices))}); use method: lora")
+
+
+def check_compiler(device_type: str) -> None:
+    """train.compile: inductor writes C++ on CPU and triton kernels on GPU; without them the first step would fail."""
+    import importlib.util
+    import os
+    import shutil
+    if device_type == "cpu":
+        if not any(shutil.which(c) for c in (os.environ.get("CXX", "g++"), "g++", "clang++")):
+            raise UserError("train.compile on CPU needs a C++ compiler (g++ or clang++, or set CXX); install one or set train.compile: false")
+    elif importlib.util.find_spec("triton") is None:
+        raise UserError(f"train.compile on {device_type} needs triton: pip install triton, or set train.compile: false")
 
 
 def freeze(model, recipe: Recipe) -> list[str]:

@@ -129,6 +129,8 @@ class TrainSection(Section):
     loss_chunk_tokens: int = Field(0, ge=0, description="causal-lm: compute lm_head + cross-entropy over chunks of this many "
                                    "target tokens, recomputed in backward, so full-vocabulary logits never exist for "
                                    "the whole batch (e.g. 1024; 0: off). Same loss and gradients as plain CE.")
+    compile: bool = Field(False, description="torch.compile the model (inductor): faster steps after a one-off compile per "
+                          "shape; needs a C++ compiler on CPU and triton on GPU, checked before the model loads.")
     seed: int = Field(42, description="Drives init, data order and dropout.")
     eval_every: int = Field(0, ge=0, description="Evaluate every N steps (0: only before and after training).")
     save_every: int = Field(0, ge=0, description="Checkpoint every N steps (0: only at the end and on preemption).")

@@ -114,6 +114,8 @@ def run(recipe: Recipe, overwrite: bool = False) -> int:
     model = modeling.load_model(weights, recipe, on_gpu=accelerator.device.type == "cuda", labels=labels)
     params = modeling.count_parameters(model, cfg.optimizer)
     model = shard_model(model, recipe, accelerator)  # FSDP2 shards before the optimiser sees the parameters
+    if cfg.compile:  # in place: parameter names and saved keys stay as they are
+        model.compile()
     optimizer = optim.build_optimizer(model, cfg)
     scheduler = optim.build_scheduler(optimizer, cfg, total_steps)
     model, optimizer, scheduler = prepare(accelerator, recipe, model, optimizer, scheduler)

@@ -81,3 +81,37 @@ def test_inspect_counts_trained_tokens(tmp_path, tiny_model):
     assert counts["rows"] == counts["kept"] == 20
     assert 0.1 < counts["trained_fraction"] < 0.9
     assert "example 0" in console.export_text()
+
+
+def test_compiled_training_matches_eager_and_saves_the_same_keys(tmp_path, tiny_model):
+    from safetensors import safe_open
+
+    from launcher.cli import main
+    from support import tiny_recipe, train_losses, write_recipe
+    from torch._dynamo.utils import counters
+    finals = {}
+    counters.clear()
+    for compiled in (False, True):
+        run = tmp_path / f"compile-{compiled}"
+        recipe = tiny_recipe(tiny_model, run, lora={"r": 4, "alpha": 8, "dropout": 0.0},  # inductor draws its own dropout masks
+                             data={"eval": None, "max_train_rows": 64}, train={"max_steps": 3, "compile": compiled})
+        assert main([str(write_recipe(recipe, tmp_path / f"r-{compiled}.yaml"))]) == 0
+        finals[compiled] = run
+        assert (counters["stats"]["unique_graphs"] > 0) == compiled, "dynamo must trace the compiled run, and only it"
+    eager, compiled = train_losses(finals[False]), train_losses(finals[True])
+    assert list(compiled) == [1, 2, 3]
+    assert [compiled[s] for s in compiled] == pytest.approx([eager[s] for s in eager], rel=1e-4)
+    keys = {}
+    for flag, run in finals.items():
+        with safe_open(run / "final" / "adapter_model.safetensors", "pt") as weights:
+            keys[flag] = set(weights.keys())
+    assert keys[True] == keys[False] and not any("_orig_mod" in key for key in keys[True])
+
+
+def test_compile_without_a_compiler_is_refused(tmp_path, monkeypatch):
+    from launcher.modeling import check_compiler
+    from launcher.recipe import UserError
+    monkeypatch.setenv("PATH", str(tmp_path))
+    monkeypatch.delenv("CXX", raising=False)
+    with pytest.raises(UserError, match="train.compile on CPU needs a C\\+\\+ compiler"):
+        check_compiler("cpu")
