@@ -127,7 +127,7 @@ def cmd_merge(args) -> int:
 def cmd_reference(args) -> int:
     from pathlib import Path
 
-    from launcher.recipe import readme_with_reference, reference_markdown
+    from launcher.reference import readme_with_reference, reference_markdown
     if args.readme:
         Path(args.readme).write_text(readme_with_reference(Path(args.readme).read_text()))
     else:

@@ -4,7 +4,8 @@ from pathlib import Path
 
 import pytest
 
-from launcher.recipe import load_recipe, readme_with_reference
+from launcher.recipe import load_recipe
+from launcher.reference import readme_with_reference
 
 REPO = Path(__file__).resolve().parents[1]
 README = (REPO / "README.md").read_text()
