@@ -48,6 +48,8 @@ def pack_dataset(dataset, capacity: int):
     import numpy as np
     import pyarrow as pa
 
+    if len(dataset) == 0:  # nothing survived tokenising: the run's batch check reports it
+        return datasets.Dataset.from_dict({"input_ids": [], "labels": [], "lengths": []})
     table = dataset.select_columns(["input_ids", "labels"]).with_format("arrow")[:]
     ids, labels = (table.column(name).combine_chunks() for name in ("input_ids", "labels"))
     lengths = ids.value_lengths().to_numpy(zero_copy_only=False)

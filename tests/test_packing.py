@@ -97,3 +97,9 @@ def test_packed_and_unpacked_batches_give_the_same_loss_per_example():
     plain_total, plain_count = task_loss_sum(model, collate(rows, pad_id=0), "causal-lm")
     assert packed_count == plain_count
     torch.testing.assert_close(packed_total, plain_total, rtol=1e-6, atol=0)
+
+
+def test_packing_nothing_gives_nothing():
+    import datasets
+    empty = datasets.Dataset.from_dict({"input_ids": [], "labels": []})
+    assert len(pack_dataset(empty, 16)) == 0
