@@ -118,7 +118,8 @@ def quantization_config(recipe: Recipe, on_gpu: bool):
 
 
 def check_backend(recipe: Recipe, device_type: str) -> None:
-    """Refuse, before any weights load, quantisation or optimisers this device's bitsandbytes backend lacks."""
+    """Refuse, before any weights load, what this device cannot run: a compiler-less train.compile, and
+    quantisation or optimisers its bitsandbytes backend lacks."""
     from launcher.optim import check_optimizer
     check_optimizer(recipe.train.optimizer, device_type)
     if recipe.train.compile:
