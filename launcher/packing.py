@@ -56,14 +56,14 @@ def pack_dataset(dataset, capacity: int):
     bins = best_fit_decreasing(lengths.tolist(), capacity)
     order = pa.array(np.fromiter((i for members in bins for i in members), dtype=np.int64, count=len(lengths)))
     member_lengths = lengths[order.to_numpy()]
-    example_starts = np.concatenate([[0], np.cumsum(member_lengths)[:-1]])
-    row_offsets = pa.array(np.concatenate([[0], np.cumsum([sum(lengths[i] for i in members) for members in bins])]),
-                           type=pa.int32())
+    example_offsets = np.concatenate([[0], np.cumsum(member_lengths)])  # where each example starts, in packed order
+    bin_sizes = np.fromiter((len(members) for members in bins), dtype=np.int64, count=len(bins))
+    first_members = np.concatenate([[0], np.cumsum(bin_sizes)])  # each row's first example; also its lengths' offsets
     flat_ids = ids.take(order).flatten()
     flat_labels = labels.take(order).flatten().to_numpy(zero_copy_only=False).copy()
-    flat_labels[example_starts] = IGNORE
-    bin_sizes = np.fromiter((len(members) for members in bins), dtype=np.int64, count=len(bins))
-    length_offsets = pa.array(np.concatenate([[0], np.cumsum(bin_sizes)]), type=pa.int32())
+    flat_labels[example_offsets[:-1]] = IGNORE
+    row_offsets = pa.array(example_offsets[first_members], type=pa.int32())
+    length_offsets = pa.array(first_members, type=pa.int32())
     packed = pa.table({
         "input_ids": pa.ListArray.from_arrays(row_offsets, flat_ids),
         "labels": pa.ListArray.from_arrays(row_offsets, pa.array(flat_labels, type=flat_ids.type)),
