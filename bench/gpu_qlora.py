@@ -12,7 +12,7 @@ Timing skips --warmup steps. The launcher arm is `launcher.cli.main([recipe])`, 
     python bench/gpu_qlora.py --dry               # tiny shape, CPU is fine: checks the plumbing
 
 Peak memory is torch.cuda.max_memory_allocated on GPU and peak RSS (ru_maxrss) on CPU.
-Reference (plain loop, H200, ENVIRONMENT.md): about 6.3k tokens/s and 22 GiB.
+Reference (plain loop, H200, docs/platform.md): about 6.3k tokens/s and 22 GiB.
 """
 from __future__ import annotations
 
@@ -183,7 +183,7 @@ def report(args, results: dict) -> dict:
         print(f"{name:<10}{r['tokens_per_s']:>12.1f}{r['peak_gib']:>16.2f}{r['wall_s']:>9.1f}")
     print(f"launcher / plain: tokens/s x{results['ratios']['tokens_per_s']:.3f}, peak memory x{results['ratios']['peak_memory']:.3f}")
     if not args.dry:
-        print("reference (plain loop, H200, ENVIRONMENT.md): about 6.3k tokens/s and 22 GiB")
+        print("reference (plain loop, H200, docs/platform.md): about 6.3k tokens/s and 22 GiB")
     return results
 
 

@@ -39,13 +39,14 @@ def batches(lengths: list[int], micro: int, length: int, vocab: int, packing: bo
     import torch
 
     from launcher.data import collate
-    from launcher.packing import pack_dataset
+    from launcher.packing import collate_packed, pack_dataset
     generator = torch.Generator().manual_seed(0)
     rows = [{"input_ids": (ids := torch.randint(3, vocab, (n,), generator=generator).tolist()), "labels": ids} for n in lengths]
     table = datasets.Dataset.from_list(rows)
     if packing:
         table = pack_dataset(table, length)
-    return [collate(list(table.select(range(i, min(i + micro, len(table))))), 0) for i in range(0, len(table) - micro + 1, micro)]
+    batch = collate_packed if packing else collate
+    return [batch(list(table.select(range(i, min(i + micro, len(table))))), 0) for i in range(0, len(table) - micro + 1, micro)]
 
 
 def run_mode(model, data: list[dict], steps: int, mode: str, chunk: int) -> dict:

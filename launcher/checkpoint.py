@@ -12,7 +12,6 @@ import os
 import shutil
 from pathlib import Path
 
-from launcher.distributed import full_state_dict
 from launcher.recipe import UserError
 
 STATE_FILE = "trainer_state.json"
@@ -124,23 +123,21 @@ def load_state_file(folder: Path) -> dict:
     return json.loads((folder / STATE_FILE).read_text())
 
 
-def load_checkpoint(accelerator, folder: Path) -> dict:
-    # strict=False lets adapter runs load their trainable-only weights; a DeepSpeed engine saves and
-    # loads its whole module itself and takes no `strict`.
-    kwargs = {} if accelerator.distributed_type == "DEEPSPEED" else {"strict": False}
-    accelerator.load_state(str(folder), **kwargs)
+def load_checkpoint(accelerator, folder: Path, strategy) -> dict:
+    """Restore model, optimiser, scheduler and RNG from `folder`; returns its trainer state."""
+    accelerator.load_state(str(folder), **strategy.load_state_kwargs())
     return load_state_file(folder)
 
 
-def export_final(accelerator, model, tokenizer, run_dir: Path, name: str = "final") -> Path:
+def export_final(accelerator, strategy, model, tokenizer, run_dir: Path, name: str = "final") -> Path:
     """A save_pretrained folder that transformers or PEFT load directly.
 
-    The state dict comes from the accelerator, which gathers ZeRO-3 and FSDP shards; a PEFT model
+    The state dict comes from the strategy, which gathers ZeRO-3 and FSDP shards; a PEFT model
     picks its adapter out of that full dict, so a sharded run never saves an empty adapter.
     """
     target = run_dir / name  # final/, or best/ for the best eval so far
     staging = target.with_name(f"{name}.tmp")
-    state_dict = full_state_dict(accelerator, model)
+    state_dict = strategy.export_state_dict(accelerator, model)
     if accelerator.is_main_process:
         shutil.rmtree(staging, ignore_errors=True)
         accelerator.unwrap_model(model).save_pretrained(staging, state_dict=state_dict, safe_serialization=True)

@@ -63,35 +63,36 @@ def parse(argv: list[str]) -> argparse.Namespace:
     return args
 
 
-def cmd_validate(args) -> int:
-    from launcher.train import check_inputs
+def checked_recipe(args, target=None):
+    """The recipe, validated and preflighted (every check that needs no torch), before anything loads."""
+    from launcher import preflight
     recipe = load_recipe(args.recipe, args.overrides)
-    check_inputs(recipe)
+    preflight.check(recipe, target)
+    return recipe
+
+
+def cmd_validate(args) -> int:
+    recipe = checked_recipe(args)
     print(f"{args.recipe}: ok ({recipe.method} on {recipe.model.path}, data format {recipe.data.format}, output {recipe.output_dir})")
     return 0
 
 
 def cmd_train(args) -> int:
-    from launcher.train import check_inputs, run
-    recipe = load_recipe(args.recipe, args.overrides)
-    check_inputs(recipe)
+    recipe = checked_recipe(args)
+    from launcher.train import run
     return run(recipe, overwrite=args.overwrite)
 
 
 def cmd_inspect(args) -> int:
-    from launcher.inspect import show
-    recipe = load_recipe(args.recipe, args.overrides)
-    from launcher.train import check_inputs
-    check_inputs(recipe)
+    recipe = checked_recipe(args)
+    from launcher.inspection import show
     show(recipe, args.examples)
     return 0
 
 
 def cmd_eval(args) -> int:
+    recipe = checked_recipe(args)
     from launcher.evaluate import compare
-    from launcher.train import check_inputs
-    recipe = load_recipe(args.recipe, args.overrides)
-    check_inputs(recipe)
     compare(recipe, args.checkpoint)
     return 0
 
@@ -100,14 +101,14 @@ def cmd_slurm(args) -> int:
     from pathlib import Path
 
     from launcher import slurm
+    from launcher.preflight import Target
     recipe = load_recipe(args.recipe, args.overrides)
     spec, run_dir = slurm.job_from_cli(args), Path(recipe.output_dir)
     if args.action == "render":
         print(slurm.render(args.recipe, run_dir, spec, args.overrides), end="")
         return 0
     from launcher.checkpoint import plan_run_dir
-    from launcher.train import check_inputs
-    check_inputs(recipe)
+    checked_recipe(args, Target("cuda" if spec.gpus_per_node else "cpu", spec.world_size))  # as the job will see it
     resume = plan_run_dir(run_dir, recipe.model_dump(mode="json"), overwrite=False)  # refuse now, not once queued
     script = slurm.write_script(args.recipe, run_dir, spec, args.overrides)
     job = slurm.submit(script)

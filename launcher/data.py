@@ -3,154 +3,88 @@
 `datasets` reads the files and caches the tokenised result (its fingerprint covers the
 tokenizer and the settings). What no library does for us is the part kept here: turning each
 format into trained and masked segments, so the label of every token is decided in one place.
+`load_datasets` is the one entry point: train, eval, class names and the train collate together.
 """
 from __future__ import annotations
 
-import csv
 import json
 import math
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
-from launcher.recipe import FORMAT_FIELDS, DataSection, UserError
+from launcher import formats
+from launcher.formats import FORMATS, IGNORE
+from launcher.packing import collate_packed, pack_dataset
+from launcher.recipe import DataSection, Recipe, UserError
+from launcher.sources import check_rows, check_sources, label_names, load_table, peek_rows
 
-IGNORE = -100
-PEEK_ROWS = 5
-# Formats whose eval rows are scored on generated text, and the field that holds the reference. The
-# reference is kept as written: the tokenised target may be cut by max_length, the reference is not.
-REFERENCE_FIELDS = {"translation": "target", "qa": "answer"}
-
-
-# ---------------------------------------------------------------- reading and peeking
-
-def _kind(path: Path) -> str:
-    if path.is_dir():
-        return "folder"
-    suffix = path.suffix.lower()
-    kinds = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
-    if suffix not in kinds:
-        raise UserError(f"{path}: unsupported data file type '{suffix}' (use .jsonl, .json, .csv, .parquet or a datasets folder)")
-    return kinds[suffix]
-
-
-def peek_rows(path: str | Path, limit: int = PEEK_ROWS) -> list[dict]:
-    """The first rows of a data file, read cheaply so bad data fails before any model loads."""
-    path = Path(path)
-    kind = _kind(path)
-    if kind == "json" and path.suffix == ".jsonl":
-        rows = []
-        with path.open() as handle:
-            for number, line in enumerate(handle, start=1):
-                if not line.strip():
-                    continue
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError as exc:
-                    raise UserError(f"{path} row {number}: not valid JSON ({exc.msg})") from None
-                if not isinstance(row, dict):
-                    raise UserError(f"{path} row {number}: expected a JSON object, got {type(row).__name__}")
-                rows.append(row)
-                if len(rows) == limit:
-                    break
-        return rows
-    if kind == "json":
-        try:
-            data = json.loads(path.read_text())
-        except json.JSONDecodeError as exc:
-            raise UserError(f"{path}: not valid JSON (line {exc.lineno}: {exc.msg})") from None
-        if not isinstance(data, list) or not all(isinstance(row, dict) for row in data[:limit]):
-            raise UserError(f"{path}: a .json data file must hold a list of objects")
-        return data[:limit]
-    if kind == "csv":
-        with path.open(newline="") as handle:
-            return [row for _, row in zip(range(limit), csv.DictReader(handle))]
-    if kind == "parquet":
-        import pyarrow.parquet as pq
-        table = pq.ParquetFile(path).read_row_group(0)
-        return table.slice(0, limit).to_pylist()
-    from datasets import load_from_disk
-    return load_from_disk(str(path)).select(range(limit)).to_list()
-
-
-def check_rows(path: str | Path, data: DataSection) -> None:
-    """Fail on the first peeked row that lacks a field the format needs, naming file, row and field."""
-    rows = peek_rows(path)
-    if not rows:
-        raise UserError(f"{path}: no rows")
-    required, _ = FORMAT_FIELDS[data.format]
-    for number, row in enumerate(rows, start=1):
-        for canonical in required:
-            column = data.field(canonical)
-            if column not in row:
-                hint = f" (set data.fields.{canonical} to one of: {', '.join(map(str, row))})"
-                raise UserError(f"{path} row {number}: missing field '{column}' needed by format {data.format}{hint}")
-            value = row[column]
-            if canonical == "messages":
-                _check_messages(path, number, value)
-            elif canonical == "label":
-                if isinstance(value, bool) or not isinstance(value, (str, int)):
-                    raise UserError(f"{path} row {number}: field '{column}' must be a label name or integer, got {value!r}")
-            elif not isinstance(value, str):
-                raise UserError(f"{path} row {number}: field '{column}' must be text, got {type(value).__name__}")
-
-
-def _check_messages(path: Any, number: int, messages: Any) -> None:
-    if not isinstance(messages, list) or not messages:
-        raise UserError(f"{path} row {number}: field 'messages' must be a non-empty list of {{role, content}}")
-    for turn, message in enumerate(messages):
-        if not isinstance(message, dict) or message.get("role") not in ("system", "user", "assistant"):
-            raise UserError(f"{path} row {number}: messages[{turn}] needs role system, user or assistant")
-        if not isinstance(message.get("content"), str):
-            raise UserError(f"{path} row {number}: messages[{turn}].content must be text")
-    if not any(m["role"] == "assistant" for m in messages):
-        raise UserError(f"{path} row {number}: messages has no assistant turn to train on")
-
-
-def load_table(path: str | Path):
-    """A `datasets.Dataset` from any supported source."""
-    import datasets
-    path = Path(path)
-    kind = _kind(path)
-    if kind == "folder":
-        loaded = datasets.load_from_disk(str(path))
-        return loaded["train"] if isinstance(loaded, datasets.DatasetDict) else loaded
-    return datasets.load_dataset(kind, data_files=str(path), split="train")
+__all__ = ["ALPACA_PROMPT", "IGNORE", "PROMPTS", "Datasets", "Encoder", "StepPlan", "Tokenised", "check_rows",
+           "check_sources", "class_labels", "collate", "eval_batches", "load_datasets", "load_table", "peek_rows",
+           "split_eval", "to_segments", "tokenise"]
 
 
 # ---------------------------------------------------------------- formats to segments
 
-def to_segments(row: dict, data: DataSection, use_chat: bool) -> list[tuple[str, bool]] | list[dict]:
-    """A row as chat messages (when the chat template applies) or as (text, trained) segments."""
-    fmt, col = data.format, data.field
-    if fmt == "chat":
-        return row[col("messages")]
-    if fmt == "text":
-        return [(row[col("text")], True)]
-    if fmt == "instruction":
-        prompt = row[col("instruction")]
-        extra = row.get(col("input")) or ""
-        if use_chat:
-            prompt, completion = (f"{prompt}\n\n{extra}" if extra else prompt), row[col("output")]
-        else:
-            prompt = f"### Instruction:\n{prompt}\n\n" + (f"### Input:\n{extra}\n\n" if extra else "") + "### Response:\n"
-            completion = row[col("output")]
-    elif fmt == "qa":
-        context = row.get(col("context")) or ""
-        prompt = data.qa_template.format(question=row[col("question")], context=f"Context: {context}\n" if context else "")
-        completion = row[col("answer")]
-        prompt = prompt if use_chat else prompt + "\n"
-    elif fmt == "translation":
-        prompt = data.prompt_template.format(source_lang=data.source_lang, target_lang=data.target_lang,
-                                             source=row[col("source")])
-        completion = row[col("target")]
-        prompt = prompt if use_chat else prompt + "\n"
-    else:  # completion
-        prompt, completion = row[col("prompt")], row[col("completion")]
+# The prompt of an instruction row when no chat template applies (Stanford Alpaca's layout).
+ALPACA_PROMPT = "### Instruction:\n{instruction}\n\n{input}### Response:\n"
+ALPACA_INPUT = "### Input:\n{input}\n\n"
+
+Segments = list[tuple[str, bool]] | list[dict]
+
+
+def _pair(prompt: str, completion: str, use_chat: bool, system: str | None) -> Segments:
+    """A prompt and its target as chat messages (system first, when there is one) or as (text, trained) segments."""
     if use_chat:
-        system = [{"role": "system", "content": data.system_prompt}] if data.system_prompt else []
-        return system + [{"role": "user", "content": prompt}, {"role": "assistant", "content": completion}]
+        head = [{"role": "system", "content": system}] if system else []
+        return head + [{"role": "user", "content": prompt}, {"role": "assistant", "content": completion}]
     return [(prompt, False), (completion, True)]
+
+
+def _instruction(row: dict, data: DataSection, use_chat: bool) -> Segments:
+    """A row's own `system` text overrides data.system_prompt; without a chat template it is the first paragraph."""
+    col = data.field
+    instruction, extra, output = row[col("instruction")], row.get(col("input")) or "", row[col("output")]
+    system = row.get(col("system")) or None
+    if use_chat:
+        return _pair(f"{instruction}\n\n{extra}" if extra else instruction, output, True, system or data.system_prompt)
+    prompt = ALPACA_PROMPT.format(instruction=instruction, input=ALPACA_INPUT.format(input=extra) if extra else "")
+    return _pair(f"{system}\n\n{prompt}" if system else prompt, output, False, None)
+
+
+def _qa(row: dict, data: DataSection, use_chat: bool) -> Segments:
+    col = data.field
+    context = row.get(col("context")) or ""
+    prompt = data.qa_template.format(question=row[col("question")], context=f"Context: {context}\n" if context else "")
+    return _pair(prompt if use_chat else prompt + "\n", row[col("answer")], use_chat, data.system_prompt)
+
+
+def _translation(row: dict, data: DataSection, use_chat: bool) -> Segments:
+    prompt = data.prompt_template.format(source_lang=data.source_lang, target_lang=data.target_lang,
+                                         source=row[data.field("source")])
+    return _pair(prompt if use_chat else prompt + "\n", row[data.field("target")], use_chat, data.system_prompt)
+
+
+def _completion(row: dict, data: DataSection, use_chat: bool) -> Segments:
+    return _pair(row[data.field("prompt")], row[data.field("completion")], use_chat, data.system_prompt)
+
+
+# Format name -> (row, data settings, chat template applies) -> chat messages or (text, trained) segments.
+# Chat rows are already messages; plain text is trained whole, template or not.
+PROMPTS: dict[str, Callable[[dict, DataSection, bool], Segments]] = {
+    "instruction": _instruction,
+    "chat": lambda row, data, use_chat: row[data.field("messages")],
+    "translation": _translation,
+    "completion": _completion,
+    "text": lambda row, data, use_chat: [(row[data.field("text")], True)],
+    "qa": _qa,
+}
+
+
+def to_segments(row: dict, data: DataSection, use_chat: bool) -> Segments:
+    """A row as chat messages (when the chat template applies) or as (text, trained) segments."""
+    return PROMPTS[data.format](row, data, use_chat)
 
 
 def chat_segments(messages: list[dict], tokenizer) -> list[tuple[str, bool]]:
@@ -171,14 +105,6 @@ def chat_segments(messages: list[dict], tokenizer) -> list[tuple[str, bool]]:
     ends_on_reply = messages and messages[-1]["role"] == "assistant"  # then `done` is the whole render
     tail = "" if ends_on_reply else render(messages, False)[len(done):]
     return segments + ([(tail, False)] if tail else [])
-
-
-def label_names(path: str | Path, data: DataSection, limit: int | None) -> list[str]:
-    """Class names of a classification train file: its sorted unique labels (id i is names[i])."""
-    table = load_table(path)
-    if limit is not None:
-        table = table.select(range(min(limit, len(table))))
-    return sorted({str(label) for label in table[data.field("label")]})
 
 
 @dataclass
@@ -219,8 +145,9 @@ class Encoder:
         call, which is several times faster than a call per segment."""
         rows = [dict(zip(columns, values)) for values in zip(*columns.values())]
         out = self._encode(rows)
-        if self.task != "classification" and self.data.format in REFERENCE_FIELDS:
-            out["reference"] = [str(row[self.data.field(REFERENCE_FIELDS[self.data.format])]) for row in rows]
+        reference = FORMATS[self.data.format].reference
+        if self.task != "classification" and reference:  # kept as written: max_length may cut the tokenised target
+            out["reference"] = [str(row[self.data.field(reference)]) for row in rows]
         return out
 
     def _encode(self, rows: list[dict]) -> dict[str, list]:
@@ -257,7 +184,8 @@ class Encoder:
         digest = hashlib.sha256()
         for part in (source_fingerprint, type(tok).__name__, backend, str(getattr(tok, "chat_template", None)),
                      json.dumps(tok.special_tokens_map, sort_keys=True, default=str), self.data.model_dump_json(),
-                     self.task, json.dumps(self.label2id, sort_keys=True), Path(__file__).read_text()):
+                     self.task, json.dumps(self.label2id, sort_keys=True), Path(__file__).read_text(),
+                     Path(formats.__file__).read_text()):
             digest.update(str(part).encode() + b"\0")
         return digest.hexdigest()[:32]
 
@@ -315,18 +243,53 @@ def split_eval(train: Tokenised, fraction: float, seed: int) -> tuple[Tokenised,
             Tokenised(parts["test"], len(parts["test"]), {}))
 
 
+def class_labels(recipe: Recipe) -> list[str] | None:
+    """A classifier's class names, read from the train file (the model config saves them as id2label)."""
+    if recipe.model.task != "classification":
+        return None
+    return label_names(recipe.data.train, recipe.data, recipe.data.max_train_rows)
+
+
+@dataclass
+class Datasets:
+    """Everything a run reads from its data, built in one place so train, eval, inspect and merge agree."""
+
+    train: Tokenised
+    eval: Tokenised | None
+    labels: list[str] | None                 # classification: class names, id i is labels[i]
+    collate: Callable[[list[dict]], dict]    # train rows -> batch; eval rows always go through `collate`
+
+
+def load_datasets(recipe: Recipe, tokenizer, pack: bool = True) -> Datasets:
+    """Tokenised train and eval sets, class names, and the train collate, chosen here once.
+
+    With data.packing the train set is packed (launcher/packing.py) and batched with position_ids;
+    `pack=False` keeps the rows one example each, for callers that only look at them (inspect, eval).
+    """
+    data, task = recipe.data, recipe.model.task
+    labels = class_labels(recipe)
+    train = tokenise(data.train, tokenizer, data, data.max_train_rows, task, labels)
+    evaluation = None
+    if data.eval:
+        evaluation = tokenise(data.eval, tokenizer, data, data.max_eval_rows, task, labels)
+    elif data.eval_fraction:
+        train, evaluation = split_eval(train, data.eval_fraction, recipe.train.seed)
+    if data.packing and pack:
+        train = Tokenised(pack_dataset(train.dataset, data.max_length), train.rows, train.dropped)
+        return Datasets(train, evaluation, labels, partial(collate_packed, pad_id=tokenizer.pad_token_id))
+    return Datasets(train, evaluation, labels, partial(collate, pad_id=tokenizer.pad_token_id, task=task))
+
+
 # ---------------------------------------------------------------- batches
 
 def collate(rows: list[dict], pad_id: int, task: str = "causal-lm") -> dict:
     """Right-pad to the longest row; padding is masked out of attention and loss.
 
+    For rows of one example each (eval rows always; train rows unless packed: `load_datasets` picks).
     Labels are padded to their own width (seq2seq targets differ in length from the prompt);
     a classification batch's labels are one class id per row.
     """
     import torch
-    if "lengths" in rows[0]:  # rows made by launcher.packing.pack_dataset (data.packing)
-        from launcher.packing import collate_packed
-        return collate_packed(rows, pad_id)
     width = max(len(row["input_ids"]) for row in rows)
     ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
     mask = torch.zeros((len(rows), width), dtype=torch.long)

@@ -9,13 +9,13 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from typing import Callable, Sequence
 
 from launcher import metrics
-from launcher.data import IGNORE, REFERENCE_FIELDS, collate, eval_batches
+from launcher.data import collate, eval_batches
+from launcher.formats import FORMATS, IGNORE
 from launcher.loss import task_loss_sum
 from launcher.recipe import Recipe
-
-GENERATED_FORMATS = tuple(REFERENCE_FIELDS)
 
 
 @dataclass
@@ -95,12 +95,29 @@ def generate(accelerator, model, tokenizer, dataset, count: int, recipe: Recipe,
     return out
 
 
-def score(data_format: str, predictions: list[dict]) -> dict:
-    outputs, references = [p["output"] for p in predictions], [p["reference"] for p in predictions]
-    if data_format == "translation":
-        return {"eval_bleu": metrics.bleu(outputs, references), "eval_chrf": metrics.chrf(outputs, references)}
+def _translation(outputs: Sequence[str], references: Sequence[str]) -> dict:
+    return {"eval_bleu": metrics.bleu(outputs, references), "eval_chrf": metrics.chrf(outputs, references)}
+
+
+def _qa(outputs: Sequence[str], references: Sequence[str]) -> dict:
     scores = metrics.qa_scores(outputs, references)
     return {"eval_exact_match": scores["exact_match"], "eval_f1": scores["f1"]}
+
+
+def _classification(outputs: Sequence[str], references: Sequence[str], labels: Sequence[str] | None = None) -> dict:
+    """Predicted and gold class names; `labels` fixes the classes macro-F1 averages over."""
+    return {"eval_accuracy": metrics.accuracy(outputs, references),
+            "eval_macro_f1": metrics.macro_f1(outputs, references, labels)}
+
+
+# Format name -> (outputs, references) -> metrics.jsonl entries: one eval_<name> per metric in FORMATS[name].metrics.
+# Formats with a reference field are scored on generated text; classification on the classes its logits pick.
+SCORERS: dict[str, Callable[..., dict]] = {"translation": _translation, "qa": _qa, "classification": _classification}
+
+
+def score(data_format: str, predictions: list[dict]) -> dict:
+    """Task metrics of generated predictions ({output, reference} rows) for a generation-scored format."""
+    return SCORERS[data_format]([p["output"] for p in predictions], [p["reference"] for p in predictions])
 
 
 def evaluate(accelerator, model, tokenizer, dataset, recipe: Recipe, labels: list[str] | None = None) -> Evaluation:
@@ -114,13 +131,13 @@ def evaluate(accelerator, model, tokenizer, dataset, recipe: Recipe, labels: lis
     if task == "classification":
         gold = [labels[row["labels"][0]] for row in dataset]
         pred = [labels[index] for _, index in predicted]
-        result.metrics.update(eval_accuracy=metrics.accuracy(pred, gold), eval_macro_f1=metrics.macro_f1(pred, gold, labels))
+        result.metrics.update(SCORERS[fmt](pred, gold, labels))
         result.confusion = {"labels": labels, "matrix": metrics.confusion_matrix(pred, gold, labels)}
         result.predictions = [{"prompt": tokenizer.decode(dataset[i]["input_ids"], skip_special_tokens=True)[:160],
                                "reference": gold[i], "output": pred[i]} for i in range(min(recipe.eval.samples, len(gold)))]
     else:
         result.metrics["eval_ppl"] = metrics.perplexity(min(loss, 50.0))
-        scored = fmt in GENERATED_FORMATS and recipe.eval.generate_rows
+        scored = FORMATS[fmt].reference is not None and recipe.eval.generate_rows
         rows = recipe.eval.generate_rows if scored else recipe.eval.samples
         if rows:
             generated = generate(accelerator, model, tokenizer, dataset, rows, recipe, size)
@@ -168,20 +185,20 @@ def compare(recipe: Recipe, checkpoint: str | None = None, console=None) -> dict
     from rich.table import Table
 
     from launcher import modeling
-    from launcher.distributed import make_accelerator
+    from launcher.data import load_datasets
     from launcher.recipe import UserError
-    from launcher.train import build_datasets, class_labels
+    from launcher.strategies import strategy_for
 
     targets = [checkpoint] if checkpoint else ["base", str(Path(recipe.output_dir) / "final")]
     for target in targets:
         if target != "base" and not (Path(target) / "config.json").is_file() and not (Path(target) / "adapter_config.json").is_file():
             raise UserError(f"--checkpoint {target}: not a saved model folder (give output_dir/final, output_dir/best or 'base')")
-    accelerator = make_accelerator(recipe)
+    accelerator = strategy_for(recipe).make_accelerator()
     on_gpu = accelerator.device.type == "cuda"
     weights = modeling.resolve_weights(recipe)
     tokenizer = modeling.load_tokenizer(weights, recipe)
-    labels = class_labels(recipe)
-    _, eval_data = build_datasets(recipe, tokenizer, labels)
+    found_data = load_datasets(recipe, tokenizer, pack=False)  # only eval rows are read, and those are never packed
+    eval_data, labels = found_data.eval, found_data.labels
     if eval_data is None:
         raise UserError("eval: the recipe has no eval data; set data.eval or data.eval_fraction")
     results: dict[str, dict] = {}

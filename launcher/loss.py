@@ -3,7 +3,8 @@
 The loop and evaluation both need it. The loss is never averaged inside a micro-batch: the loop
 divides the summed loss by the number of targets in the whole optimiser step, so accumulation and
 data parallelism weight every target token (or example) equally. transformers' own `loss` averages
-per forward pass, which is why we do not use it.
+per forward pass, which is why no forward here is given `labels`: seq2seq decoder inputs are built
+by the model's own `prepare_decoder_input_ids_from_labels` instead.
 """
 from __future__ import annotations
 
@@ -23,15 +24,17 @@ def task_loss_sum(model, batch: dict, task: str, chunk_tokens: int = 0):
     """(summed cross-entropy, target count) for one batch.
 
     causal-lm: logits at t predict the token at t+1. seq2seq: labels are the decoder targets and
-    the model builds decoder_input_ids from them (shift right), so no shift here. classification:
+    the model's decoder inputs are them shifted right, so no shift here. classification:
     one label per example. chunk_tokens (causal-lm): see `chunked_causal_ce`. A packed batch (with
     position_ids) is sent without attention_mask, so transformers confines attention to each example.
     """
     import torch.nn.functional as F
     labels = batch["labels"]
     inputs = {"input_ids": batch["input_ids"]}
-    if "position_ids" in batch:  # packing is detected only with no mask and no KV cache
-        inputs.update(position_ids=batch["position_ids"], use_cache=False)
+    if task != "classification":
+        inputs["use_cache"] = False  # training and eval loss need no KV cache; packing is detected only without one
+    if "position_ids" in batch:  # packing is detected only with no attention mask
+        inputs["position_ids"] = batch["position_ids"]
     else:
         inputs["attention_mask"] = batch["attention_mask"]
     if task == "causal-lm" and chunk_tokens:
@@ -42,7 +45,8 @@ def task_loss_sum(model, batch: dict, task: str, chunk_tokens: int = 0):
                                   softcap=getattr(inner.config, "final_logit_softcapping", None))
         return total, target_count(labels, task)
     if task == "seq2seq":
-        logits = model(**inputs, labels=labels).logits
+        decoder_ids = _unwrapped(model).prepare_decoder_input_ids_from_labels(labels=labels)
+        logits = model(**inputs, decoder_input_ids=decoder_ids).logits
     else:
         logits = model(**inputs).logits
         if task == "causal-lm":

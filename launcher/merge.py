@@ -30,12 +30,15 @@ def run_recipe(run_dir: Path) -> Recipe:
     return Recipe.model_validate(yaml.safe_load(path.read_text()))
 
 
-def load_base(recipe: Recipe, dtype: str):
-    """The base in `dtype`; a QLoRA base is loaded quantised, as in training, then dequantised."""
+def load_dequantised_base(recipe: Recipe, dtype: str):
+    """The base in `dtype`; a QLoRA base is loaded quantised, as in training, then dequantised.
+
+    Not modeling.load_base: that one loads a base for training, quantised when the recipe says so.
+    """
     import torch
 
     from launcher import modeling
-    from launcher.train import class_labels
+    from launcher.data import class_labels
     plain = recipe.model_copy(deep=True)
     plain.model.dtype = dtype
     on_gpu = torch.cuda.is_available()
@@ -71,7 +74,7 @@ def merge(run_dir: str | Path, dtype: str = "bf16", out: str | Path | None = Non
     from peft import PeftModel
 
     from launcher import modeling
-    model = PeftModel.from_pretrained(load_base(recipe, torch_dtype), adapter).eval()
+    model = PeftModel.from_pretrained(load_dequantised_base(recipe, torch_dtype), adapter).eval()
     device = next(model.parameters()).device
     tokenizer = modeling.load_tokenizer(str(adapter), recipe)
     batch = dict(tokenizer(PROMPTS, return_tensors="pt", padding=True))

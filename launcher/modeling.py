@@ -9,7 +9,6 @@ import hashlib
 import importlib.util
 import os
 import re
-from dataclasses import dataclass
 from pathlib import Path
 
 from launcher.recipe import Recipe, UserError
@@ -117,36 +116,6 @@ def quantization_config(recipe: Recipe, on_gpu: bool):
                               bnb_4bit_compute_dtype=compute_dtype(recipe, on_gpu))
 
 
-def check_backend(recipe: Recipe, device_type: str) -> None:
-    """Refuse, before any weights load, what this device cannot run: a compiler-less train.compile, and
-    quantisation or optimisers its bitsandbytes backend lacks."""
-    from launcher.optim import check_optimizer
-    check_optimizer(recipe.train.optimizer, device_type)
-    if recipe.train.compile:
-        check_compiler(device_type)
-    if recipe.method != "qlora":
-        return
-    try:
-        import bitsandbytes
-    except ImportError:
-        raise UserError("method: qlora needs bitsandbytes: pip install bitsandbytes") from None
-    if device_type not in bitsandbytes.supported_torch_devices:
-        raise UserError(f"method: qlora: bitsandbytes {bitsandbytes.__version__} has no {device_type} backend "
-                        f"(it supports {', '.join(sorted(bitsandbytes.supported_torch_devices))}); use method: lora")
-
-
-def check_compiler(device_type: str) -> None:
-    """train.compile: inductor writes C++ on CPU and triton kernels on GPU; without them the first step would fail."""
-    import importlib.util
-    import os
-    import shutil
-    if device_type == "cpu":
-        if not any(shutil.which(c) for c in (os.environ.get("CXX", "g++"), "g++", "clang++")):
-            raise UserError("train.compile on CPU needs a C++ compiler (g++ or clang++, or set CXX); install one or set train.compile: false")
-    elif importlib.util.find_spec("triton") is None:
-        raise UserError(f"train.compile on {device_type} needs triton: pip install triton, or set train.compile: false")
-
-
 def freeze(model, recipe: Recipe) -> list[str]:
     """Freeze what the recipe's `freeze` section names; returns the frozen parameter names."""
     rules = recipe.freeze
@@ -212,7 +181,6 @@ def load_trained(path: str, recipe: Recipe, on_gpu: bool, labels: list[str] | No
 def load_model(path: str, recipe: Recipe, on_gpu: bool, labels: list[str] | None = None):
     """The model the loop trains: loaded, frozen or adapted, and checkpointed as the recipe says."""
     model = load_base(path, recipe, on_gpu, labels)
-    model.config.use_cache = False
     if recipe.method == "full":
         freeze(model, recipe)
     if recipe.method == "qlora":
@@ -225,66 +193,3 @@ def load_model(path: str, recipe: Recipe, on_gpu: bool, labels: list[str] | None
     if recipe.method in ("lora", "qlora"):
         model = add_lora(model, recipe)
     return model
-
-
-@dataclass
-class ParamCount:
-    """The memory a run's choices cost before activations: what the user needs to trust them."""
-    total: int
-    trainable: int
-    weight_bytes: int
-    quantised: int = 0  # parameters held in 4 or 8 bits
-    quantised_bytes: int = 0  # their packed bytes and scales
-    gradient_bytes: int = 0
-    optimizer: str = "adamw"
-    optimizer_bytes: int = 0
-
-    def line(self) -> str:
-        share = 100 * self.trainable / max(self.total, 1)
-        bits = 8 * self.quantised_bytes / max(self.quantised, 1)
-        quantised = f" ({_count(self.quantised)} quantised, {bits:.2f} bits each)" if self.quantised else ""
-        return (f"{_count(self.total)} parameters{quantised}, {_count(self.trainable)} trainable ({share:.2f}%); "
-                f"weights {_mib(self.weight_bytes)}, gradients {_mib(self.gradient_bytes)}, "
-                f"{self.optimizer} state {_mib(self.optimizer_bytes)}")
-
-
-def _count(n: int) -> str:
-    return f"{n / 1e9:.2f}B" if n >= 1e9 else f"{n / 1e6:.1f}M" if n >= 1e6 else f"{n / 1e3:.1f}k"
-
-
-def _mib(count: int) -> str:
-    return f"{count / 2**20:.1f} MiB" if count < 10 * 2**20 else f"{count / 2**20:.0f} MiB"
-
-
-def stored_numel(param) -> int:
-    """Elements a parameter really has: ZeRO-3 loads parameters already partitioned (numel 0), ds_numel keeps the count."""
-    return getattr(param, "ds_numel", None) or param.numel()
-
-
-def _logical_numel(param) -> int:
-    """bitsandbytes packs two 4-bit weights per byte; its quant_state keeps the real shape."""
-    state = getattr(param, "quant_state", None)
-    return state.shape.numel() if state is not None else stored_numel(param)
-
-
-def _quant_state_bytes(param) -> int:
-    """Per-block scales (4-bit) or per-row scales (8-bit) stored beside the packed weights."""
-    state = getattr(param, "quant_state", None)
-    if state is not None:
-        return sum(t.numel() * t.element_size() for t in state.as_dict(packed=False).values() if hasattr(t, "element_size"))
-    scales = getattr(param, "SCB", None)
-    return scales.numel() * scales.element_size() if scales is not None else 0
-
-
-def count_parameters(model, optimizer: str = "adamw") -> ParamCount:
-    from launcher.optim import state_bytes
-    params = list(model.parameters())
-    trainable = [p for p in params if p.requires_grad]
-    quantised = [p for p in params if str(p.dtype) in ("torch.int8", "torch.uint8") or getattr(p, "quant_state", None) is not None]
-    return ParamCount(total=sum(_logical_numel(p) for p in params),
-                      trainable=sum(stored_numel(p) for p in trainable),
-                      weight_bytes=sum(stored_numel(p) * p.element_size() + _quant_state_bytes(p) for p in params),
-                      quantised=sum(_logical_numel(p) for p in quantised),
-                      quantised_bytes=sum(stored_numel(p) * p.element_size() + _quant_state_bytes(p) for p in quantised),
-                      gradient_bytes=sum(stored_numel(p) * p.element_size() for p in trainable),
-                      optimizer=optimizer, optimizer_bytes=state_bytes(trainable, optimizer))

@@ -10,11 +10,8 @@ import math
 
 import torch
 
-from launcher.recipe import TrainSection, UserError
+from launcher.recipe import TrainSection
 
-BNB_OPTIMIZERS = ("adamw-8bit", "paged-adamw", "paged-adamw-8bit")
-BNB_MIN_8BIT_SIZE = 4096  # bitsandbytes keeps 32-bit state for smaller tensors (its min_8bit_size default)
-BNB_BLOCK = 256  # values per float32 absmax in blockwise 8-bit state
 
 
 def lr_multiplier(step: int, train: TrainSection, total_steps: int) -> float:
@@ -41,23 +38,6 @@ def param_groups(model, weight_decay: float) -> list[dict]:
                         {"params": plain, "weight_decay": 0.0}) if g["params"]]
 
 
-def check_optimizer(name: str, device_type: str) -> None:
-    """Refuse, before the model loads, an optimiser this device cannot run as asked."""
-    if name not in BNB_OPTIMIZERS:
-        return
-    try:
-        import bitsandbytes
-    except ImportError:
-        raise UserError(f"train.optimizer {name} needs bitsandbytes: pip install bitsandbytes") from None
-    if device_type not in bitsandbytes.supported_torch_devices:
-        raise UserError(f"train.optimizer {name}: bitsandbytes {bitsandbytes.__version__} has no {device_type} backend; "
-                        "use train.optimizer: adamw")
-    if name.startswith("paged") and device_type != "cuda":
-        # bitsandbytes would warn and quietly fall back to plain state: the user would believe memory is saved.
-        raise UserError(f"train.optimizer {name}: paging moves optimiser state between GPU and CPU memory through CUDA "
-                        f"unified memory, which a {device_type} device lacks; use adamw-8bit (or adamw) there")
-
-
 def build_optimizer(model, train: TrainSection) -> torch.optim.Optimizer:
     groups, name = param_groups(model, train.weight_decay), train.optimizer
     if name == "adamw":
@@ -71,25 +51,6 @@ def build_optimizer(model, train: TrainSection) -> torch.optim.Optimizer:
     cls = {"adamw-8bit": bnb.optim.AdamW8bit, "paged-adamw": bnb.optim.PagedAdamW32bit,
            "paged-adamw-8bit": bnb.optim.PagedAdamW8bit}[name]
     return cls(groups, lr=train.lr)
-
-
-def state_bytes(params, name: str) -> int:
-    """Bytes of optimiser state `name` will hold for these trainable tensors, known before its first step."""
-    from launcher.modeling import stored_numel
-    total = 0
-    for p in params:
-        count, size = stored_numel(p), p.element_size()
-        if name == "adamw":
-            total += 2 * count * size  # exp_avg and exp_avg_sq in the parameter's dtype
-        elif name == "sgd":
-            total += count * size  # momentum buffer
-        elif name == "adafactor":  # factored second moment: one value per row and per column
-            total += (count // p.shape[-1] + count // p.shape[-2] if p.ndim >= 2 else count) * size
-        elif name.endswith("8bit") and count >= BNB_MIN_8BIT_SIZE:
-            total += 2 * count + 2 * 4 * math.ceil(count / BNB_BLOCK)  # two uint8 moments and their float32 block scales
-        else:
-            total += 2 * count * 4  # bitsandbytes' 32-bit state
-    return total
 
 
 def build_scheduler(optimizer, train: TrainSection, total_steps: int):

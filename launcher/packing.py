@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import bisect
 
-from launcher.data import IGNORE
+from launcher.formats import IGNORE
 
 
 def best_fit_decreasing(lengths: list[int], capacity: int) -> list[list[int]]:

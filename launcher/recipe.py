@@ -2,17 +2,19 @@
 
 A recipe is YAML checked by pydantic before anything heavy happens, so this module imports
 neither torch nor transformers: `launcher validate` and `--help` stay instant. Field
-descriptions double as the recipe reference in the README and in `launcher validate --explain`.
+descriptions double as the recipe reference in the README (`launcher reference`).
 """
 from __future__ import annotations
 
 import difflib
 import os
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from launcher.formats import FORMATS, LOWER_IS_BETTER, METRICS, TASKS, formats_for_task
 
 
 class UserError(Exception):
@@ -56,27 +58,8 @@ class QuantSection(Section):
         "auto", description="4-bit: dtype weights are dequantised to for each matmul; auto is bfloat16 on a GPU that has it, float32 on CPU.")
 
 
+# Written out so editors and type checkers see the names; `_agree_with_registry` holds it to launcher/formats.py.
 DataFormat = Literal["instruction", "chat", "translation", "completion", "text", "qa", "classification"]
-
-# Canonical field names each format reads, and which of them a row may omit.
-FORMAT_FIELDS: dict[str, tuple[list[str], list[str]]] = {
-    "instruction": (["instruction", "output"], ["input", "system"]),
-    "chat": (["messages"], []),
-    "translation": (["source", "target"], []),
-    "completion": (["prompt", "completion"], []),
-    "text": (["text"], []),
-    "qa": (["question", "answer"], ["context"]),
-    "classification": (["text", "label"], ["text_pair"]),
-}
-# Formats each task can learn from: an encoder-decoder needs a prompt and a target; a classifier, labels.
-TASK_FORMATS: dict[str, tuple[str, ...]] = {
-    "causal-lm": ("instruction", "chat", "translation", "completion", "text", "qa"),
-    "seq2seq": ("instruction", "translation", "completion", "qa"),
-    "classification": ("classification",),
-}
-# The metric each format is scored by when eval.metric is auto; generation metrics need a reference.
-DEFAULT_METRIC = {"translation": "chrf", "qa": "exact_match", "classification": "macro_f1"}
-LOWER_IS_BETTER = ("loss", "ppl")
 
 
 class DataSection(Section):
@@ -153,7 +136,7 @@ class EvalSection(Section):
 
     def chosen(self, data_format: str) -> tuple[str, bool]:
         """(metrics.jsonl key, greater is better) of the metric that selects the best checkpoint."""
-        name = DEFAULT_METRIC.get(data_format, "loss") if self.metric == "auto" else self.metric
+        name = FORMATS[data_format].default_metric if self.metric == "auto" else self.metric
         greater = self.greater_is_better if self.greater_is_better is not None else name not in LOWER_IS_BETTER
         return f"eval_{name}", greater
 
@@ -217,23 +200,8 @@ class Recipe(Section):
         frozen = self.freeze.embeddings or self.freeze.first_n_blocks or self.freeze.patterns
         if frozen and self.method != "full":
             raise ValueError(f"freeze: only applies to method: full (LoRA already freezes the base); remove it or set method: full")
-        required, optional = FORMAT_FIELDS[self.data.format]
-        for key in self.data.fields:
-            if key not in required + optional:
-                raise ValueError(_unknown("data.fields", key, required + optional)
-                                 + f" (format {self.data.format} reads {', '.join(required + optional)})")
-        task, fmt = self.model.task, self.data.format
-        if fmt not in TASK_FORMATS[task]:
-            fix = ("use data.format: classification" if task == "classification" else
-                   "set model.task: classification" if fmt == "classification" else
-                   f"use one of: {', '.join(TASK_FORMATS[task])}")
-            raise ValueError(f"model.task {task} cannot train on data.format {fmt}; {fix}")
-        metric = self.eval.chosen(fmt)[0].removeprefix("eval_")
-        allowed = {"translation": ("bleu", "chrf"), "qa": ("exact_match", "f1"),
-                   "classification": ("accuracy", "macro_f1")}.get(fmt, ())
-        if metric not in LOWER_IS_BETTER + allowed:
-            raise ValueError(f"eval.metric {metric} is not computed for data.format {fmt}; "
-                             f"choose one of: {', '.join(LOWER_IS_BETTER + allowed)}")
+        _format_rules(self)
+        task = self.model.task
         if task != "causal-lm" and (self.data.packing or self.train.loss_chunk_tokens):
             key = "data.packing" if self.data.packing else "train.loss_chunk_tokens"
             raise ValueError(f"{key} applies to model.task causal-lm only (got {task}); remove it")
@@ -246,6 +214,36 @@ class Recipe(Section):
         if self.train.max_steps is None and self.train.epochs is None:
             raise ValueError("train: set epochs or max_steps")
         return self
+
+
+def _agree_with_registry() -> None:
+    """The schema's choices are written out for readers; the format registry is where they come from."""
+    for key, annotation, registry in (("data.format", DataFormat, set(FORMATS)),
+                                      ("model.task", ModelSection.model_fields["task"].annotation, set(TASKS)),
+                                      ("eval.metric", EvalSection.model_fields["metric"].annotation, {"auto", *METRICS})):
+        if set(get_args(annotation)) != registry:
+            raise ImportError(f"recipe {key} choices {sorted(get_args(annotation))} disagree with launcher/formats.py {sorted(registry)}")
+
+
+_agree_with_registry()
+
+
+def _format_rules(recipe: Recipe) -> None:
+    """Fields, task and metric must be ones the data format has (launcher/formats.py)."""
+    task, fmt = recipe.model.task, recipe.data.format
+    spec = FORMATS[fmt]
+    for key in recipe.data.fields:
+        if key not in spec.fields:
+            raise ValueError(_unknown("data.fields", key, list(spec.fields)) + f" (format {fmt} reads {', '.join(spec.fields)})")
+    if task not in spec.tasks:
+        fix = ("use data.format: classification" if task == "classification" else
+               "set model.task: classification" if fmt == "classification" else
+               f"use one of: {', '.join(formats_for_task(task))}")
+        raise ValueError(f"model.task {task} cannot train on data.format {fmt}; {fix}")
+    metric = recipe.eval.chosen(fmt)[0].removeprefix("eval_")
+    if metric not in spec.selectable_metrics:
+        raise ValueError(f"eval.metric {metric} is not computed for data.format {fmt}; "
+                         f"choose one of: {', '.join(spec.selectable_metrics)}")
 
 
 def _quant_rules(recipe: Recipe) -> None:
@@ -386,9 +384,6 @@ def load_recipe(path: str | os.PathLike, overrides: list[str] = ()) -> Recipe:
         suffix = f" (and {more} more problem{'s' * (more > 1)})" if more else ""
         raise UserError(f"{path}: {_describe(first)}{suffix}") from None
     check_paths(recipe, Path(path))
-    if recipe.distributed.strategy == "deepspeed":
-        from launcher.distributed import deepspeed_config  # reads the JSON file; imports no torch
-        deepspeed_config(recipe, world_size=recipe.distributed.num_processes)
     return recipe
 
 

@@ -67,6 +67,14 @@ class Reporter:
             self.writer.close()
 
 
+def write_rank_log(run_dir: Path, accelerator, record: dict) -> None:
+    """Every process may log to its own file (logs/rank-R.jsonl); only the main one prints."""
+    folder = Path(run_dir) / "logs"
+    folder.mkdir(parents=True, exist_ok=True)
+    with open(folder / f"rank-{accelerator.process_index}.jsonl", "a") as handle:
+        handle.write(json.dumps({"rank": accelerator.process_index, **record}) + "\n")
+
+
 def read_metrics(path: Path) -> list[dict]:
     if not path.is_file():
         return []

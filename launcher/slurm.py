@@ -258,11 +258,6 @@ def submit(script_path: str | os.PathLike, cwd: str | os.PathLike | None = None)
     return r.stdout.strip().split(";")[0]  # "id" or "id;cluster"
 
 
-def under_slurm() -> bool:
-    """True inside a Slurm job (batch script or srun task)."""
-    return "SLURM_JOB_ID" in os.environ
-
-
 def restart_count() -> int:
     """How many times Slurm has requeued this job (0 on the first run or outside Slurm)."""
     return int(os.environ.get("SLURM_RESTART_COUNT", "0") or 0)

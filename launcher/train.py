@@ -1,20 +1,27 @@
-"""The training run: one explicit loop on Accelerate.
+"""The training run in named steps: `setup` -> `fit` -> `finish`, with `train_step` on its own.
 
-Order of work follows the rule "fail before anything heavy": recipe and run directory are
-checked, data is peeked, then tokenised, and only then does the model load.
+The shape follows torchtune's recipe classes and LitGPT's `setup -> fit -> validate`: set-up
+returns a `Run` holding everything the loop needs; `train_step` does one optimiser step and
+reports what it did (so it is tested in-process); `fit` makes the order of the stop check, eval
+and save explicit; `finish` does the final eval, export and report. Checks on the user's input
+ran before this module was imported (launcher/preflight.py); what is left here needs torch.
 """
 from __future__ import annotations
 
 import gc
 import signal
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from launcher import checkpoint as ckpt
-from launcher.data import StepPlan, Tokenised, check_rows, collate, label_names, split_eval, tokenise
+from launcher.data import Datasets, StepPlan, load_datasets
 from launcher.evaluate import Best, Evaluation, evaluate, to_device
 from launcher.loss import target_count, task_loss_sum
+from launcher.memory import ParamCount, count_parameters, parameter_bytes
 from launcher.recipe import Recipe, UserError, resolved_yaml
+from launcher.strategies import Strategy, strategy_for
 
 
 class StopRequest:
@@ -36,191 +43,262 @@ class StopRequest:
         return bool(accelerator.reduce(flag, "max").item())
 
 
-def check_inputs(recipe: Recipe) -> None:
-    """Everything about the user's input that can be checked without torch."""
-    check_rows(recipe.data.train, recipe.data)
-    if recipe.data.eval:
-        check_rows(recipe.data.eval, recipe.data)
+@dataclass
+class StepStats:
+    """What one optimiser step did, reduced over all processes."""
+    loss: float            # mean loss per target over the whole global batch
+    tokens: int            # real (unpadded) tokens the step read
+    slots: int             # token slots in its batches, padding included
+    grad_norm: float | None
+    lr: float              # the learning rate this step's update used
+    seconds: float
 
 
-def class_labels(recipe: Recipe) -> list[str] | None:
-    """A classifier's class names, read from the train file (the model config saves them as id2label)."""
-    if recipe.model.task != "classification":
-        return None
-    return label_names(recipe.data.train, recipe.data, recipe.data.max_train_rows)
+@dataclass
+class Run:
+    """Everything the loop needs, built once by `setup`."""
+    recipe: Recipe
+    strategy: Strategy
+    accelerator: Any
+    run_dir: Path
+    weights: str
+    tokenizer: Any
+    data: Datasets
+    plan: StepPlan
+    total_steps: int
+    model: Any = None
+    optimizer: Any = None
+    scheduler: Any = None
+    params: ParamCount | None = None
+    reporter: Any = None
+    best: Best | None = None
+    step: int = 0
+    first_eval: Evaluation | None = None
+    totals: dict = field(default_factory=lambda: {"tokens": 0, "slots": 0})
 
+    @property
+    def main(self) -> bool:
+        return self.accelerator.is_main_process
 
-def build_datasets(recipe: Recipe, tokenizer, labels: list[str] | None = None) -> tuple[Tokenised, Tokenised | None]:
-    data, task = recipe.data, recipe.model.task
-    train = tokenise(data.train, tokenizer, data, data.max_train_rows, task, labels)
-    if data.eval:
-        return train, tokenise(data.eval, tokenizer, data, data.max_eval_rows, task, labels)
-    if data.eval_fraction:
-        return split_eval(train, data.eval_fraction, recipe.train.seed)
-    return train, None
+    def micro_batches(self, step: int) -> list[dict]:
+        """This rank's collated micro-batches of optimiser step `step`, on its device."""
+        train = self.data.train.dataset
+        return [to_device(self.data.collate(train.select(rows)), self.accelerator.device)
+                for rows in self.plan.micro_batches(step)]
 
 
 def run(recipe: Recipe, overwrite: bool = False) -> int:
-    """Train as the recipe says; returns the process exit status."""
-    import torch
-    from accelerate.utils import set_seed
-
-    from launcher import modeling, optim
-    from launcher.distributed import (check_resume, check_synchronised, make_accelerator, parameter_bytes, prepare,
-                                      shard_model, write_rank_log)
-    from launcher.report import Reporter, write_report
-
+    """Train as the recipe says; returns the process exit status. Preflight has already run."""
     stop = StopRequest()  # first thing: a signal during start-up is then acted on at the first step boundary
-    run_dir = Path(recipe.output_dir)
-    resolved = recipe.model_dump(mode="json")
-    resume_from = ckpt.plan_run_dir(run_dir, resolved, overwrite)
-    check_inputs(recipe)
+    session = setup(recipe, overwrite)
+    if session is None:
+        return 0
+    with session.reporter:
+        stopped = fit(session, stop)
+    if not stopped:
+        finish(session)
+    return close(session)
 
-    accelerator = make_accelerator(recipe)
-    modeling.check_backend(recipe, accelerator.device.type)  # bitsandbytes' device support, before the run dir is written
-    main = accelerator.is_main_process
-    if main:
+
+# ---------------------------------------------------------------- setup
+
+def setup(recipe: Recipe, overwrite: bool = False) -> Run | None:
+    """Run directory, data, step plan, model, optimiser and resume state; None when nothing is left to train."""
+    from accelerate.utils import set_seed
+    run_dir = Path(recipe.output_dir)
+    resume_from = ckpt.plan_run_dir(run_dir, recipe.model_dump(mode="json"), overwrite)
+    strategy = strategy_for(recipe)
+    accelerator = strategy.make_accelerator()
+    if accelerator.is_main_process:
         if overwrite:
             ckpt.clear_run_dir(run_dir)
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "recipe.yaml").write_text(resolved_yaml(recipe))
+    session = _load_data(recipe, strategy, accelerator, run_dir)
+    state = ckpt.load_state_file(resume_from) if resume_from is not None else None
+    if state is not None:
+        strategy.check_resume(state, accelerator.num_processes)
+        if state["step"] >= session.total_steps and (run_dir / "final").is_dir():  # no final/: stopped in export, redo it
+            if session.main:
+                print(f"nothing left to train: {run_dir} already finished step {state['step']} of {session.total_steps}. "
+                      f"Raise train.max_steps or train.epochs to continue, or pass --overwrite to start again.")
+            return None
+    set_seed(recipe.train.seed)
+    _build_model(session)
+    session.best = Best(recipe)
+    if resume_from is not None:
+        loaded = ckpt.load_checkpoint(accelerator, resume_from, strategy)
+        session.step, session.best = loaded["step"], Best(recipe, loaded.get("best"))
+    _open_reporter(session, resume_from)
+    if resume_from is None:
+        session.first_eval = run_eval(session, 0)
+    return session
+
+
+def _load_data(recipe: Recipe, strategy: Strategy, accelerator, run_dir: Path) -> Run:
+    """Tokenizer and datasets (the main process first, so others reuse its cache) and the step plan."""
+    from launcher import modeling
     with accelerator.main_process_first():
         weights = modeling.resolve_weights(recipe)
         tokenizer = modeling.load_tokenizer(weights, recipe)
-        labels = class_labels(recipe)
-        train_data, eval_data = build_datasets(recipe, tokenizer, labels)
-        if recipe.data.packing:  # several examples per row (launcher/packing.py)
-            from launcher.packing import pack_dataset
-            train_data = Tokenised(pack_dataset(train_data.dataset, recipe.data.max_length), train_data.rows, train_data.dropped)
-
+        datasets = load_datasets(recipe, tokenizer)
     cfg = recipe.train
-    plan = StepPlan(len(train_data.dataset), cfg.micro_batch_size, cfg.grad_accum, accelerator.num_processes,
-                    accelerator.process_index, cfg.seed)
+    rows = len(datasets.train.dataset)
+    plan = StepPlan(rows, cfg.micro_batch_size, cfg.grad_accum, accelerator.num_processes, accelerator.process_index, cfg.seed)
     if plan.steps_per_epoch == 0:
-        raise UserError(f"data.train: {len(train_data.dataset)} usable rows is less than one global batch "
+        raise UserError(f"data.train: {rows} usable rows is less than one global batch "
                         f"(micro_batch_size x grad_accum x processes = {plan.global_batch})")
-    total_steps = plan.total_steps(cfg.epochs, cfg.max_steps)
-    if resume_from is not None:
-        previous = ckpt.load_state_file(resume_from)
-        check_resume(previous, recipe, accelerator.num_processes)
-        done = previous["step"]
-        if done >= total_steps and (run_dir / "final").is_dir():  # without final/ (stopped during export) go on and export
-            if main:
-                print(f"nothing left to train: {run_dir} already finished step {done} of {total_steps}. "
-                      f"Raise train.max_steps or train.epochs to continue, or pass --overwrite to start again.")
-            return 0
+    return Run(recipe, strategy, accelerator, run_dir, weights, tokenizer, datasets, plan,
+               plan.total_steps(cfg.epochs, cfg.max_steps))
 
-    set_seed(cfg.seed)
-    model = modeling.load_model(weights, recipe, on_gpu=accelerator.device.type == "cuda", labels=labels)
-    params = modeling.count_parameters(model, cfg.optimizer)
-    model = shard_model(model, recipe, accelerator)  # FSDP2 shards before the optimiser sees the parameters
-    if cfg.compile:  # in place: parameter names and saved keys stay as they are
+
+def _build_model(session: Run) -> None:
+    """Model (sharded by the strategy before the optimiser sees it), optimiser and schedule, prepared."""
+    from launcher import modeling, optim
+    from launcher.report import write_rank_log
+    recipe, accelerator, strategy = session.recipe, session.accelerator, session.strategy
+    model = modeling.load_model(session.weights, recipe, on_gpu=accelerator.device.type == "cuda", labels=session.data.labels)
+    session.params = count_parameters(model, recipe.train.optimizer)
+    model = strategy.shard(model, accelerator)
+    if recipe.train.compile:  # in place: parameter names and saved keys stay as they are
         model.compile()
-    optimizer = optim.build_optimizer(model, cfg)
-    scheduler = optim.build_scheduler(optimizer, cfg, total_steps)
-    model, optimizer, scheduler = prepare(accelerator, recipe, model, optimizer, scheduler)
-    write_rank_log(run_dir, accelerator, {"strategy": recipe.distributed.strategy, "world_size": accelerator.num_processes,
-                                          **parameter_bytes(model)})
+    optimizer = optim.build_optimizer(model, recipe.train)
+    scheduler = optim.build_scheduler(optimizer, recipe.train, session.total_steps)
+    session.model, session.optimizer, session.scheduler = strategy.prepare(accelerator, model, optimizer, scheduler)
+    write_rank_log(session.run_dir, accelerator, {"strategy": strategy.name, "world_size": accelerator.num_processes,
+                                                  **parameter_bytes(session.model)})
     if recipe.method != "full":
-        trainable = {name for name, p in accelerator.unwrap_model(model).named_parameters() if p.requires_grad}
+        trainable = {name for name, p in accelerator.unwrap_model(session.model).named_parameters() if p.requires_grad}
         accelerator.register_save_state_pre_hook(ckpt.keep_trainable_only(trainable))
 
-    reporter = Reporter(run_dir, main, recipe.report.tensorboard, total_steps)
-    reporter.print(f"model {weights}: {params.line()}")
-    reporter.print(f"data: {train_data.rows} train rows ({sum(train_data.dropped.values())} dropped: {train_data.dropped or 'none'}), "
-                   f"{len(eval_data.dataset) if eval_data else 0} eval rows; {total_steps} steps of {plan.global_batch} examples")
-    pad_id, task = tokenizer.pad_token_id, recipe.model.task
-    best = Best(recipe)
-    first_eval: Evaluation | None = None
 
-    def run_eval(step: int) -> Evaluation | None:
-        """Task metrics into metrics.jsonl; a new best (after step 0) is exported to output_dir/best."""
-        if eval_data is None:
-            return None
-        result = evaluate(accelerator, model, tokenizer, eval_data.dataset, recipe, labels)
-        extra = {"confusion": result.confusion} if result.confusion else {}
-        reporter.log({"kind": "eval", "step": step, **result.metrics, **extra})
-        if best.update(result.metrics, step) and step > 0:
-            ckpt.export_final(accelerator, model, tokenizer, run_dir, name="best")
-        return result
-
-    step = 0
+def _open_reporter(session: Run, resume_from: Path | None) -> None:
+    from launcher.report import Reporter
+    recipe, train, evaluation = session.recipe, session.data.train, session.data.eval
+    session.reporter = Reporter(session.run_dir, session.main, recipe.report.tensorboard, session.total_steps, session.step)
+    session.reporter.print(f"model {session.weights}: {session.params.line()}")
+    session.reporter.print(f"data: {train.rows} train rows ({sum(train.dropped.values())} dropped: {train.dropped or 'none'}), "
+                           f"{len(evaluation.dataset) if evaluation else 0} eval rows; "
+                           f"{session.total_steps} steps of {session.plan.global_batch} examples")
     if resume_from is not None:
-        state = ckpt.load_checkpoint(accelerator, resume_from)
-        step, best = state["step"], Best(recipe, state.get("best"))
-        reporter.print(f"resuming from {resume_from} at step {step}")
-    else:
-        first_eval = run_eval(0)
+        session.reporter.print(f"resuming from {resume_from} at step {session.step}")
 
-    def save(at: int) -> None:
-        state = {"step": at, "total_steps": total_steps, "best": best.state(),
-                 "world_size": accelerator.num_processes, "strategy": recipe.distributed.strategy}
-        ckpt.save_checkpoint(accelerator, run_dir, at, state, cfg.keep_last)
 
-    model.train()
-    start_step = step
-    real_tokens = token_slots = 0  # padding efficiency for the summary
-    with reporter:
-        while step < total_steps:
-            started = time.perf_counter()
-            micro = [to_device(collate(train_data.dataset.select(rows), pad_id, task), accelerator.device)
-                     for rows in plan.micro_batches(step)]
-            local_tokens = sum(target_count(b["labels"], task) for b in micro)
-            step_tokens = accelerator.reduce(local_tokens.double(), "sum")
-            loss_sum = torch.zeros((), device=accelerator.device, dtype=torch.float64)
-            for batch in micro:
-                with accelerator.accumulate(model):
-                    total, _ = task_loss_sum(model, batch, task, cfg.loss_chunk_tokens)
-                    scale = accelerator.num_processes * cfg.grad_accum / step_tokens
-                    accelerator.backward(total * scale.float() + optim.l2_penalty(model, cfg.l2_lambda))
-                    grad_norm = None
-                    if accelerator.sync_gradients and cfg.max_grad_norm:
-                        grad_norm = accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
-                    optimizer.step()
-                    if accelerator.sync_gradients:
-                        scheduler.step()
-                    optimizer.zero_grad()
-                loss_sum += total.detach().double()
-            step += 1
-            if step == start_step + 1:
-                check_synchronised(accelerator, model, recipe)  # refuses processes that train independently
-            loss = (accelerator.reduce(loss_sum, "sum") / step_tokens).item()
-            seen = accelerator.reduce(sum(b["attention_mask"].sum() for b in micro), "sum").item()
-            real_tokens, token_slots = real_tokens + seen, token_slots + sum(b["attention_mask"].numel() for b in micro) * accelerator.num_processes
-            elapsed = time.perf_counter() - started
-            lr = scheduler.get_last_lr()[0]
-            if step % cfg.log_every == 0 or step == total_steps:
-                reporter.log({"kind": "train", "step": step, "loss": loss, "lr": lr, "tokens": seen,
-                              "grad_norm": float(grad_norm) if grad_norm is not None else None,
-                              "step_seconds": round(elapsed, 4)})
-            reporter.step(step, loss, lr, seen / max(elapsed, 1e-9))
-            if cfg.eval_every and step % cfg.eval_every == 0 and step < total_steps:
-                run_eval(step)
-            if step < total_steps and stop.agreed(accelerator):  # at the last step, finishing is the quickest way out
-                save(step)
-                _preempted(reporter, stop, step, total_steps)
-                del model, optimizer, scheduler
-                return _release(accelerator)
-            if cfg.save_every and step % cfg.save_every == 0 and step < total_steps:
-                save(step)
+# ---------------------------------------------------------------- one step, and the loop
 
-    last_eval = run_eval(total_steps)
-    samples = paired_samples(first_eval, last_eval)
-    save(total_steps)
-    final = ckpt.export_final(accelerator, model, tokenizer, run_dir)
-    if main:
-        if task == "classification":  # an adapter folder has no config.json: keep the label names beside it
-            accelerator.unwrap_model(model).config.save_pretrained(final)
-        summary = {"model": weights, "method": recipe.method, "task": task, "parameters": params.line(),
-                   "steps": total_steps, "processes": accelerator.num_processes, "final": str(final)}
-        if token_slots:  # real tokens / batch slots (slots estimated from this process's batch shapes)
-            summary["padding efficiency"] = f"{real_tokens / token_slots:.1%} ({'packed' if recipe.data.packing else 'padded'})"
-        if best.step is not None:
-            summary["best"] = f"{best.key} {best.value:.4f} at step {best.step}" + (f" ({run_dir / 'best'})" if best.step else "")
-        write_report(run_dir, summary, samples, reporter.console)
-        reporter.print(f"saved {final}; report {run_dir / 'report.md'}")
-    del model, optimizer, scheduler
-    return _release(accelerator)
+def train_step(session: Run, micro_batches: list[dict]) -> StepStats:
+    """One optimiser step over this rank's micro-batches.
+
+    The summed loss of every micro-batch is divided by the target count of the whole global batch
+    (all micro-batches, all processes), so each target weighs the same however the batch is split.
+    """
+    import torch
+
+    from launcher.optim import l2_penalty
+    accelerator, model, cfg, task = session.accelerator, session.model, session.recipe.train, session.recipe.model.task
+    started, lr = time.perf_counter(), session.scheduler.get_last_lr()[0]  # the rate this step's update uses
+    step_targets = accelerator.reduce(sum(target_count(b["labels"], task) for b in micro_batches).double(), "sum")
+    loss_sum = torch.zeros((), device=accelerator.device, dtype=torch.float64)
+    grad_norm = None
+    for batch in micro_batches:
+        with accelerator.accumulate(model):
+            total = task_loss_sum(model, batch, task, cfg.loss_chunk_tokens)[0]  # its count is in step_targets already
+            scale = accelerator.num_processes * cfg.grad_accum / step_targets
+            accelerator.backward(total * scale.float() + l2_penalty(model, cfg.l2_lambda))
+            if accelerator.sync_gradients and cfg.max_grad_norm:
+                grad_norm = accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
+            session.optimizer.step()
+            if accelerator.sync_gradients:
+                session.scheduler.step()
+            session.optimizer.zero_grad()
+        loss_sum += total.detach().double()
+    loss = (accelerator.reduce(loss_sum, "sum") / step_targets).item()
+    tokens = accelerator.reduce(sum(b["attention_mask"].sum() for b in micro_batches), "sum").item()
+    slots = sum(b["attention_mask"].numel() for b in micro_batches) * accelerator.num_processes
+    return StepStats(loss, int(tokens), slots, float(grad_norm) if grad_norm is not None else None, lr,
+                     time.perf_counter() - started)
+
+
+def fit(session: Run, stop: StopRequest) -> bool:
+    """Train to the last step; True when a stop signal ended it early (a checkpoint was written).
+
+    After each step, in this order: the stop check (save and leave, before any due eval, so a
+    preempted job spends its grace period on the checkpoint), then a due eval, then a due save.
+    """
+    cfg, start = session.recipe.train, session.step
+    session.model.train()
+    while session.step < session.total_steps:
+        stats = train_step(session, session.micro_batches(session.step))
+        session.step += 1
+        step, last = session.step, session.step == session.total_steps
+        if step == start + 1:
+            session.strategy.check_synchronised(session.accelerator, session.model)  # refuses independent processes
+        _record(session, stats)
+        if not last and stop.agreed(session.accelerator):  # at the last step, finishing is the quickest way out
+            save(session)
+            _preempted(session.reporter, stop, step, session.total_steps)
+            return True
+        if cfg.eval_every and step % cfg.eval_every == 0 and not last:
+            run_eval(session, step)
+        if cfg.save_every and step % cfg.save_every == 0 and not last:
+            save(session)
+    return False
+
+
+def _record(session: Run, stats: StepStats) -> None:
+    session.totals["tokens"] += stats.tokens
+    session.totals["slots"] += stats.slots
+    step = session.step
+    if step % session.recipe.train.log_every == 0 or step == session.total_steps:
+        session.reporter.log({"kind": "train", "step": step, "loss": stats.loss, "lr": stats.lr, "tokens": stats.tokens,
+                              "grad_norm": stats.grad_norm, "step_seconds": round(stats.seconds, 4)})
+    session.reporter.step(step, stats.loss, stats.lr, stats.tokens / max(stats.seconds, 1e-9))
+
+
+def run_eval(session: Run, step: int) -> Evaluation | None:
+    """Task metrics into metrics.jsonl; a new best (after step 0) is exported to output_dir/best."""
+    if session.data.eval is None:
+        return None
+    result = evaluate(session.accelerator, session.model, session.tokenizer, session.data.eval.dataset, session.recipe,
+                      session.data.labels)
+    extra = {"confusion": result.confusion} if result.confusion else {}
+    session.reporter.log({"kind": "eval", "step": step, **result.metrics, **extra})
+    if session.best.update(result.metrics, step) and step > 0:
+        ckpt.export_final(session.accelerator, session.strategy, session.model, session.tokenizer, session.run_dir, name="best")
+    return result
+
+
+def save(session: Run) -> None:
+    state = {"step": session.step, "total_steps": session.total_steps, "best": session.best.state(),
+             "world_size": session.accelerator.num_processes, "strategy": session.strategy.name}
+    ckpt.save_checkpoint(session.accelerator, session.run_dir, session.step, state, session.recipe.train.keep_last)
+
+
+# ---------------------------------------------------------------- the end
+
+def finish(session: Run) -> Path:
+    """Final eval, last checkpoint, export to output_dir/final, and the report."""
+    from launcher.report import write_report
+    recipe, accelerator, run_dir = session.recipe, session.accelerator, session.run_dir
+    last_eval = run_eval(session, session.total_steps)
+    save(session)
+    final = ckpt.export_final(accelerator, session.strategy, session.model, session.tokenizer, run_dir)
+    if not session.main:
+        return final
+    if recipe.model.task == "classification":  # an adapter folder has no config.json: keep the label names beside it
+        accelerator.unwrap_model(session.model).config.save_pretrained(final)
+    summary = {"model": session.weights, "method": recipe.method, "task": recipe.model.task,
+               "parameters": session.params.line(), "steps": session.total_steps,
+               "processes": accelerator.num_processes, "final": str(final)}
+    if session.totals["slots"]:  # real tokens / batch slots (slots estimated from this process's batch shapes)
+        efficiency = session.totals["tokens"] / session.totals["slots"]
+        summary["padding efficiency"] = f"{efficiency:.1%} ({'packed' if recipe.data.packing else 'padded'})"
+    best = session.best
+    if best.step is not None:
+        summary["best"] = f"{best.key} {best.value:.4f} at step {best.step}" + (f" ({run_dir / 'best'})" if best.step else "")
+    write_report(run_dir, summary, paired_samples(session.first_eval, last_eval), session.reporter.console)
+    session.reporter.print(f"saved {final}; report {run_dir / 'report.md'}")
+    return final
 
 
 def paired_samples(before: Evaluation | None, after: Evaluation | None) -> list[dict]:
@@ -241,9 +319,11 @@ def _preempted(reporter, stop: StopRequest, step: int, total: int) -> None:
                    if requeued else "run the same command again to resume")
 
 
-def _release(accelerator) -> int:
-    """Called once the caller dropped model and optimiser: collecting them before the process group
-    goes avoids gloo's exit-time aborts on torch 2.13 (ENVIRONMENT.md)."""
+def close(session: Run) -> int:
+    """Drop model and optimiser, then end the process group. Collecting them first avoids gloo's
+    exit-time aborts on torch 2.13 (docs/platform.md)."""
+    accelerator = session.accelerator
+    session.model = session.optimizer = session.scheduler = None
     accelerator.free_memory()
     gc.collect()
     accelerator.wait_for_everyone()

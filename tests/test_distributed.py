@@ -225,13 +225,13 @@ def _unsynchronised_rank(rank: int, port: int, queue) -> None:
     from accelerate import Accelerator
     from accelerate.utils import InitProcessGroupKwargs
 
-    from launcher.distributed import check_synchronised
     from launcher.recipe import Recipe, UserError
+    from launcher.strategies import strategy_for
     accelerator = Accelerator(cpu=True, kwargs_handlers=[InitProcessGroupKwargs(backend="gloo")])
     torch.manual_seed(rank)
     recipe = Recipe.model_validate({"model": {"path": "m"}, "data": {"train": "t.jsonl"}, "output_dir": "o"})
     try:
-        check_synchronised(accelerator, torch.nn.Linear(4, 4), recipe)
+        strategy_for(recipe).check_synchronised(accelerator, torch.nn.Linear(4, 4))
         queue.put((rank, "passed"))
     except UserError as exc:
         queue.put((rank, str(exc)))

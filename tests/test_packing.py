@@ -5,7 +5,7 @@ import torch
 
 from launcher.data import IGNORE, collate
 from launcher.loss import task_loss_sum
-from launcher.packing import best_fit_decreasing, pack_dataset
+from launcher.packing import best_fit_decreasing, collate_packed, pack_dataset
 
 
 def test_best_fit_decreasing_fills_bins_within_capacity():
@@ -32,7 +32,7 @@ def test_labels_never_cross_example_boundaries():
     rows = _examples(50, [6, 4, 9, 3])
     rows[1]["labels"] = list(rows[1]["input_ids"])  # train_on_prompt: the first token would be a target
     packed = pack_dataset(datasets.Dataset.from_list(rows), 12)
-    batch = collate(list(packed), pad_id=0)
+    batch = collate_packed(list(packed), pad_id=0)
     for r, lengths in enumerate(packed["lengths"]):
         start = 0
         for n in lengths:
@@ -56,7 +56,7 @@ def test_no_attention_across_examples_in_a_packed_row(attn):
     a, b, other_b = _examples(50, [7, 9, 9], seed=1)
     logits = []
     for second in (b, other_b):
-        batch = collate(list(pack_dataset(datasets.Dataset.from_list([a, second]), 16)), pad_id=0)
+        batch = collate_packed(list(pack_dataset(datasets.Dataset.from_list([a, second]), 16)), pad_id=0)
         assert batch["input_ids"].shape == (1, 16)
         lengths = batch["position_ids"][0].tolist()
         with torch.no_grad():
@@ -81,7 +81,7 @@ def test_packed_and_unpacked_batches_give_the_same_loss_per_example():
     rows = _examples(50, [6, 11, 4, 9, 5, 3], seed=2)
     packed = pack_dataset(datasets.Dataset.from_list(rows), 16)
     assert len(packed) < len(rows)
-    packed_ce = _per_token_ce(model, collate(list(packed), pad_id=0))
+    packed_ce = _per_token_ce(model, collate_packed(list(packed), pad_id=0))
     order = [i for b in best_fit_decreasing([len(r["input_ids"]) for r in rows], 16) for i in b]
     per_example = {}
     for r, lengths in enumerate(packed["lengths"]):
@@ -93,7 +93,7 @@ def test_packed_and_unpacked_batches_give_the_same_loss_per_example():
     unpacked_ce = _per_token_ce(model, collate(rows, pad_id=0))
     for i in range(len(rows)):
         torch.testing.assert_close(per_example[i], unpacked_ce[i].sum(), rtol=1e-7, atol=1e-7)
-    packed_total, packed_count = task_loss_sum(model, collate(list(packed), pad_id=0), "causal-lm")
+    packed_total, packed_count = task_loss_sum(model, collate_packed(list(packed), pad_id=0), "causal-lm")
     plain_total, plain_count = task_loss_sum(model, collate(rows, pad_id=0), "causal-lm")
     assert packed_count == plain_count
     torch.testing.assert_close(packed_total, plain_total, rtol=1e-6, atol=0)

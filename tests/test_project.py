@@ -29,9 +29,11 @@ def test_readme_quickstart_runs_the_quickstart_recipe():
 
 
 @pytest.mark.parametrize("recipe", sorted(p.name for p in (REPO / "recipes").glob("*.yaml")))
-def test_every_shipped_recipe_validates(recipe):
-    loaded = load_recipe(REPO / "recipes" / recipe)
-    assert Path(loaded.data.train).is_file()
+def test_every_shipped_recipe_validates(recipe, capsys):
+    """`launcher validate`: the schema, then preflight (every data row, the DeepSpeed JSON, device support)."""
+    from launcher.cli import main
+    assert main(["validate", str(REPO / "recipes" / recipe)]) == 0, capsys.readouterr().err
+    assert Path(load_recipe(REPO / "recipes" / recipe).data.train).is_file()
 
 
 def test_a_built_wheel_carries_the_deepspeed_shorthands_and_sbatch_template(tmp_path):

@@ -38,7 +38,7 @@ def test_qlora_base_weights_are_4bit_and_checkpointing_stays_as_asked(llama, tmp
     import bitsandbytes as bnb
     import torch
 
-    from launcher import modeling
+    from launcher import memory, modeling
     recipe = Recipe.model_validate(tiny_recipe(llama, tmp_path / "run", method="qlora"))
     model = modeling.load_model(str(llama), recipe, on_gpu=False)
     linears = [m for m in model.get_base_model().modules() if isinstance(m, bnb.nn.Linear4bit)]
@@ -50,10 +50,10 @@ def test_qlora_base_weights_are_4bit_and_checkpointing_stays_as_asked(llama, tmp
         assert weight.numel() * weight.element_size() * 2 == weight.quant_state.shape.numel()  # two weights per byte
         logical += weight.quant_state.shape.numel()
         packed += weight.numel()
-        state += modeling._quant_state_bytes(weight)
+        state += memory.quant_state_bytes(weight)
     assert (packed + state) * 8 / logical < 5.0, "nf4 with double quantisation: about 4.1-4.5 bits per weight"
     assert not model.get_base_model().is_activation_checkpointing  # peft's k-bit preparation would have turned it on
-    count = modeling.count_parameters(model, "adamw-8bit")
+    count = memory.count_parameters(model, "adamw-8bit")
     assert count.quantised == logical and count.quantised_bytes == packed + state
     assert count.total == sum(p.numel() for p in modeling.load_base(str(llama), recipe.model_copy(update={"method": "lora"}),
                                                                      on_gpu=False).parameters()) + count.trainable
@@ -119,7 +119,8 @@ def test_optimizer_steps_and_its_state_is_as_announced(name):
     """The start-up summary's optimiser bytes are known before the first step; here they are checked after it."""
     import torch
 
-    from launcher.optim import build_optimizer, state_bytes
+    from launcher.memory import state_bytes
+    from launcher.optim import build_optimizer
     from launcher.recipe import TrainSection
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(64, 128), torch.nn.Linear(128, 8), torch.nn.LayerNorm(8))
@@ -171,7 +172,7 @@ def test_merge_reloads_with_plain_from_pretrained_and_matches_the_adapter(qlora_
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    from launcher.merge import PROMPTS, load_base, logits, run_recipe
+    from launcher.merge import PROMPTS, load_dequantised_base, logits, run_recipe
     run, _ = qlora_run
     result = launch(["merge", run, "--dtype", "fp32"])
     assert result.returncode == 0, result.stderr
@@ -181,7 +182,7 @@ def test_merge_reloads_with_plain_from_pretrained_and_matches_the_adapter(qlora_
 
     recipe = run_recipe(run)
     merged = AutoModelForCausalLM.from_pretrained(merged_dir, dtype=torch.float32).eval()
-    adapter = PeftModel.from_pretrained(load_base(recipe, "float32"), run / "final").eval()
+    adapter = PeftModel.from_pretrained(load_dequantised_base(recipe, "float32"), run / "final").eval()
     from launcher.modeling import load_tokenizer
     batch = dict(load_tokenizer(str(merged_dir), recipe)(PROMPTS, return_tensors="pt", padding=True))
     expected = logits(adapter, batch)

@@ -72,7 +72,7 @@ def test_eval_batches_give_every_rank_the_same_number_of_passes():
 def test_inspect_counts_trained_tokens(tmp_path, tiny_model):
     from rich.console import Console
 
-    from launcher.inspect import show
+    from launcher.inspection import show
     from launcher.recipe import load_recipe
     from support import tiny_recipe, write_recipe
     recipe = load_recipe(write_recipe(tiny_recipe(tiny_model, tmp_path / "run", data={"max_train_rows": 20}), tmp_path / "r.yaml"))
@@ -109,7 +109,7 @@ def test_compiled_training_matches_eager_and_saves_the_same_keys(tmp_path, tiny_
 
 
 def test_compile_without_a_compiler_is_refused(tmp_path, monkeypatch):
-    from launcher.modeling import check_compiler
+    from launcher.preflight import check_compiler
     from launcher.recipe import UserError
     monkeypatch.setenv("PATH", str(tmp_path))
     monkeypatch.delenv("CXX", raising=False)

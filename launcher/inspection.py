@@ -1,11 +1,14 @@
-"""`launcher inspect`: see exactly what the model will be trained on, before training it."""
+"""`launcher inspect`: see exactly what the model will be trained on, before training it.
+
+Named inspection, not inspect, so it never shadows the standard library's inspect module.
+"""
 from __future__ import annotations
 
 from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
-from launcher.data import IGNORE
+from launcher.formats import IGNORE
 from launcher.recipe import Recipe
 
 
@@ -30,23 +33,30 @@ def length_histogram(lengths: list[int], bins: int = 8) -> list[tuple[str, int]]
 
 
 def show(recipe: Recipe, examples: int, console: Console | None = None) -> dict:
+    """Print the first `examples` tokenised train rows and the data's counts; returns the counts."""
     from launcher import modeling
-    from launcher.train import build_datasets
+    from launcher.data import load_datasets
 
     console = console or Console(highlight=False, soft_wrap=True)
     weights = modeling.resolve_weights(recipe)
     tokenizer = modeling.load_tokenizer(weights, recipe)
-    train, evaluation = build_datasets(recipe, tokenizer)
+    found = load_datasets(recipe, tokenizer, pack=False)  # one example per row, as before packing
+    train, evaluation = found.train, found.eval
     dataset = train.dataset
     for index in range(min(examples, len(dataset))):
         row = dataset[index]
         console.rule(f"example {index} ({len(row['input_ids'])} tokens)")
-        console.print(highlighted(tokenizer, row["input_ids"], row["labels"]))
+        if found.labels:  # a classifier's label is one class id for the whole row
+            console.print(Text(tokenizer.decode(row["input_ids"]), style="dim") + Text(f"  -> {found.labels[row['labels'][0]]}", style="bold green"))
+        else:
+            console.print(highlighted(tokenizer, row["input_ids"], row["labels"]))
     lengths = [len(ids) for ids in dataset["input_ids"]]
     trained = sum(sum(label != IGNORE for label in labels) for labels in dataset["labels"])
     counts = {"rows": train.rows, "kept": len(dataset), "dropped": train.dropped, "tokens": sum(lengths),
               "trained_fraction": trained / max(1, sum(lengths)),
               "eval_rows": len(evaluation.dataset) if evaluation else 0}
+    if found.labels:
+        counts["labels"] = found.labels
     table = Table(title="training data")
     table.add_column("what")
     table.add_column("value")

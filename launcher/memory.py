@@ -1,0 +1,112 @@
+"""Bytes a run's choices cost: weights, gradients and optimiser state, counted from the tensors.
+
+One place for these counts, so the run summary, the per-rank logs and the memory planner agree.
+Counting is by what each tensor really stores: ZeRO-3 placeholders keep their full size in
+`ds_numel`, FSDP2 shards are DTensors, and bitsandbytes packs 4-bit weights two to a byte with
+scales beside them. Imports no torch at module level.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+BNB_MIN_8BIT_SIZE = 4096  # bitsandbytes keeps 32-bit state for smaller tensors (its min_8bit_size default)
+BNB_BLOCK = 256  # values per float32 absmax in blockwise 8-bit state
+
+
+@dataclass
+class ParamCount:
+    """The memory a run's choices cost before activations: what the user needs to trust them."""
+    total: int
+    trainable: int
+    weight_bytes: int
+    quantised: int = 0  # parameters held in 4 or 8 bits
+    quantised_bytes: int = 0  # their packed bytes and scales
+    gradient_bytes: int = 0
+    optimizer: str = "adamw"
+    optimizer_bytes: int = 0
+
+    def line(self) -> str:
+        share = 100 * self.trainable / max(self.total, 1)
+        bits = 8 * self.quantised_bytes / max(self.quantised, 1)
+        quantised = f" ({count_text(self.quantised)} quantised, {bits:.2f} bits each)" if self.quantised else ""
+        return (f"{count_text(self.total)} parameters{quantised}, {count_text(self.trainable)} trainable ({share:.2f}%); "
+                f"weights {mib_text(self.weight_bytes)}, gradients {mib_text(self.gradient_bytes)}, "
+                f"{self.optimizer} state {mib_text(self.optimizer_bytes)}")
+
+
+def count_text(n: int) -> str:
+    return f"{n / 1e9:.2f}B" if n >= 1e9 else f"{n / 1e6:.1f}M" if n >= 1e6 else f"{n / 1e3:.1f}k"
+
+
+def mib_text(count: int) -> str:
+    return f"{count / 2**20:.1f} MiB" if count < 10 * 2**20 else f"{count / 2**20:.0f} MiB"
+
+
+def stored_numel(param) -> int:
+    """Elements a parameter really has: ZeRO-3 loads parameters already partitioned (numel 0), ds_numel keeps the count."""
+    return getattr(param, "ds_numel", None) or param.numel()
+
+
+def logical_numel(param) -> int:
+    """bitsandbytes packs two 4-bit weights per byte; its quant_state keeps the real shape."""
+    state = getattr(param, "quant_state", None)
+    return state.shape.numel() if state is not None else stored_numel(param)
+
+
+def quant_state_bytes(param) -> int:
+    """Per-block scales (4-bit) or per-row scales (8-bit) stored beside the packed weights."""
+    state = getattr(param, "quant_state", None)
+    if state is not None:
+        return sum(t.numel() * t.element_size() for t in state.as_dict(packed=False).values() if hasattr(t, "element_size"))
+    scales = getattr(param, "SCB", None)
+    return scales.numel() * scales.element_size() if scales is not None else 0
+
+
+def is_quantised(param) -> bool:
+    return str(param.dtype) in ("torch.int8", "torch.uint8") or getattr(param, "quant_state", None) is not None
+
+
+def count_parameters(model, optimizer: str = "adamw") -> ParamCount:
+    params = list(model.parameters())
+    trainable = [p for p in params if p.requires_grad]
+    quantised = [p for p in params if is_quantised(p)]
+    return ParamCount(total=sum(logical_numel(p) for p in params),
+                      trainable=sum(stored_numel(p) for p in trainable),
+                      weight_bytes=sum(stored_numel(p) * p.element_size() + quant_state_bytes(p) for p in params),
+                      quantised=sum(logical_numel(p) for p in quantised),
+                      quantised_bytes=sum(stored_numel(p) * p.element_size() + quant_state_bytes(p) for p in quantised),
+                      gradient_bytes=sum(stored_numel(p) * p.element_size() for p in trainable),
+                      optimizer=optimizer, optimizer_bytes=state_bytes(trainable, optimizer))
+
+
+def state_bytes(params, name: str) -> int:
+    """Bytes of optimiser state `name` will hold for these trainable tensors, known before its first step."""
+    total = 0
+    for p in params:
+        count, size = stored_numel(p), p.element_size()
+        if name == "adamw":
+            total += 2 * count * size  # exp_avg and exp_avg_sq in the parameter's dtype
+        elif name == "sgd":
+            total += count * size  # momentum buffer
+        elif name == "adafactor":  # factored second moment: one value per row and per column
+            total += (count // p.shape[-1] + count // p.shape[-2] if p.ndim >= 2 else count) * size
+        elif name.endswith("8bit") and count >= BNB_MIN_8BIT_SIZE:
+            total += 2 * count + 2 * 4 * math.ceil(count / BNB_BLOCK)  # two uint8 moments and their float32 block scales
+        else:
+            total += 2 * count * 4  # bitsandbytes' 32-bit state
+    return total
+
+
+def parameter_bytes(model) -> dict:
+    """Bytes of parameters this rank really holds (a shard under FSDP2 and ZeRO-3), and of the whole model."""
+    local = full = 0
+    for param in model.parameters():
+        if hasattr(param, "ds_tensor"):  # ZeRO-3: a placeholder; ds_tensor is this rank's partition
+            local += param.ds_tensor.numel() * param.ds_tensor.element_size()
+            full += param.ds_numel * param.ds_tensor.element_size()
+            continue
+        held = param.to_local() if hasattr(param, "to_local") else param  # FSDP2: a DTensor shard
+        local += held.numel() * held.element_size()
+        full += param.numel() * param.element_size()
+    return {"parameter_bytes": local, "full_parameter_bytes": full}

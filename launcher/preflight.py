@@ -1,0 +1,91 @@
+"""Every check on the user's input and environment that can run before torch loads.
+
+`launcher validate` is this module alone; `train`, `eval`, `inspect` and `slurm submit` run it
+once, first, so a mistake costs seconds, not a queue wait and a model load. Nothing here imports
+torch: the device is found from the driver's files, package support from their versions.
+"""
+from __future__ import annotations
+
+import importlib.metadata
+import importlib.util
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+from launcher import data
+from launcher.recipe import Recipe, UserError
+from launcher.strategies import launch_hint, launched_world_size, strategy_for
+
+BNB_OPTIMIZERS = ("adamw-8bit", "paged-adamw", "paged-adamw-8bit")
+BNB_FIRST_CPU_VERSION = (0, 46)  # bitsandbytes gained its CPU backend (4-bit, 8-bit, 8-bit optimisers) in 0.46
+
+
+@dataclass
+class Target:
+    """Where the run will execute: the device type and how many processes were launched."""
+    device: str
+    world: int
+
+
+def detect_device() -> str:
+    """'cuda' when an NVIDIA GPU is visible to this process, else 'cpu'; found without importing torch."""
+    if os.environ.get("CUDA_VISIBLE_DEVICES", None) in ("", "-1"):
+        return "cpu"
+    gpus = Path("/proc/driver/nvidia/gpus")
+    return "cuda" if gpus.is_dir() and any(gpus.iterdir()) else "cpu"
+
+
+def check(recipe: Recipe, target: Target | None = None) -> Target:
+    """Refuse, with one message, anything the run would refuse later; returns the target it checked for."""
+    target = target or Target(detect_device(), launched_world_size())
+    check_launch(recipe, target)
+    check_device_support(recipe, target.device)
+    data.check_sources(recipe)
+    return target
+
+
+def check_launch(recipe: Recipe, target: Target) -> None:
+    """The process count the recipe demands, and the strategy's own needs (its JSON, its device, accelerate's config)."""
+    wanted = recipe.distributed.num_processes
+    if wanted is not None and target.world != wanted:
+        raise UserError(f"distributed.num_processes is {wanted} but {target.world} process{'es' * (target.world != 1)} "
+                        f"started; launch with {launch_hint(wanted)}")
+    strategy_for(recipe).preflight(target.device == "cuda")
+
+
+def check_device_support(recipe: Recipe, device: str) -> None:
+    """Optimiser, quantisation and compiler support on the device that will run, from package versions alone."""
+    optimizer = recipe.train.optimizer
+    if optimizer in BNB_OPTIMIZERS:
+        _need_bitsandbytes(f"train.optimizer {optimizer}", device, "use train.optimizer: adamw")
+        if optimizer.startswith("paged") and device != "cuda":
+            # bitsandbytes would warn and quietly fall back to plain state: the user would believe memory is saved.
+            raise UserError(f"train.optimizer {optimizer}: paging moves optimiser state between GPU and CPU memory through "
+                            f"CUDA unified memory, which a {device} device lacks; use adamw-8bit (or adamw) there")
+    if recipe.method == "qlora":
+        _need_bitsandbytes("method: qlora", device, "use method: lora")
+    if recipe.train.compile:
+        check_compiler(device)
+
+
+def _need_bitsandbytes(what: str, device: str, instead: str) -> None:
+    try:
+        version = importlib.metadata.version("bitsandbytes")
+    except importlib.metadata.PackageNotFoundError:
+        raise UserError(f"{what} needs bitsandbytes: pip install bitsandbytes") from None
+    numbers = tuple(int(part) for part in version.split(".")[:2] if part.isdigit())
+    if device == "cpu" and numbers < BNB_FIRST_CPU_VERSION:
+        raise UserError(f"{what}: bitsandbytes {version} has no cpu backend (it came in "
+                        f"{'.'.join(map(str, BNB_FIRST_CPU_VERSION))}); upgrade bitsandbytes or {instead}")
+
+
+def check_compiler(device: str) -> None:
+    """train.compile: inductor writes C++ on CPU and triton kernels on GPU; without them the first step would fail."""
+    if device == "cpu":
+        compilers = {os.environ.get("CXX") or "g++", "g++", "clang++"}
+        if not any(shutil.which(name) for name in compilers):
+            raise UserError("train.compile on CPU needs a C++ compiler (g++ or clang++, or set CXX); "
+                            "install one or set train.compile: false")
+    elif importlib.util.find_spec("triton") is None:
+        raise UserError(f"train.compile on {device} needs triton: pip install triton, or set train.compile: false")
