@@ -1,0 +1,59 @@
+"""What a data source was when a run (or a preprocessing cache) read it.
+
+One mechanism for two questions: has a data file changed under a resumable run, and is a
+preprocessed dataset still valid for its inputs. A fingerprint records the size and mtime of a
+file (or of every file in a folder) and a content hash when hashing is cheap; `changed` compares
+two and says in words what differs. Imports no torch and no other launcher module.
+"""
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+HASH_LIMIT = 512 * 2**20  # bytes hashed in full; larger files are compared by size and mtime, plus their first and last MiB
+EDGE = 2**20
+
+
+def _digest(path: Path, size: int) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        if size <= HASH_LIMIT:
+            for block in iter(lambda: handle.read(2**20), b""):
+                digest.update(block)
+        else:
+            digest.update(handle.read(EDGE))
+            handle.seek(size - EDGE)
+            digest.update(handle.read(EDGE))
+    return digest.hexdigest()
+
+
+def file_fingerprint(path: str | Path) -> dict:
+    """{"path", "size", "mtime_ns", "sha256"} of a file; a folder gets one entry per file inside it."""
+    path = Path(path)
+    if path.is_dir():
+        files = sorted(p for p in path.rglob("*") if p.is_file())
+        return {"path": str(path), "files": {str(p.relative_to(path)): file_fingerprint(p) for p in files}}
+    stat = path.stat()
+    return {"path": str(path), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns, "sha256": _digest(path, stat.st_size)}
+
+
+def changed(old: dict, new: dict) -> str | None:
+    """What differs between two fingerprints of one source, in words; None when the content is the same.
+
+    A new mtime with the same hash (a file copied or touched) is not a change.
+    """
+    if "files" in old or "files" in new:
+        before, after = old.get("files", {}), new.get("files", {})
+        if set(before) != set(after):
+            added, removed = sorted(set(after) - set(before)), sorted(set(before) - set(after))
+            return "files " + ", ".join(filter(None, [f"added {added[:3]}" if added else "", f"removed {removed[:3]}" if removed else ""]))
+        for name in sorted(before):
+            reason = changed(before[name], after[name])
+            if reason:
+                return f"{name}: {reason}"
+        return None
+    if old.get("size") != new.get("size"):
+        return f"size {old.get('size')} -> {new.get('size')} bytes"
+    if old.get("sha256") != new.get("sha256"):
+        return "content differs (same size, different sha256)"
+    return None
