@@ -86,15 +86,24 @@ def test_qlora_with_8bit_adamw_trains_and_loss_falls(qlora_run):
     assert (run / "final" / "adapter_model.safetensors").is_file()
 
 
-def test_qlora_resume_is_exact(qlora_run, llama, tmp_path):
-    run, _ = qlora_run
-    recipe = write_recipe(qlora_recipe(llama, tmp_path / "split"), tmp_path / "r.yaml")
-    first = launch([recipe, "train.max_steps=3"])
+def test_qlora_resume_is_exact(llama, tmp_path):
+    """No eval data in either run: on CPUs with avx512-bf16, bitsandbytes repacks 4-bit weights into a CPU
+    inference layout at the first no-grad forward (an eval) and keeps computing with it, so a run that
+    evaluated before training is not bitwise comparable with one resumed without that eval (docs/platform.md)."""
+    runs = {}
+    for name in ("straight", "split"):
+        recipe = qlora_recipe(llama, tmp_path / name)
+        recipe["data"].pop("eval")
+        runs[name] = write_recipe(recipe, tmp_path / f"{name}.yaml")
+    assert launch([runs["straight"]]).returncode == 0
+    first = launch([runs["split"], "train.max_steps=3"])
     assert first.returncode == 0, first.stderr
-    second = launch([recipe])
+    second = launch([runs["split"]])
     assert second.returncode == 0, second.stderr
     assert "resuming from" in second.stdout and "step-3" in second.stdout
-    assert train_losses(tmp_path / "split") == train_losses(run)  # bitwise: 4-bit base reloaded, adapter + 8-bit state restored
+    straight = train_losses(tmp_path / "straight")
+    assert sorted(straight) == list(range(1, 7))
+    assert train_losses(tmp_path / "split") == straight  # bitwise: 4-bit base reloaded, adapter + 8-bit state restored
 
 
 def test_qlora_trains_under_ddp_with_two_processes(llama, tmp_path):
@@ -148,6 +157,7 @@ REFUSED = [
      "train.optimizer paged-adamw with distributed.strategy: deepspeed"),
     ({"method": "lora", "quant": {"bits": 8}}, "quant: only applies to method: qlora"),
     ({"method": "qlora", "quant": {"bits": 8, "type": "fp4"}}, "quant.type applies to 4-bit weights only"),
+    ({"method": "lora", "train": {"optimizer": "paged-adamw-8bit"}}, "which a cpu device lacks"),  # validate checks what train refuses
 ]
 
 
@@ -161,7 +171,7 @@ def test_unsupported_combination_is_refused_by_validate(llama, tmp_path, capsys,
 
 @pytest.mark.parametrize("changes", [{"method": "qlora", "quant": {"type": "fp4", "double_quant": False}},
                                      {"method": "qlora", "quant": {"bits": 8}},
-                                     {"method": "lora", "train": {"optimizer": "paged-adamw-8bit"}}])
+                                     {"method": "lora", "train": {"optimizer": "adamw-8bit"}}])
 def test_supported_combination_validates(llama, tmp_path, capsys, changes):
     recipe = tiny_recipe(llama, tmp_path / "run", **changes)
     assert main(["validate", str(write_recipe(recipe, tmp_path / "r.yaml"))]) == 0
