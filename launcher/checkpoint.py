@@ -140,7 +140,7 @@ def export_final(accelerator, strategy, model, tokenizer, run_dir: Path, name: s
     state_dict = strategy.export_state_dict(accelerator, model)
     if accelerator.is_main_process:
         shutil.rmtree(staging, ignore_errors=True)
-        accelerator.unwrap_model(model).save_pretrained(staging, state_dict=state_dict, safe_serialization=True)
+        strategy.unwrap(accelerator, model).save_pretrained(staging, state_dict=state_dict, safe_serialization=True)
         tokenizer.save_pretrained(staging)
         shutil.rmtree(target, ignore_errors=True)
         staging.rename(target)
