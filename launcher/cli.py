@@ -11,6 +11,7 @@ import sys
 from dataclasses import dataclass
 from typing import Callable
 
+from launcher.console import quiet_libraries
 from launcher.recipe import UserError, load_recipe, load_run
 
 def _recipe_args(parser: argparse.ArgumentParser) -> None:
@@ -217,9 +218,12 @@ VERBS: dict[str, Verb] = {
 
 
 def main(argv: list[str] | None = None) -> int:
+    quiet_libraries()
     args = parse(sys.argv[1:] if argv is None else argv)
     try:
-        return VERBS[args.verb].handler(args)
+        status = VERBS[args.verb].handler(args)
+        sys.stdout.flush()  # inside the try: a reader that left early surfaces here
+        return status
     except UserError as exc:
         world = int(os.environ.get("WORLD_SIZE", "1"))
         prefix = f"[rank {os.environ.get('RANK', '0')}] " if world > 1 else ""

@@ -28,20 +28,16 @@ HARMLESS_WARNINGS = (
 
 
 def quiet_libraries() -> None:
-    """Library progress bars off and known-harmless library warnings filtered, for the launcher's own phases."""
-    os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
-    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
-    os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+    """Library progress bars off and known-harmless library warnings filtered: the launcher reports its phases itself.
+
+    Environment switches only (read when each library loads), so this imports nothing and runs first in `main`.
+    """
+    for name, value in (("HF_HUB_DISABLE_PROGRESS_BARS", "1"),  # also transformers' own bars ("Loading weights")
+                        ("HF_DATASETS_DISABLE_PROGRESS_BARS", "1"), ("TQDM_DISABLE", "1"),  # the GGUF conversion's bar
+                        ("TRANSFORMERS_VERBOSITY", "error"), ("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")):
+        os.environ.setdefault(name, value)
     for category, message in HARMLESS_WARNINGS:
         warnings.filterwarnings("ignore", message=message, category=category)
-    try:
-        import datasets
-        import transformers
-    except ImportError:
-        return
-    datasets.disable_progress_bars()
-    transformers.utils.logging.disable_progress_bar()
-    transformers.utils.logging.set_verbosity_error()
 
 
 def clock(seconds: float) -> str:
@@ -68,9 +64,9 @@ class Phase:
         return f"{count}{clock(time.perf_counter() - self.started)}"
 
     def advance(self, count: int = 1) -> None:
-        self.done += count
+        self.done = min(self.done + count, self.total) if self.total else self.done + count
         if self.task is not None:
-            self.console.progress.update(self.task, completed=self.done, status=self.status())
+            self.console.progress.update(self.task, completed=self.done, status=self.status(), refresh=True)
 
     def end(self) -> None:
         """The spinner goes; one line stays, on a terminal as in a log."""

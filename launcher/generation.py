@@ -65,8 +65,6 @@ def _columns(rows: list[dict]) -> dict[str, list]:
 def answer_prompts(run_dir: str, checkpoint: str, prompts: list[str] | None, file: str | None,
                    max_new_tokens: int | None) -> int:
     """The verb: prompts from --prompt, --file, a terminal session, or standard input."""
-    from launcher.console import quiet_libraries
-    quiet_libraries()
     if file:
         if not Path(file).is_file():
             raise UserError(f"generate --file: {file} not found")

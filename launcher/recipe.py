@@ -148,7 +148,7 @@ Tracker = Literal["tensorboard", "mlflow", "wandb"]
 
 class ReportSection(Section):
     trackers: list[Tracker] = Field(
-        default_factory=list, description="Experiment trackers fed through accelerate's log_with: tensorboard (output_dir/tb), "
+        default_factory=list, description="Experiment trackers fed through accelerate's log_with: tensorboard (output_dir/tb/<project>), "
         "mlflow (MLFLOW_TRACKING_URI, else a local store in output_dir/mlruns), wandb (offline in output_dir/wandb "
         "unless WANDB_MODE says otherwise). Credentials are read from the environment only, never from the recipe.")
     project: str | None = Field(None, description="Experiment / project name in the trackers; default: the name of output_dir.")

@@ -79,7 +79,10 @@ def plot_loss(records: list[dict], target: Path) -> bool:
     evals = [(r["step"], r["eval_loss"]) for r in records if r.get("kind") == "eval"]
     if not train:
         return False
-    import matplotlib
+    try:
+        import matplotlib
+    except ImportError:  # the plots extra is not installed: report.md without the picture
+        return False
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     figure, axis = plt.subplots(figsize=(7, 4))
