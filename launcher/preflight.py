@@ -66,6 +66,10 @@ def check_device_support(recipe: Recipe, device: str) -> None:
                             f"CUDA unified memory, which a {device} device lacks; use adamw-8bit (or adamw) there")
     if recipe.method == "qlora":
         _need_bitsandbytes("method: qlora", device, "use method: lora")
+    if recipe.lora.init == "loftq" and device != "cuda":
+        # peft.utils.loftq_utils quantises on compute_device = "cuda" (or "xpu"), whatever the model's device.
+        raise UserError(f"lora.init loftq: peft computes LoftQ's quantisation residuals on a CUDA device, which a {device} "
+                        "run lacks; use lora.init default (or pissa / olora with method: lora)")
     if recipe.train.compile:
         check_compiler(device)
 

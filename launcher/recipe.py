@@ -47,7 +47,18 @@ class LoraSection(Section):
     dropout: float = Field(0.05, ge=0, lt=1, description="Dropout on the adapter input.")
     target_modules: list[str] | Literal["all-linear"] = Field(
         "all-linear", description="Module names to adapt, or all-linear for every linear layer but the head.")
-    modules_to_save: list[str] = Field(default_factory=list, description="Extra modules trained in full and saved with the adapter.")
+    modules_to_save: list[str] = Field(default_factory=list, description="Extra modules trained in full and saved with the adapter "
+                                       "(a classifier's new head always is); a module is trained in full or adapted, never both.")
+    dora: bool = Field(False, description="DoRA: each adapted weight is split into a trained magnitude per output row and a direction "
+                       "that LoRA updates (peft use_dora).")
+    rslora: bool = Field(False, description="rsLoRA: scale the update by alpha / sqrt(r) instead of alpha / r, so high ranks still learn.")
+    init: Literal["default", "gaussian", "pissa", "olora", "loftq"] = Field(
+        "default", description="Adapter initialisation: default (B = 0); gaussian; pissa (top singular directions of each weight, "
+                               "the base keeps the residual); olora (QR of each weight, likewise); loftq (method qlora on a GPU: "
+                               "adapters that offset the 4-bit rounding). pissa/olora adapters are saved converted to plain "
+                               "LoRA of rank 2r on the original base.")
+    plus_lr_ratio: float | None = Field(None, gt=0, description="LoRA+: the B matrices learn at this multiple of train.lr (e.g. 16); "
+                                        "null: one learning rate.")
 
 
 class QuantSection(Section):
@@ -206,6 +217,7 @@ class Recipe(Section):
     @model_validator(mode="after")
     def _cross_field_rules(self) -> "Recipe":
         _quant_rules(self)
+        _adapter_rules(self)
         frozen = self.freeze.embeddings or self.freeze.first_n_blocks or self.freeze.patterns
         if frozen and self.method != "full":
             raise ValueError(f"freeze: only applies to method: full (LoRA already freezes the base); remove it or set method: full")
@@ -286,6 +298,27 @@ ALIASES = {"rank": "r", "lora_r": "r", "lora_alpha": "alpha", "lora_dropout": "d
            "gradient_accumulation_steps": "grad_accum", "num_epochs": "epochs", "num_train_epochs": "epochs",
            "lr_scheduler": "schedule", "lr_scheduler_type": "schedule", "warmup": "warmup_steps",
            "sequence_len": "max_length", "max_seq_length": "max_length", "output": "output_dir"}
+
+
+def _adapter_rules(recipe: Recipe) -> None:
+    """LoRA variants that cannot work together, decided before anything loads (README "Methods")."""
+    lora, method = recipe.lora, recipe.method
+    variants = [f"lora.{k}" for k, default in (("dora", False), ("rslora", False), ("init", "default"), ("plus_lr_ratio", None))
+                if getattr(lora, k) != default]
+    if variants and method == "full":
+        raise ValueError(f"{variants[0]} applies to method lora or qlora (got method: full); remove it or choose an adapter method")
+    if lora.init in ("pissa", "olora") and method == "qlora":
+        raise ValueError(f"lora.init {lora.init} with method: qlora: it moves each weight's top directions into the adapter and "
+                         "leaves the residual in the base, which 4-bit storage would round again, so the adapter would no longer "
+                         "match its base; use method: lora with it, or lora.init: loftq for a 4-bit base")
+    if lora.init in ("pissa", "olora") and lora.dora:
+        raise ValueError(f"lora.init {lora.init} with lora.dora: the adapter is converted to plain LoRA at export, and DoRA's "
+                         "magnitude vector cannot be; use one of them")
+    if lora.init == "loftq" and (method != "qlora" or recipe.quant.bits != 4 or recipe.quant.type != "nf4"):
+        raise ValueError("lora.init loftq initialises adapters against a 4-bit nf4 base: it needs method: qlora with quant.bits 4 "
+                         "and quant.type nf4 (with method: lora it would alter the base the adapter is saved against)")
+    if lora.init == "loftq" and lora.dora:
+        raise ValueError("lora.init loftq with lora.dora: peft's LoftQ initialises plain LoRA matrices only; use one of them")
 
 
 def _unknown(where: str, key: str, known: list[str]) -> str:

@@ -176,7 +176,7 @@ def _build_model(session: Run) -> None:
     model = strategy.shard(model, accelerator)
     if recipe.train.compile:  # in place: parameter names and saved keys stay as they are
         model.compile()
-    optimizer = optim.build_optimizer(model, recipe.train)
+    optimizer = optim.build_optimizer(model, recipe.train, recipe.lora.plus_lr_ratio)
     scheduler = optim.build_scheduler(optimizer, recipe.train, session.total_steps)
     session.model, session.optimizer, session.scheduler = strategy.prepare(accelerator, model, optimizer, scheduler)
     write_rank_log(session.run_dir, accelerator, {"strategy": strategy.name, "world_size": accelerator.num_processes,
