@@ -25,8 +25,13 @@ def build_parser() -> argparse.ArgumentParser:
     train = verbs.add_parser("train", help="train (the default when the first argument is a .yaml file)")
     _recipe_args(train)
     train.add_argument("--overwrite", action="store_true", help="discard a previous run in output_dir and start fresh")
-    validate = verbs.add_parser("validate", help="check the recipe and peek at the data; loads no model")
+    validate = verbs.add_parser("validate", help="check the recipe, the model's whereabouts, output_dir and every row of "
+                                "the data (reading every row takes a while on large files); loads no model")
     _recipe_args(validate)
+    validate.add_argument("--deep", action="store_true", help="also tokenise every row: count rows truncated or left "
+                          "with nothing to train by max_length (loads the tokenizer, not the model)")
+    validate.add_argument("--device", choices=["cpu", "cuda"], help="check support for this device instead of this "
+                          "machine's (e.g. --device cuda on a CPU login node for a GPU job)")
     inspect = verbs.add_parser("inspect", help="show tokenised examples with trained tokens highlighted, and data counts")
     _recipe_args(inspect)
     inspect.add_argument("-n", "--examples", type=int, default=3, help="examples to show")
@@ -72,7 +77,12 @@ def checked_recipe(args, target=None):
 
 
 def cmd_validate(args) -> int:
-    recipe = checked_recipe(args)
+    from launcher.preflight import Target
+    from launcher.strategies import launched_world_size
+    recipe = checked_recipe(args, Target(args.device, launched_world_size()) if args.device else None)
+    if args.deep:
+        from launcher.deepcheck import deep_check
+        deep_check(recipe)
     print(f"{args.recipe}: ok ({recipe.method} on {recipe.model.path}, data format {recipe.data.format}, output {recipe.output_dir})")
     return 0
 

@@ -10,10 +10,11 @@ import importlib.metadata
 import importlib.util
 import os
 import shutil
+import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
-from launcher import data
+from launcher import data, locations
 from launcher.recipe import Recipe, UserError
 from launcher.strategies import launch_hint, launched_world_size, strategy_for
 
@@ -33,7 +34,11 @@ def detect_device() -> str:
     if os.environ.get("CUDA_VISIBLE_DEVICES", None) in ("", "-1"):
         return "cpu"
     gpus = Path("/proc/driver/nvidia/gpus")
-    return "cuda" if gpus.is_dir() and any(gpus.iterdir()) else "cpu"
+    if gpus.is_dir() and any(gpus.iterdir()):
+        return "cuda"
+    smi = shutil.which("nvidia-smi")  # containers may hide /proc/driver but ship the driver's tool
+    listed = subprocess.run([smi, "-L"], capture_output=True, text=True, timeout=20).stdout if smi else ""
+    return "cuda" if listed.startswith("GPU ") else "cpu"
 
 
 def check(recipe: Recipe, target: Target | None = None) -> Target:
@@ -41,7 +46,9 @@ def check(recipe: Recipe, target: Target | None = None) -> Target:
     target = target or Target(detect_device(), launched_world_size())
     check_launch(recipe, target)
     check_device_support(recipe, target.device)
-    data.check_sources(recipe)
+    locations.check_output_dir(recipe)
+    locations.check_model(recipe)
+    data.check_sources(recipe)  # every row of every file: the slow one, last
     return target
 
 
