@@ -71,7 +71,7 @@ def check_hub_id(repo: str, filename: str) -> None:
         return
     where = f"model.path {repo}: {filename} is not in the local Hugging Face cache"
     if constants.HF_HUB_OFFLINE:
-        raise UserError(f"{where} and HF_HUB_OFFLINE is set; download it first (huggingface-cli download {repo}) "
+        raise UserError(f"{where} and HF_HUB_OFFLINE is set; download it first (hf download {repo}) "
                         "or give a local folder")
     import httpx
     try:

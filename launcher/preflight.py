@@ -16,7 +16,7 @@ from pathlib import Path
 
 from launcher import data, locations
 from launcher.recipe import Recipe, UserError
-from launcher.strategies import launch_hint, launched_world_size, strategy_for
+from launcher.strategies import launch_hint, launched_world_size, mixed_precision, strategy_for
 
 BNB_OPTIMIZERS = ("adamw-8bit", "paged-adamw", "paged-adamw-8bit")
 BNB_FIRST_CPU_VERSION = (0, 46)  # bitsandbytes gained its CPU backend (4-bit, 8-bit, 8-bit optimisers) in 0.46
@@ -62,7 +62,7 @@ def check_launch(recipe: Recipe, target: Target) -> None:
 
 
 def check_device_support(recipe: Recipe, device: str) -> None:
-    """Optimiser, quantisation and compiler support on the device that will run, from package versions alone."""
+    """Optimiser, quantisation, compiler and precision support on the device that will run, from package versions alone."""
     optimizer = recipe.train.optimizer
     if optimizer in BNB_OPTIMIZERS:
         _need_bitsandbytes(f"train.optimizer {optimizer}", device, "use train.optimizer: adamw")
@@ -74,6 +74,8 @@ def check_device_support(recipe: Recipe, device: str) -> None:
         _need_bitsandbytes("method: qlora", device, "use method: lora")
     if recipe.train.compile:
         check_compiler(device)
+    if recipe.train.precision != "auto":  # auto asks torch what the GPU supports; an explicit choice is checked now
+        mixed_precision(recipe, device == "cuda")
 
 
 def _need_bitsandbytes(what: str, device: str, instead: str) -> None:

@@ -62,16 +62,17 @@ def _csv_rows(path: Path) -> Iterator[tuple[int, Any]]:
 
 
 def _parquet_rows(path: Path) -> Iterator[tuple[int, Any]]:
+    import pyarrow
     import pyarrow.parquet as pq
     try:
         batches = pq.ParquetFile(path).iter_batches(batch_size=4096)
-        number = 0
-        for batch in batches:
-            for row in batch.to_pylist():
-                number += 1
-                yield number, row
-    except OSError as exc:  # pyarrow's ArrowInvalid is an OSError subclass here
+    except pyarrow.ArrowException as exc:
         raise UserError(f"{path}: not a readable parquet file ({exc})") from None
+    number = 0
+    for batch in batches:
+        for row in batch.to_pylist():
+            number += 1
+            yield number, row
 
 
 def _folder_rows(path: Path) -> Iterator[tuple[int, Any]]:
