@@ -284,3 +284,43 @@ def test_no_traceback_reaches_the_terminal(tmp_path, name):
     assert result.returncode == 2
     assert result.stderr.startswith("error: ") and case.expected in result.stderr and result.stderr.count("\n") == 1
     assert not output_dir.exists()
+
+
+# ---------------------------------------------------------------- what passes: the checks refuse only what train would
+
+def test_validate_for_a_gpu_node_from_this_cpu_node(tmp_path, capsys):
+    """paged-adamw needs CUDA: refused for this machine (no GPU here), accepted with --device cuda (bitsandbytes installed)."""
+    recipe, _ = build(tmp_path, Case("paged", "", recipe={"train.optimizer": "paged-adamw"}))
+    assert main(["validate", recipe, "--device", "cpu"]) == 2
+    assert main(["validate", recipe, "--device", "cuda"]) == 0
+    assert ": ok (" in capsys.readouterr().out
+
+
+def test_a_hub_id_in_the_local_cache_passes_offline(tmp_path):
+    """The cache is laid out as huggingface_hub writes it; HF_HUB_CACHE points there (read when the hub library loads)."""
+    repo = tmp_path / "hub" / "models--some-org--tiny"
+    snapshot_dir = repo / "snapshots" / ("0" * 40)
+    snapshot_dir.mkdir(parents=True)
+    (snapshot_dir / "config.json").write_text("{}")
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text("0" * 40)
+    recipe, _ = build(tmp_path, Case("cached", "", recipe={"model.path": "some-org/tiny"}))
+    env = {**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(tmp_path / "hub")}
+
+    def run() -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "launcher", "validate", recipe], capture_output=True, text=True,
+                              env=env, cwd=REPO, timeout=120)
+    assert run().returncode == 0
+    (snapshot_dir / "config.json").unlink()
+    refused = run()
+    assert refused.returncode == 2 and "model.path some-org/tiny: config.json is not in the local Hugging Face cache" in refused.stderr
+
+
+def test_a_hub_id_whose_config_ships_with_the_launcher_passes_offline(tmp_path, capsys):
+    from launcher.locations import SHIPPED_CONFIGS
+    shipped = sorted(SHIPPED_CONFIGS.glob("*--*/config.json"))
+    if not shipped:
+        pytest.skip("no model configs ship in launcher/model_configs yet")
+    org, name = shipped[0].parent.name.split("--", 1)
+    recipe, _ = build(tmp_path, Case("shipped", "", recipe={"model.path": f"{org}/{name}"}))
+    assert main(["validate", recipe]) == 0
