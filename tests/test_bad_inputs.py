@@ -162,6 +162,12 @@ def format_cases() -> list[Case]:
              {"i.jsonl": with_instruction(FAR, {"input": ["a"]})}, instruction),
         Case(f"instruction-system-number-row{FAR}", f"i.jsonl:{FAR}: system: expected text, got int",
              {"i.jsonl": with_instruction(FAR, {"system": 3})}, instruction),
+        Case(f"qa-context-list-row{FAR}", f"q.jsonl:{FAR}: context: expected text, got list",
+             {"q.jsonl": encode("q.jsonl", [{"question": "q", "answer": "a", "context": ["c"] if i == FAR else "c"}
+                                            for i in range(1, ROWS + 1)])}, {"data.format": "qa", "data.fields": {}}),
+        Case(f"classification-pair-number-row{FAR}", f"l.jsonl:{FAR}: text_pair: expected text, got int",
+             {"l.jsonl": encode("l.jsonl", [{"text": "t", "label": "good", **({"text_pair": 5} if i == FAR else {})}
+                                            for i in range(1, ROWS + 1)])}, classify),
         Case("instruction-output-renamed-row1", "i.jsonl:1: output: missing; format instruction needs field 'output'; this row has: instruction, response",
              {"i.jsonl": encode("i.jsonl", [{"instruction": "a", "response": "b"}])}, instruction),
     ]
@@ -212,7 +218,7 @@ def build(tmp_path: Path, case: Case) -> tuple[str, Path]:
     model.mkdir()
     for name, content in case.files.items():
         (tmp_path / name).write_bytes(content)
-    data_file = next((name for name in case.files if name.startswith(("t.", "c.", "l.", "i."))), "t.jsonl")
+    data_file = next((name for name in case.files if name.startswith(("t.", "c.", "l.", "i.", "q."))), "t.jsonl")
     if not (tmp_path / data_file).exists():
         (tmp_path / data_file).write_bytes(encode(data_file, good_rows(8)))
     recipe = {"model": {"path": str(model)}, "method": "lora",
@@ -324,3 +330,14 @@ def test_a_hub_id_whose_config_ships_with_the_launcher_passes_offline(tmp_path, 
     org, name = shipped[0].parent.name.split("--", 1)
     recipe, _ = build(tmp_path, Case("shipped", "", recipe={"model.path": f"{org}/{name}"}))
     assert main(["validate", recipe]) == 0
+
+
+def test_a_datasets_folder_is_read_row_by_row(tmp_path, capsys):
+    import datasets
+    rows = good_rows()
+    rows[FAR - 1]["es"] = None
+    datasets.Dataset.from_list(rows).save_to_disk(str(tmp_path / "saved"))
+    recipe, output_dir = build(tmp_path, Case("folder", "", recipe={"data.train": "saved"}))
+    assert main(["validate", recipe]) == 2
+    assert f"saved:{FAR}: es: null, expected text" in capsys.readouterr().err
+    assert not output_dir.exists()
