@@ -1,6 +1,6 @@
 """Rows max_length truncates or leaves with nothing to train: counted by reason, named by row, shown
 by `validate --deep`, `inspect` and the run summary, warned about above data.skipped_share_warn and
-refused under data.skipped_share_refuse. And an instruction row's own `system` text."""
+refused under data.skipped_share_refuse."""
 from __future__ import annotations
 
 import json
@@ -9,8 +9,7 @@ import yaml
 from rich.console import Console
 
 from launcher.cli import main
-from launcher.data import Encoder, to_segments
-from launcher.recipe import DataSection, load_recipe
+from launcher.recipe import load_recipe
 
 MEGABYTE_ROW = 12   # its source is 1 MB of text: the prompt alone fills max_length, so nothing is left to train
 LONG_PROMPT_ROW = 3
@@ -74,16 +73,3 @@ def test_a_run_refused_for_a_bad_row_is_rerun_without_overwrite_and_its_summary_
     assert f"data: 20 train rows ({SUMMARY})" in out
     assert "warning: " in out and (tmp_path / "run" / "final").is_dir()
 
-
-def test_an_instruction_rows_system_text_overrides_the_recipe_system_prompt(tiny_model):
-    from transformers import AutoTokenizer
-    data = DataSection(train="t.jsonl", format="instruction", system_prompt="You are terse.")
-    own = {"instruction": "Greet", "output": "Ahoy", "system": "You are a pirate."}
-    plain = {"instruction": "Greet", "output": "Hello"}
-    assert to_segments(own, data, use_chat=True)[0] == {"role": "system", "content": "You are a pirate."}
-    assert to_segments(plain, data, use_chat=True)[0] == {"role": "system", "content": "You are terse."}
-    prompt, _ = to_segments(own, data, use_chat=False)[0]
-    assert prompt.startswith("You are a pirate.\n\n### Instruction:\nGreet")
-    tokenizer = AutoTokenizer.from_pretrained(tiny_model)
-    text = tokenizer.decode(Encoder(tokenizer, data)(own)["input_ids"])
-    assert "<|im_start|>system\nYou are a pirate.<|im_end|>" in text and "terse" not in text
