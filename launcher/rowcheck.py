@@ -12,6 +12,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
@@ -22,6 +23,7 @@ from launcher.sources import kind_of
 
 FIRST_ROWS = 5  # row numbers listed per reason when rows are dropped or truncated
 ROLES = ("system", "user", "assistant")
+UNDECODABLE = re.compile("[\udc80-\udcff]")  # what surrogateescape makes of a byte that is not UTF-8
 
 
 # ---------------------------------------------------------------- reading every row
@@ -111,10 +113,8 @@ def every_row(path: str | Path) -> Iterator[tuple[int, dict]]:
 
 def _undecodable(value: str) -> str | None:
     """The first byte that was not UTF-8, as 0x.., or None."""
-    for char in value:
-        if "\udc80" <= char <= "\udcff":
-            return f"0x{ord(char) - 0xDC00:02x}"
-    return None
+    found = None if value.isascii() else UNDECODABLE.search(value)
+    return f"0x{ord(found.group()) - 0xDC00:02x}" if found else None
 
 
 def _text_problem(value: Any, required: bool) -> str | None:
@@ -156,11 +156,15 @@ def _messages_problem(messages: Any) -> tuple[str, str] | None:
     return None
 
 
-def row_problem(row: dict, data: DataSection) -> tuple[str, str] | None:
-    """(column, what is wrong) for the first bad field of one row under the recipe's format, or None."""
+def field_plan(data: DataSection) -> list[tuple[str, str, bool]]:
+    """(canonical field, the user's column, required) for every field of the recipe's format, worked out once per file."""
     spec = FORMATS[data.format]
-    for canonical in spec.fields:
-        column, required = data.field(canonical), canonical in spec.required
+    return [(canonical, data.field(canonical), canonical in spec.required) for canonical in spec.fields]
+
+
+def row_problem(row: dict, data: DataSection, plan: list[tuple[str, str, bool]]) -> tuple[str, str] | None:
+    """(column, what is wrong) for the first bad field of one row under the recipe's format, or None."""
+    for canonical, column, required in plan:
         if column not in row:
             if not required:
                 continue
@@ -183,9 +187,9 @@ def row_problem(row: dict, data: DataSection) -> tuple[str, str] | None:
 
 def check_file(path: str | Path, data: DataSection) -> int:
     """Read every row; stop at the first malformed one with `file:row: field: what is wrong`. Returns the row count."""
-    count = 0
+    count, plan = 0, field_plan(data)
     for number, row in every_row(path):
-        problem = row_problem(row, data)
+        problem = row_problem(row, data, plan)
         if problem:
             raise UserError(f"{path}:{number}: {problem[0]}: {problem[1]}")
         count += 1
