@@ -18,10 +18,10 @@ from launcher import formats
 from launcher.formats import FORMATS, IGNORE
 from launcher.packing import collate_packed, pack_dataset
 from launcher.recipe import DataSection, Recipe, UserError
-from launcher.rowcheck import RowTally, check_sources, judge
-from launcher.sources import label_names, load_table
+from launcher.rowcheck import RowTally, judge
+from launcher.sources import check_rows, check_sources, label_names, load_table
 
-__all__ = ["ALPACA_PROMPT", "IGNORE", "PROMPTS", "Datasets", "Encoder", "StepPlan", "Tokenised",
+__all__ = ["ALPACA_PROMPT", "IGNORE", "PROMPTS", "Datasets", "Encoder", "StepPlan", "Tokenised", "check_rows",
            "check_sources", "class_labels", "collate", "eval_batches", "load_datasets", "load_table",
            "split_eval", "to_segments", "tokenise"]
 

@@ -15,11 +15,10 @@ import json
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterable, Iterator
 
 from launcher.formats import FORMATS
-from launcher.recipe import DataSection, Recipe, UserError
-from launcher.sources import kind_of
+from launcher.recipe import DataSection, UserError
 
 FIRST_ROWS = 5  # row numbers listed per reason when rows are dropped or truncated
 ROLES = ("system", "user", "assistant")
@@ -89,24 +88,21 @@ def _folder_rows(path: Path) -> Iterator[tuple[int, Any]]:
 
 
 def _txt_rows(path: Path) -> Iterator[tuple[int, Any]]:
+    """One row per non-empty line, in a field named text."""
     with path.open("rb") as handle:
         for number, raw in enumerate(handle, start=1):
-            yield number, {"text": _text(raw).rstrip("\r\n")}
+            line = _text(raw).rstrip("\r\n")
+            if line.strip():
+                yield number, {"text": line}
 
 
-def every_row(path: str | Path) -> Iterator[tuple[int, dict]]:
-    """(row number, row) for every row of a data file; a row that is not an object is refused here."""
+READERS = {".jsonl": _jsonl_rows, ".json": _json_rows, ".csv": _csv_rows, ".parquet": _parquet_rows, ".txt": _txt_rows}
+
+
+def every_row(path: str | Path) -> Iterator[tuple[int, Any]]:
+    """(row number, row) for every row of a data file or datasets folder (launcher/sources.py says which types are read)."""
     path = Path(path)
-    kind = kind_of(path)
-    if kind == "folder":
-        rows = _folder_rows(path)
-    else:
-        readers = {".jsonl": _jsonl_rows, ".json": _json_rows, ".csv": _csv_rows, ".parquet": _parquet_rows, ".txt": _txt_rows}
-        rows = readers[path.suffix.lower()](path)
-    for number, row in rows:
-        if not isinstance(row, dict):
-            raise UserError(f"{path}:{number}: expected a JSON object, got {type(row).__name__}")
-        yield number, row
+    return _folder_rows(path) if path.is_dir() else READERS[path.suffix.lower()](path)
 
 
 # ---------------------------------------------------------------- one row
@@ -186,23 +182,24 @@ def row_problem(row: dict, data: DataSection, plan: list[tuple[str, str, bool]])
 # ---------------------------------------------------------------- files and sources
 
 def check_file(path: str | Path, data: DataSection) -> int:
-    """Read every row; stop at the first malformed one with `file:row: field: what is wrong`. Returns the row count."""
+    """Read every row of a data file; stop at the first malformed one. Returns the row count."""
+    return check_rows_of(path, every_row(path), data)
+
+
+def check_rows_of(where: Any, rows: Iterable[tuple[int, Any]], data: DataSection) -> int:
+    """Check numbered rows (of a file, or of any table) and stop at the first malformed one with
+    `where:row: field: what is wrong`. Returns the row count."""
     count, plan = 0, field_plan(data)
-    for number, row in every_row(path):
+    for number, row in rows:
+        if not isinstance(row, dict):
+            raise UserError(f"{where}:{number}: expected a JSON object, got {type(row).__name__}")
         problem = row_problem(row, data, plan)
         if problem:
-            raise UserError(f"{path}:{number}: {problem[0]}: {problem[1]}")
+            raise UserError(f"{where}:{number}: {problem[0]}: {problem[1]}")
         count += 1
     if not count:
-        raise UserError(f"{path}: no rows")
+        raise UserError(f"{where}: no rows")
     return count
-
-
-def check_sources(recipe: Recipe) -> None:
-    """Every row of the train and eval files, before torch or any model loads."""
-    check_file(recipe.data.train, recipe.data)
-    if recipe.data.eval:
-        check_file(recipe.data.eval, recipe.data)
 
 
 # ---------------------------------------------------------------- rows the tokenizer cut or dropped
