@@ -183,7 +183,10 @@ def row_problem(row: dict, data: DataSection, plan: list[tuple[str, str, bool]])
 
 def check_file(path: str | Path, data: DataSection) -> int:
     """Read every row of a data file; stop at the first malformed one. Returns the row count."""
-    return check_rows_of(path, every_row(path), data)
+    try:
+        return check_rows_of(path, every_row(path), data)
+    except OSError as exc:  # no read permission, a folder that is not a saved dataset, a vanished mount
+        raise UserError(f"{path}: cannot be read ({exc.strerror or exc})") from None
 
 
 def check_rows_of(where: Any, rows: Iterable[tuple[int, Any]], data: DataSection) -> int:

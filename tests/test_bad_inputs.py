@@ -341,3 +341,9 @@ def test_a_datasets_folder_is_read_row_by_row(tmp_path, capsys):
     assert main(["validate", recipe]) == 2
     assert f"saved:{FAR}: es: null, expected text" in capsys.readouterr().err
     assert not output_dir.exists()
+    (tmp_path / "plain").mkdir()  # a folder, but not one datasets saved
+    (tmp_path / "second").mkdir()
+    recipe, _ = build(tmp_path / "second", Case("not saved", "", recipe={"data.train": str(tmp_path / "plain")}))
+    assert main(["validate", recipe]) == 2
+    err = capsys.readouterr().err
+    assert f"{tmp_path / 'plain'}: cannot be read (" in err and err.count("\n") == 1
