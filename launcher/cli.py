@@ -25,8 +25,9 @@ def build_parser() -> argparse.ArgumentParser:
     train = verbs.add_parser("train", help="train (the default when the first argument is a .yaml file)")
     _recipe_args(train)
     train.add_argument("--overwrite", action="store_true", help="discard a previous run in output_dir and start fresh")
-    validate = verbs.add_parser("validate", help="check the recipe, the model's whereabouts, output_dir and every row of "
-                                "the data (reading every row takes a while on large files); loads no model")
+    checks = ("check the recipe, the model's whereabouts, output_dir and every row of every data file (which takes "
+              "a while on large files: some 15 s per million short rows); loads no model and imports no torch")
+    validate = verbs.add_parser("validate", help=checks, description=checks)
     _recipe_args(validate)
     validate.add_argument("--deep", action="store_true", help="also tokenise every row: count rows truncated or left "
                           "with nothing to train by max_length (loads the tokenizer, not the model)")
