@@ -53,9 +53,11 @@ def test_skipped_share_refuse_turns_the_warning_into_exit_2(tmp_path, tiny_model
 
 def test_inspect_shows_truncated_and_dropped_counts_with_their_shares(tmp_path, tiny_model):
     from launcher.inspection import show
-    counts = show(load_recipe(write_case(tmp_path, tiny_model)), 0, Console(record=True, width=200))
+    console = Console(record=True, width=400, force_terminal=True, color_system="standard")
+    counts = show(load_recipe(write_case(tmp_path, tiny_model)), 0, console)
     assert counts["dropped"] == {"no target token within max_length": 2} and counts["dropped_share"] == 0.1
     assert counts["truncated"] == 1 and counts["truncated_share"] == 0.05
+    assert "\x1b[1;33mwarning: " in console.export_text(styles=True), "the warning is printed in bold yellow"
 
 
 def test_a_run_refused_for_a_bad_row_is_rerun_without_overwrite_and_its_summary_counts_rows(tmp_path, tiny_model, capsys):
