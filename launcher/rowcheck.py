@@ -10,7 +10,6 @@ row of a .parquet file or datasets folder.
 from __future__ import annotations
 
 import csv
-import io
 import json
 import re
 from dataclasses import dataclass, field
@@ -55,11 +54,18 @@ def _json_rows(path: Path) -> Iterator[tuple[int, Any]]:
 
 
 def _csv_rows(path: Path) -> Iterator[tuple[int, Any]]:
-    reader = csv.DictReader(io.StringIO(_text(path.read_bytes()), newline=""))
-    for number, row in enumerate(reader, start=1):
-        if None in row:  # more cells than the header has columns
-            raise UserError(f"{path}:{number}: {len(row[None])} more cell(s) than the header's {len(reader.fieldnames)} columns")
-        yield number, row
+    csv.field_size_limit(2**31 - 1)  # the reader's default (128 KiB a cell) would refuse long rows that pandas reads
+    with path.open(encoding="utf-8-sig", errors="surrogateescape", newline="") as handle:
+        reader = csv.DictReader(handle, strict=True)  # an unclosed quote would otherwise swallow every later row
+        number = 0
+        try:
+            for number, row in enumerate(reader, start=1):
+                if None in row:  # more cells than the header has columns
+                    raise UserError(f"{path}:{number}: {len(row[None])} more cell(s) than the header's "
+                                    f"{len(reader.fieldnames)} columns")
+                yield number, row
+        except csv.Error as exc:
+            raise UserError(f"{path}:{number + 1}: not valid CSV ({exc})") from None
 
 
 def _parquet_rows(path: Path) -> Iterator[tuple[int, Any]]:

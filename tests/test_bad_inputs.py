@@ -101,6 +101,8 @@ def row_cases() -> list[Case]:
         Case("csv-missing-column", "t.csv:1: es: missing", {"t.csv": b"en,target\na,b\n"}),
         Case(f"csv-extra-cells-row{FAR}", f"t.csv:{FAR}: 1 more cell(s) than the header's 2 columns",
              {"t.csv": encode("t.csv", good_rows()).replace(b"verse 700,verso 700", b"verse 700,verso 700,oops")}),
+        Case(f"csv-unclosed-quote-row{FAR}", f"t.csv:{FAR}: not valid CSV (unexpected end of data)",
+             {"t.csv": encode("t.csv", good_rows()).replace(b"verso 700", b'"verso 700')}),
         Case(f"csv-not-utf8-row{FAR}", f"t.csv:{FAR}: es: not UTF-8 text (byte 0xff)",
              {"t.csv": encode("t.csv", good_rows()).replace(b"verso 700", b"verso \xff700")}),
     ]
