@@ -48,6 +48,8 @@ def test_skipped_share_refuse_turns_the_warning_into_exit_2(tmp_path, tiny_model
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "Traceback" not in err
     assert f"train.jsonl: 10.0% of its rows dropped" in err and SUMMARY in err and "refused" in err
+    assert main(["train", recipe]) == 2, "train refuses in its tokenising pass, before the model loads"
+    assert capsys.readouterr().err == err
     assert main(["validate", recipe, "--deep", "data.skipped_share_warn=0.2"]) == 0, "under the threshold it passes"
 
 
