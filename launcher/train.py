@@ -187,15 +187,19 @@ def _build_model(session: Run) -> None:
 
 
 def _open_reporter(session: Run, resume_from: Path | None) -> None:
+    from rich.text import Text
+
     from launcher.report import Reporter
     recipe, train, evaluation = session.recipe, session.data.train, session.data.eval
     session.reporter = Reporter(session.run_dir, session.accelerator, session.console)
     session.reporter.log_every = recipe.train.log_every
     trackers.start(session.accelerator, recipe, session.step)
     session.reporter.print(f"model {session.weights}: {session.params.line()}")
-    session.reporter.print(f"data: {train.rows} train rows ({sum(train.dropped.values())} dropped: {train.dropped or 'none'}), "
+    session.reporter.print(f"data: {train.rows} train rows ({train.tally.line()}), "
                            f"{len(evaluation.dataset) if evaluation else 0} eval rows; "
                            f"{session.total_steps} steps of {session.plan.global_batch} examples")
+    for warning in session.data.warnings:
+        session.reporter.print(Text(f"warning: {warning}", style="bold yellow"))
     if resume_from is not None:
         session.reporter.print(f"resuming from {resume_from} at step {session.step}")
 
