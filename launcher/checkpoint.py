@@ -12,12 +12,14 @@ import os
 import shutil
 from pathlib import Path
 
+from launcher import verify
 from launcher.recipe import UserError
 
 STATE_FILE = "trainer_state.json"
 # Keys of the recipe that may change between a run and its resumption.
 RESUMABLE_CHANGES = {("train", "max_steps"), ("train", "epochs"), ("train", "eval_every"), ("train", "save_every"),
-                     ("distributed", "num_processes"), ("train", "log_every"), ("train", "keep_last"), ("eval", "samples"), ("report", "tensorboard")}
+                     ("distributed", "num_processes"), ("train", "log_every"), ("train", "keep_last"), ("eval", "samples"), ("report", "tensorboard"),
+                     ("train", "skip_nonfinite")}
 
 
 def checkpoints(run_dir: Path) -> list[tuple[int, Path]]:
@@ -106,6 +108,7 @@ def save_checkpoint(accelerator, run_dir: Path, step: int, state: dict, keep_las
     accelerator.save_state(str(staging))
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
+        verify.checkpoint(staging)  # read back before it counts: a bad save never replaces a good one
         with open(staging / STATE_FILE, "w") as handle:
             json.dump(state, handle)
             handle.flush()
@@ -140,8 +143,10 @@ def export_final(accelerator, strategy, model, tokenizer, run_dir: Path, name: s
     state_dict = strategy.export_state_dict(accelerator, model)
     if accelerator.is_main_process:
         shutil.rmtree(staging, ignore_errors=True)
+        expected = verify.before_export(accelerator.unwrap_model(model), state_dict)  # refuses non-finite weights
         accelerator.unwrap_model(model).save_pretrained(staging, state_dict=state_dict, safe_serialization=True)
         tokenizer.save_pretrained(staging)
+        verify.after_export(staging, expected)
         shutil.rmtree(target, ignore_errors=True)
         staging.rename(target)
     accelerator.wait_for_everyone()

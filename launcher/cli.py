@@ -25,6 +25,8 @@ def build_parser() -> argparse.ArgumentParser:
     train = verbs.add_parser("train", help="train (the default when the first argument is a .yaml file)")
     _recipe_args(train)
     train.add_argument("--overwrite", action="store_true", help="discard a previous run in output_dir and start fresh")
+    train.add_argument("--allow-data-change", action="store_true",
+                       help="resume even though a data file changed since the checkpoint (refused otherwise)")
     validate = verbs.add_parser("validate", help="check the recipe and peek at the data; loads no model")
     _recipe_args(validate)
     inspect = verbs.add_parser("inspect", help="show tokenised examples with trained tokens highlighted, and data counts")
@@ -80,7 +82,7 @@ def cmd_validate(args) -> int:
 def cmd_train(args) -> int:
     recipe = checked_recipe(args)
     from launcher.train import run
-    return run(recipe, overwrite=args.overwrite)
+    return run(recipe, overwrite=args.overwrite, allow_data_change=args.allow_data_change)
 
 
 def cmd_inspect(args) -> int:
@@ -107,9 +109,9 @@ def cmd_slurm(args) -> int:
     if args.action == "render":
         print(slurm.render(args.recipe, run_dir, spec, args.overrides), end="")
         return 0
-    from launcher.checkpoint import plan_run_dir
+    from launcher.rundir import plan
     checked_recipe(args, Target("cuda" if spec.gpus_per_node else "cpu", spec.world_size))  # as the job will see it
-    resume = plan_run_dir(run_dir, recipe.model_dump(mode="json"), overwrite=False)  # refuse now, not once queued
+    resume = plan(run_dir, recipe.model_dump(mode="json"), overwrite=False).resume_from  # refuse now, not once queued
     script = slurm.write_script(args.recipe, run_dir, spec, args.overrides)
     job = slurm.submit(script)
     log = slurm.log_path(run_dir, spec, job)

@@ -9,6 +9,8 @@ import json
 import time
 from pathlib import Path
 
+from launcher.guard import json_safe
+
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
@@ -41,7 +43,7 @@ class Reporter:
             return
         record = {"time": round(time.time(), 3), **record}
         with self.metrics_path.open("a") as handle:
-            handle.write(json.dumps(record) + "\n")
+            handle.write(json.dumps(json_safe(record), allow_nan=False) + "\n")
         if self.writer is not None:
             for key, value in record.items():
                 if isinstance(value, (int, float)) and key not in ("step", "time"):
