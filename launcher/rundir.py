@@ -50,6 +50,10 @@ def _leftovers(run_dir: Path) -> list[str]:
 
 def plan(run_dir: Path, resolved: dict, overwrite: bool) -> RunDirPlan:
     """Resume, start fresh, or refuse (a different recipe over a run with something to lose); decided before any model loads."""
+    if run_dir.is_dir():
+        LiveLock(run_dir).refuse_if_held()  # a live run's folder is not this run's to judge or clear
+        if {entry.name for entry in run_dir.iterdir()} <= {LOCK_FILE}:
+            return RunDirPlan(None)
     previous = run_dir / "recipe.yaml"
     if not overwrite and previous.is_file() and not has_something_to_lose(run_dir):
         import yaml
@@ -109,33 +113,45 @@ class LiveLock:
             return self
         raise UserError(f"output_dir {self.path.parent}: could not take {self.path} (another process keeps taking it)")
 
-    def _refuse_or_clear(self) -> None:
-        """Refuse while the holder lives (or cannot be checked, on another host); remove a dead one's lock."""
+    def live_holder(self) -> dict | None:
+        """Who holds the lock, when that may be a live process (a dead one's lock, on this host, is not held)."""
         try:
             holder = json.loads(self.path.read_text() or "{}")
         except FileNotFoundError:
-            return
+            return None
         except (OSError, json.JSONDecodeError):
-            holder = {}
+            return {}
+        here = holder.get("host") == socket.gethostname()
+        if here and (holder.get("pid") == os.getpid() or not _alive(holder)):  # ours (an in-process rerun), or stale
+            return None
+        return holder
+
+    def refuse_if_held(self) -> None:
+        holder = self.live_holder()
+        if holder is None:
+            return
         host = holder.get("host")
-        if host == socket.gethostname() and holder.get("pid") == os.getpid():  # this process again (in-process reruns)
-            self.path.unlink(missing_ok=True)
-            return
-        if host == socket.gethostname() and not _alive(holder):
-            print(f"taking over {self.path}: its process {holder.get('pid')} on {host} is gone")
-            stale = self.path.with_name(f"{LOCK_FILE}.stale-{os.getpid()}")
-            try:
-                os.rename(self.path, stale)  # atomic: of two processes taking over, one renames, the other retries
-                stale.unlink()
-            except FileNotFoundError:
-                pass
-            return
         where = f"host {host}, pid {holder.get('pid')}" if holder else "an unreadable lock"
         since = f" since {holder['since']}" if holder.get("since") else ""
         hint = ("" if host == socket.gethostname() else
-                f"; if that process is gone (it runs on another host, so this one cannot check), delete {self.path}")
+                f"; if that process is gone (it ran on another host, which this one cannot check), delete {self.path}")
         raise UserError(f"output_dir {self.path.parent} is in use by a live run ({where}{since}); "
                         f"wait for it, stop it, or choose another output_dir{hint}")
+
+    def _refuse_or_clear(self) -> None:
+        self.refuse_if_held()
+        try:
+            old = json.loads(self.path.read_text() or "{}")
+        except (OSError, json.JSONDecodeError):
+            old = {}
+        if old.get("pid") != os.getpid():
+            print(f"taking over {self.path}: its process {old.get('pid')} on {old.get('host')} is gone")
+        stale = self.path.with_name(f"{LOCK_FILE}.stale-{os.getpid()}")
+        try:
+            os.rename(self.path, stale)  # atomic: of two processes taking over, one renames, the other retries
+            stale.unlink()
+        except FileNotFoundError:
+            pass
 
     def release(self) -> None:
         if self.held:
