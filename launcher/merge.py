@@ -10,6 +10,7 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
+from launcher import verify
 from launcher.recipe import Recipe, UserError
 
 DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
@@ -82,8 +83,10 @@ def merge(run_dir: str | Path, dtype: str = "bf16", out: str | Path | None = Non
     merged = model.merge_and_unload()
     staging = target.with_name(target.name + ".tmp")
     shutil.rmtree(staging, ignore_errors=True)
+    expected = verify.before_export(merged, None)
     merged.save_pretrained(staging, safe_serialization=True)
     tokenizer.save_pretrained(staging)
+    verify.after_export(staging, expected)  # read back: every tensor's checksum as saved
     del model, merged
     reloaded = modeling.auto_class(recipe.model.task).from_pretrained(staging, dtype=getattr(torch, torch_dtype),
                                                                       device_map={"": device}).eval()

