@@ -13,6 +13,7 @@ import shutil
 from pathlib import Path
 
 from launcher import verify
+from launcher.adapters import export_kwargs
 from launcher.recipe import UserError
 
 STATE_FILE = "trainer_state.json"
@@ -143,8 +144,10 @@ def export_final(accelerator, strategy, model, tokenizer, run_dir: Path, name: s
     state_dict = strategy.export_state_dict(accelerator, model)
     if accelerator.is_main_process:
         shutil.rmtree(staging, ignore_errors=True)
-        expected = verify.before_export(accelerator.unwrap_model(model), state_dict)  # refuses non-finite weights
-        accelerator.unwrap_model(model).save_pretrained(staging, state_dict=state_dict, safe_serialization=True)
+        unwrapped = strategy.unwrap(accelerator, model)  # PiSSA/OLoRA adapters are converted to plain LoRA on the original base
+        conversion = export_kwargs(unwrapped, run_dir)
+        expected = verify.before_export(unwrapped, state_dict, converted=bool(conversion))  # refuses non-finite weights
+        unwrapped.save_pretrained(staging, state_dict=state_dict, safe_serialization=True, **conversion)
         tokenizer.save_pretrained(staging)
         verify.after_export(staging, expected)
         shutil.rmtree(target, ignore_errors=True)
