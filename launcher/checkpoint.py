@@ -17,6 +17,7 @@ from launcher.adapters import export_kwargs
 from launcher.recipe import UserError
 
 STATE_FILE = "trainer_state.json"
+RUN_FILES = ("checkpoints", "final", "best", "metrics.jsonl", "report.md", "loss.png", "recipe.yaml", "tb", "logs")  # what a run writes
 # Keys of the recipe that may change between a run and its resumption.
 RESUMABLE_CHANGES = {("train", "max_steps"), ("train", "epochs"), ("train", "eval_every"), ("train", "save_every"),
                      ("distributed", "num_processes"), ("train", "log_every"), ("train", "keep_last"), ("eval", "samples"), ("report", "tensorboard"),
@@ -82,7 +83,7 @@ def plan_run_dir(run_dir: Path, resolved: dict, overwrite: bool) -> Path | None:
 def clear_run_dir(run_dir: Path) -> None:
     """--overwrite: remove what a previous run wrote (only the launcher's own files, and never slurm/:
     the running job's script and log are there)."""
-    for name in ("checkpoints", "final", "best", "metrics.jsonl", "report.md", "loss.png", "recipe.yaml", "tb", "logs"):
+    for name in RUN_FILES:
         target = run_dir / name
         if target.is_dir():
             shutil.rmtree(target)

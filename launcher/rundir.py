@@ -44,8 +44,7 @@ def has_something_to_lose(run_dir: Path) -> bool:
 
 def _leftovers(run_dir: Path) -> list[str]:
     """The launcher's own files an earlier attempt wrote (ckpt.clear_run_dir removes exactly these)."""
-    names = ("checkpoints", "metrics.jsonl", "report.md", "loss.png", "recipe.yaml", "tb", "logs")
-    return [name for name in names if (run_dir / name).exists()]
+    return [name for name in ckpt.RUN_FILES if (run_dir / name).exists()]
 
 
 def plan(run_dir: Path, resolved: dict, overwrite: bool) -> RunDirPlan:

@@ -42,10 +42,11 @@ def train_here(recipe: dict, allow_data_change: bool = False):
     """setup -> fit -> finish in this process; the session (None when nothing was left to train)."""
     session = setup(Recipe.model_validate(recipe), allow_data_change=allow_data_change)
     if session is not None:
-        with session.reporter:
-            stopped = fit(session, StopRequest())
-        if not stopped:
-            finish(session)
+        try:
+            if not fit(session, StopRequest()):
+                finish(session)
+        finally:
+            session.console.close()
     return session
 
 
@@ -179,8 +180,10 @@ def test_a_stop_signal_writes_the_checkpoint_before_a_due_eval(tmp_path, tiny_mo
     session = setup(Recipe.model_validate(recipe))
     stop = StopRequest()
     os.kill(os.getpid(), signal.SIGUSR1)  # arrives before step 1 ends; its eval is due at step 1
-    with session.reporter:
+    try:
         assert fit(session, stop) is True
+    finally:
+        session.console.close()
     assert (tmp_path / "run" / "checkpoints" / "step-1" / "trainer_state.json").is_file()
     assert [r["step"] for r in metrics(tmp_path / "run") if r["kind"] == "eval"] == [0], "no eval after the signal"
 
@@ -356,8 +359,17 @@ def test_tied_weights_saved_once_and_a_merged_adapter_pass_verification(tmp_path
     import transformers as t
 
     from launcher import verify
-    tied = t.GPT2LMHeadModel(t.GPT2Config(vocab_size=64, n_embd=16, n_layer=1, n_head=2))
+    tied = t.GPT2LMHeadModel(t.GPT2Config(vocab_size=64, n_embd=16, n_layer=1, n_head=2, tie_word_embeddings=True))
+    tied.tie_weights()
     assert tied.lm_head.weight is tied.transformer.wte.weight
     verify.after_export(tmp_path / "tied", export(tied, tmp_path / "tied"))
     merged = adapter_model.merge_and_unload()  # what `launcher merge` saves
     verify.after_export(tmp_path / "merged", export(merged, tmp_path / "merged"))
+
+
+def test_skipping_non_finite_steps_is_refused_under_deepspeed_before_anything_loads(tmp_path, tiny_model):
+    from launcher import preflight
+    recipe = recipe_on(tiny_model, tmp_path, write_pairs(tmp_path / "train.jsonl"), train={"skip_nonfinite": 2},
+                       distributed={"strategy": "deepspeed", "deepspeed": "zero2"})
+    with pytest.raises(UserError, match="train.skip_nonfinite: DeepSpeed applies the optimiser step inside its backward"):
+        preflight.check_launch(Recipe.model_validate(recipe), preflight.Target("cpu", 1))
