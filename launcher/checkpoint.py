@@ -1,8 +1,7 @@
 """Checkpoints that survive crashes, exact resume, and the final export.
 
-Accelerate's save_state/load_state carry model, optimiser, scheduler and every process's RNG
-under DDP, DeepSpeed and FSDP alike. What it does not do is be atomic or pick the last good
-checkpoint; that is this module: each checkpoint is written under a temporary name and renamed
+What a checkpoint holds is its layout (launcher/layouts.py, chosen by the strategy). Making
+it atomic and picking the last good one is this module: each checkpoint is written under a temporary name and renamed
 only once complete, with `trainer_state.json` written last inside it.
 """
 from __future__ import annotations
@@ -87,23 +86,16 @@ def clear_run_dir(run_dir: Path) -> None:
             target.unlink()
 
 
-def keep_trainable_only(model_names: set[str]):
-    """A save_state pre-hook: adapter runs checkpoint only what trains, not the frozen base."""
-    def hook(models, weights, output_dir):
-        for index, state in enumerate(weights):
-            weights[index] = {k: v for k, v in state.items() if k in model_names}
-    return hook
-
-
-def save_checkpoint(accelerator, run_dir: Path, step: int, state: dict, keep_last: int) -> Path:
-    """Write checkpoints/step-N atomically and prune to the newest `keep_last`."""
+def save_checkpoint(accelerator, layout, run_dir: Path, step: int, state: dict, keep_last: int) -> Path:
+    """Write checkpoints/step-N atomically and prune to the newest `keep_last`; `layout` (launcher/layouts.py)
+    decides what goes inside."""
     folder = run_dir / "checkpoints" / f"step-{step}"
     staging = folder.with_name(folder.name + ".tmp")
     if accelerator.is_main_process:
         shutil.rmtree(staging, ignore_errors=True)
         staging.mkdir(parents=True)
     accelerator.wait_for_everyone()
-    accelerator.save_state(str(staging))
+    layout.save(staging)
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         with open(staging / STATE_FILE, "w") as handle:
@@ -123,9 +115,9 @@ def load_state_file(folder: Path) -> dict:
     return json.loads((folder / STATE_FILE).read_text())
 
 
-def load_checkpoint(accelerator, folder: Path, strategy) -> dict:
+def load_checkpoint(layout, folder: Path) -> dict:
     """Restore model, optimiser, scheduler and RNG from `folder`; returns its trainer state."""
-    accelerator.load_state(str(folder), **strategy.load_state_kwargs())
+    layout.load(folder)
     return load_state_file(folder)
 
 

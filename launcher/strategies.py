@@ -175,8 +175,24 @@ class Strategy:
         """strict=False lets adapter runs load their trainable-only weights."""
         return {"strict": False}
 
+    def checkpoint_layout(self, accelerator, model, optimizer, scheduler):
+        """What a checkpoint holds (launcher/layouts.py): adapter runs keep only their trainable part,
+        whole and by name (loads on any process count); full runs use accelerate's save_state."""
+        from launcher import layouts
+        if self.recipe.method != "full":
+            return layouts.TrainableLayout(accelerator, model, optimizer, scheduler)
+        return layouts.AccelerateLayout(accelerator, self.load_state_kwargs())
+
+    def resumes_on_any_world_size(self) -> bool:
+        return True
+
     def check_resume(self, state: dict, world: int) -> None:
         """Refuse to resume a checkpoint on a process count this strategy cannot load it on."""
+        saved = state.get("world_size", 1)
+        if saved != world and not self.resumes_on_any_world_size():
+            raise UserError(f"this checkpoint was written by {saved} processes under DeepSpeed ZeRO full fine-tuning, whose "
+                            f"optimiser state is split per process; resume with {saved} processes (e.g. {launch_hint(saved)}), "
+                            "or start fresh with --overwrite")
 
     def check_synchronised(self, accelerator, model) -> None:
         """After the first optimiser step, replicated parameters must be identical on every rank; if they are
@@ -238,19 +254,22 @@ class DeepSpeed(Strategy):
     def load_state_kwargs(self) -> dict:
         return {}  # a DeepSpeed engine loads its whole module itself and takes no `strict`
 
-    def check_resume(self, state: dict, world: int) -> None:
-        saved = state.get("world_size", 1)
-        if saved != world:
-            raise UserError(f"this checkpoint was written by {saved} processes under DeepSpeed ZeRO, whose optimiser state "
-                            f"is split per process; resume with {saved} processes (e.g. {launch_hint(saved)}), "
-                            "or start fresh with --overwrite")
+    def checkpoint_layout(self, accelerator, model, optimizer, scheduler):
+        """Adapters: the trainable part assembled from ZeRO's partitions by name (any process count);
+        full fine-tuning: DeepSpeed's own per-rank shards (the process count that wrote them)."""
+        from launcher import layouts
+        if self.recipe.method != "full":
+            return layouts.ZeroTrainableLayout(accelerator, model, optimizer, scheduler)
+        return super().checkpoint_layout(accelerator, model, optimizer, scheduler)
+
+    def resumes_on_any_world_size(self) -> bool:
+        return self.recipe.method != "full"
 
 
 class Fsdp2(Strategy):
     """torch's FSDP2 (`fully_shard`) on every transformer block and the root, over all processes.
 
-    Checkpoints are full (gathered) state dicts saved through accelerate's custom-object
-    checkpointing, so they resume on any number of processes.
+    Checkpoints are sharded (launcher/layouts.py), so they resume on any number of processes.
     """
 
     name = "fsdp"
@@ -300,12 +319,18 @@ class Fsdp2(Strategy):
 
     def prepare(self, accelerator, model, optimizer, scheduler):
         """FSDP2 models stay out of accelerator.prepare (accelerate would wrap them in DDP on CPU); the optimiser
-        gets accelerate's wrapper, which skips steps while accumulating; model and optimiser are checkpointed
-        as full state dicts."""
+        gets accelerate's wrapper, which skips steps while accumulating."""
         from accelerate.optimizer import AcceleratedOptimizer
         scheduler = accelerator.prepare(scheduler)
-        accelerator.register_for_checkpointing(FullState(model, optimizer))
         return model, AcceleratedOptimizer(optimizer, device_placement=False), scheduler
+
+    def checkpoint_layout(self, accelerator, model, optimizer, scheduler):
+        """Adapters: the trainable part by name; full fine-tuning: torch.distributed.checkpoint shards, each
+        rank its own, resharded on load (both resume on any process count)."""
+        from launcher import layouts
+        if self.recipe.method == "full":
+            return layouts.ShardedLayout(accelerator, model, optimizer, scheduler)
+        return super().checkpoint_layout(accelerator, model, optimizer, scheduler)
 
     def export_state_dict(self, accelerator, model) -> dict:
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
@@ -313,26 +338,6 @@ class Fsdp2(Strategy):
         if not isinstance(model, FSDPModule):  # one process: nothing was sharded
             return accelerator.get_state_dict(model)
         return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-
-
-class FullState:
-    """Model and optimiser of an FSDP2 run as full state dicts keyed by parameter name: gathered on save
-    (every rank takes part; the main process writes), sliced back into shards on load."""
-
-    def __init__(self, model, optimizer) -> None:
-        self.model, self.optimizer = model, optimizer
-
-    def state_dict(self) -> dict:
-        import torch.distributed as dist
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
-        options = StateDictOptions(full_state_dict=True, cpu_offload=dist.is_initialized())
-        model, optim = get_state_dict(self.model, self.optimizer, options=options)
-        return {"model": model, "optimizer": optim}
-
-    def load_state_dict(self, state: dict) -> None:
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
-        set_state_dict(self.model, self.optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"],
-                       options=StateDictOptions(full_state_dict=True))
 
 
 STRATEGIES: dict[str, type[Strategy]] = {cls.name: cls for cls in (Strategy, DeepSpeed, Fsdp2)}

@@ -69,6 +69,7 @@ class Run:
     model: Any = None
     optimizer: Any = None
     scheduler: Any = None
+    layout: Any = None     # what a checkpoint holds (launcher/layouts.py)
     params: ParamCount | None = None
     reporter: Any = None
     best: Best | None = None
@@ -127,7 +128,7 @@ def setup(recipe: Recipe, overwrite: bool = False) -> Run | None:
     _build_model(session)
     session.best = Best(recipe)
     if resume_from is not None:
-        loaded = ckpt.load_checkpoint(accelerator, resume_from, strategy)
+        loaded = ckpt.load_checkpoint(session.layout, resume_from)
         session.step, session.best = loaded["step"], Best(recipe, loaded.get("best"))
     _open_reporter(session, resume_from)
     if resume_from is None:
@@ -167,9 +168,7 @@ def _build_model(session: Run) -> None:
     session.model, session.optimizer, session.scheduler = strategy.prepare(accelerator, model, optimizer, scheduler)
     write_rank_log(session.run_dir, accelerator, {"strategy": strategy.name, "world_size": accelerator.num_processes,
                                                   **parameter_bytes(session.model)})
-    if recipe.method != "full":
-        trainable = {name for name, p in accelerator.unwrap_model(session.model).named_parameters() if p.requires_grad}
-        accelerator.register_save_state_pre_hook(ckpt.keep_trainable_only(trainable))
+    session.layout = strategy.checkpoint_layout(accelerator, session.model, session.optimizer, session.scheduler)
 
 
 def _open_reporter(session: Run, resume_from: Path | None) -> None:
@@ -271,7 +270,7 @@ def run_eval(session: Run, step: int) -> Evaluation | None:
 def save(session: Run) -> None:
     state = {"step": session.step, "total_steps": session.total_steps, "best": session.best.state(),
              "world_size": session.accelerator.num_processes, "strategy": session.strategy.name}
-    ckpt.save_checkpoint(session.accelerator, session.run_dir, session.step, state, session.recipe.train.keep_last)
+    ckpt.save_checkpoint(session.accelerator, session.layout, session.run_dir, session.step, state, session.recipe.train.keep_last)
 
 
 # ---------------------------------------------------------------- the end
