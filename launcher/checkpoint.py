@@ -14,8 +14,9 @@ from pathlib import Path
 from launcher.recipe import UserError
 
 STATE_FILE = "trainer_state.json"
-# Keys of the recipe that may change between a run and its resumption.
-RESUMABLE_CHANGES = {("train", "max_steps"), ("train", "epochs"), ("train", "eval_every"), ("train", "save_every"),
+# Keys of the recipe that may change between a run and its resumption (micro_batch_size and grad_accum only
+# with their product times the process count unchanged: launcher/rescale.py checks that on resume).
+RESUMABLE_CHANGES = {("train", "micro_batch_size"), ("train", "grad_accum"), ("train", "max_steps"), ("train", "epochs"), ("train", "eval_every"), ("train", "save_every"),
                      ("distributed", "num_processes"), ("train", "log_every"), ("train", "keep_last"), ("eval", "samples"), ("report", "tensorboard")}
 
 

@@ -51,7 +51,10 @@ def restore_rng(state: dict) -> None:
 
 
 class Layout:
-    """Schedule and per-rank RNG, common to the launcher's own layouts; subclasses add model and optimiser."""
+    """Schedule and per-rank RNG, common to the launcher's own layouts; subclasses add model and optimiser.
+    `bytes_read`: model and optimiser bytes this rank read on load (the rank log records it)."""
+
+    bytes_read: int | None = None
 
     def __init__(self, accelerator, model, optimizer, scheduler) -> None:
         self.accelerator, self.model, self.optimizer, self.scheduler = accelerator, model, optimizer, scheduler
@@ -81,6 +84,8 @@ class Layout:
 
 class AccelerateLayout:
     """accelerate's own save_state/load_state (model, optimiser, scheduler, every rank's RNG)."""
+
+    bytes_read: int | None = None  # not counted
 
     def __init__(self, accelerator, load_kwargs: dict) -> None:
         self.accelerator, self.load_kwargs = accelerator, load_kwargs
@@ -127,6 +132,7 @@ class TrainableLayout(Layout):
 
     def load_weights(self, folder: Path) -> None:
         self.scatter(torch.load(folder / TRAINABLE_FILE, map_location="cpu", weights_only=False))
+        self.bytes_read = (folder / TRAINABLE_FILE).stat().st_size
 
 
 class ZeroTrainableLayout(TrainableLayout):
@@ -168,9 +174,7 @@ class ZeroTrainableLayout(TrainableLayout):
 class ShardedLayout(Layout):
     """FSDP2 model and optimiser through torch.distributed.checkpoint: each rank writes its own shards
     (`dcp/__R_0.distcp`) and reads back only the slices its shards need, resharding when the process
-    count changed. `bytes_read` counts what this rank's load plan read."""
-
-    bytes_read = 0
+    count changed."""
 
     def state(self) -> dict:
         from torch.distributed.checkpoint.state_dict import get_state_dict

@@ -167,6 +167,10 @@ class Strategy:
     def prepare(self, accelerator, model, optimizer, scheduler):
         return accelerator.prepare(model, optimizer, scheduler)
 
+    def sync_gradients(self, model, now: bool) -> None:
+        """Called before each micro-batch's backward; `now` on the one that ends an optimiser step. Nothing to do
+        here: accelerate's accumulate() skips DDP's all-reduce until then, and DeepSpeed accumulates itself."""
+
     def export_state_dict(self, accelerator, model) -> dict:
         """The whole model's state dict on the main process (ZeRO-3 gathers through accelerate)."""
         return accelerator.get_state_dict(model)
@@ -323,6 +327,13 @@ class Fsdp2(Strategy):
         from accelerate.optimizer import AcceleratedOptimizer
         scheduler = accelerator.prepare(scheduler)
         return model, AcceleratedOptimizer(optimizer, device_placement=False), scheduler
+
+    def sync_gradients(self, model, now: bool) -> None:
+        """Reduce-scatter gradients once per optimiser step: FSDP2 keeps them unsharded and local on the other
+        micro-batches (accelerate's no_sync does this only for models it wrapped itself)."""
+        from torch.distributed.fsdp import FSDPModule
+        if isinstance(model, FSDPModule):
+            model.set_requires_gradient_sync(now)
 
     def checkpoint_layout(self, accelerator, model, optimizer, scheduler):
         """Adapters: the trainable part by name; full fine-tuning: torch.distributed.checkpoint shards, each

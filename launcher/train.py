@@ -21,7 +21,8 @@ from launcher.evaluate import Best, Evaluation, evaluate, to_device
 from launcher.loss import target_count, task_loss_sum
 from launcher.memory import ParamCount, count_parameters, parameter_bytes
 from launcher.recipe import Recipe, UserError, resolved_yaml
-from launcher.strategies import Strategy, strategy_for
+from launcher.rescale import hold_global_batch
+from launcher.strategies import Strategy, launched_world_size, strategy_for
 
 
 class StopRequest:
@@ -108,17 +109,22 @@ def setup(recipe: Recipe, overwrite: bool = False) -> Run | None:
     from accelerate.utils import set_seed
     run_dir = Path(recipe.output_dir)
     resume_from = ckpt.plan_run_dir(run_dir, recipe.model_dump(mode="json"), overwrite)
+    state = ckpt.load_state_file(resume_from) if resume_from is not None else None
+    change = None
+    if state is not None:  # on another process count: same global batch, or refused before anything loads
+        strategy_for(recipe).check_resume(state, launched_world_size())
+        recipe, change = hold_global_batch(recipe, state, launched_world_size())
     strategy = strategy_for(recipe)
     accelerator = strategy.make_accelerator()
+    if change and accelerator.is_main_process:
+        print(change)
     if accelerator.is_main_process:
         if overwrite:
             ckpt.clear_run_dir(run_dir)
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "recipe.yaml").write_text(resolved_yaml(recipe))
     session = _load_data(recipe, strategy, accelerator, run_dir)
-    state = ckpt.load_state_file(resume_from) if resume_from is not None else None
     if state is not None:
-        strategy.check_resume(state, accelerator.num_processes)
         if state["step"] >= session.total_steps and (run_dir / "final").is_dir():  # no final/: stopped in export, redo it
             if session.main:
                 print(f"nothing left to train: {run_dir} already finished step {state['step']} of {session.total_steps}. "
@@ -129,6 +135,8 @@ def setup(recipe: Recipe, overwrite: bool = False) -> Run | None:
     session.best = Best(recipe)
     if resume_from is not None:
         loaded = ckpt.load_checkpoint(session.layout, resume_from)
+        from launcher.report import write_rank_log
+        write_rank_log(run_dir, accelerator, {"resumed_from": str(resume_from), "checkpoint_bytes_read": session.layout.bytes_read})
         session.step, session.best = loaded["step"], Best(recipe, loaded.get("best"))
     _open_reporter(session, resume_from)
     if resume_from is None:
@@ -201,6 +209,7 @@ def train_step(session: Run, micro_batches: list[dict]) -> StepStats:
     grad_norm = None
     for batch in micro_batches:
         with accelerator.accumulate(model):
+            session.strategy.sync_gradients(model, accelerator.sync_gradients)
             total = task_loss_sum(model, batch, task, cfg.loss_chunk_tokens)[0]  # its count is in step_targets already
             scale = accelerator.num_processes * cfg.grad_accum / step_targets
             accelerator.backward(total * scale.float() + l2_penalty(model, cfg.l2_lambda))
@@ -269,7 +278,8 @@ def run_eval(session: Run, step: int) -> Evaluation | None:
 
 def save(session: Run) -> None:
     state = {"step": session.step, "total_steps": session.total_steps, "best": session.best.state(),
-             "world_size": session.accelerator.num_processes, "strategy": session.strategy.name}
+             "world_size": session.accelerator.num_processes, "strategy": session.strategy.name,
+             "global_batch": session.plan.global_batch}
     ckpt.save_checkpoint(session.accelerator, session.layout, session.run_dir, session.step, state, session.recipe.train.keep_last)
 
 
