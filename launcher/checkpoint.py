@@ -11,6 +11,7 @@ import os
 import shutil
 from pathlib import Path
 
+from launcher import diskspace
 from launcher.recipe import UserError
 
 STATE_FILE = "trainer_state.json"
@@ -87,10 +88,13 @@ def clear_run_dir(run_dir: Path) -> None:
             target.unlink()
 
 
-def save_checkpoint(accelerator, layout, run_dir: Path, step: int, state: dict, keep_last: int) -> Path:
+def save_checkpoint(accelerator, layout, run_dir: Path, step: int, state: dict, keep_last: int, held_bytes: int = 0) -> Path:
     """Write checkpoints/step-N atomically and prune to the newest `keep_last`; `layout` (launcher/layouts.py)
-    decides what goes inside."""
+    decides what goes inside. Refused before writing when the disk cannot hold it (`held_bytes`: the estimate
+    when no checkpoint exists yet)."""
     folder = run_dir / "checkpoints" / f"step-{step}"
+    diskspace.check_free_space(run_dir, diskspace.checkpoint_estimate(last_checkpoint(run_dir), held_bytes),
+                               f"checkpoint of step {step}")
     staging = folder.with_name(folder.name + ".tmp")
     if accelerator.is_main_process:
         shutil.rmtree(staging, ignore_errors=True)
@@ -122,13 +126,14 @@ def load_checkpoint(layout, folder: Path) -> dict:
     return load_state_file(folder)
 
 
-def export_final(accelerator, strategy, model, tokenizer, run_dir: Path, name: str = "final") -> Path:
+def export_final(accelerator, strategy, model, tokenizer, run_dir: Path, name: str = "final", needed_bytes: int = 0) -> Path:
     """A save_pretrained folder that transformers or PEFT load directly.
 
     The state dict comes from the strategy, which gathers ZeRO-3 and FSDP shards; a PEFT model
     picks its adapter out of that full dict, so a sharded run never saves an empty adapter.
     """
     target = run_dir / name  # final/, or best/ for the best eval so far
+    diskspace.check_free_space(run_dir, needed_bytes, f"export to {target}")
     staging = target.with_name(f"{name}.tmp")
     state_dict = strategy.export_state_dict(accelerator, model)
     if accelerator.is_main_process:

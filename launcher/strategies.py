@@ -133,6 +133,10 @@ class Strategy:
         if _accelerate_env("ACCELERATE_USE_DEEPSPEED") == "true" and self.name != "deepspeed":
             raise UserError(f"accelerate launch is set up for DeepSpeed (ACCELERATE_USE_DEEPSPEED=true) but distributed.strategy "
                             f"is {self.name}; {ENV_FIX}, or set distributed.strategy: deepspeed")
+        if self.recipe.train.loss_chunk_tokens and self.shards_parameters:  # ZeRO's stage read from its JSON
+            raise UserError(f"train.loss_chunk_tokens with sharded parameters ({self.name}{', ZeRO-3' * (self.name == 'deepspeed')}): "
+                            "lm_head is used after the forward pass, when its weight is already resharded; remove "
+                            "loss_chunk_tokens or use ddp / zero1-2")
 
     def backend(self, on_gpu: bool, world: int) -> str | None:
         return None if on_gpu or world == 1 else "gloo"
@@ -292,8 +296,8 @@ class Fsdp2(Strategy):
         options = self.recipe.distributed.fsdp
         if options is not None and options.activation_checkpointing:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        if accelerator.num_processes == 1:
-            return model  # nothing to shard over; checkpoints stay full, so they resume on any count
+        if accelerator.num_processes == 1:  # nothing to shard over; accelerator.prepare never sees the model, so place it
+            return model.to(accelerator.device)
         from torch.distributed.fsdp import fully_shard
         kwargs = self._shard_kwargs(accelerator)
         base = model.get_base_model() if hasattr(model, "get_base_model") else model
@@ -323,10 +327,23 @@ class Fsdp2(Strategy):
 
     def prepare(self, accelerator, model, optimizer, scheduler):
         """FSDP2 models stay out of accelerator.prepare (accelerate would wrap them in DDP on CPU); the optimiser
-        gets accelerate's wrapper, which skips steps while accumulating."""
-        from accelerate.optimizer import AcceleratedOptimizer
+        gets accelerate's wrapper, which skips steps while accumulating and unscales fp16 gradients."""
         scheduler = accelerator.prepare(scheduler)
-        return model, AcceleratedOptimizer(optimizer, device_placement=False), scheduler
+        scaler = self.gradient_scaler(accelerator)
+        if scaler is not None:
+            accelerator.scaler = scaler  # accelerator.backward scales with it; clip_grad_norm_ and step unscale with it
+        return model, accelerator.prepare_optimizer(optimizer, device_placement=False), scheduler
+
+    def gradient_scaler(self, accelerator):
+        """fp16 needs loss scaling; accelerate's GradScaler would look for overflow in this rank's shard only, so
+        ranks could disagree on skipping a step: the sharded scaler agrees over all of them. None otherwise."""
+        if accelerator.mixed_precision != "fp16":
+            return None
+        import torch
+        from torch.distributed.fsdp.sharded_grad_scaler import ShardedGradScaler
+        if accelerator.num_processes == 1:  # no process group to agree over
+            return torch.amp.GradScaler(accelerator.device.type)
+        return ShardedGradScaler(accelerator.device.type)
 
     def sync_gradients(self, model, now: bool) -> None:
         """Reduce-scatter gradients once per optimiser step: FSDP2 keeps them unsharded and local on the other

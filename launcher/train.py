@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from launcher import checkpoint as ckpt
+from launcher.diskspace import run_bytes
 from launcher.data import Datasets, StepPlan, load_datasets
 from launcher.evaluate import Best, Evaluation, evaluate, to_device
 from launcher.loss import target_count, task_loss_sum
@@ -272,7 +273,8 @@ def run_eval(session: Run, step: int) -> Evaluation | None:
     extra = {"confusion": result.confusion} if result.confusion else {}
     session.reporter.log({"kind": "eval", "step": step, **result.metrics, **extra})
     if session.best.update(result.metrics, step) and step > 0:
-        ckpt.export_final(session.accelerator, session.strategy, session.model, session.tokenizer, session.run_dir, name="best")
+        ckpt.export_final(session.accelerator, session.strategy, session.model, session.tokenizer, session.run_dir, name="best",
+                          needed_bytes=run_bytes(session.params, session.recipe.method == "full", with_optimizer=False))
     return result
 
 
@@ -280,7 +282,8 @@ def save(session: Run) -> None:
     state = {"step": session.step, "total_steps": session.total_steps, "best": session.best.state(),
              "world_size": session.accelerator.num_processes, "strategy": session.strategy.name,
              "global_batch": session.plan.global_batch}
-    ckpt.save_checkpoint(session.accelerator, session.layout, session.run_dir, session.step, state, session.recipe.train.keep_last)
+    ckpt.save_checkpoint(session.accelerator, session.layout, session.run_dir, session.step, state, session.recipe.train.keep_last,
+                         held_bytes=run_bytes(session.params, session.recipe.method == "full", with_optimizer=True))
 
 
 # ---------------------------------------------------------------- the end
@@ -291,7 +294,8 @@ def finish(session: Run) -> Path:
     recipe, accelerator, run_dir = session.recipe, session.accelerator, session.run_dir
     last_eval = run_eval(session, session.total_steps)
     save(session)
-    final = ckpt.export_final(accelerator, session.strategy, session.model, session.tokenizer, run_dir)
+    final = ckpt.export_final(accelerator, session.strategy, session.model, session.tokenizer, run_dir,
+                              needed_bytes=run_bytes(session.params, recipe.method == "full", with_optimizer=False))
     if not session.main:
         return final
     if recipe.model.task == "classification":  # an adapter folder has no config.json: keep the label names beside it
