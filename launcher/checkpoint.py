@@ -1,8 +1,8 @@
 """Checkpoints that survive crashes, exact resume, and the final export.
 
-What a checkpoint holds is its layout (launcher/layouts.py, chosen by the strategy). Making
-it atomic and picking the last good one is this module: each checkpoint is written under a temporary name and renamed
-only once complete, with `trainer_state.json` written last inside it.
+What a checkpoint holds is its layout (launcher/layouts.py, chosen by the strategy). Making it
+atomic and picking the last good one is this module: each checkpoint is written under a temporary
+name and renamed only once complete, with `trainer_state.json` written last inside it.
 """
 from __future__ import annotations
 
@@ -12,12 +12,14 @@ import shutil
 from pathlib import Path
 
 from launcher import diskspace
+from launcher.adapters import export_kwargs
 from launcher.recipe import UserError
 
 STATE_FILE = "trainer_state.json"
 # Keys of the recipe that may change between a run and its resumption (micro_batch_size and grad_accum only
 # with their product times the process count unchanged: launcher/rescale.py checks that on resume).
-RESUMABLE_CHANGES = {("train", "micro_batch_size"), ("train", "grad_accum"), ("train", "max_steps"), ("train", "epochs"), ("train", "eval_every"), ("train", "save_every"),
+RESUMABLE_CHANGES = {("train", "micro_batch_size"), ("train", "grad_accum"),
+                     ("train", "max_steps"), ("train", "epochs"), ("train", "eval_every"), ("train", "save_every"),
                      ("distributed", "num_processes"), ("train", "log_every"), ("train", "keep_last"), ("eval", "samples"), ("report", "tensorboard")}
 
 
@@ -138,7 +140,8 @@ def export_final(accelerator, strategy, model, tokenizer, run_dir: Path, name: s
     state_dict = strategy.export_state_dict(accelerator, model)
     if accelerator.is_main_process:
         shutil.rmtree(staging, ignore_errors=True)
-        accelerator.unwrap_model(model).save_pretrained(staging, state_dict=state_dict, safe_serialization=True)
+        unwrapped = strategy.unwrap(accelerator, model)  # PiSSA/OLoRA adapters are converted to plain LoRA on the original base
+        unwrapped.save_pretrained(staging, state_dict=state_dict, safe_serialization=True, **export_kwargs(unwrapped, run_dir))
         tokenizer.save_pretrained(staging)
         shutil.rmtree(target, ignore_errors=True)
         staging.rename(target)

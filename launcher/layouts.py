@@ -56,8 +56,9 @@ class Layout:
 
     bytes_read: int | None = None
 
-    def __init__(self, accelerator, model, optimizer, scheduler) -> None:
+    def __init__(self, accelerator, model, optimizer, scheduler, inner=None) -> None:
         self.accelerator, self.model, self.optimizer, self.scheduler = accelerator, model, optimizer, scheduler
+        self.inner = inner if inner is not None else model  # the model under any DDP/DeepSpeed wrapper: names as saved
 
     def save(self, folder: Path) -> None:
         self.save_weights(folder)
@@ -110,8 +111,7 @@ class TrainableLayout(Layout):
     before anything is gathered."""
 
     def trainable_names(self) -> set[str]:
-        model = self.accelerator.unwrap_model(self.model)
-        return {name for name, p in model.named_parameters() if p.requires_grad}
+        return {name for name, p in self.inner.named_parameters() if p.requires_grad}
 
     def gather(self) -> dict:
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
@@ -140,8 +140,7 @@ class ZeroTrainableLayout(TrainableLayout):
     per-rank partitions: DeepSpeed's safe_get/safe_set helpers assemble and split them by parameter."""
 
     def named_trainable(self) -> list[tuple[str, torch.nn.Parameter]]:
-        model = self.accelerator.unwrap_model(self.model)
-        return [(name, p) for name, p in model.named_parameters() if p.requires_grad]
+        return [(name, p) for name, p in self.inner.named_parameters() if p.requires_grad]
 
     def gather(self) -> dict:
         from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
