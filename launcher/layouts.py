@@ -156,6 +156,7 @@ class ZeroTrainableLayout(TrainableLayout):
     def scatter(self, state: dict) -> None:
         from deepspeed.utils import safe_set_full_fp32_param, safe_set_full_optimizer_state
         engine_optimizer = self.optimizer.optimizer  # DeepSpeed's ZeRO optimiser, under accelerate's wrapper
+        self.create_state(next(iter(state["optimizer"]["state"].values()), {}).keys())
         for name, param in self.named_trainable():
             safe_set_full_fp32_param(param, state["model"][name].to(param.device))
             for key, value in state["optimizer"]["state"][name].items():
@@ -168,6 +169,15 @@ class ZeroTrainableLayout(TrainableLayout):
         else:  # ZeRO-3: the same, per parameter sub-group
             for group in range(len(engine_optimizer.fp16_groups)):
                 engine_optimizer._reassign_or_swap_out_partitioned_parameters(group)
+
+
+    def create_state(self, keys) -> None:
+        """Zeroed optimiser state where the optimiser creates it only at its first step (ZeRO-3), to be overwritten."""
+        base = base_optimizer(self.optimizer)
+        for group in base.param_groups:
+            for flat in group["params"]:
+                if not base.state[flat]:
+                    base.state[flat] = {"step": torch.tensor(0.0), **{k: torch.zeros_like(flat) for k in keys}}
 
 
 class ShardedLayout(Layout):

@@ -29,7 +29,8 @@ def _rank(rank: int, port: int, recipe_path: str, queue) -> None:
         for micro_batches in batches:
             assert len(micro_batches) == ACCUM
             train_step(session, micro_batches)
-    scatters = sum(1 for event in prof.events() if event.name.startswith("c10d::reduce_scatter"))
+    # c10d::_reduce_scatter_base_ on gloo (reduce_scatter_tensor elsewhere): the collective itself, once per call
+    scatters = sum(1 for event in prof.events() if event.name.startswith("c10d::") and "reduce_scatter" in event.name)
     queue.put((rank, units, scatters))
     close(session)
 
