@@ -1,9 +1,8 @@
 """Checkpoints that survive crashes, exact resume, and the final export.
 
-Accelerate's save_state/load_state carry model, optimiser, scheduler and every process's RNG
-under DDP, DeepSpeed and FSDP alike. What it does not do is be atomic or pick the last good
-checkpoint; that is this module: each checkpoint is written under a temporary name and renamed
-only once complete, with `trainer_state.json` written last inside it.
+What a checkpoint holds is its layout (launcher/layouts.py, chosen by the strategy). Making it
+atomic and picking the last good one is this module: each checkpoint is written under a temporary
+name and renamed only once complete, with `trainer_state.json` written last inside it.
 """
 from __future__ import annotations
 
@@ -12,14 +11,16 @@ import os
 import shutil
 from pathlib import Path
 
-from launcher import verify
+from launcher import diskspace, verify
 from launcher.adapters import export_kwargs
 from launcher.recipe import UserError
 
 STATE_FILE = "trainer_state.json"
 RUN_FILES = ("checkpoints", "final", "best", "metrics.jsonl", "report.md", "loss.png", "recipe.yaml", "tb", "logs")  # what a run writes
-# Keys of the recipe that may change between a run and its resumption.
-RESUMABLE_CHANGES = {("train", "max_steps"), ("train", "epochs"), ("train", "eval_every"), ("train", "save_every"),
+# Keys of the recipe that may change between a run and its resumption (micro_batch_size and grad_accum only
+# with their product times the process count unchanged: launcher/rescale.py checks that on resume).
+RESUMABLE_CHANGES = {("train", "micro_batch_size"), ("train", "grad_accum"),
+                     ("train", "max_steps"), ("train", "epochs"), ("train", "eval_every"), ("train", "save_every"),
                      ("distributed", "num_processes"), ("train", "log_every"), ("train", "keep_last"), ("eval", "samples"), ("report", "tensorboard"),
                      ("train", "skip_nonfinite")}
 
@@ -91,23 +92,19 @@ def clear_run_dir(run_dir: Path) -> None:
             target.unlink()
 
 
-def keep_trainable_only(model_names: set[str]):
-    """A save_state pre-hook: adapter runs checkpoint only what trains, not the frozen base."""
-    def hook(models, weights, output_dir):
-        for index, state in enumerate(weights):
-            weights[index] = {k: v for k, v in state.items() if k in model_names}
-    return hook
-
-
-def save_checkpoint(accelerator, run_dir: Path, step: int, state: dict, keep_last: int) -> Path:
-    """Write checkpoints/step-N atomically and prune to the newest `keep_last`."""
+def save_checkpoint(accelerator, layout, run_dir: Path, step: int, state: dict, keep_last: int, held_bytes: int = 0) -> Path:
+    """Write checkpoints/step-N atomically and prune to the newest `keep_last`; `layout` (launcher/layouts.py)
+    decides what goes inside. Refused before writing when the disk cannot hold it (`held_bytes`: the estimate
+    when no checkpoint exists yet)."""
     folder = run_dir / "checkpoints" / f"step-{step}"
+    diskspace.check_free_space(run_dir, diskspace.checkpoint_estimate(last_checkpoint(run_dir), held_bytes),
+                               f"checkpoint of step {step}")
     staging = folder.with_name(folder.name + ".tmp")
     if accelerator.is_main_process:
         shutil.rmtree(staging, ignore_errors=True)
         staging.mkdir(parents=True)
     accelerator.wait_for_everyone()
-    accelerator.save_state(str(staging))
+    layout.save(staging)
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         verify.checkpoint(staging)  # read back before it counts: a bad save never replaces a good one
@@ -128,19 +125,20 @@ def load_state_file(folder: Path) -> dict:
     return json.loads((folder / STATE_FILE).read_text())
 
 
-def load_checkpoint(accelerator, folder: Path, strategy) -> dict:
+def load_checkpoint(layout, folder: Path) -> dict:
     """Restore model, optimiser, scheduler and RNG from `folder`; returns its trainer state."""
-    accelerator.load_state(str(folder), **strategy.load_state_kwargs())
+    layout.load(folder)
     return load_state_file(folder)
 
 
-def export_final(accelerator, strategy, model, tokenizer, run_dir: Path, name: str = "final") -> Path:
+def export_final(accelerator, strategy, model, tokenizer, run_dir: Path, name: str = "final", needed_bytes: int = 0) -> Path:
     """A save_pretrained folder that transformers or PEFT load directly.
 
     The state dict comes from the strategy, which gathers ZeRO-3 and FSDP shards; a PEFT model
     picks its adapter out of that full dict, so a sharded run never saves an empty adapter.
     """
     target = run_dir / name  # final/, or best/ for the best eval so far
+    diskspace.check_free_space(run_dir, needed_bytes, f"export to {target}")
     staging = target.with_name(f"{name}.tmp")
     state_dict = strategy.export_state_dict(accelerator, model)
     if accelerator.is_main_process:

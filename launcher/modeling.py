@@ -176,7 +176,8 @@ def skeleton(path: str, recipe: Recipe, labels: list[str] | None = None):
     config = AutoConfig.from_pretrained(path, trust_remote_code=recipe.model.trust_remote_code)
     if labels is not None:
         config.num_labels = len(labels)
-    with init_empty_weights():
+    from transformers.modeling_utils import set_zero3_state
+    with init_empty_weights(), set_zero3_state():  # set_zero3_state: no ZeRO-3 partitioning of a meta skeleton
         return auto_class(recipe.model.task).from_config(config, trust_remote_code=recipe.model.trust_remote_code)
 
 

@@ -231,9 +231,6 @@ class Recipe(Section):
         if task != "causal-lm" and (self.data.packing or self.train.loss_chunk_tokens):
             key = "data.packing" if self.data.packing else "train.loss_chunk_tokens"
             raise ValueError(f"{key} applies to model.task causal-lm only (got {task}); remove it")
-        if self.train.loss_chunk_tokens and (self.distributed.strategy == "fsdp" or str(self.distributed.deepspeed).startswith("zero3")):
-            raise ValueError("train.loss_chunk_tokens with sharded parameters (fsdp, deepspeed zero3): lm_head is used after the "
-                             "forward pass, when its weight is already resharded; remove loss_chunk_tokens or use ddp / zero1-2")
         self.distributed.rules(self.train)
         if self.data.eval and self.data.eval_fraction:
             raise ValueError("data.eval and data.eval_fraction both set: give one")

@@ -134,6 +134,10 @@ class Strategy:
         if _accelerate_env("ACCELERATE_USE_DEEPSPEED") == "true" and self.name != "deepspeed":
             raise UserError(f"accelerate launch is set up for DeepSpeed (ACCELERATE_USE_DEEPSPEED=true) but distributed.strategy "
                             f"is {self.name}; {ENV_FIX}, or set distributed.strategy: deepspeed")
+        if self.recipe.train.loss_chunk_tokens and self.shards_parameters:  # ZeRO's stage read from its JSON
+            raise UserError(f"train.loss_chunk_tokens with sharded parameters ({self.name}{', ZeRO-3' * (self.name == 'deepspeed')}): "
+                            "lm_head is used after the forward pass, when its weight is already resharded; remove "
+                            "loss_chunk_tokens or use ddp / zero1-2")
 
     def backend(self, on_gpu: bool, world: int) -> str | None:
         return None if on_gpu or world == 1 else "gloo"
@@ -170,6 +174,10 @@ class Strategy:
     def prepare(self, accelerator, model, optimizer, scheduler):
         return accelerator.prepare(model, optimizer, scheduler)
 
+    def sync_gradients(self, model, now: bool) -> None:
+        """Called before each micro-batch's backward; `now` on the one that ends an optimiser step. Nothing to do
+        here: accelerate's accumulate() skips DDP's all-reduce until then, and DeepSpeed accumulates itself."""
+
     def unwrap(self, accelerator, model):
         """The model inside the DDP wrapper. Not accelerator.unwrap_model: that imports deepspeed whenever it is
         installed, and deepspeed's import warns ("Setting accelerator to CPU") on runs that never use it."""
@@ -186,8 +194,24 @@ class Strategy:
         """strict=False lets adapter runs load their trainable-only weights."""
         return {"strict": False}
 
+    def checkpoint_layout(self, accelerator, model, optimizer, scheduler):
+        """What a checkpoint holds (launcher/layouts.py): adapter runs keep only their trainable part,
+        whole and by name (loads on any process count); full runs use accelerate's save_state."""
+        from launcher import layouts
+        if self.recipe.method != "full":
+            return layouts.TrainableLayout(accelerator, model, optimizer, scheduler, self.unwrap(accelerator, model))
+        return layouts.AccelerateLayout(accelerator, self.load_state_kwargs())
+
+    def resumes_on_any_world_size(self) -> bool:
+        return True
+
     def check_resume(self, state: dict, world: int) -> None:
         """Refuse to resume a checkpoint on a process count this strategy cannot load it on."""
+        saved = state.get("world_size", 1)
+        if saved != world and not self.resumes_on_any_world_size():
+            raise UserError(f"this checkpoint was written by {saved} processes under DeepSpeed ZeRO full fine-tuning, whose "
+                            f"optimiser state is split per process; resume with {saved} processes (e.g. {launch_hint(saved)}), "
+                            "or start fresh with --overwrite")
 
     def check_synchronised(self, accelerator, model) -> None:
         """After the first optimiser step, replicated parameters must be identical on every rank; if they are
@@ -255,19 +279,22 @@ class DeepSpeed(Strategy):
     def load_state_kwargs(self) -> dict:
         return {}  # a DeepSpeed engine loads its whole module itself and takes no `strict`
 
-    def check_resume(self, state: dict, world: int) -> None:
-        saved = state.get("world_size", 1)
-        if saved != world:
-            raise UserError(f"this checkpoint was written by {saved} processes under DeepSpeed ZeRO, whose optimiser state "
-                            f"is split per process; resume with {saved} processes (e.g. {launch_hint(saved)}), "
-                            "or start fresh with --overwrite")
+    def checkpoint_layout(self, accelerator, model, optimizer, scheduler):
+        """Adapters: the trainable part assembled from ZeRO's partitions by name (any process count);
+        full fine-tuning: DeepSpeed's own per-rank shards (the process count that wrote them)."""
+        from launcher import layouts
+        if self.recipe.method != "full":
+            return layouts.ZeroTrainableLayout(accelerator, model, optimizer, scheduler, self.unwrap(accelerator, model))
+        return super().checkpoint_layout(accelerator, model, optimizer, scheduler)
+
+    def resumes_on_any_world_size(self) -> bool:
+        return self.recipe.method != "full"
 
 
 class Fsdp2(Strategy):
     """torch's FSDP2 (`fully_shard`) on every transformer block and the root, over all processes.
 
-    Checkpoints are full (gathered) state dicts saved through accelerate's custom-object
-    checkpointing, so they resume on any number of processes.
+    Checkpoints are sharded (launcher/layouts.py), so they resume on any number of processes.
     """
 
     name = "fsdp"
@@ -286,8 +313,8 @@ class Fsdp2(Strategy):
         options = self.recipe.distributed.fsdp
         if options is not None and options.activation_checkpointing:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        if accelerator.num_processes == 1:
-            return model  # nothing to shard over; checkpoints stay full, so they resume on any count
+        if accelerator.num_processes == 1:  # nothing to shard over; accelerator.prepare never sees the model, so place it
+            return model.to(accelerator.device)
         from torch.distributed.fsdp import fully_shard
         kwargs = self._shard_kwargs(accelerator)
         base = model.get_base_model() if hasattr(model, "get_base_model") else model
@@ -317,12 +344,38 @@ class Fsdp2(Strategy):
 
     def prepare(self, accelerator, model, optimizer, scheduler):
         """FSDP2 models stay out of accelerator.prepare (accelerate would wrap them in DDP on CPU); the optimiser
-        gets accelerate's wrapper, which skips steps while accumulating; model and optimiser are checkpointed
-        as full state dicts."""
-        from accelerate.optimizer import AcceleratedOptimizer
+        gets accelerate's wrapper, which skips steps while accumulating and unscales fp16 gradients."""
         scheduler = accelerator.prepare(scheduler)
-        accelerator.register_for_checkpointing(FullState(model, optimizer))
-        return model, AcceleratedOptimizer(optimizer, device_placement=False), scheduler
+        scaler = self.gradient_scaler(accelerator)
+        if scaler is not None:
+            accelerator.scaler = scaler  # accelerator.backward scales with it; clip_grad_norm_ and step unscale with it
+        return model, accelerator.prepare_optimizer(optimizer, device_placement=False), scheduler
+
+    def gradient_scaler(self, accelerator):
+        """fp16 needs loss scaling; accelerate's GradScaler would look for overflow in this rank's shard only, so
+        ranks could disagree on skipping a step: the sharded scaler agrees over all of them. None otherwise."""
+        if accelerator.mixed_precision != "fp16":
+            return None
+        import torch
+        from torch.distributed.fsdp.sharded_grad_scaler import ShardedGradScaler
+        if accelerator.num_processes == 1:  # no process group to agree over
+            return torch.amp.GradScaler(accelerator.device.type)
+        return ShardedGradScaler(accelerator.device.type)
+
+    def sync_gradients(self, model, now: bool) -> None:
+        """Reduce-scatter gradients once per optimiser step: FSDP2 keeps them unsharded and local on the other
+        micro-batches (accelerate's no_sync does this only for models it wrapped itself)."""
+        from torch.distributed.fsdp import FSDPModule
+        if isinstance(model, FSDPModule):
+            model.set_requires_gradient_sync(now)
+
+    def checkpoint_layout(self, accelerator, model, optimizer, scheduler):
+        """Adapters: the trainable part by name; full fine-tuning: torch.distributed.checkpoint shards, each
+        rank its own, resharded on load (both resume on any process count)."""
+        from launcher import layouts
+        if self.recipe.method == "full":
+            return layouts.ShardedLayout(accelerator, model, optimizer, scheduler)
+        return super().checkpoint_layout(accelerator, model, optimizer, scheduler)
 
     def export_state_dict(self, accelerator, model) -> dict:
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
@@ -330,26 +383,6 @@ class Fsdp2(Strategy):
         if not isinstance(model, FSDPModule):  # one process: nothing was sharded
             return model.state_dict()
         return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-
-
-class FullState:
-    """Model and optimiser of an FSDP2 run as full state dicts keyed by parameter name: gathered on save
-    (every rank takes part; the main process writes), sliced back into shards on load."""
-
-    def __init__(self, model, optimizer) -> None:
-        self.model, self.optimizer = model, optimizer
-
-    def state_dict(self) -> dict:
-        import torch.distributed as dist
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
-        options = StateDictOptions(full_state_dict=True, cpu_offload=dist.is_initialized())
-        model, optim = get_state_dict(self.model, self.optimizer, options=options)
-        return {"model": model, "optimizer": optim}
-
-    def load_state_dict(self, state: dict) -> None:
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
-        set_state_dict(self.model, self.optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"],
-                       options=StateDictOptions(full_state_dict=True))
 
 
 STRATEGIES: dict[str, type[Strategy]] = {cls.name: cls for cls in (Strategy, DeepSpeed, Fsdp2)}

@@ -19,13 +19,15 @@ from typing import Any
 from launcher import checkpoint as ckpt
 from launcher import guard, rundir, trackers, verify
 from launcher.console import Console, end_line, header_rows, quiet_libraries
+from launcher.diskspace import run_bytes
 from launcher.provenance import write_provenance
 from launcher.data import Datasets, StepPlan, load_datasets
 from launcher.evaluate import Best, Evaluation, eval_rows, evaluate, to_device
 from launcher.loss import target_count, task_loss_sum
 from launcher.memory import ParamCount, count_parameters, parameter_bytes
 from launcher.recipe import Recipe, UserError, resolved_yaml
-from launcher.strategies import Strategy, strategy_for
+from launcher.rescale import hold_global_batch
+from launcher.strategies import Strategy, launched_world_size, strategy_for
 
 
 class StopRequest:
@@ -74,6 +76,7 @@ class Run:
     model: Any = None
     optimizer: Any = None
     scheduler: Any = None
+    layout: Any = None     # what a checkpoint holds (launcher/layouts.py)
     params: ParamCount | None = None
     reporter: Any = None
     best: Best | None = None
@@ -118,27 +121,32 @@ def setup(recipe: Recipe, overwrite: bool = False, allow_data_change: bool = Fal
 
     from launcher import optim
     run_dir = Path(recipe.output_dir)
-    layout = rundir.plan(run_dir, recipe.model_dump(mode="json"), overwrite)
-    resume_from = layout.resume_from
+    dir_plan = rundir.plan(run_dir, recipe.model_dump(mode="json"), overwrite)
+    resume_from = dir_plan.resume_from
+    state = ckpt.load_state_file(resume_from) if resume_from is not None else None
+    change = None
+    if state is not None:  # on another process count: same global batch, or refused before anything loads
+        strategy_for(recipe).check_resume(state, launched_world_size())
+        recipe, change = hold_global_batch(recipe, state, launched_world_size())
     strategy = strategy_for(recipe)
     accelerator = strategy.make_accelerator()
     console = Console(accelerator.is_main_process)
+    if change and accelerator.is_main_process:
+        print(change)
     if accelerator.is_main_process:
         rundir.take_live_lock(run_dir)  # before anything is written: a second live run is refused here
-        if overwrite or layout.replaced:
+        if overwrite or dir_plan.replaced:
             ckpt.clear_run_dir(run_dir)
-        if layout.replaced:
-            print(layout.message(run_dir))
+        if dir_plan.replaced:
+            print(dir_plan.message(run_dir))
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "recipe.yaml").write_text(resolved_yaml(recipe))
         write_provenance(run_dir, accelerator)
-    state = ckpt.load_state_file(resume_from) if resume_from is not None else None
     sources = rundir.check_sources(recipe, state, allow_data_change)  # before tokenising: refuse changed data early
     session = _load_data(recipe, strategy, accelerator, run_dir, console)
     session.sources = sources
     console.header(header_rows(session, resume_from, state["step"] if state else 0))
     if state is not None:
-        strategy.check_resume(state, accelerator.num_processes)
         if state["step"] >= session.total_steps and (run_dir / "final").is_dir():  # no final/: stopped in export, redo it
             console.close()
             if session.main:
@@ -150,7 +158,9 @@ def setup(recipe: Recipe, overwrite: bool = False, allow_data_change: bool = Fal
         _build_model(session)
     session.best = Best(recipe)
     if resume_from is not None:
-        loaded = ckpt.load_checkpoint(accelerator, resume_from, strategy)
+        loaded = ckpt.load_checkpoint(session.layout, resume_from)
+        from launcher.report import write_rank_log
+        write_rank_log(run_dir, accelerator, {"resumed_from": str(resume_from), "checkpoint_bytes_read": session.layout.bytes_read})
         session.step, session.best = loaded["step"], Best(recipe, loaded.get("best"))
         optim.resume_schedule(session.scheduler)  # the lr for this step under the (maybe extended) total
     _open_reporter(session, resume_from)
@@ -193,10 +203,8 @@ def _build_model(session: Run) -> None:
     session.model, session.optimizer, session.scheduler = strategy.prepare(accelerator, model, optimizer, scheduler)
     write_rank_log(session.run_dir, accelerator, {"strategy": strategy.name, "world_size": accelerator.num_processes,
                                                   **parameter_bytes(session.model)})
-    if recipe.method != "full":
-        trainable = {name for name, p in strategy.unwrap(accelerator, session.model).named_parameters() if p.requires_grad}
-        accelerator.register_save_state_pre_hook(ckpt.keep_trainable_only(trainable))
-    accelerator.register_save_state_pre_hook(verify.checksum_hook(accelerator))  # after the filter: sees what is written
+    session.layout = strategy.checkpoint_layout(accelerator, session.model, session.optimizer, session.scheduler)
+    accelerator.register_save_state_pre_hook(verify.checksum_hook(accelerator))  # layouts through save_state: what is written
 
 
 def _open_reporter(session: Run, resume_from: Path | None) -> None:
@@ -235,6 +243,7 @@ def train_step(session: Run, micro_batches: list[dict]) -> StepStats:
     grad_norm, skipped = None, False
     for batch in micro_batches:
         with accelerator.accumulate(model):
+            session.strategy.sync_gradients(model, accelerator.sync_gradients)
             total = task_loss_sum(model, batch, task, cfg.loss_chunk_tokens)[0]  # its count is in step_targets already
             scale = accelerator.num_processes * cfg.grad_accum / step_targets
             accelerator.backward(total * scale.float() + l2_penalty(model, cfg.l2_lambda))
@@ -308,15 +317,18 @@ def run_eval(session: Run, step: int) -> Evaluation | None:
     session.reporter.log({"kind": "eval", "step": step, **result.metrics, **extra})
     if session.best.update(result.metrics, step) and 0 < step < session.total_steps:  # best at the end is final/
         with session.console.phase("export best"):
-            ckpt.export_final(session.accelerator, session.strategy, session.model, session.tokenizer, session.run_dir, name="best")
+            ckpt.export_final(session.accelerator, session.strategy, session.model, session.tokenizer, session.run_dir, name="best",
+                              needed_bytes=run_bytes(session.params, session.recipe.method == "full", with_optimizer=False))
     return result
 
 
 def save(session: Run) -> None:
     state = {"step": session.step, "total_steps": session.total_steps, "best": session.best.state(),
-             "world_size": session.accelerator.num_processes, "strategy": session.strategy.name, "data": session.sources}
+             "world_size": session.accelerator.num_processes, "strategy": session.strategy.name,
+             "global_batch": session.plan.global_batch, "data": session.sources}
     with session.console.phase(f"checkpoint (step {session.step})"):
-        ckpt.save_checkpoint(session.accelerator, session.run_dir, session.step, state, session.recipe.train.keep_last)
+        ckpt.save_checkpoint(session.accelerator, session.layout, session.run_dir, session.step, state, session.recipe.train.keep_last,
+                             held_bytes=run_bytes(session.params, session.recipe.method == "full", with_optimizer=True))
 
 
 # ---------------------------------------------------------------- the end
@@ -328,7 +340,8 @@ def finish(session: Run) -> Path:
     last_eval = run_eval(session, session.total_steps)
     save(session)
     with session.console.phase("export"):
-        final = ckpt.export_final(accelerator, session.strategy, session.model, session.tokenizer, run_dir)
+        final = ckpt.export_final(accelerator, session.strategy, session.model, session.tokenizer, run_dir,
+                                  needed_bytes=run_bytes(session.params, recipe.method == "full", with_optimizer=False))
     if not session.main:
         return final
     if recipe.model.task == "classification":  # an adapter folder has no config.json: keep the label names beside it

@@ -96,6 +96,16 @@ def checkpoint(folder: Path) -> None:
     group_readable(folder)
 
 
+def trainable_file(path: Path, model_state: dict) -> None:
+    """An adapter run's checkpoint file (launcher/layouts.py) read back against the trainable tensors handed to it."""
+    import torch
+    expected = describe(model_state, f"checkpoint {path.parent}")
+    if not expected:
+        raise SaveVerificationError(f"{path.parent}: the checkpoint's trainable part is empty")
+    found = torch.load(path, map_location="cpu", weights_only=False, mmap=True)["model"]
+    compare(expected, {name: (checksum(t), tuple(t.shape), str(t.dtype)) for name, t in found.items()}, path)
+
+
 def _aliases(expected: dict) -> set:
     """Names safetensors may drop because they share storage with another (tied weights): same checksum and shape."""
     seen, aliases = set(), set()

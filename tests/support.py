@@ -100,3 +100,45 @@ def eval_losses(run_dir: Path) -> list[float]:
     import json
     return [json.loads(line)["eval_loss"] for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()
             if json.loads(line).get("kind") == "eval"]
+
+
+# ---------------------------------------------------------------- several processes
+
+def free_port() -> int:
+    import socket
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def launch_two(args, timeout=400):
+    """The documented CPU launch: accelerate with ACCELERATE_USE_CPU=1 --multi_gpu (gloo), on a free port."""
+    import sys
+    prefix = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+              "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+              "--main_process_port", str(free_port()), "-m", "launcher"]
+    return launch(args, env={"ACCELERATE_USE_CPU": "1"}, timeout=timeout, prefix=prefix)
+
+
+def ok(result):
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-6000:]
+    return result
+
+
+def load_tensors(folder: Path) -> dict:
+    """Every tensor of a save_pretrained folder's safetensors files."""
+    from safetensors.torch import load_file
+    files = sorted(folder.glob("*.safetensors"))
+    assert files, f"nothing saved in {folder}"
+    tensors = {}
+    for file in files:
+        tensors.update(load_file(file))
+    return tensors
+
+
+def rewind(run: Path, step: int) -> None:
+    """Drop every checkpoint after `step` and the export, as if the run had been stopped there."""
+    for folder in (run / "checkpoints").glob("step-*"):
+        if int(folder.name.removeprefix("step-")) > step:
+            shutil.rmtree(folder)
+    shutil.rmtree(run / "final", ignore_errors=True)

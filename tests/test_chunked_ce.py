@@ -66,10 +66,24 @@ def test_chunked_ce_and_packing_are_refused_where_they_cannot_work():
         Recipe.model_validate({**base, "train": {"loss_chunk_tokens": 64}})
     with pytest.raises(ValidationError, match="data.packing applies to model.task causal-lm"):
         Recipe.model_validate({**base, "data": {**base["data"], "packing": True}})
-    sharded = {"model": {"path": "m"}, "data": {"train": "t.jsonl"}, "output_dir": "o", "train": {"loss_chunk_tokens": 64},
-               "distributed": {"strategy": "fsdp"}}
-    with pytest.raises(ValidationError, match="sharded parameters"):
-        Recipe.model_validate(sharded)
+
+
+def test_chunked_ce_is_refused_with_sharded_parameters_whatever_the_deepspeed_json_is_called(tmp_path):
+    """The stage is read from the JSON: a custom stage-3 file is refused like zero3, a stage-2 one is not."""
+    import json
+
+    from launcher.recipe import UserError
+    from launcher.strategies import strategy_for
+    custom = {stage: tmp_path / f"my-config-{stage}.json" for stage in (2, 3)}
+    for stage, path in custom.items():
+        path.write_text(json.dumps({"zero_optimization": {"stage": stage}}))
+    base = {"model": {"path": "m"}, "data": {"train": "t.jsonl"}, "output_dir": "o", "train": {"loss_chunk_tokens": 64}}
+    for distributed in ({"strategy": "fsdp"}, {"strategy": "deepspeed", "deepspeed": "zero3"},
+                        {"strategy": "deepspeed", "deepspeed": str(custom[3])}):
+        with pytest.raises(UserError, match="loss_chunk_tokens with sharded parameters"):
+            strategy_for(Recipe.model_validate({**base, "distributed": distributed})).preflight(on_gpu=False)
+    strategy_for(Recipe.model_validate({**base, "distributed": {"strategy": "deepspeed", "deepspeed": str(custom[2])}})
+                 ).preflight(on_gpu=False)
 
 
 def test_chunked_ce_applies_the_models_final_logit_softcapping():

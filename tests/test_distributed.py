@@ -8,34 +8,19 @@ combined rather than split into many launches.
 """
 import json
 import shutil
-import socket
-import sys
 import time
 from pathlib import Path
 
 import pytest
 
-from support import build_tiny_llama, launch, tiny_recipe, train_losses, write_recipe
+from support import (build_tiny_llama, free_port, launch, launch_two, load_tensors, ok, rewind, tiny_recipe, train_losses,
+                     write_recipe)
 
 pytestmark = [pytest.mark.multiproc, pytest.mark.slow]
 
 STEPS = 4
 LOSS_RTOL = 1e-5   # fp32 on CPU: reduction order differs between 1 and 2 processes, nothing else
 WEIGHT_ATOL = 1e-5
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def launch_two(args, timeout=400):
-    """The documented CPU launch: accelerate with ACCELERATE_USE_CPU=1 --multi_gpu (gloo), on a free port."""
-    prefix = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-              "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-              "--main_process_port", str(free_port()), "-m", "launcher"]
-    return launch(args, env={"ACCELERATE_USE_CPU": "1"}, timeout=timeout, prefix=prefix)
 
 
 def recipe_for(model: Path, folder: Path, method: str, distributed: dict, **train) -> Path:
@@ -46,11 +31,6 @@ def recipe_for(model: Path, folder: Path, method: str, distributed: dict, **trai
     for key in ("eval", "max_eval_rows"):
         recipe["data"].pop(key)
     return write_recipe(recipe, folder / "recipe.yaml")
-
-
-def ok(result):
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-6000:]
-    return result
 
 
 @pytest.fixture(scope="module")
@@ -101,16 +81,6 @@ def two_process(model, tmp_path_factory):
     return get
 
 
-def load_tensors(folder: Path) -> dict:
-    from safetensors.torch import load_file
-    files = sorted(folder.glob("*.safetensors"))
-    assert files, f"nothing saved in {folder}"
-    tensors = {}
-    for file in files:
-        tensors.update(load_file(file))
-    return tensors
-
-
 @pytest.mark.parametrize("name", list(CASES))
 def test_two_processes_match_one_process(name, two_process, reference):
     import torch
@@ -154,34 +124,40 @@ def test_fsdp2_really_shards(two_process):
     assert sum(r["parameter_bytes"] for r in ranks) == full
 
 
-def _rewind_to_step_2(run: Path) -> None:
-    """Drop everything after the step-2 checkpoint, as if the run had been stopped there."""
-    for step, folder in [(int(p.name.removeprefix("step-")), p) for p in (run / "checkpoints").glob("step-*")]:
-        if step > 2:
-            shutil.rmtree(folder)
-    shutil.rmtree(run / "final", ignore_errors=True)
-
-
 @pytest.mark.parametrize("name", ["zero3-lora", "fsdp"])
-def test_resume_two_to_two_is_exact_and_two_to_one_works_or_is_refused(name, two_process):
+def test_resume_two_to_two_is_exact_and_two_to_one_holds_the_global_batch(name, two_process):
+    import torch
     recipe, run = two_process(name)
-    straight = train_losses(run)
-    _rewind_to_step_2(run)
+    straight, weights = train_losses(run), load_tensors(run / "final")
+    rewind(run, 2)
     resumed = ok(launch_two([recipe]))
     assert "resuming from" in resumed.stdout and "step-2 at step 2" in resumed.stdout
     again = train_losses(run)  # later lines for steps 3-4 win
     assert [again[s] for s in range(1, STEPS + 1)] == [straight[s] for s in range(1, STEPS + 1)]  # bitwise
-    assert (run / "final").is_dir()
+    if name == "fsdp":  # each rank read back only its own shards: about half of what the checkpoint holds
+        stored = sum(f.stat().st_size for f in (run / "checkpoints" / "step-2" / "dcp").glob("*.distcp"))
+        reads = [json.loads(line)["checkpoint_bytes_read"] for r in (0, 1)
+                 for line in (run / "logs" / f"rank-{r}.jsonl").read_text().splitlines() if "checkpoint_bytes_read" in line]
+        assert len(reads) == 2 and all(0.4 * stored <= b <= 0.6 * stored for b in reads), (reads, stored)
 
-    _rewind_to_step_2(run)
+    rewind(run, 2)  # on one process: grad_accum doubles, so the same rows make each step
+    one = ok(launch([recipe]))
+    assert "step-2 at step 2" in one.stdout and "train.grad_accum 2 -> 4" in one.stdout
+    again = train_losses(run)
+    for step in (3, 4):
+        assert again[step] == pytest.approx(straight[step], rel=LOSS_RTOL), (again, straight)
+    for key, value in load_tensors(run / "final").items():
+        torch.testing.assert_close(value.float(), weights[key].float(), atol=WEIGHT_ATOL, rtol=0, msg=key)
+
+
+def test_zero_full_fine_tuning_refuses_another_process_count(two_process):
+    """Full fine-tuning under ZeRO keeps DeepSpeed's per-rank shards: refused before loading, saying what to do."""
+    recipe, run = two_process("zero2")
+    rewind(run, 2)
     one = launch([recipe])
-    if name.startswith("zero"):  # ZeRO's optimiser state is split per process: refused, saying what to do
-        assert one.returncode == 2, one.stderr[-3000:]
-        assert "written by 2 processes under DeepSpeed ZeRO" in one.stderr and "--num_processes 2" in one.stderr
-        assert "Traceback" not in one.stderr
-    else:  # FSDP2 checkpoints are full state dicts: they resume on one process
-        ok(one)
-        assert "step-2 at step 2" in one.stdout and (run / "final" / "model.safetensors").is_file()
+    assert one.returncode == 2, one.stderr[-3000:]
+    assert "written by 2 processes under DeepSpeed ZeRO full fine-tuning" in one.stderr and "--num_processes 2" in one.stderr
+    assert "Traceback" not in one.stderr
 
 
 def test_failing_rank_ends_the_launch_with_its_error(tmp_path, model):

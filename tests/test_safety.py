@@ -150,6 +150,8 @@ def poisoned_run(tmp_path, tiny_model):
 def test_a_nan_loss_stops_the_run_at_its_step_keeping_the_last_good_checkpoint(tmp_path, tiny_model):
     import torch
     from safetensors.torch import load_file
+
+    from launcher.layouts import TRAINABLE_FILE
     recipe = poisoned_run(tmp_path, tiny_model)
     with pytest.raises(UserError, match=r"^step 3: the loss is nan; stopped without saving") as stopped:
         train_here(recipe)
@@ -157,7 +159,7 @@ def test_a_nan_loss_stops_the_run_at_its_step_keeping_the_last_good_checkpoint(t
     assert f"the last good checkpoint {run_dir / 'checkpoints' / 'step-2'} is kept" in str(stopped.value)
     assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["step-1", "step-2"]
     assert not (run_dir / "final").exists()
-    saved = load_file(run_dir / "checkpoints" / "step-2" / "model.safetensors")
+    saved = torch.load(run_dir / "checkpoints" / "step-2" / TRAINABLE_FILE, weights_only=False)["model"]  # the adapter's
     assert saved and all(torch.isfinite(t).all() for t in saved.values())
     records = metrics(run_dir)  # strict JSON although step 3 logged a NaN
     assert [r["loss"] for r in records if r["step"] == 3] == ["nan"]
