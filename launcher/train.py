@@ -140,6 +140,7 @@ def setup(recipe: Recipe, overwrite: bool = False, allow_data_change: bool = Fal
     if state is not None:
         strategy.check_resume(state, accelerator.num_processes)
         if state["step"] >= session.total_steps and (run_dir / "final").is_dir():  # no final/: stopped in export, redo it
+            console.close()
             if session.main:
                 print(f"nothing left to train: {run_dir} already finished step {state['step']} of {session.total_steps}. "
                       f"Raise train.max_steps or train.epochs to continue, or pass --overwrite to start again.")
