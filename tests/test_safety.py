@@ -93,6 +93,8 @@ def test_a_second_live_run_is_refused_naming_host_and_pid_and_a_dead_ones_lock_i
         with pytest.raises(UserError) as refused:
             setup(Recipe.model_validate(recipe))
         assert f"in use by a live run (host {socket.gethostname()}, pid {holder.pid}" in str(refused.value)
+        with pytest.raises(UserError, match=f"pid {holder.pid}"):
+            setup(Recipe.model_validate(recipe), overwrite=True)  # --overwrite never clears a live run's folder
         assert sorted(os.listdir(run_dir)) == ["run.lock"], "the refused run must write nothing"
     finally:
         holder.send_signal(signal.SIGKILL)
