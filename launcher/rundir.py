@@ -96,7 +96,7 @@ class LiveLock:
 
     def me(self) -> dict:
         return {"host": socket.gethostname(), "pid": os.getpid(), "started": _start_time(os.getpid()),
-                "since": time.strftime("%Y-%m-%d %H:%M:%S")}
+                "since": time.strftime("%Y-%m-%d %H:%M:%S"), "slurm_job": os.environ.get("SLURM_JOB_ID")}
 
     def acquire(self) -> LiveLock:
         self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -123,6 +123,8 @@ class LiveLock:
         here = holder.get("host") == socket.gethostname()
         if here and (holder.get("pid") == os.getpid() or not _alive(holder)):  # ours (an in-process rerun), or stale
             return None
+        if holder.get("slurm_job") and holder["slurm_job"] == os.environ.get("SLURM_JOB_ID"):
+            return None  # this Slurm job's earlier run, killed before it could release, maybe on another node: a job runs once at a time
         return holder
 
     def refuse_if_held(self) -> None:

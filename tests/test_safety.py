@@ -93,6 +93,8 @@ def test_a_second_live_run_is_refused_naming_host_and_pid_and_a_dead_ones_lock_i
         with pytest.raises(UserError) as refused:
             setup(Recipe.model_validate(recipe))
         assert f"in use by a live run (host {socket.gethostname()}, pid {holder.pid}" in str(refused.value)
+        with pytest.raises(UserError, match=f"pid {holder.pid}"):
+            setup(Recipe.model_validate(recipe), overwrite=True)  # --overwrite never clears a live run's folder
         assert sorted(os.listdir(run_dir)) == ["run.lock"], "the refused run must write nothing"
     finally:
         holder.send_signal(signal.SIGKILL)
@@ -375,3 +377,14 @@ def test_skipping_non_finite_steps_is_refused_under_deepspeed_before_anything_lo
                        distributed={"strategy": "deepspeed", "deepspeed": "zero2"})
     with pytest.raises(UserError, match="train.skip_nonfinite: DeepSpeed applies the optimiser step inside its backward"):
         preflight.check_launch(Recipe.model_validate(recipe), preflight.Target("cpu", 1))
+
+
+def test_a_requeued_slurm_job_takes_over_the_lock_its_killed_run_left_on_another_node(tmp_path, monkeypatch):
+    from launcher.rundir import LOCK_FILE, LiveLock
+    tmp_path.joinpath(LOCK_FILE).write_text(json.dumps({"host": "node-07", "pid": 4242, "slurm_job": "981"}))
+    monkeypatch.setenv("SLURM_JOB_ID", "982")  # another job: node-07 cannot be checked from here, so it is refused
+    with pytest.raises(UserError, match="in use by a live run \\(host node-07, pid 4242.*delete"):
+        LiveLock(tmp_path).acquire()
+    monkeypatch.setenv("SLURM_JOB_ID", "981")  # the same job, requeued after a kill
+    assert LiveLock(tmp_path).acquire().held
+    assert json.loads(tmp_path.joinpath(LOCK_FILE).read_text())["pid"] == os.getpid()
