@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
+from typing import Callable
 
 from launcher.recipe import Recipe, UserError, load_run
 
@@ -29,8 +30,9 @@ def prompt_rows(prompts: list[str], recipe: Recipe) -> list[dict]:
     return [{col(PROMPT_FIELD[fmt]): p, **{col(t): "" for t in target}} for p in prompts]
 
 
-def answers(run_dir: str | Path, checkpoint: str, prompts: list[str], max_new_tokens: int | None = None) -> list[str]:
-    """Greedy answers of a run's `final`, `best` or `base` model to `prompts`, in the recipe's prompt format."""
+def answerer(run_dir: str | Path, checkpoint: str, max_new_tokens: int | None = None) -> Callable[[list[str]], list[str]]:
+    """Loads a run's `final`, `best` or `base` model once; the function it returns answers prompts greedily,
+    each put in the recipe's prompt format."""
     import datasets
     import torch
     from accelerate import PartialState
@@ -50,12 +52,23 @@ def answers(run_dir: str | Path, checkpoint: str, prompts: list[str], max_new_to
     weights = modeling.resolve_weights(recipe)
     tokenizer = modeling.load_tokenizer(weights if checkpoint == "base" else str(folder), recipe)
     encoder = Encoder(tokenizer, recipe.data, recipe.model.task)
-    rows = datasets.Dataset.from_dict(encoder.batch(_columns(prompt_rows(prompts, recipe))))
-    on_gpu = torch.cuda.is_available()
+    on_gpu, state = torch.cuda.is_available(), PartialState()
     model = (modeling.load_base(weights, recipe, on_gpu) if checkpoint == "base"
-             else modeling.load_trained(str(folder), recipe, on_gpu)).to(PartialState().device).eval()
-    out = generate(PartialState(), model, tokenizer, rows, len(prompts), recipe, recipe.eval.generate_batch_size or 8)
-    return [row["output"] for row in out]
+             else modeling.load_trained(str(folder), recipe, on_gpu))
+    if recipe.method != "qlora":  # a quantised base was placed on its device as it loaded, and cannot be moved
+        model = model.to(state.device)
+    model.eval()
+
+    def answer(prompts: list[str]) -> list[str]:
+        rows = datasets.Dataset.from_dict(encoder.batch(_columns(prompt_rows(prompts, recipe))))
+        out = generate(state, model, tokenizer, rows, len(prompts), recipe, recipe.eval.generate_batch_size or 8)
+        return [row["output"] for row in out]
+    return answer
+
+
+def answers(run_dir: str | Path, checkpoint: str, prompts: list[str], max_new_tokens: int | None = None) -> list[str]:
+    """Greedy answers of a run's `final`, `best` or `base` model to `prompts`, in the recipe's prompt format."""
+    return answerer(run_dir, checkpoint, max_new_tokens)(prompts)
 
 
 def _columns(rows: list[dict]) -> dict[str, list]:
@@ -78,6 +91,7 @@ def answer_prompts(run_dir: str, checkpoint: str, prompts: list[str] | None, fil
         if not prompts:
             raise UserError("generate: no prompt; give --prompt TEXT, --file PATH, or prompts on standard input")
         return answer_prompts(run_dir, checkpoint, prompts, None, max_new_tokens)
+    answer = answerer(run_dir, checkpoint, max_new_tokens)
     print(f"{run_dir} ({checkpoint}): type a prompt, an empty line or Ctrl-D to stop")
     while True:
         try:
@@ -86,4 +100,4 @@ def answer_prompts(run_dir: str, checkpoint: str, prompts: list[str] | None, fil
             return 0
         if not prompt.strip():
             return 0
-        print(answers(run_dir, checkpoint, [prompt], max_new_tokens)[0])
+        print(answer([prompt])[0])
