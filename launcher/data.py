@@ -9,20 +9,20 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
-from launcher import formats
+from launcher import formats, mixing
 from launcher.formats import FORMATS, IGNORE
 from launcher.packing import collate_packed, pack_dataset
 from launcher.recipe import DataSection, Recipe, UserError
-from launcher.sources import check_rows, check_sources, label_names, load_table, peek_rows
+from launcher.sources import Source, check_rows, check_sources, label_names, load_table, peek_rows, sources_of
 
 __all__ = ["ALPACA_PROMPT", "IGNORE", "PROMPTS", "Datasets", "Encoder", "StepPlan", "Tokenised", "check_rows",
            "check_sources", "class_labels", "collate", "eval_batches", "load_datasets", "load_table", "peek_rows",
-           "split_eval", "to_segments", "tokenise"]
+           "split_eval", "to_segments", "tokenise", "tokenise_train", "train_collate"]
 
 
 # ---------------------------------------------------------------- formats to segments
@@ -119,6 +119,7 @@ class Encoder:
     data: DataSection
     task: str = "causal-lm"
     label2id: dict[str, int] | None = None
+    rows_encoded: int = 0  # rows this process tokenised (0 when every row came from a cache)
 
     def __post_init__(self) -> None:
         has_template = bool(getattr(self.tokenizer, "chat_template", None))
@@ -144,6 +145,7 @@ class Encoder:
         """A `datasets.map(batched=True)` batch: every segment of every row goes to the tokenizer in one
         call, which is several times faster than a call per segment."""
         rows = [dict(zip(columns, values)) for values in zip(*columns.values())]
+        self.rows_encoded += len(rows)
         out = self._encode(rows)
         reference = FORMATS[self.data.format].reference
         if self.task != "classification" and reference:  # kept as written: max_length may cut the tokenised target
@@ -215,31 +217,50 @@ class Tokenised:
     dataset: Any
     rows: int
     dropped: dict[str, int]
+    encoded: int = 0                                        # rows tokenised by this process (not read from a cache)
+    mixture: list[dict] = field(default_factory=list)      # per source: rows, tokens, shares (several sources only)
 
 
-def tokenise(path: str, tokenizer, data: DataSection, limit: int | None, task: str = "causal-lm",
-             labels: list[str] | None = None) -> Tokenised:
+def tokenise(source: Source, tokenizer, task: str = "causal-lm", labels: list[str] | None = None) -> Tokenised:
     """Load and tokenise one source; rows left with nothing to train are dropped and counted."""
     import datasets
     datasets.disable_progress_bars()  # the run summary reports the counts; bars only clutter logs
-    table = load_table(path)
-    if limit is not None:
-        table = table.select(range(min(limit, len(table))))
+    table = load_table(source)
+    if source.max_rows is not None:
+        table = table.select(range(min(source.max_rows, len(table))))
     label2id = {name: i for i, name in enumerate(labels)} if labels else None
-    encoder = Encoder(tokenizer, data, task, label2id)
+    encoder = Encoder(tokenizer, source.data, task, label2id)
     encoded = table.map(encoder.batch, batched=True, remove_columns=table.column_names,
-                        new_fingerprint=encoder.fingerprint(table._fingerprint), desc=f"tokenising {Path(path).name}")
+                        new_fingerprint=encoder.fingerprint(table._fingerprint), desc=f"tokenising {source.label}")
     reasons: dict[str, int] = {}
     for reason in encoded["drop"]:
         if reason:
             reasons[reason] = reasons.get(reason, 0) + 1
     kept = encoded.filter(lambda row: not row["drop"]).remove_columns("drop") if reasons else encoded.remove_columns("drop")
-    return Tokenised(kept, len(table), reasons)
+    return Tokenised(kept, len(table), reasons, encoder.rows_encoded)
+
+
+def tokenise_train(recipe: Recipe, tokenizer, labels: list[str] | None) -> Tokenised:
+    """The train sources tokenised, and mixed (launcher/mixing.py) when there are several or one has `epochs`."""
+    sources = sources_of(recipe, "train")
+    parts = [tokenise(source, tokenizer, recipe.model.task, labels) for source in sources]
+    if len(sources) == 1 and sources[0].epochs is None:
+        return parts[0]
+    shares = [mixing.Share(source.weight, source.epochs) for source in sources]
+    mixed, _ = mixing.mix([part.dataset for part in parts], shares, recipe.train.seed)
+    dropped: dict[str, int] = {}
+    for part in parts:
+        for reason, count in part.dropped.items():
+            dropped[reason] = dropped.get(reason, 0) + count
+    stats = mixing.source_stats(mixed, [source.label for source in sources])
+    for stat, part in zip(stats, parts):
+        stat["read"] = part.rows
+    return Tokenised(mixed, sum(part.rows for part in parts), dropped, sum(part.encoded for part in parts), stats)
 
 
 def split_eval(train: Tokenised, fraction: float, seed: int) -> tuple[Tokenised, Tokenised]:
     parts = train.dataset.train_test_split(test_size=fraction, seed=seed)
-    return (Tokenised(parts["train"], len(parts["train"]), train.dropped),
+    return (Tokenised(parts["train"], len(parts["train"]), train.dropped, train.encoded, train.mixture),
             Tokenised(parts["test"], len(parts["test"]), {}))
 
 
@@ -247,7 +268,8 @@ def class_labels(recipe: Recipe) -> list[str] | None:
     """A classifier's class names, read from the train file (the model config saves them as id2label)."""
     if recipe.model.task != "classification":
         return None
-    return label_names(recipe.data.train, recipe.data, recipe.data.max_train_rows)
+    first = sources_of(recipe, "train")[0]
+    return label_names(first, first.data, first.max_rows)
 
 
 @dataclass
@@ -268,16 +290,23 @@ def load_datasets(recipe: Recipe, tokenizer, pack: bool = True) -> Datasets:
     """
     data, task = recipe.data, recipe.model.task
     labels = class_labels(recipe)
-    train = tokenise(data.train, tokenizer, data, data.max_train_rows, task, labels)
+    train = tokenise_train(recipe, tokenizer, labels)
     evaluation = None
     if data.eval:
-        evaluation = tokenise(data.eval, tokenizer, data, data.max_eval_rows, task, labels)
+        evaluation = tokenise(sources_of(recipe, "eval")[0], tokenizer, task, labels)
     elif data.eval_fraction:
         train, evaluation = split_eval(train, data.eval_fraction, recipe.train.seed)
     if data.packing and pack:
-        train = Tokenised(pack_dataset(train.dataset, data.max_length), train.rows, train.dropped)
-        return Datasets(train, evaluation, labels, partial(collate_packed, pad_id=tokenizer.pad_token_id))
-    return Datasets(train, evaluation, labels, partial(collate, pad_id=tokenizer.pad_token_id, task=task))
+        packed = pack_dataset(train.dataset, data.max_length)
+        train = Tokenised(packed, train.rows, train.dropped, train.encoded, train.mixture)
+    return Datasets(train, evaluation, labels, train_collate(recipe, tokenizer, pack))
+
+
+def train_collate(recipe: Recipe, tokenizer, pack: bool = True) -> Callable[[list[dict]], dict]:
+    """Packed rows carry position_ids; others are padded per task."""
+    if recipe.data.packing and pack:
+        return partial(collate_packed, pad_id=tokenizer.pad_token_id)
+    return partial(collate, pad_id=tokenizer.pad_token_id, task=recipe.model.task)
 
 
 # ---------------------------------------------------------------- batches

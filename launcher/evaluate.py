@@ -122,7 +122,7 @@ def score(data_format: str, predictions: list[dict]) -> dict:
 
 def evaluate(accelerator, model, tokenizer, dataset, recipe: Recipe, labels: list[str] | None = None) -> Evaluation:
     """Loss and task metrics on the eval set; the model is left in the mode it came in."""
-    task, fmt = recipe.model.task, recipe.data.format
+    task, fmt = recipe.model.task, recipe.data.eval_format()  # None: eval rows of mixed formats, scored on loss only
     size = recipe.train.eval_batch_size or recipe.train.micro_batch_size
     was_training = model.training
     model.eval()
@@ -137,7 +137,7 @@ def evaluate(accelerator, model, tokenizer, dataset, recipe: Recipe, labels: lis
                                "reference": gold[i], "output": pred[i]} for i in range(min(recipe.eval.samples, len(gold)))]
     else:
         result.metrics["eval_ppl"] = metrics.perplexity(min(loss, 50.0))
-        scored = FORMATS[fmt].reference is not None and recipe.eval.generate_rows
+        scored = fmt is not None and FORMATS[fmt].reference is not None and recipe.eval.generate_rows
         rows = recipe.eval.generate_rows if scored else recipe.eval.samples
         if rows:
             generated = generate(accelerator, model, tokenizer, dataset, rows, recipe, size)
@@ -153,7 +153,7 @@ class Best:
     """The best eval so far by the recipe's chosen metric (kept in trainer_state.json to survive resume)."""
 
     def __init__(self, recipe: Recipe, state: dict | None = None):
-        self.key, self.greater = recipe.eval.chosen(recipe.data.format)
+        self.key, self.greater = recipe.eval.chosen(recipe.data.eval_format())
         self.value: float | None = (state or {}).get("value")
         self.step: int | None = (state or {}).get("step")
 
