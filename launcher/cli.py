@@ -11,7 +11,7 @@ import sys
 
 from launcher.recipe import UserError, load_recipe
 
-VERBS = ("train", "validate", "inspect", "reference", "eval", "slurm", "merge")
+VERBS = ("train", "validate", "inspect", "reference", "eval", "slurm", "merge", "preprocess")
 
 
 def _recipe_args(parser: argparse.ArgumentParser) -> None:
@@ -30,6 +30,8 @@ def build_parser() -> argparse.ArgumentParser:
     inspect = verbs.add_parser("inspect", help="show tokenised examples with trained tokens highlighted, and data counts")
     _recipe_args(inspect)
     inspect.add_argument("-n", "--examples", type=int, default=3, help="examples to show")
+    inspect.add_argument("--plain", action="store_true", help="token ids, pieces and labels in columns (also whenever stdout is not a terminal)")
+    _recipe_args(verbs.add_parser("preprocess", help="tokenise (and pack) once and save it for train to reuse (docs: data sources)"))
     reference = verbs.add_parser("reference", help="print the recipe reference (every key, default and meaning)")
     reference.add_argument("--readme", metavar="PATH", help="rewrite the reference block inside this README instead")
     evaluate = verbs.add_parser("eval", help="score the base model and output_dir/final (or one --checkpoint) on the eval data")
@@ -86,7 +88,14 @@ def cmd_train(args) -> int:
 def cmd_inspect(args) -> int:
     recipe = checked_recipe(args)
     from launcher.inspection import show
-    show(recipe, args.examples)
+    show(recipe, args.examples, plain=args.plain or not sys.stdout.isatty())
+    return 0
+
+
+def cmd_preprocess(args) -> int:
+    recipe = checked_recipe(args)
+    from launcher.preprocess import preprocess
+    print(f"preprocessed data written to {preprocess(recipe)}")
     return 0
 
 
@@ -139,7 +148,8 @@ def cmd_reference(args) -> int:
 def main(argv: list[str] | None = None) -> int:
     args = parse(sys.argv[1:] if argv is None else argv)
     handler = {"train": cmd_train, "validate": cmd_validate, "inspect": cmd_inspect, "reference": cmd_reference,
-               "eval": cmd_eval, "slurm": cmd_slurm, "merge": cmd_merge}[args.verb]
+               "eval": cmd_eval, "slurm": cmd_slurm, "merge": cmd_merge,
+               "preprocess": cmd_preprocess}[args.verb]
     try:
         return handler(args)
     except UserError as exc:

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from launcher import checkpoint as ckpt
-from launcher.data import Datasets, StepPlan, load_datasets
+from launcher.data import Datasets, StepPlan
 from launcher.evaluate import Best, Evaluation, evaluate, to_device
 from launcher.loss import target_count, task_loss_sum
 from launcher.memory import ParamCount, count_parameters, parameter_bytes
@@ -136,12 +136,11 @@ def setup(recipe: Recipe, overwrite: bool = False) -> Run | None:
 
 
 def _load_data(recipe: Recipe, strategy: Strategy, accelerator, run_dir: Path) -> Run:
-    """Tokenizer and datasets (the main process first, so others reuse its cache) and the step plan."""
-    from launcher import modeling
-    with accelerator.main_process_first():
-        weights = modeling.resolve_weights(recipe)
-        tokenizer = modeling.load_tokenizer(weights, recipe)
-        datasets = load_datasets(recipe, tokenizer)
+    """Tokenizer and datasets (preprocessed, or tokenised by the main process first; launcher/preprocess.py) and the step plan."""
+    from launcher.preprocess import datasets_for_run
+    from launcher.report import write_rank_log
+    weights, tokenizer, datasets, record = datasets_for_run(recipe, accelerator)
+    write_rank_log(run_dir, accelerator, record)
     cfg = recipe.train
     rows = len(datasets.train.dataset)
     plan = StepPlan(rows, cfg.micro_batch_size, cfg.grad_accum, accelerator.num_processes, accelerator.process_index, cfg.seed)
@@ -173,6 +172,7 @@ def _build_model(session: Run) -> None:
 
 
 def _open_reporter(session: Run, resume_from: Path | None) -> None:
+    from launcher.mixing import mixture_line
     from launcher.report import Reporter
     recipe, train, evaluation = session.recipe, session.data.train, session.data.eval
     session.reporter = Reporter(session.run_dir, session.main, recipe.report.tensorboard, session.total_steps, session.step)
@@ -180,6 +180,10 @@ def _open_reporter(session: Run, resume_from: Path | None) -> None:
     session.reporter.print(f"data: {train.rows} train rows ({sum(train.dropped.values())} dropped: {train.dropped or 'none'}), "
                            f"{len(evaluation.dataset) if evaluation else 0} eval rows; "
                            f"{session.total_steps} steps of {session.plan.global_batch} examples")
+    if train.mixture:
+        session.reporter.print(f"mixture: {mixture_line(train.mixture)}")
+    if recipe.eval.metric == "auto" and evaluation is not None and recipe.data.eval_format() is None:
+        session.reporter.print("eval.metric auto: the eval rows mix formats, so the best checkpoint is chosen on eval loss")
     if resume_from is not None:
         session.reporter.print(f"resuming from {resume_from} at step {session.step}")
 
