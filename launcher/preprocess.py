@@ -74,7 +74,8 @@ def stale(old: dict, new: dict) -> str | None:
             if reason:
                 return f"{key}: {reason}"
         elif before != after:
-            shown = f": {before!r} -> {after!r}" if len(repr(before)) + len(repr(after)) < 160 else ""
+            readable = key.startswith(("data.", "model.", "train.")) and len(repr(before)) + len(repr(after)) < 160
+            shown = f": {before!r} -> {after!r}" if readable else ""  # digests would say nothing
             return f"{key} changed{shown}"
     return None
 
