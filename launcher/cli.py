@@ -93,8 +93,10 @@ def cmd_inspect(args) -> int:
 
 
 def cmd_preprocess(args) -> int:
-    recipe = checked_recipe(args)
-    from launcher.preprocess import preprocess
+    """Data checks only: a CPU job may preprocess for a GPU or multi-process recipe."""
+    recipe = load_recipe(args.recipe, args.overrides)
+    from launcher.preprocess import check_sources, preprocess
+    check_sources(recipe)
     print(f"preprocessed data written to {preprocess(recipe)}")
     return 0
 

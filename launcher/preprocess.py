@@ -22,11 +22,12 @@ from datetime import timedelta
 from pathlib import Path
 
 from launcher import data, fingerprint, formats, mixing, packing, sources
-from launcher.data import Datasets, Tokenised, load_datasets, train_collate
+from launcher.data import Datasets, Tokenised, check_sources, load_datasets, train_collate
 from launcher.recipe import Recipe, UserError
 
 FINGERPRINT = "fingerprint.json"
 SUMMARY = "summary.json"
+__all__ = ["check_sources", "datasets_for_run", "folder", "inputs", "load_preprocessed", "main_first", "preprocess", "stale"]
 RUNTIME_KEYS = {"preprocessed_dir", "tokenise_timeout_minutes"}  # how data is found or waited for, not what it is
 
 

@@ -37,9 +37,11 @@ def write_sources(folder: Path, sizes=(1200, 800, 500)) -> list[dict]:
 def mixture_recipe(model: Path, folder: Path, sources: list, **extra) -> Path:
     recipe = {"model": {"path": str(model)}, "method": "lora", "lora": {"r": 4, "alpha": 8, "dropout": 0.0},
               "data": {"train": sources, "max_length": 32, **extra.pop("data", {})},
-              "train": {"max_steps": 4, "micro_batch_size": 4, "lr": 5e-3, "seed": 5, "save_every": 2, "keep_last": 3,
+              "train": {"max_steps": 4, "micro_batch_size": 4, "lr": 5e-3, "schedule": "constant", "seed": 5, "save_every": 2,
+                        "keep_last": 3,
                         **extra.pop("train", {})},
               "eval": {"samples": 0}, "output_dir": str(folder / "run"), **extra}
+    folder.mkdir(parents=True, exist_ok=True)
     path = folder / "recipe.yaml"
     path.write_text(yaml.safe_dump(recipe))
     return path
