@@ -18,7 +18,7 @@ from launcher import formats, mixing
 from launcher.formats import FORMATS, IGNORE
 from launcher.packing import collate_packed, pack_dataset
 from launcher.recipe import DataSection, Recipe, UserError
-from launcher.sources import Source, check_rows, check_sources, label_names, load_table, peek_rows, sources_of
+from launcher.sources import Source, check_peeked, check_rows, check_sources, label_names, load_table, peek_rows, sources_of
 
 __all__ = ["ALPACA_PROMPT", "IGNORE", "PROMPTS", "Datasets", "Encoder", "StepPlan", "Tokenised", "check_rows",
            "check_sources", "class_labels", "collate", "eval_batches", "load_datasets", "load_table", "peek_rows",
@@ -230,14 +230,24 @@ def tokenise(source: Source, tokenizer, task: str = "causal-lm", labels: list[st
         table = table.select(range(min(source.max_rows, len(table))))
     label2id = {name: i for i, name in enumerate(labels)} if labels else None
     encoder = Encoder(tokenizer, source.data, task, label2id)
-    encoded = table.map(encoder.batch, batched=True, remove_columns=table.column_names,
-                        new_fingerprint=encoder.fingerprint(table._fingerprint), desc=f"tokenising {source.label}")
+    encoded = table.map(partial(_checked_batch, encoder, source.label), batched=True, with_indices=True,
+                        remove_columns=table.column_names, new_fingerprint=encoder.fingerprint(table._fingerprint),
+                        desc=f"tokenising {source.label}")
     reasons: dict[str, int] = {}
     for reason in encoded["drop"]:
         if reason:
             reasons[reason] = reasons.get(reason, 0) + 1
     kept = encoded.filter(lambda row: not row["drop"]).remove_columns("drop") if reasons else encoded.remove_columns("drop")
     return Tokenised(kept, len(table), reasons, encoder.rows_encoded)
+
+
+def _checked_batch(encoder: Encoder, where: str, columns: dict[str, list], indices: list[int]) -> dict[str, list]:
+    """Check every row as it is read (validate peeks at the first few; a hub source is not read before
+    training), so a missing or null field is named with its row number instead of being trained on as text."""
+    rows = [dict(zip(columns, values)) for values in zip(*columns.values())]
+    for index, row in zip(indices, rows):
+        check_peeked(where, [row], encoder.data, first=index + 1)
+    return encoder.batch(columns)
 
 
 def tokenise_train(recipe: Recipe, tokenizer, labels: list[str] | None) -> Tokenised:
@@ -247,12 +257,11 @@ def tokenise_train(recipe: Recipe, tokenizer, labels: list[str] | None) -> Token
     if len(sources) == 1 and sources[0].epochs is None:
         return parts[0]
     shares = [mixing.Share(source.weight, source.epochs) for source in sources]
-    mixed, _ = mixing.mix([part.dataset for part in parts], shares, recipe.train.seed)
+    mixed, stats = mixing.mix([part.dataset for part in parts], shares, recipe.train.seed, [source.label for source in sources])
     dropped: dict[str, int] = {}
     for part in parts:
         for reason, count in part.dropped.items():
             dropped[reason] = dropped.get(reason, 0) + count
-    stats = mixing.source_stats(mixed, [source.label for source in sources])
     for stat, part in zip(stats, parts):
         stat["read"] = part.rows
     return Tokenised(mixed, sum(part.rows for part in parts), dropped, sum(part.encoded for part in parts), stats)

@@ -50,30 +50,32 @@ def pick_rows(size: int, count: int, seed: int, source: int) -> list[int]:
     return list(range(size)) * passes + tail
 
 
-def mix(tables: list, shares: list[Share], seed: int):
+def mix(tables: list, shares: list[Share], seed: int, labels: list[str]):
     """One `datasets.Dataset` of the sources' rows in their counted shares, with a `source` column,
-    keeping the columns every source has. Returns (dataset, counts per source)."""
+    keeping the columns every source has; and rows, tokens and shares per source (`stats`).
+
+    Only row indices and lengths are held in memory: the rows stay in datasets' memory-mapped cache."""
     import datasets
     counts = row_counts([len(table) for table in tables], shares)
     common = [c for c in tables[0].column_names if all(c in table.column_names for table in tables)]
-    parts = []
+    parts, tokens = [], []
     for index, (table, count) in enumerate(zip(tables, counts)):
-        part = table.select_columns(common).select(pick_rows(len(table), count, seed, index))
+        picked = pick_rows(len(table), count, seed, index)
+        part = table.select_columns(common).select(picked)
         parts.append(part.add_column(SOURCE_COLUMN, [index] * len(part)))
-    return datasets.concatenate_datasets(parts), counts
+        tokens.append(int(_lengths(table)[picked].sum()) if picked else 0)
+    return datasets.concatenate_datasets(parts), stats(labels, counts, tokens)
 
 
-def source_stats(mixed, labels: list[str]) -> list[dict]:
-    """Rows and tokens per source in the mixture, and each one's share of both."""
-    import numpy as np
-    table = mixed.select_columns(["input_ids", SOURCE_COLUMN]).with_format("arrow")[:]
-    lengths = table.column("input_ids").combine_chunks().value_lengths().to_numpy(zero_copy_only=False)
-    origin = table.column(SOURCE_COLUMN).to_numpy()
-    rows = np.bincount(origin, minlength=len(labels))
-    tokens = np.bincount(origin, weights=lengths, minlength=len(labels)).astype(int)
-    return [{"source": label, "rows": int(rows[i]), "tokens": int(tokens[i]),
-             "row_share": float(rows[i] / max(1, rows.sum())), "token_share": float(tokens[i] / max(1, tokens.sum()))}
-            for i, label in enumerate(labels)]
+def _lengths(table):
+    """Tokens per row of a tokenised table, read from its Arrow offsets without copying the tokens."""
+    import pyarrow.compute as pc
+    return pc.list_value_length(table.data.column("input_ids")).to_numpy()
+
+
+def stats(labels: list[str], rows: list[int], tokens: list[int]) -> list[dict]:
+    return [{"source": label, "rows": rows[i], "tokens": tokens[i], "row_share": rows[i] / max(1, sum(rows)),
+             "token_share": tokens[i] / max(1, sum(tokens))} for i, label in enumerate(labels)]
 
 
 def mixture_line(stats: list[dict]) -> str:

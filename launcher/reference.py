@@ -5,6 +5,8 @@ test checks the README is current, so documentation cannot drift from the schema
 """
 from __future__ import annotations
 
+import typing
+
 from pydantic import BaseModel
 
 from launcher.recipe import Recipe
@@ -23,9 +25,20 @@ def reference_markdown() -> str:
             default = "required" if field.is_required() else repr(field.get_default(call_default_factory=True))
             meaning = (field.description or "").replace("|", "\\|")
             lines.append(f"| `{prefix}{name}` | `{default.replace('|', '/')}` | {meaning} |")
+            for entry in _list_items(annotation):  # e.g. data.train's source entries: data.train[].path
+                walk(entry, f"{prefix}{name}[].")
 
     walk(Recipe, "")
     return "\n".join(lines)
+
+
+def _list_items(annotation) -> list[type[BaseModel]]:
+    """The models a field may hold a list of (`str | list[SourceEntry]` -> [SourceEntry])."""
+    found = []
+    for option in typing.get_args(annotation) or (annotation,):
+        if typing.get_origin(option) is list:
+            found += [item for item in typing.get_args(option) if isinstance(item, type) and issubclass(item, BaseModel)]
+    return found
 
 
 REFERENCE_START, REFERENCE_END = "<!-- recipe-reference:start -->", "<!-- recipe-reference:end -->"

@@ -118,10 +118,11 @@ def check_rows(path: str | Path, data: DataSection) -> None:
     check_peeked(path, peek_rows(path), data)
 
 
-def check_peeked(where: Any, rows: list[dict], data: DataSection) -> None:
+def check_peeked(where: Any, rows: list[dict], data: DataSection, first: int = 1) -> None:
+    """Fail on the first of `rows` (numbered from `first`) that lacks a field the format needs, or holds the wrong type."""
     if not rows:
         raise UserError(f"{where}: no rows")
-    for number, row in enumerate(rows, start=1):
+    for number, row in enumerate(rows, start=first):
         for canonical in FORMATS[data.format].required:
             column = data.field(canonical)
             if column not in row:

@@ -120,3 +120,22 @@ def test_inspect_plain_prints_ids_pieces_and_labels_in_columns(tmp_path, tiny_mo
     trained = [(int(token), int(label)) for _, token, label, _ in columns if label != "-100"]
     assert all(token == label for token, label in trained)  # causal-lm labels are the token ids where trained
     assert "source alpaca.jsonl" in out and "source notes.txt" in out
+
+
+def test_every_local_kind_reads_the_same_rows_and_a_bad_row_past_the_peek_is_named(tmp_path, tiny_model, tokenizer):
+    import datasets
+    from launcher.recipe import UserError
+    from launcher.sources import Source, load_table
+    rows = [{"instruction": f"say {i}", "output": f"{i}"} for i in range(8)]
+    (tmp_path / "rows.json").write_text(json.dumps(rows))
+    datasets.Dataset.from_list(rows).to_parquet(str(tmp_path / "rows.parquet"))
+    broken = rows[:6] + [{"instruction": "say 6"}] + rows[7:]  # row 7 lacks its output; validate peeks at 5
+    datasets.DatasetDict({"validation": datasets.Dataset.from_list(rows),
+                          "train": datasets.Dataset.from_list([{**r, "output": r.get("output")} for r in broken])}
+                         ).save_to_disk(str(tmp_path / "saved"))
+    for path in ("rows.json", "rows.parquet"):
+        assert load_table(tmp_path / path).to_list() == rows
+    assert load_table(Source(str(tmp_path / "saved"), None, split="validation")).to_list() == rows
+    recipe = load_recipe(mixture_recipe(tiny_model, tmp_path, [{"path": str(tmp_path / "saved"), "format": "instruction"}]))
+    with pytest.raises(UserError, match=r"^saved row 7: field 'output' must be text, got NoneType$"):
+        tokenise_train(recipe, tokenizer, None)
