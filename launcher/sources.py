@@ -179,6 +179,11 @@ def load_table(source: Source | str | Path):
     if kind == "text":  # one row per non-empty line, in a column named text
         table = datasets.load_dataset("text", data_files=str(path), split="train")
         return table.filter(lambda batch: [bool(line.strip()) for line in batch["text"]], batched=True)
+    if kind == "csv":  # every cell as text, as the peek reads it (pandas would make "42" an integer and "" a NaN)
+        with path.open(newline="") as handle:
+            header = next(csv.reader(handle), [])
+        features = datasets.Features({column: datasets.Value("string") for column in header})
+        return datasets.load_dataset("csv", data_files=str(path), split="train", features=features, keep_default_na=False)
     return datasets.load_dataset(kind, data_files=str(path), split="train")
 
 
