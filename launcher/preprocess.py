@@ -122,7 +122,8 @@ def load_preprocessed(recipe: Recipe, tokenizer) -> Datasets | None:
 @contextmanager
 def main_first(accelerator, minutes: float):
     """The main process runs the block first, then the others, who wait on a gloo barrier of
-    their own group with a `minutes` timeout instead of the training group's."""
+    their own group with a `minutes` timeout instead of the training group's; all leave together,
+    so the next training collective finds every rank ready."""
     if accelerator.num_processes == 1:
         yield
         return
@@ -133,6 +134,7 @@ def main_first(accelerator, minutes: float):
     yield
     if accelerator.is_main_process:
         dist.barrier(group=group)
+    dist.barrier(group=group)
     dist.destroy_process_group(group)
 
 
