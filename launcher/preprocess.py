@@ -17,7 +17,7 @@ import hashlib
 import json
 import shutil
 import time
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from datetime import timedelta
 from pathlib import Path
 
@@ -138,17 +138,20 @@ def main_first(accelerator, minutes: float):
     dist.destroy_process_group(group)
 
 
-def datasets_for_run(recipe: Recipe, accelerator):
+def datasets_for_run(recipe: Recipe, accelerator, phase=lambda name: nullcontext()):
     """(weights, tokenizer, datasets, how the data was found) for `train`: preprocessed data when
-    it is there and valid, else tokenised by the main process first (the others reuse its cache)."""
+    it is there and valid, else tokenised by the main process first (the others reuse its cache).
+    `phase(name)` wraps the weights and the tokenisation steps (the console's progress lines)."""
     from launcher import modeling
     started = time.perf_counter()
     with main_first(accelerator, recipe.data.tokenise_timeout_minutes):
-        weights = modeling.resolve_weights(recipe)
-        tokenizer = modeling.load_tokenizer(weights, recipe)
-        found = load_preprocessed(recipe, tokenizer)
-        origin = f"preprocessed {folder(recipe)}" if found else "tokenised"
-        found = found or load_datasets(recipe, tokenizer)
+        with phase("weights"):
+            weights = modeling.resolve_weights(recipe)
+            tokenizer = modeling.load_tokenizer(weights, recipe)
+        with phase("tokenisation"):
+            found = load_preprocessed(recipe, tokenizer)
+            origin = f"preprocessed {folder(recipe)}" if found else "tokenised"
+            found = found or load_datasets(recipe, tokenizer)
         record = {"data": origin, "rows_tokenised": found.train.encoded + (found.eval.encoded if found.eval else 0),
                   "data_seconds": round(time.perf_counter() - started, 2)}
     return weights, tokenizer, found, record

@@ -151,8 +151,7 @@ def _load_data(recipe: Recipe, strategy: Strategy, accelerator, run_dir: Path, c
     """Tokenizer and datasets (preprocessed, or tokenised by the main process first; launcher/preprocess.py) and the step plan."""
     from launcher.preprocess import datasets_for_run
     from launcher.report import write_rank_log
-    with console.phase("weights and data"):
-        weights, tokenizer, datasets, record = datasets_for_run(recipe, accelerator)
+    weights, tokenizer, datasets, record = datasets_for_run(recipe, accelerator, console.phase)
     write_rank_log(run_dir, accelerator, record)
     cfg = recipe.train
     rows = len(datasets.train.dataset)
