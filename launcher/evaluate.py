@@ -230,7 +230,7 @@ def compare(recipe: Recipe, checkpoint: str | None = None, console=None) -> dict
         results[target] = {**found.metrics, "predictions": found.predictions, "confusion": found.confusion}
         del model
     console = console or Console(highlight=False, soft_wrap=True)
-    table = Table(title=f"eval on {len(eval_data.dataset)} rows of {recipe.data.eval or recipe.data.train}")
+    table = Table(title=f"eval on {len(eval_data.dataset)} rows of {', '.join(entry.path for entry in recipe.data.entries('eval') or recipe.data.entries())}")
     table.add_column("metric")
     for target in targets:
         table.add_column(Path(target).name)

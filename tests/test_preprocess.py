@@ -80,14 +80,19 @@ def test_a_changed_template_or_source_is_named_by_the_fingerprint(tmp_path, tiny
 
 def test_tokenisation_longer_than_the_collective_timeout_does_not_end_a_two_process_run(tmp_path, tiny_model):
     """distributed.timeout_minutes 0.1 (6 s); the main process tokenises a file for longer while the other waits."""
+    from transformers import AutoTokenizer
     timeout_s = 6
     line = " ".join(f"word{i % 997} and more text" for i in range(4000)) + "\n"  # ~100 kB: tokenised whole, then truncated
-    (tmp_path / "big.txt").write_text(line * 160)
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model)
+    started = time.perf_counter()
+    tokenizer([line] * 10, add_special_tokens=False)
+    lines = max(40, int(3 * timeout_s / ((time.perf_counter() - started) / 10)))  # this machine: about 3x the timeout
+    (tmp_path / "big.txt").write_text(line * lines)
     recipe = mixture_recipe(tiny_model, tmp_path, [{"path": str(tmp_path / "big.txt"), "format": "text"}],
                             train={"max_steps": 2, "micro_batch_size": 2, "save_every": 0},
                             distributed={"timeout_minutes": timeout_s / 60, "num_processes": 2})
     ok(launch_two([recipe], timeout=600))
     main_record = data_records(tmp_path / "run")[0]
-    assert main_record["rows_tokenised"] == 160
+    assert main_record["rows_tokenised"] == lines
     assert main_record["data_seconds"] > timeout_s, f"tokenising took {main_record['data_seconds']} s: make the file larger"
     assert (tmp_path / "run" / "final").is_dir()
