@@ -57,6 +57,8 @@ def _holds_only_launch_files(run_dir: Path) -> bool:
     for entry in run_dir.iterdir():
         if entry.name == "slurm" and (entry / "job.sbatch").is_file():
             continue
+        if entry.name == "preprocessed" and (entry / "fingerprint.json").is_file():  # written by `launcher preprocess`
+            continue
         if entry.name == "logs" and entry.is_dir() and all(f.name.startswith("rank-") for f in entry.iterdir()):
             continue
         return False

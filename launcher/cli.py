@@ -34,6 +34,7 @@ def _validate_options(parser: argparse.ArgumentParser) -> None:
 
 def _inspect_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("-n", "--examples", type=int, default=3, help="examples to show")
+    parser.add_argument("--plain", action="store_true", help="token ids, labels and pieces in columns (also whenever stdout is not a terminal)")
 
 
 def _reference_options(parser: argparse.ArgumentParser) -> None:
@@ -138,7 +139,16 @@ def cmd_train(args) -> int:
 def cmd_inspect(args) -> int:
     recipe = checked_recipe(args)
     from launcher.inspection import show
-    show(recipe, args.examples)
+    show(recipe, args.examples, plain=args.plain or not sys.stdout.isatty())
+    return 0
+
+
+def cmd_preprocess(args) -> int:
+    """Data checks only: a CPU job may preprocess for a GPU or multi-process recipe."""
+    recipe = load_recipe(args.recipe, args.overrides)
+    from launcher.preprocess import check_sources, preprocess
+    check_sources(recipe)
+    print(f"preprocessed data written to {preprocess(recipe)}")
     return 0
 
 
@@ -218,6 +228,7 @@ VERBS: dict[str, Verb] = {
                      "file (which takes a while on large files: some 15 s per million short rows); loads no model and "
                      "imports no torch", options=_validate_options),
     "inspect": Verb(cmd_inspect, "show tokenised examples with trained tokens highlighted, and data counts", options=_inspect_options),
+    "preprocess": Verb(cmd_preprocess, "tokenise (and pack) once and save it beside a fingerprint, for train to reuse"),
     "eval": Verb(cmd_eval, "score the base model and output_dir/final (or one --checkpoint); RECIPE may be a run directory",
                  options=_eval_options),
     "generate": Verb(cmd_generate, "answer prompts with a run's final (or best) model and its recipe's template",

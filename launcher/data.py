@@ -14,16 +14,16 @@ from functools import partial
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
-from launcher import formats
+from launcher import formats, mixing
 from launcher.formats import FORMATS, IGNORE
 from launcher.packing import collate_packed, pack_dataset
 from launcher.recipe import DataSection, Recipe, UserError
-from launcher.rowcheck import RowTally, judge
-from launcher.sources import check_rows, check_sources, label_names, load_table
+from launcher.rowcheck import RowTally, check_rows_of, judge
+from launcher.sources import Source, check_rows, check_sources, label_names, load_table, sources_of
 
 __all__ = ["ALPACA_PROMPT", "IGNORE", "PROMPTS", "Datasets", "Encoder", "StepPlan", "Tokenised", "check_rows",
            "check_sources", "class_labels", "collate", "eval_batches", "load_datasets", "load_table",
-           "split_eval", "to_segments", "tokenise"]
+           "split_eval", "to_segments", "tokenise", "tokenise_train", "train_collate"]
 
 
 # ---------------------------------------------------------------- formats to segments
@@ -120,6 +120,7 @@ class Encoder:
     data: DataSection
     task: str = "causal-lm"
     label2id: dict[str, int] | None = None
+    rows_encoded: int = 0  # rows this process tokenised (0 when every row came from a cache)
 
     def __post_init__(self) -> None:
         has_template = bool(getattr(self.tokenizer, "chat_template", None))
@@ -145,6 +146,7 @@ class Encoder:
         """A `datasets.map(batched=True)` batch: every segment of every row goes to the tokenizer in one
         call, which is several times faster than a call per segment."""
         rows = [dict(zip(columns, values)) for values in zip(*columns.values())]
+        self.rows_encoded += len(rows)
         out = self._encode(rows)
         reference = FORMATS[self.data.format].reference
         if self.task != "classification" and reference:  # kept as written: max_length may cut the tokenised target
@@ -225,32 +227,60 @@ class Tokenised:
     dataset: Any
     rows: int
     tally: RowTally  # rows truncated, and rows dropped by reason, with their first row numbers
+    encoded: int = 0                                        # rows tokenised by this process (not read from a cache)
+    mixture: list[dict] = field(default_factory=list)      # per source: rows, tokens, shares (several sources only)
+    warnings: list[str] = field(default_factory=list)      # shares of dropped/truncated rows over data.skipped_share_warn
 
     @property
     def dropped(self) -> dict[str, int]:
         return self.tally.dropped
 
 
-def tokenise(path: str, tokenizer, data: DataSection, limit: int | None, task: str = "causal-lm",
-             labels: list[str] | None = None) -> Tokenised:
+def tokenise(source: Source, tokenizer, task: str = "causal-lm", labels: list[str] | None = None) -> Tokenised:
     """Load and tokenise one source; rows left with nothing to train are dropped, and they and truncated rows counted."""
     import datasets
     datasets.disable_progress_bars()  # the run summary reports the counts; bars only clutter logs
-    table = load_table(path)
-    if limit is not None:
-        table = table.select(range(min(limit, len(table))))
+    table = load_table(source)
+    if source.max_rows is not None:
+        table = table.select(range(min(source.max_rows, len(table))))
     label2id = {name: i for i, name in enumerate(labels)} if labels else None
-    encoder = Encoder(tokenizer, data, task, label2id)
-    encoded = table.map(encoder.batch, batched=True, remove_columns=table.column_names,
-                        new_fingerprint=encoder.fingerprint(table._fingerprint), desc=f"tokenising {Path(path).name}")
+    encoder = Encoder(tokenizer, source.data, task, label2id)
+    encoded = table.map(partial(_checked_batch, encoder, source.label), batched=True, with_indices=True,
+                        remove_columns=table.column_names, new_fingerprint=encoder.fingerprint(table._fingerprint),
+                        desc=f"tokenising {source.label}")
     tally = RowTally.count(encoded["drop"], encoded["cut"])
     kept = encoded.filter(lambda row: not row["drop"]) if tally.dropped else encoded
-    return Tokenised(kept.remove_columns(["drop", "cut"]), len(table), tally)
+    warning = judge(tally, source.label, source.data)  # refuses here under data.skipped_share_refuse
+    return Tokenised(kept.remove_columns(["drop", "cut"]), len(table), tally, encoder.rows_encoded,
+                     warnings=[warning] if warning else [])
+
+
+def _checked_batch(encoder: Encoder, where: str, columns: dict[str, list], indices: list[int]) -> dict[str, list]:
+    """Check every row as it is read (a hub source is not read before training), so a missing or null
+    field is named with its row number instead of being trained on as text."""
+    rows = [dict(zip(columns, values)) for values in zip(*columns.values())]
+    if rows:
+        check_rows_of(where, zip((index + 1 for index in indices), rows), encoder.data)
+    return encoder.batch(columns)
+
+
+def tokenise_train(recipe: Recipe, tokenizer, labels: list[str] | None) -> Tokenised:
+    """The train sources tokenised, and mixed (launcher/mixing.py) when there are several or one has `epochs`."""
+    sources = sources_of(recipe, "train")
+    parts = [tokenise(source, tokenizer, recipe.model.task, labels) for source in sources]
+    if len(sources) == 1 and sources[0].epochs is None:
+        return parts[0]
+    shares = [mixing.Share(source.weight, source.epochs) for source in sources]
+    mixed, stats = mixing.mix([part.dataset for part in parts], shares, recipe.train.seed, [source.label for source in sources])
+    for stat, part in zip(stats, parts):
+        stat["read"] = part.rows
+    return Tokenised(mixed, sum(part.rows for part in parts), RowTally.combine([part.tally for part in parts]),
+                     sum(part.encoded for part in parts), stats, [w for part in parts for w in part.warnings])
 
 
 def split_eval(train: Tokenised, fraction: float, seed: int) -> tuple[Tokenised, Tokenised]:
     parts = train.dataset.train_test_split(test_size=fraction, seed=seed)
-    return (Tokenised(parts["train"], len(parts["train"]), train.tally),
+    return (Tokenised(parts["train"], len(parts["train"]), train.tally, train.encoded, train.mixture, train.warnings),
             Tokenised(parts["test"], len(parts["test"]), RowTally(len(parts["test"]))))
 
 
@@ -258,7 +288,8 @@ def class_labels(recipe: Recipe) -> list[str] | None:
     """A classifier's class names, read from the train file (the model config saves them as id2label)."""
     if recipe.model.task != "classification":
         return None
-    return label_names(recipe.data.train, recipe.data, recipe.data.max_train_rows)
+    first = sources_of(recipe, "train")[0]
+    return label_names(first, first.data, first.max_rows)
 
 
 @dataclass
@@ -280,19 +311,24 @@ def load_datasets(recipe: Recipe, tokenizer, pack: bool = True) -> Datasets:
     """
     data, task = recipe.data, recipe.model.task
     labels = class_labels(recipe)
-    train = tokenise(data.train, tokenizer, data, data.max_train_rows, task, labels)
+    train = tokenise_train(recipe, tokenizer, labels)
     evaluation = None
     if data.eval:
-        evaluation = tokenise(data.eval, tokenizer, data, data.max_eval_rows, task, labels)
+        evaluation = tokenise(sources_of(recipe, "eval")[0], tokenizer, task, labels)
     elif data.eval_fraction:
         train, evaluation = split_eval(train, data.eval_fraction, recipe.train.seed)
-    judged = [judge(found.tally, source, data) for source, found in ((data.train, train), (data.eval, evaluation))
-              if source and found]  # refuses here under data.skipped_share_refuse
-    warnings = [warning for warning in judged if warning]
+    warnings = train.warnings + (evaluation.warnings if evaluation else [])
     if data.packing and pack:
-        train = Tokenised(pack_dataset(train.dataset, data.max_length), train.rows, train.tally)
-        return Datasets(train, evaluation, labels, partial(collate_packed, pad_id=tokenizer.pad_token_id), warnings)
-    return Datasets(train, evaluation, labels, partial(collate, pad_id=tokenizer.pad_token_id, task=task), warnings)
+        packed = pack_dataset(train.dataset, data.max_length)
+        train = Tokenised(packed, train.rows, train.tally, train.encoded, train.mixture, train.warnings)
+    return Datasets(train, evaluation, labels, train_collate(recipe, tokenizer, pack), warnings)
+
+
+def train_collate(recipe: Recipe, tokenizer, pack: bool = True) -> Callable[[list[dict]], dict]:
+    """Packed rows carry position_ids; others are padded per task."""
+    if recipe.data.packing and pack:
+        return partial(collate_packed, pad_id=tokenizer.pad_token_id)
+    return partial(collate, pad_id=tokenizer.pad_token_id, task=recipe.model.task)
 
 
 # ---------------------------------------------------------------- batches

@@ -128,7 +128,8 @@ def generated_rows(recipe: Recipe) -> tuple[int, bool]:
     """(eval rows generated, whether they are scored): the scored rows of a generation-scored format, else the samples."""
     if recipe.model.task == "classification":
         return 0, False
-    scored = bool(FORMATS[recipe.data.format].reference is not None and recipe.eval.generate_rows)
+    fmt = recipe.data.eval_format()  # None: eval rows of mixed formats, scored on loss only
+    scored = bool(fmt is not None and FORMATS[fmt].reference is not None and recipe.eval.generate_rows)
     return (recipe.eval.generate_rows if scored else recipe.eval.samples), scored
 
 
@@ -141,7 +142,7 @@ def evaluate(accelerator, model, tokenizer, dataset, recipe: Recipe, labels: lis
              unwrap: Callable = lambda model: model, progress: Callable[[int], None] = lambda rows: None) -> Evaluation:
     """Loss and task metrics on the eval set; the model is left in the mode it came in.
     `unwrap` gives the bare model of a prepared one (for generation); `progress` is told of rows done."""
-    task, fmt = recipe.model.task, recipe.data.format
+    task, fmt = recipe.model.task, recipe.data.eval_format()
     size = recipe.train.eval_batch_size or recipe.train.micro_batch_size
     was_training = model.training
     model.eval()
@@ -172,7 +173,7 @@ class Best:
     """The best eval so far by the recipe's chosen metric (kept in trainer_state.json to survive resume)."""
 
     def __init__(self, recipe: Recipe, state: dict | None = None):
-        self.key, self.greater = recipe.eval.chosen(recipe.data.format)
+        self.key, self.greater = recipe.eval.chosen(recipe.data.eval_format())
         self.value: float | None = (state or {}).get("value")
         self.step: int | None = (state or {}).get("step")
 
@@ -233,7 +234,7 @@ def compare(recipe: Recipe, checkpoint: str | None = None, console=None) -> dict
         del model
     shown.close()
     console = console or Console(highlight=False, soft_wrap=True)
-    table = Table(title=f"eval on {len(eval_data.dataset)} rows of {recipe.data.eval or recipe.data.train}")
+    table = Table(title=f"eval on {len(eval_data.dataset)} rows of {', '.join(entry.path for entry in recipe.data.entries('eval') or recipe.data.entries())}")
     table.add_column("metric")
     for target in targets:
         table.add_column(Path(target).name)

@@ -21,6 +21,15 @@ def highlighted(tokenizer, ids: list[int], labels: list[int]) -> Text:
     return text
 
 
+def token_columns(tokenizer, ids: list[int], labels: list[int]) -> str:
+    """One line per token: position, id, label (-100: not trained) and the decoded piece, quoted so
+    spaces and newlines show; readable in a log file, where colours are lost."""
+    lines = [f"{'pos':>5} {'id':>7} {'label':>7}  piece"]
+    for position, (token, label) in enumerate(zip(ids, labels)):
+        lines.append(f"{position:>5} {token:>7} {label:>7}  {tokenizer.decode([token])!r}")
+    return "\n".join(lines)
+
+
 def length_histogram(lengths: list[int], bins: int = 8) -> list[tuple[str, int]]:
     if not lengths:
         return []
@@ -32,8 +41,10 @@ def length_histogram(lengths: list[int], bins: int = 8) -> list[tuple[str, int]]
     return [(f"{i * width + 1}-{(i + 1) * width}", c) for i, c in enumerate(counts)]
 
 
-def show(recipe: Recipe, examples: int, console: Console | None = None) -> dict:
-    """Print the first `examples` tokenised train rows and the data's counts; returns the counts."""
+def show(recipe: Recipe, examples: int, console: Console | None = None, plain: bool = False) -> dict:
+    """Print the first `examples` tokenised train rows and the data's counts; returns the counts.
+
+    plain: tokens in columns (token_columns) instead of highlighted text."""
     from launcher import modeling
     from launcher.data import load_datasets
 
@@ -46,7 +57,12 @@ def show(recipe: Recipe, examples: int, console: Console | None = None) -> dict:
     for index in range(min(examples, len(dataset))):
         row = dataset[index]
         console.rule(f"example {index} ({len(row['input_ids'])} tokens)")
-        if found.labels:  # a classifier's label is one class id for the whole row
+        if plain:
+            console.print(token_columns(tokenizer, row["input_ids"], row["labels"] if not found.labels else [IGNORE] * len(row["input_ids"])),
+                          markup=False)
+            if found.labels:
+                console.print(f"class: {found.labels[row['labels'][0]]}", markup=False)
+        elif found.labels:  # a classifier's label is one class id for the whole row
             console.print(Text(tokenizer.decode(row["input_ids"]), style="dim") + Text(f"  -> {found.labels[row['labels'][0]]}", style="bold green"))
         else:
             console.print(highlighted(tokenizer, row["input_ids"], row["labels"]))
@@ -60,6 +76,9 @@ def show(recipe: Recipe, examples: int, console: Console | None = None) -> dict:
               "eval_rows": len(evaluation.dataset) if evaluation else 0}
     if found.labels:
         counts["labels"] = found.labels
+    for stat in train.mixture:  # several sources: what each gives the mixture
+        counts[f"source {stat['source']}"] = (f"{stat['rows']} rows ({stat['row_share']:.1%}), "
+                                              f"{stat['tokens']} tokens ({stat['token_share']:.1%})")
     table = Table(title="training data")
     table.add_column("what")
     table.add_column("value")

@@ -73,9 +73,30 @@ class QuantSection(Section):
 DataFormat = Literal["instruction", "chat", "translation", "completion", "text", "qa", "classification"]
 
 
+class SourceEntry(Section):
+    """One data source of a mixture; format and fields default to the data section's."""
+
+    path: str = Field(description="A local file or `datasets` folder, or `hf:org/name` for a hub dataset (from the local cache when offline).")
+    name: str | None = Field(None, description="hf: sources: the dataset's config name (datasets' `name`).")
+    split: str = Field("train", description="hf: sources and saved DatasetDict folders: which split to read.")
+    format: DataFormat | None = Field(None, description="This source's format; default: data.format.")
+    fields: dict[str, str] | None = Field(None, description="This source's field mapping; default: data.fields.")
+    weight: float | None = Field(None, gt=0, description="Share of the mixture (relative to the other weights); the mixture has as many "
+                                 "rows as its sources together, each source repeated or subsampled to its share.")
+    epochs: float | None = Field(None, gt=0, description="Instead of weight: passes over this source's rows (e.g. 2 repeats it, 0.5 takes half).")
+    max_rows: int | None = Field(None, ge=1, description="Use only this source's first N rows (before weight or epochs apply).")
+
+    @model_validator(mode="after")
+    def _one_share(self) -> "SourceEntry":
+        if self.weight is not None and self.epochs is not None:
+            raise ValueError(f"data source {self.path}: give weight or epochs, not both")
+        return self
+
+
 class DataSection(Section):
-    train: str = Field(description="Training data: .jsonl, .json, .csv, .parquet, or a folder saved by `datasets`.")
-    eval: str | None = Field(None, description="Held-out data in the same format; default: split off `eval_fraction` of train.")
+    train: str | list[SourceEntry] = Field(description="Training data: .jsonl, .json, .csv, .parquet, .txt, a folder saved by `datasets`, "
+                                           "`hf:org/name` (split train), or a list of sources (see data sources) to mix.")
+    eval: str | SourceEntry | None = Field(None, description="Held-out data (a path or one source entry); default: split off `eval_fraction` of train.")
     eval_fraction: float = Field(0.0, ge=0, lt=1, description="Share of train held out when `eval` is not given.")
     format: DataFormat = Field("instruction", description="How rows become prompts and targets.")
     fields: dict[str, str] = Field(default_factory=dict, description="Canonical field name -> column name in your files.")
@@ -100,9 +121,29 @@ class DataSection(Section):
         "{context}Question: {question}\nAnswer:",
         description="QA prompt; may use {question} and {context} (the context line, empty when a row has none).")
 
+    preprocessed_dir: str | None = Field(None, description="Where `launcher preprocess` writes tokenised data and `train` looks for it "
+                                         "(default: output_dir/preprocessed).")
+    tokenise_timeout_minutes: float = Field(120, gt=0, description="How long other ranks wait while the main process tokenises "
+                                            "(a separate process group; distributed.timeout_minutes is for training collectives).")
+
     def field(self, canonical: str) -> str:
         """Column name in the user's files for a canonical field."""
         return self.fields.get(canonical, canonical)
+
+    def entries(self, which: str = "train") -> list[SourceEntry]:
+        """data.train or data.eval as source entries (a plain path is one entry); [] without eval data."""
+        value = getattr(self, which)
+        value = [] if value is None else value if isinstance(value, list) else [value]
+        return [SourceEntry(path=item) if isinstance(item, str) else item for item in value]
+
+    def formats(self) -> set[str]:
+        """The data formats of the training sources."""
+        return {entry.format or self.format for entry in self.entries()}
+
+    def eval_format(self) -> str | None:
+        """The format of the eval rows: data.eval's, else the train sources' one format; None when they mix formats."""
+        formats = {entry.format or self.format for entry in self.entries("eval")} or self.formats()
+        return formats.pop() if len(formats) == 1 else None
 
 
 class TrainSection(Section):
@@ -152,9 +193,11 @@ class EvalSection(Section):
                             "exact_match for qa, macro_f1 for classification, loss otherwise.")
     greater_is_better: bool | None = Field(None, description="Direction of eval.metric; default: false for loss and ppl, true otherwise.")
 
-    def chosen(self, data_format: str) -> tuple[str, bool]:
-        """(metrics.jsonl key, greater is better) of the metric that selects the best checkpoint."""
-        name = FORMATS[data_format].default_metric if self.metric == "auto" else self.metric
+    def chosen(self, data_format: str | None) -> tuple[str, bool]:
+        """(metrics.jsonl key, greater is better) of the metric that selects the best checkpoint;
+        eval rows of mixed formats (data_format None) share only the loss, so auto picks it."""
+        default = FORMATS[data_format].default_metric if data_format else "loss"
+        name = default if self.metric == "auto" else self.metric
         greater = self.greater_is_better if self.greater_is_better is not None else name not in LOWER_IS_BETTER
         return f"eval_{name}", greater
 
@@ -253,20 +296,30 @@ _agree_with_registry()
 
 def _format_rules(recipe: Recipe) -> None:
     """Fields, task and metric must be ones the data format has (launcher/formats.py)."""
-    task, fmt = recipe.model.task, recipe.data.format
-    spec = FORMATS[fmt]
-    for key in recipe.data.fields:
-        if key not in spec.fields:
-            raise ValueError(_unknown("data.fields", key, list(spec.fields)) + f" (format {fmt} reads {', '.join(spec.fields)})")
-    if task not in spec.tasks:
-        fix = ("use data.format: classification" if task == "classification" else
-               "set model.task: classification" if fmt == "classification" else
-               f"use one of: {', '.join(formats_for_task(task))}")
-        raise ValueError(f"model.task {task} cannot train on data.format {fmt}; {fix}")
+    task, data = recipe.model.task, recipe.data
+    for entry in [None, *data.entries(), *data.entries("eval")]:
+        fmt = entry.format or data.format if entry else data.format
+        fields = entry.fields if entry and entry.fields is not None else data.fields
+        spec = FORMATS[fmt]
+        for key in fields:
+            if key not in spec.fields:
+                raise ValueError(_unknown("data.fields", key, list(spec.fields)) + f" (format {fmt} reads {', '.join(spec.fields)})")
+        if task not in spec.tasks:
+            fix = ("use data.format: classification" if task == "classification" else
+                   "set model.task: classification" if fmt == "classification" else
+                   f"use one of: {', '.join(formats_for_task(task))}")
+            raise ValueError(f"model.task {task} cannot train on data.format {fmt}; {fix}")
+    fmt = data.eval_format()
     metric = recipe.eval.chosen(fmt)[0].removeprefix("eval_")
-    if metric not in spec.selectable_metrics:
-        raise ValueError(f"eval.metric {metric} is not computed for data.format {fmt}; "
-                         f"choose one of: {', '.join(spec.selectable_metrics)}")
+    selectable = FORMATS[fmt].selectable_metrics if fmt else LOWER_IS_BETTER
+    if metric not in selectable:
+        raise ValueError(f"eval.metric {metric} is not computed for data.format {fmt or 'of mixed formats'}; "
+                         f"choose one of: {', '.join(selectable)}")
+    if any(entry.weight is not None or entry.epochs is not None for entry in data.entries("eval")):
+        raise ValueError("data.eval: weight and epochs apply to train sources; remove them")
+    weighted = {entry.weight is not None for entry in data.entries()}
+    if len(weighted) > 1:
+        raise ValueError("data.train: give every source a weight, or none (then each is read `epochs` times, default 1)")
 
 
 def _quant_rules(recipe: Recipe) -> None:
@@ -395,10 +448,15 @@ def _resolve_bases(path: Path, seen: tuple[Path, ...] = ()) -> dict:
 
 def _absolutise_paths(data: dict, folder: Path) -> None:
     """Data paths are relative to the recipe that names them; so is a model path starting with ./ or ../."""
-    for section, key in (("data", "train"), ("data", "eval"), ("model", "path"), ("distributed", "deepspeed")):
+    for section, key in (("data", "train"), ("data", "eval"), ("data", "preprocessed_dir"), ("model", "path"), ("distributed", "deepspeed")):
         node = data.get(section)
         value = node.get(key) if isinstance(node, dict) else None
-        if not isinstance(value, str) or os.path.isabs(value) or value.startswith(("pkg:", "~")):
+        if section == "data" and isinstance(value, (list, dict)):  # source entries: each path is relative to this recipe
+            for entry in value if isinstance(value, list) else [value]:
+                if isinstance(entry, dict) and isinstance(entry.get("path"), str) and not entry["path"].startswith(("hf:", "~")):
+                    entry["path"] = os.path.normpath(folder / entry["path"])
+            continue
+        if not isinstance(value, str) or os.path.isabs(value) or value.startswith(("pkg:", "hf:", "~")):
             continue
         if section == "data" or value.startswith(("./", "../")) or value.endswith(".json"):
             node[key] = os.path.normpath(folder / value)
@@ -452,9 +510,10 @@ def load_run(run_dir: str | os.PathLike, overrides: list[str] = ()) -> Recipe:
 
 
 def check_paths(recipe: Recipe, path: Path) -> None:
-    for key, value in (("data.train", recipe.data.train), ("data.eval", recipe.data.eval)):
-        if value is not None and not Path(value).exists():
-            raise UserError(f"{path}: key '{key}': file not found: {value}")
+    for key in ("train", "eval"):
+        for entry in recipe.data.entries(key):
+            if not entry.path.startswith("hf:") and not Path(entry.path).exists():
+                raise UserError(f"{path}: key 'data.{key}': file not found: {entry.path}")
     model_path = recipe.model.path
     looks_local = model_path.startswith(("/", ".", "~")) or os.path.isabs(model_path)
     if looks_local and not Path(model_path).expanduser().exists():

@@ -42,11 +42,27 @@ def allowed(annotation: Any) -> str:
 def fields(cls: type[BaseModel] = Recipe, prefix: str = "") -> Iterator[tuple[str, Any]]:
     """(dotted key, pydantic field) for every leaf key of the schema, nested sections walked."""
     for name, field in cls.model_fields.items():
-        section = _section(field.annotation)
-        if section is not None:
+        section, entries = _section(field.annotation), _entries(field.annotation)
+        if section is not None and not entries:
             yield from fields(section, f"{prefix}{name}.")
-        else:
-            yield f"{prefix}{name}", field
+            continue
+        yield f"{prefix}{name}", field
+        for entry, joint in entries:  # data.train: a path, or a list of source entries with keys of their own
+            yield from fields(entry, f"{prefix}{name}{joint}")
+
+
+def _entries(annotation: Any) -> list[tuple[type[BaseModel], str]]:
+    """Models a field holds besides plain values: (model, "[].") for a list of them, (model, ".") for one
+    that may also be a plain value (`str | SourceEntry`); none for a plain section."""
+    options = typing.get_args(annotation) if typing.get_origin(annotation) in (typing.Union, types.UnionType) else ()
+    plain = [o for o in options if o is not type(None) and not (isinstance(o, type) and issubclass(o, BaseModel))]
+    found = []
+    for option in options:
+        if typing.get_origin(option) is list:
+            found += [(item, "[].") for item in typing.get_args(option) if isinstance(item, type) and issubclass(item, BaseModel)]
+        elif isinstance(option, type) and issubclass(option, BaseModel) and plain:
+            found.append((option, "."))
+    return found
 
 
 def reference_markdown() -> str:

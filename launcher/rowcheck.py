@@ -239,15 +239,26 @@ class RowTally:
                     tally.truncated_rows.append(number)
         return tally
 
+    @classmethod
+    def combine(cls, tallies: list["RowTally"]) -> "RowTally":
+        """Counts of several sources together; row numbers are per source, so each source's own line names them."""
+        combined = cls(sum(t.rows for t in tallies), truncated=sum(t.truncated for t in tallies))
+        for tally in tallies:
+            for reason, count in tally.dropped.items():
+                combined.dropped[reason] = combined.dropped.get(reason, 0) + count
+        return combined
+
     def share(self, count: int) -> float:
         return count / max(1, self.rows)
 
     def line(self) -> str:
         """e.g. `9 dropped (56.2%; no target token within max_length: rows 3, 5, ...), 2 truncated (12.5%; rows 1, 4)`."""
         def rows(numbers: list[int], count: int) -> str:
+            if not numbers:
+                return "rows named per source"
             return f"row{'s' * (count > 1)} {', '.join(map(str, numbers))}{', ...' if count > len(numbers) else ''}"
         total = sum(self.dropped.values())
-        reasons = "; ".join(f"{reason}: {rows(self.dropped_rows[reason], n)}" for reason, n in self.dropped.items())
+        reasons = "; ".join(f"{reason}: {rows(self.dropped_rows.get(reason, []), n)}" for reason, n in self.dropped.items())
         dropped = f"{total} dropped ({self.share(total):.1%}{'; ' + reasons if reasons else ''})"
         cut = f"; {rows(self.truncated_rows, self.truncated)}" if self.truncated else ""
         return f"{dropped}, {self.truncated} truncated ({self.share(self.truncated):.1%}{cut})"

@@ -185,8 +185,12 @@ def remove_results(run_dir: Path, name: str) -> None:
 
 def data_sources(recipe) -> dict[str, str]:
     """Recipe key -> local path of each data source the run reads (hub names are not files and are skipped)."""
-    named = {"data.train": recipe.data.train, "data.eval": recipe.data.eval}
-    return {key: path for key, path in named.items() if path and Path(path).exists()}
+    named = {}
+    for which in ("train", "eval"):
+        entries = recipe.data.entries(which)
+        for index, entry in enumerate(entries):
+            named[f"data.{which}" + (f"[{index}]" if len(entries) > 1 else "")] = entry.path
+    return {key: path for key, path in named.items() if not path.startswith("hf:") and Path(path).exists()}
 
 
 def check_sources(recipe, state: dict | None, allow_change: bool) -> dict:

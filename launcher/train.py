@@ -21,7 +21,7 @@ from launcher import guard, rundir, trackers, verify
 from launcher.console import Console, end_line, header_rows, quiet_libraries
 from launcher.diskspace import run_bytes
 from launcher.provenance import write_provenance
-from launcher.data import Datasets, StepPlan, load_datasets
+from launcher.data import Datasets, StepPlan
 from launcher.evaluate import Best, Evaluation, eval_rows, evaluate, to_device
 from launcher.loss import target_count, task_loss_sum
 from launcher.memory import ParamCount, count_parameters, parameter_bytes
@@ -170,14 +170,11 @@ def setup(recipe: Recipe, overwrite: bool = False, allow_data_change: bool = Fal
 
 
 def _load_data(recipe: Recipe, strategy: Strategy, accelerator, run_dir: Path, console: Console) -> Run:
-    """Tokenizer and datasets (the main process first, so others reuse its cache) and the step plan."""
-    from launcher import modeling
-    with accelerator.main_process_first():
-        with console.phase("weights"):
-            weights = modeling.resolve_weights(recipe)
-            tokenizer = modeling.load_tokenizer(weights, recipe)
-        with console.phase("tokenisation"):
-            datasets = load_datasets(recipe, tokenizer)
+    """Tokenizer and datasets (preprocessed, or tokenised by the main process first; launcher/preprocess.py) and the step plan."""
+    from launcher.preprocess import datasets_for_run
+    from launcher.report import write_rank_log
+    weights, tokenizer, datasets, record = datasets_for_run(recipe, accelerator, console.phase)
+    write_rank_log(run_dir, accelerator, record)
     cfg = recipe.train
     rows = len(datasets.train.dataset)
     plan = StepPlan(rows, cfg.micro_batch_size, cfg.grad_accum, accelerator.num_processes, accelerator.process_index, cfg.seed)
@@ -210,6 +207,7 @@ def _build_model(session: Run) -> None:
 def _open_reporter(session: Run, resume_from: Path | None) -> None:
     from rich.text import Text
 
+    from launcher.mixing import mixture_line
     from launcher.report import Reporter
     recipe, train, evaluation = session.recipe, session.data.train, session.data.eval
     session.reporter = Reporter(session.run_dir, session.accelerator, session.console)
@@ -221,6 +219,10 @@ def _open_reporter(session: Run, resume_from: Path | None) -> None:
                            f"{session.total_steps} steps of {session.plan.global_batch} examples")
     for warning in session.data.warnings:
         session.reporter.print(Text(f"warning: {warning}", style="bold yellow"))
+    if train.mixture:
+        session.reporter.print(f"mixture: {mixture_line(train.mixture)}")
+    if recipe.eval.metric == "auto" and evaluation is not None and recipe.data.eval_format() is None:
+        session.reporter.print("eval.metric auto: the eval rows mix formats, so the best checkpoint is chosen on eval loss")
     if resume_from is not None:
         session.reporter.print(f"resuming from {resume_from} at step {session.step}")
 

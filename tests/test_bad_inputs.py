@@ -126,7 +126,7 @@ def raw_cases() -> list[Case]:
         Case("jsonl-empty-file", "t.jsonl: no rows", {"t.jsonl": b"\n\n"}),
         Case("jsonl-all-rows-empty", "t.jsonl:1: en: empty text", {"t.jsonl": encode("t.jsonl", [{"en": "", "es": ""}] * 5)}),
         Case("csv-all-rows-empty", "t.csv:1: en: empty text", {"t.csv": b"en,es\n,\n,\n,\n"}),
-        Case("unsupported-type", "t.txt: unsupported data file type '.txt'", {"t.txt": b"hello\n"}),
+        Case("unsupported-type", "t.xml: unsupported data file type '.xml'", {"t.xml": b"<a/>\n"}),
         Case(f"eval-file-row{FAR}", f"e.jsonl:{FAR}: es: null",
              {"t.jsonl": encode("t.jsonl", good_rows()), "e.jsonl": with_row("e.jsonl", FAR, {"en": "a", "es": None})},
              {"data.eval": "e.jsonl"}),

@@ -136,7 +136,7 @@ BAD_DATA = [
     ("not text", "t.jsonl", '{"en": "a", "es": 7}\n', "t.jsonl:1: es: expected text, got int"),
     ("not an object", "t.jsonl", '["en", "es"]\n', "t.jsonl:1: expected a JSON object, got list"),
     ("empty file", "t.jsonl", "\n", "t.jsonl: no rows"),
-    ("unsupported type", "t.txt", "hello\n", "t.txt: unsupported data file type '.txt'"),
+    ("unsupported type", "t.xml", "<a/>\n", "t.xml: unsupported data file type '.xml'"),
     ("csv missing column", "t.csv", "en,target\na,b\n", "t.csv:1: es: missing"),
     ("json not a list", "t.json", '{"en": "a"}', "t.json: a .json data file must hold a list of objects, got dict"),
 ]

@@ -1,0 +1,141 @@
+"""Data sources and mixtures: local files of every kind, datasets folders, hub ids from a local
+datasets cache, and weighted mixtures that are exact, deterministic and the same for any process count."""
+import csv
+import json
+import shutil
+from collections import Counter
+from pathlib import Path
+
+import pytest
+import yaml
+
+from launcher.cli import main
+from launcher.data import StepPlan, tokenise_train
+from launcher.mixing import Share, pick_rows, row_counts
+from launcher.recipe import load_recipe
+from support import launch
+
+WEIGHTS = (0.5, 0.3, 0.2)
+
+
+def write_sources(folder: Path, sizes=(1200, 800, 500)) -> list[dict]:
+    """Three sources in three formats and file types: instruction .jsonl, completion .csv (mapped fields), text .txt."""
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "alpaca.jsonl").write_text("".join(json.dumps({"instruction": f"count to {i}", "output": f"{i}"}) + "\n"
+                                                 for i in range(sizes[0])))
+    with (folder / "pairs.csv").open("w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["q", "a"])
+        writer.writerows([f"two times {i}", f"{2 * i}"] for i in range(sizes[1]))
+    (folder / "notes.txt").write_text("".join(f"note number {i} says hello\n\n" for i in range(sizes[2])))
+    return [{"path": str(folder / "alpaca.jsonl"), "format": "instruction", "weight": WEIGHTS[0]},
+            {"path": str(folder / "pairs.csv"), "format": "completion", "fields": {"prompt": "q", "completion": "a"},
+             "weight": WEIGHTS[1]},
+            {"path": str(folder / "notes.txt"), "format": "text", "weight": WEIGHTS[2]}]
+
+
+def mixture_recipe(model: Path, folder: Path, sources: list, **extra) -> Path:
+    recipe = {"model": {"path": str(model)}, "method": "lora", "lora": {"r": 4, "alpha": 8, "dropout": 0.0},
+              "data": {"train": sources, "max_length": 32, **extra.pop("data", {})},
+              "train": {"max_steps": 4, "micro_batch_size": 4, "lr": 5e-3, "schedule": "constant", "seed": 5, "save_every": 2,
+                        "keep_last": 3,
+                        **extra.pop("train", {})},
+              "eval": {"samples": 0}, "output_dir": str(folder / "run"), **extra}
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / "recipe.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    return path
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tiny_model):
+    from transformers import AutoTokenizer
+    return AutoTokenizer.from_pretrained(tiny_model)
+
+
+def test_weights_count_out_exact_shares_and_epochs_repeat_a_source():
+    assert row_counts([1200, 800, 500], [Share(w, None) for w in WEIGHTS]) == [1250, 750, 500]
+    assert row_counts([10, 4], [Share(None, 2.0), Share(None, 0.5)]) == [20, 2]
+    rows = pick_rows(4, 10, seed=1, source=0)
+    assert Counter(rows) == {0: 3, 1: 3, 2: 2, 3: 2} or sorted(Counter(rows).values()) == [2, 2, 3, 3]
+    assert rows[:8] == [0, 1, 2, 3] * 2 and len(set(rows[8:])) == 2  # whole passes, then distinct rows
+
+
+def test_mixture_realises_its_weights_over_2000_rows_for_one_and_two_processes(tmp_path, tiny_model, tokenizer):
+    recipe = load_recipe(mixture_recipe(tiny_model, tmp_path, write_sources(tmp_path / "data")))
+    train = tokenise_train(recipe, tokenizer, None)
+    assert train.mixture == tokenise_train(recipe, tokenizer, None).mixture  # deterministic from the seed
+    assert [s["rows"] for s in train.mixture] == [1250, 750, 500]
+    origin = train.dataset["source"]
+    one = StepPlan(len(origin), micro=8, accum=1, world=1, rank=0, seed=recipe.train.seed)
+    two = [StepPlan(len(origin), micro=4, accum=1, world=2, rank=r, seed=recipe.train.seed) for r in (0, 1)]
+    seen = []
+    for step in range(2000 // 8):  # 250 steps of 8 rows: the first 2,000 rows trained
+        rows = one.micro_batches(step)[0]
+        assert rows == two[0].micro_batches(step)[0] + two[1].micro_batches(step)[0]
+        seen += [origin[i] for i in rows]
+    realised = Counter(seen)
+    for index, weight in enumerate(WEIGHTS):
+        assert abs(realised[index] / 2000 - weight) <= 0.02, (realised, WEIGHTS)
+
+
+def test_a_dataset_from_the_local_datasets_cache_trains(tmp_path, tiny_model):
+    """hf:org/name with a config name and split, resolved offline from a datasets cache the test writes."""
+    from datasets.packaged_modules.json.json import Json
+    rows = tmp_path / "rows.jsonl"
+    rows.write_text("".join(json.dumps({"instruction": f"say {i}", "output": f"{i}!"}) + "\n" for i in range(40)))
+    built = Json(cache_dir=str(tmp_path / "build"), dataset_name="tiny_alpaca", config_name="en",
+                 data_files={"train": str(rows), "test": str(rows)})
+    built.download_and_prepare()
+    cache = tmp_path / "hf-cache" / "datasets"
+    shutil.copytree(built.cache_dir, cache / "org___tiny_alpaca" / "en" / "0.0.0" / "abc")  # where datasets keeps hub data
+    recipe = mixture_recipe(tiny_model, tmp_path, [{"path": "hf:org/tiny_alpaca", "name": "en"}],
+                            data={"eval": {"path": "hf:org/tiny_alpaca", "name": "en", "split": "test"}, "max_eval_rows": 8},
+                            train={"max_steps": 2, "save_every": 0})
+    env = {"HF_HOME": str(tmp_path / "hf-cache"), "HF_DATASETS_CACHE": str(cache), "HF_DATASETS_OFFLINE": "1"}
+    result = launch([recipe], env=env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "data: 40 train rows" in result.stdout and "8 eval rows" in result.stdout
+    assert (tmp_path / "run" / "final").is_dir()
+
+
+def test_a_hub_id_that_cannot_be_resolved_offline_is_one_error(tmp_path, tiny_model, capsys):
+    recipe = mixture_recipe(tiny_model, tmp_path, [{"path": "hf:nobody/no_such_dataset", "split": "train"}])
+    assert main(["validate", str(recipe)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: data source hf:nobody/no_such_dataset: cannot load it") and "\n" not in err
+    assert "Traceback" not in err
+
+
+def test_inspect_plain_prints_ids_pieces_and_labels_in_columns(tmp_path, tiny_model, capsys):
+    sources = write_sources(tmp_path / "data", sizes=(20, 20, 20))
+    recipe = mixture_recipe(tiny_model, tmp_path, sources)
+    assert main(["inspect", str(recipe), "-n", "1"]) == 0  # stdout is captured, not a terminal: plain
+    out = capsys.readouterr().out
+    header = next(line for line in out.splitlines() if line.split() == ["pos", "id", "label", "piece"])
+    lines = out.splitlines()
+    first = lines[lines.index(header) + 1:][:40]
+    columns = [line.split(None, 3) for line in first if line[:5].strip().isdigit()]
+    assert any(label == "-100" for _, _, label, _ in columns) and any(label != "-100" for _, _, label, _ in columns)
+    trained = [(int(token), int(label)) for _, token, label, _ in columns if label != "-100"]
+    assert all(token == label for token, label in trained)  # causal-lm labels are the token ids where trained
+    assert "source alpaca.jsonl" in out and "source notes.txt" in out
+
+
+def test_every_local_kind_reads_the_same_rows_and_a_bad_row_past_the_peek_is_named(tmp_path, tiny_model, tokenizer):
+    import datasets
+    from launcher.recipe import UserError
+    from launcher.sources import Source, load_table
+    rows = [{"instruction": f"say {i}", "output": f"{i}"} for i in range(8)]
+    (tmp_path / "rows.json").write_text(json.dumps(rows))
+    datasets.Dataset.from_list(rows).to_parquet(str(tmp_path / "rows.parquet"))
+    broken = rows[:6] + [{"instruction": "say 6"}] + rows[7:]  # row 7 lacks its output; validate peeks at 5
+    datasets.DatasetDict({"validation": datasets.Dataset.from_list(rows),
+                          "train": datasets.Dataset.from_list([{**r, "output": r.get("output")} for r in broken])}
+                         ).save_to_disk(str(tmp_path / "saved"))
+    for path in ("rows.json", "rows.parquet"):
+        assert load_table(tmp_path / path).to_list() == rows
+    assert load_table(Source(str(tmp_path / "saved"), None, split="validation")).to_list() == rows
+    recipe = load_recipe(mixture_recipe(tiny_model, tmp_path, [{"path": str(tmp_path / "saved"), "format": "instruction"}]))
+    with pytest.raises(UserError, match=r"^saved row 7: field 'output' must be text, got NoneType$"):
+        tokenise_train(recipe, tokenizer, None)
