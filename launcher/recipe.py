@@ -294,6 +294,9 @@ def _adapter_rules(recipe: Recipe) -> None:
         raise ValueError(f"lora.init {lora.init} with method: qlora: it moves each weight's top directions into the adapter and "
                          "leaves the residual in the base, which 4-bit storage would round again, so the adapter would no longer "
                          "match its base; use method: lora with it, or lora.init: loftq for a 4-bit base")
+    if lora.init in ("pissa", "olora") and (recipe.distributed.strategy == "fsdp" or str(recipe.distributed.deepspeed).startswith("zero3")):
+        raise ValueError(f"lora.init {lora.init} with sharded parameters (fsdp, deepspeed zero3): converting the adapter to "
+                         "plain LoRA at export needs the whole model in one process; use strategy ddp or deepspeed zero1 / zero2")
     if lora.init in ("pissa", "olora") and lora.dora:
         raise ValueError(f"lora.init {lora.init} with lora.dora: the adapter is converted to plain LoRA at export, and DoRA's "
                          "magnitude vector cannot be; use one of them")
