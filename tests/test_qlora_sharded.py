@@ -29,8 +29,12 @@ def one_process(llama, tmp_path_factory):
     return folder / "run"
 
 
-@pytest.mark.parametrize("distributed", [{"strategy": "fsdp"}], ids=["fsdp2"])
-def test_two_process_qlora_matches_one_process_and_shards_the_4bit_base(distributed, llama, one_process, tmp_path):
+SHARDED = [({"strategy": "fsdp"}, 0.5),  # FSDP2: each rank stores half of every parameter, the 4-bit base included
+           ({"strategy": "deepspeed", "deepspeed": "zero2"}, 1.0)]  # ZeRO-2: the frozen 4-bit base is replicated
+
+
+@pytest.mark.parametrize("distributed,share", SHARDED, ids=["fsdp2", "zero2"])
+def test_two_process_qlora_matches_one_process_and_stores_its_share(distributed, share, llama, one_process, tmp_path):
     import torch
     from safetensors.torch import load_file
     ok(launch_two([recipe_for(llama, tmp_path, "qlora", distributed)]))
@@ -46,7 +50,7 @@ def test_two_process_qlora_matches_one_process_and_shards_the_4bit_base(distribu
     ranks = [json.loads((run / "logs" / f"rank-{r}.jsonl").read_text().splitlines()[0]) for r in (0, 1)]
     full = ranks[0]["full_parameter_bytes"]
     for record in ranks:
-        assert 0.45 * full <= record["parameter_bytes"] <= 0.55 * full, ranks  # each rank stores about half
+        assert record["parameter_bytes"] == pytest.approx(share * full, rel=0.1), ranks
 
 
 def test_qlora_with_zero3_is_refused_up_front_naming_the_fsdp2_route(llama, tmp_path, capsys):
