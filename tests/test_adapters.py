@@ -149,3 +149,20 @@ def test_unsupported_adapter_combination_is_refused_by_validate(llama, tmp_path,
     assert main(["validate", str(write_recipe(recipe, tmp_path / "r.yaml"))]) == 2
     err = capsys.readouterr().err
     assert expected in err and err.count("\n") == 1
+
+
+@pytest.mark.slow
+def test_shipped_classify_recipe_trains_and_evaluates_with_qlora(tmp_path):
+    """all-MiniLM-L6-v2 with method=qlora: the new head stays unquantised and trained in full, so the eval
+    forward works (it failed in bitsandbytes with a quantised 5-row head) and the head is saved."""
+    from safetensors import safe_open
+
+    from support import REPO, train_losses
+    run = tmp_path / "run"
+    status = main([str(REPO / "recipes" / "classify.yaml"), "method=qlora", f"output_dir={run}", "train.max_steps=2",
+                   "train.micro_batch_size=4", "data.max_train_rows=16", "data.max_eval_rows=8", "eval.samples=0"])
+    assert status == 0 and sorted(train_losses(run)) == [1, 2]
+    evals = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if '"eval"' in line]
+    assert [e["step"] for e in evals] == [0, 2] and all("eval_accuracy" in e for e in evals)
+    with safe_open(run / "final" / "adapter_model.safetensors", "pt") as saved:
+        assert any(k.endswith("classifier.weight") for k in saved.keys())
