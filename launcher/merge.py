@@ -10,7 +10,7 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
-from launcher.recipe import Recipe, UserError
+from launcher.recipe import Recipe, UserError, load_run
 
 DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
 # Largest |merged - adapter| logit difference accepted, relative to the largest |logit|: the merged
@@ -19,15 +19,6 @@ TOLERANCE = {"float32": 1e-4, "bfloat16": 5e-2, "float16": 1e-2}
 PROMPTS = ["The quick brown fox jumps over the lazy dog.",
            "Translate from English to Spanish:\nIn the beginning God created the heaven and the earth.",
            "Question: What is the capital of France?\nAnswer:"]
-
-
-def run_recipe(run_dir: Path) -> Recipe:
-    """The resolved recipe a run wrote; it names the base model and how it was loaded."""
-    import yaml
-    path = run_dir / "recipe.yaml"
-    if not path.is_file():
-        raise UserError(f"{run_dir} is not a launcher run (no recipe.yaml); give the output_dir of a finished run")
-    return Recipe.model_validate(yaml.safe_load(path.read_text()))
 
 
 def load_dequantised_base(recipe: Recipe, dtype: str):
@@ -111,12 +102,12 @@ def write_merged(recipe: Recipe, adapter: Path, staging: Path, torch_dtype: str)
 def merge(run_dir: str | Path, dtype: str = "bf16", out: str | Path | None = None, overwrite: bool = False) -> float:
     """Write the merged model; returns the verified max logit difference."""
     run_dir = Path(run_dir)
-    recipe = run_recipe(run_dir)
+    recipe = load_run(run_dir)
     adapter = run_dir / "final"
     if not (adapter / "adapter_config.json").is_file():
         what = "a full model: nothing to merge" if (adapter / "config.json").is_file() else "not there: train to the end first"
         raise UserError(f"{adapter} is {what} (merge needs the adapter of a lora or qlora run)")
-    target = Path(out) if out else adapter / "merged"
+    target = Path(out) if out else run_dir / "merged"  # beside final/, so uploading final/ uploads the adapter alone
     if target.exists() and not overwrite:
         raise UserError(f"{target} exists; pass --overwrite to replace it, or --out to write elsewhere")
     check_mergeable(adapter)

@@ -39,6 +39,7 @@ def detect_device() -> str:
 def check(recipe: Recipe, target: Target | None = None) -> Target:
     """Refuse, with one message, anything the run would refuse later; returns the target it checked for."""
     target = target or Target(detect_device(), launched_world_size())
+    check_extras(recipe)
     check_launch(recipe, target)
     check_device_support(recipe, target.device)
     data.check_sources(recipe)
@@ -73,11 +74,32 @@ def check_device_support(recipe: Recipe, device: str) -> None:
         check_compiler(device)
 
 
+def needed_extras(recipe: Recipe) -> list[tuple[str, str, str]]:
+    """(recipe setting, importable module, launcher extra) for each optional dependency the recipe needs."""
+    needs = [(f"distributed.strategy {recipe.distributed.strategy}", "deepspeed", "deepspeed")] \
+        if recipe.distributed.strategy == "deepspeed" else []
+    if recipe.method == "qlora" or recipe.train.optimizer in BNB_OPTIMIZERS:
+        needs.append(("method: qlora" if recipe.method == "qlora" else f"train.optimizer {recipe.train.optimizer}",
+                      "bitsandbytes", "qlora"))
+    if recipe.model.gguf_file:
+        needs.append(("model.gguf_file", "gguf", "gguf"))
+    modules = {"tensorboard": "tensorboard", "mlflow": "mlflow", "wandb": "wandb"}
+    needs += [(f"report.trackers {name}", modules[name], name) for name in recipe.report.trackers]
+    return needs
+
+
+def check_extras(recipe: Recipe) -> None:
+    """An optional dependency the recipe needs and this install lacks: one line naming the extra that brings it."""
+    for setting, module, extra in needed_extras(recipe):
+        if importlib.util.find_spec(module) is None:
+            raise UserError(f"{setting} needs {module}, which is not installed: pip install 'launcher[{extra}]'")
+
+
 def _need_bitsandbytes(what: str, device: str, instead: str) -> None:
     try:
         version = importlib.metadata.version("bitsandbytes")
     except importlib.metadata.PackageNotFoundError:
-        raise UserError(f"{what} needs bitsandbytes: pip install bitsandbytes") from None
+        raise UserError(f"{what} needs bitsandbytes: pip install 'launcher[qlora]'") from None
     numbers = tuple(int(part) for part in version.split(".")[:2] if part.isdigit())
     if device == "cpu" and numbers < BNB_FIRST_CPU_VERSION:
         raise UserError(f"{what}: bitsandbytes {version} has no cpu backend (it came in "

@@ -140,6 +140,8 @@ class EvalSection(Section):
     no_repeat_ngram_size: int = Field(0, ge=0, description="Forbid any n-gram of this size twice in one output (0: off); stops the loops small models fall into.")
     repetition_penalty: float = Field(1.0, gt=0, description="Divide the scores of tokens already in the output by this (1.0: off).")
     generate_rows: int = Field(48, ge=0, description="Eval rows generated and scored (BLEU/chrF, EM/F1) at each eval; 0 skips it.")
+    generate_batch_size: int | None = Field(None, ge=1, description="Rows generated together (left-padded); default: "
+                                            "train.eval_batch_size. Larger batches generate much faster on CPU.")
     metric: Literal["auto", "loss", "ppl", "bleu", "chrf", "accuracy", "macro_f1", "exact_match", "f1"] = Field(
         "auto", description="Picks the best checkpoint (saved to output_dir/best); auto: chrf for translation, "
                             "exact_match for qa, macro_f1 for classification, loss otherwise.")
@@ -152,8 +154,15 @@ class EvalSection(Section):
         return f"eval_{name}", greater
 
 
+Tracker = Literal["tensorboard", "mlflow", "wandb"]
+
+
 class ReportSection(Section):
-    tensorboard: bool = Field(False, description="Also write TensorBoard event files under output_dir/tb.")
+    trackers: list[Tracker] = Field(
+        default_factory=list, description="Experiment trackers fed through accelerate's log_with: tensorboard (output_dir/tb/<project>), "
+        "mlflow (MLFLOW_TRACKING_URI, else a local store in output_dir/mlruns), wandb (offline in output_dir/wandb "
+        "unless WANDB_MODE says otherwise). Credentials are read from the environment only, never from the recipe.")
+    project: str | None = Field(None, description="Experiment / project name in the trackers; default: the name of output_dir.")
 
 
 DEEPSPEED_SHORTHANDS = ("zero1", "zero2", "zero3", "zero3_offload")
@@ -277,6 +286,14 @@ def _quant_rules(recipe: Recipe) -> None:
                          "use train.optimizer: adamw (the strategy already shards its state), or strategy: ddp")
 
 
+# Names other fine-tuning tools use for a key, so `lora.rank=8` gets "did you mean 'lora.r'?".
+ALIASES = {"rank": "r", "lora_r": "r", "lora_alpha": "alpha", "lora_dropout": "dropout", "learning_rate": "lr",
+           "batch_size": "micro_batch_size", "per_device_train_batch_size": "micro_batch_size",
+           "gradient_accumulation_steps": "grad_accum", "num_epochs": "epochs", "num_train_epochs": "epochs",
+           "lr_scheduler": "schedule", "lr_scheduler_type": "schedule", "warmup": "warmup_steps",
+           "sequence_len": "max_length", "max_seq_length": "max_length", "output": "output_dir"}
+
+
 def _adapter_rules(recipe: Recipe) -> None:
     """LoRA variants that cannot work together, decided before anything loads (README "Methods")."""
     lora, method = recipe.lora, recipe.method
@@ -302,7 +319,8 @@ def _adapter_rules(recipe: Recipe) -> None:
 
 
 def _unknown(where: str, key: str, known: list[str]) -> str:
-    close = difflib.get_close_matches(key, known, n=1, cutoff=0.6)
+    alias = ALIASES.get(key)
+    close = [alias] if alias in known else difflib.get_close_matches(key, known, n=1, cutoff=0.6)
     hint = f"; did you mean '{close[0]}'?" if close else ""
     return f"unknown key '{where}.{key}'{hint}".replace("'.", "'")
 
@@ -415,6 +433,14 @@ def load_recipe(path: str | os.PathLike, overrides: list[str] = ()) -> Recipe:
         raise UserError(f"{path}: {_describe(first)}{suffix}") from None
     check_paths(recipe, Path(path))
     return recipe
+
+
+def load_run(run_dir: str | os.PathLike, overrides: list[str] = ()) -> Recipe:
+    """The resolved recipe a run wrote (RUN/recipe.yaml), its output_dir pointing at the run wherever it now is."""
+    run_dir = Path(run_dir)
+    if not (run_dir / "recipe.yaml").is_file():
+        raise UserError(f"{run_dir} is not a launcher run (no recipe.yaml); give a recipe file or the output_dir of a run")
+    return load_recipe(run_dir / "recipe.yaml", [*overrides, f"output_dir={run_dir}"])
 
 
 def check_paths(recipe: Recipe, path: Path) -> None:

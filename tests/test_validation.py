@@ -180,7 +180,9 @@ def test_validate_is_fast_exits_2_and_suggests(tmp_path):
     assert result.returncode == 2
     assert "unknown key 'train.learning_rat'" in result.stderr
     assert "Traceback" not in result.stderr
-    assert seconds < 2.0, f"validate took {seconds:.2f}s"
+    # About 2 s on an idle 2-core machine; the bound leaves room for a loaded one. That validate imports
+    # no torch at all is asserted in tests/test_shape.py.
+    assert seconds < 5.0, f"validate took {seconds:.2f}s"
 
 
 def test_train_on_bad_data_fails_before_loading_any_model(tmp_path):
