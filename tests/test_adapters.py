@@ -166,3 +166,21 @@ def test_shipped_classify_recipe_trains_and_evaluates_with_qlora(tmp_path):
     assert [e["step"] for e in evals] == [0, 2] and all("eval_accuracy" in e for e in evals)
     with safe_open(run / "final" / "adapter_model.safetensors", "pt") as saved:
         assert any(k.endswith("classifier.weight") for k in saved.keys())
+
+
+def test_fsdp_qlora_stores_4bit_weights_in_the_compute_dtype_and_counts_their_stored_bytes(tmp_path):
+    """FSDP2 shards only parameters of one dtype per block: the packed 4-bit weights are stored as float32
+    here (8 weights per element); the memory count stays the packed size, not 32 bits per weight."""
+    import bitsandbytes as bnb
+    import torch
+
+    from launcher import memory, modeling
+    llama = build_tiny_llama(tmp_path / "llama", chat=False, hidden=128)
+    recipe = Recipe.model_validate(tiny_recipe(llama, tmp_path / "run", method="qlora", distributed={"strategy": "fsdp"}))
+    model = modeling.load_model(str(llama), recipe, on_gpu=False)
+    packed = [m.weight for m in model.modules() if isinstance(m, bnb.nn.Linear4bit)]
+    assert len(packed) == 14 and all(w.dtype == torch.float32 and w.quant_state.dtype == torch.float32 for w in packed)
+    assert {p.dtype for p in model.parameters()} == {torch.float32}  # one dtype: FSDP2 can flatten each block
+    count = memory.count_parameters(model)
+    assert count.quantised == sum(w.quant_state.shape.numel() for w in packed)
+    assert 4.0 < 8 * count.quantised_bytes / count.quantised < 5.0
