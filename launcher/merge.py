@@ -72,8 +72,8 @@ def check_mergeable(adapter: Path) -> None:
     import json
     config = json.loads((adapter / "adapter_config.json").read_text())
     if config.get("peft_type") != "LORA":
-        raise UserError(f"{adapter}: a {config.get('peft_type')} adapter; launcher merge folds LoRA adapters "
-                        "(including DoRA and rsLoRA) only")
+        raise UserError(f"{adapter}: peft_type {config.get('peft_type')}; launcher merge folds LoRA adapters "
+                        "(including DoRA, rsLoRA and converted PiSSA/OLoRA) only")
 
 
 def write_merged(recipe: Recipe, adapter: Path, staging: Path, torch_dtype: str):

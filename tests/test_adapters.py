@@ -184,3 +184,32 @@ def test_fsdp_qlora_stores_4bit_weights_in_the_compute_dtype_and_counts_their_st
     count = memory.count_parameters(model)
     assert count.quantised == sum(w.quant_state.shape.numel() for w in packed)
     assert 4.0 < 8 * count.quantised_bytes / count.quantised < 5.0
+
+
+# ---------------------------------------------------------------- merge refusals
+
+def fake_run(llama, run, adapter_config: dict):
+    """A run directory as training leaves it, with an adapter folder holding only `adapter_config`."""
+    (run / "final").mkdir(parents=True)
+    write_recipe(tiny_recipe(llama, run), run / "recipe.yaml")
+    (run / "final" / "adapter_config.json").write_text(json.dumps(adapter_config))
+    return run
+
+
+def test_merge_refuses_an_adapter_it_cannot_fold_before_loading_anything(llama, tmp_path, capsys):
+    run = fake_run(llama, tmp_path / "run", {"peft_type": "IA3", "base_model_name_or_path": str(llama)})
+    assert main(["merge", str(run)]) == 2
+    err = capsys.readouterr().err
+    assert "peft_type IA3; launcher merge folds LoRA adapters" in err and err.count("\n") == 1
+    assert not (run / "merged").exists() and not (run / "merged.tmp").exists()
+
+
+def test_a_merge_that_fails_midway_leaves_no_staging_folder(llama, tmp_path):
+    from launcher.merge import merge
+    run = fake_run(llama, tmp_path / "run", {"peft_type": "LORA", "r": 4, "lora_alpha": 8, "target_modules": ["q_proj"],
+                                            "task_type": "CAUSAL_LM", "base_model_name_or_path": str(llama)})
+    (run / "merged.tmp").mkdir()  # left by an earlier crash
+    (run / "merged.tmp" / "config.json").write_text("{}")
+    with pytest.raises(Exception):  # the adapter weights are missing: peft fails after the base has loaded
+        merge(run, "fp32")
+    assert not (run / "merged.tmp").exists() and not (run / "merged").exists()
