@@ -21,6 +21,15 @@ def _recipe_args(parser: argparse.ArgumentParser) -> None:
 
 def _train_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--overwrite", action="store_true", help="discard a previous run in output_dir and start fresh")
+    parser.add_argument("--allow-data-change", action="store_true",
+                        help="resume even though a data file changed since the checkpoint (refused otherwise)")
+
+
+def _validate_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--deep", action="store_true", help="also tokenise every row: count rows truncated or left "
+                        "with nothing to train by max_length (loads the tokenizer, not the model)")
+    parser.add_argument("--device", choices=["cpu", "cuda"], help="check support for this device instead of this "
+                        "machine's (e.g. --device cuda on a CPU login node for a GPU job)")
 
 
 def _inspect_options(parser: argparse.ArgumentParser) -> None:
@@ -110,7 +119,12 @@ def checked_recipe(args, target=None):
 
 
 def cmd_validate(args) -> int:
-    recipe = checked_recipe(args)
+    from launcher.preflight import Target
+    from launcher.strategies import launched_world_size
+    recipe = checked_recipe(args, Target(args.device, launched_world_size()) if args.device else None)
+    if args.deep:
+        from launcher.deepcheck import deep_check
+        deep_check(recipe)
     print(f"{args.recipe}: ok ({recipe.method} on {recipe.model.path}, data format {recipe.data.format}, output {recipe.output_dir})")
     return 0
 
@@ -118,7 +132,7 @@ def cmd_validate(args) -> int:
 def cmd_train(args) -> int:
     recipe = checked_recipe(args)
     from launcher.train import run
-    return run(recipe, overwrite=args.overwrite)
+    return run(recipe, overwrite=args.overwrite, allow_data_change=args.allow_data_change)
 
 
 def cmd_inspect(args) -> int:
@@ -145,9 +159,9 @@ def cmd_slurm(args) -> int:
     if args.action == "render":
         print(slurm.render(args.recipe, run_dir, spec, args.overrides), end="")
         return 0
-    from launcher.checkpoint import plan_run_dir
+    from launcher.rundir import plan
     checked_recipe(args, Target("cuda" if spec.gpus_per_node else "cpu", spec.world_size))  # as the job will see it
-    resume = plan_run_dir(run_dir, recipe.model_dump(mode="json"), overwrite=False)  # refuse now, not once queued
+    resume = plan(run_dir, recipe.model_dump(mode="json"), overwrite=False).resume_from  # refuse now, not once queued
     script = slurm.write_script(args.recipe, run_dir, spec, args.overrides)
     job = slurm.submit(script)
     log = slurm.log_path(run_dir, spec, job)
@@ -200,7 +214,9 @@ class Verb:
 # One line per verb; a new verb is a handler above and a line here.
 VERBS: dict[str, Verb] = {
     "train": Verb(cmd_train, "train (the default when the first argument is a .yaml file)", options=_train_options),
-    "validate": Verb(cmd_validate, "check the recipe and peek at the data; loads no model"),
+    "validate": Verb(cmd_validate, "check the recipe, the model's whereabouts, output_dir and every row of every data "
+                     "file (which takes a while on large files: some 15 s per million short rows); loads no model and "
+                     "imports no torch", options=_validate_options),
     "inspect": Verb(cmd_inspect, "show tokenised examples with trained tokens highlighted, and data counts", options=_inspect_options),
     "eval": Verb(cmd_eval, "score the base model and output_dir/final (or one --checkpoint); RECIPE may be a run directory",
                  options=_eval_options),

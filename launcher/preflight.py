@@ -10,12 +10,13 @@ import importlib.metadata
 import importlib.util
 import os
 import shutil
+import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
-from launcher import data
+from launcher import data, locations
 from launcher.recipe import Recipe, UserError
-from launcher.strategies import launch_hint, launched_world_size, strategy_for
+from launcher.strategies import launch_hint, launched_world_size, mixed_precision, strategy_for
 
 BNB_OPTIMIZERS = ("adamw-8bit", "paged-adamw", "paged-adamw-8bit")
 BNB_FIRST_CPU_VERSION = (0, 46)  # bitsandbytes gained its CPU backend (4-bit, 8-bit, 8-bit optimisers) in 0.46
@@ -33,7 +34,11 @@ def detect_device() -> str:
     if os.environ.get("CUDA_VISIBLE_DEVICES", None) in ("", "-1"):
         return "cpu"
     gpus = Path("/proc/driver/nvidia/gpus")
-    return "cuda" if gpus.is_dir() and any(gpus.iterdir()) else "cpu"
+    if gpus.is_dir() and any(gpus.iterdir()):
+        return "cuda"
+    smi = shutil.which("nvidia-smi")  # containers may hide /proc/driver but ship the driver's tool
+    listed = subprocess.run([smi, "-L"], capture_output=True, text=True, timeout=20).stdout if smi else ""
+    return "cuda" if listed.startswith("GPU ") else "cpu"
 
 
 def check(recipe: Recipe, target: Target | None = None) -> Target:
@@ -42,7 +47,9 @@ def check(recipe: Recipe, target: Target | None = None) -> Target:
     check_extras(recipe)
     check_launch(recipe, target)
     check_device_support(recipe, target.device)
-    data.check_sources(recipe)
+    locations.check_output_dir(recipe)
+    locations.check_model(recipe)
+    data.check_sources(recipe)  # every row of every file: the slow one, last
     return target
 
 
@@ -53,10 +60,13 @@ def check_launch(recipe: Recipe, target: Target) -> None:
         raise UserError(f"distributed.num_processes is {wanted} but {target.world} process{'es' * (target.world != 1)} "
                         f"started; launch with {launch_hint(wanted)}")
     strategy_for(recipe).preflight(target.device == "cuda")
+    if recipe.train.skip_nonfinite and recipe.distributed.strategy == "deepspeed":
+        raise UserError("train.skip_nonfinite: DeepSpeed applies the optimiser step inside its backward, so a step cannot "
+                        "be skipped there; set it to 0 (the run then stops at the first non-finite step)")
 
 
 def check_device_support(recipe: Recipe, device: str) -> None:
-    """Optimiser, quantisation and compiler support on the device that will run, from package versions alone."""
+    """Optimiser, quantisation, compiler and precision support on the device that will run, from package versions alone."""
     optimizer = recipe.train.optimizer
     if optimizer in BNB_OPTIMIZERS:
         _need_bitsandbytes(f"train.optimizer {optimizer}", device, "use train.optimizer: adamw")
@@ -72,6 +82,8 @@ def check_device_support(recipe: Recipe, device: str) -> None:
                         "run lacks; use lora.init default (or pissa / olora with method: lora)")
     if recipe.train.compile:
         check_compiler(device)
+    if recipe.train.precision != "auto":  # auto asks torch what the GPU supports; an explicit choice is checked now
+        mixed_precision(recipe, device == "cuda")
 
 
 def needed_extras(recipe: Recipe) -> list[tuple[str, str, str]]:

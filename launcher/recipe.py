@@ -80,6 +80,9 @@ class DataSection(Section):
     format: DataFormat = Field("instruction", description="How rows become prompts and targets.")
     fields: dict[str, str] = Field(default_factory=dict, description="Canonical field name -> column name in your files.")
     max_length: int = Field(512, ge=8, description="Tokens per example; longer rows are truncated, rows left with no target dropped.")
+    skipped_share_warn: float = Field(0.05, ge=0, le=1, description="Warn in colour when more than this share of a source's "
+                                      "rows is dropped (nothing left to train within max_length), or truncated.")
+    skipped_share_refuse: bool = Field(False, description="Refuse to train (exit 2) instead of warning when a share exceeds skipped_share_warn.")
     train_on_prompt: bool = Field(False, description="Also train on prompt tokens (labels are -100 there otherwise).")
     packing: bool = Field(False, description="causal-lm: pack several examples into each row of up to max_length tokens "
                           "(best-fit decreasing); positions restart and attention stays inside each example. "
@@ -118,6 +121,8 @@ class TrainSection(Section):
     weight_decay: float = Field(0.0, ge=0, description="Decoupled weight decay (AdamW).")
     l2_lambda: float = Field(0.0, ge=0, description="Explicit penalty lambda * ||theta||^2 on trainable parameters, added to the loss.")
     max_grad_norm: float | None = Field(1.0, gt=0, description="Clip the global gradient norm; null disables.")
+    skip_nonfinite: int = Field(0, ge=0, description="Skip up to N optimiser steps whose gradient norm is NaN or inf "
+                                "(their update is not applied); 0: the run stops at the first one, naming the step.")
     precision: Literal["auto", "fp32", "bf16", "fp16"] = Field("auto", description="Mixed precision: auto is bf16 on a capable GPU, fp32 on CPU.")
     gradient_checkpointing: bool = Field(False, description="Recompute activations in backward (non-reentrant) to save memory.")
     loss_chunk_tokens: int = Field(0, ge=0, description="causal-lm: compute lm_head + cross-entropy over chunks of this many "
@@ -327,6 +332,8 @@ def _unknown(where: str, key: str, known: list[str]) -> str:
 
 def _section_fields(location: tuple) -> list[str]:
     """Field names allowed at a nested location of the recipe, for suggestions."""
+    if not location:
+        return [*Recipe.model_fields, "base"]
     cls: Any = Recipe
     for part in location:
         field = getattr(cls, "model_fields", {}).get(part)
@@ -427,7 +434,8 @@ def load_recipe(path: str | os.PathLike, overrides: list[str] = ()) -> Recipe:
     try:
         recipe = Recipe.model_validate(data)
     except ValidationError as exc:
-        first = exc.errors()[0]
+        # An unknown key first: a misspelled required key (`paht:`) is also reported missing, and the typo is the news.
+        first = sorted(exc.errors(), key=lambda error: error["type"] != "extra_forbidden")[0]
         more = len(exc.errors()) - 1
         suffix = f" (and {more} more problem{'s' * (more > 1)})" if more else ""
         raise UserError(f"{path}: {_describe(first)}{suffix}") from None

@@ -49,6 +49,7 @@ def start(accelerator, recipe: Recipe, resume_step: int) -> None:
         init["tensorboard"] = {"purge_step": resume_step + 1} if resume_step else {}
     if "mlflow" in trackers and accelerator.is_main_process and not os.environ.get("MLFLOW_TRACKING_URI"):
         import mlflow
+        os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")  # MLflow 3 keeps the file store for offline use behind this
         mlflow.set_tracking_uri((run_dir / "mlruns").as_uri())
     if "wandb" in trackers:
         os.environ.setdefault("WANDB_MODE", "offline")
