@@ -114,7 +114,8 @@ def export_kwargs(model, run_dir: Path) -> dict:
     config = getattr(model, "peft_config", {}).get("default")
     if config is None or str(config.init_lora_weights) not in RESIDUAL_INITS:
         return {}
-    return {"path_initial_model_for_weight_conversion": str(Path(run_dir) / INITIAL_ADAPTER)}
+    # peft reads the initial adapter through the state dict it is given: it must be the model's own (whole, unsharded).
+    return {"path_initial_model_for_weight_conversion": str(Path(run_dir) / INITIAL_ADAPTER), "state_dict": None}
 
 
 def loraplus_groups(model, groups: list[dict], lr: float, ratio: float | None) -> list[dict]:

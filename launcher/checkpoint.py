@@ -146,9 +146,9 @@ def export_final(accelerator, strategy, model, tokenizer, run_dir: Path, name: s
     if accelerator.is_main_process:
         shutil.rmtree(staging, ignore_errors=True)
         unwrapped = strategy.unwrap(accelerator, model)  # PiSSA/OLoRA adapters are converted to plain LoRA on the original base
-        conversion = export_kwargs(unwrapped, run_dir)
+        conversion = export_kwargs(unwrapped, run_dir)  # PiSSA/OLoRA: may replace state_dict with the model's own
         expected = verify.before_export(unwrapped, state_dict, converted=bool(conversion))  # refuses non-finite weights
-        unwrapped.save_pretrained(staging, state_dict=state_dict, safe_serialization=True, **conversion)
+        unwrapped.save_pretrained(staging, **{"state_dict": state_dict, "safe_serialization": True, **conversion})
         tokenizer.save_pretrained(staging)
         verify.after_export(staging, expected)
         shutil.rmtree(target, ignore_errors=True)

@@ -73,8 +73,8 @@ def check_mergeable(adapter: Path) -> None:
     import json
     config = json.loads((adapter / "adapter_config.json").read_text())
     if config.get("peft_type") != "LORA":
-        raise UserError(f"{adapter}: a {config.get('peft_type')} adapter; launcher merge folds LoRA adapters "
-                        "(including DoRA and rsLoRA) only")
+        raise UserError(f"{adapter}: peft_type {config.get('peft_type')}; launcher merge folds LoRA adapters "
+                        "(including DoRA, rsLoRA and converted PiSSA/OLoRA) only")
 
 
 def write_merged(recipe: Recipe, adapter: Path, staging: Path, torch_dtype: str):
@@ -92,10 +92,10 @@ def write_merged(recipe: Recipe, adapter: Path, staging: Path, torch_dtype: str)
     merged = model.merge_and_unload()
     restore_conv1d(merged, modeling.skeleton(modeling.resolve_weights(recipe), recipe, class_labels(recipe)))
     shutil.rmtree(staging, ignore_errors=True)
-    expected = verify.before_export(merged, None)
+    written = verify.before_export(merged, None)
     merged.save_pretrained(staging, safe_serialization=True)
     tokenizer.save_pretrained(staging)
-    verify.after_export(staging, expected)  # read back: every tensor's checksum as saved
+    verify.after_export(staging, written)  # read back: every tensor's checksum as saved
     del model, merged
     reloaded = modeling.auto_class(recipe.model.task).from_pretrained(staging, dtype=getattr(torch, torch_dtype),
                                                                       device_map={"": device}).eval()

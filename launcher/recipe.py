@@ -331,16 +331,10 @@ def _quant_rules(recipe: Recipe) -> None:
     four_bit_only = changed & {"type", "double_quant", "compute_dtype"}
     if quant.bits == 8 and four_bit_only:
         raise ValueError(f"quant.{sorted(four_bit_only)[0]} applies to 4-bit weights only; remove it or set quant.bits: 4")
-    if recipe.method == "qlora" and strategy == "deepspeed":
-        raise ValueError("method: qlora with distributed.strategy: deepspeed is not supported: ZeRO-3 would shard bitsandbytes' "
-                         "packed uint8 weights apart from their quantisation state (storing them in the compute dtype is the known "
-                         "route, not wired in or tested here), and ZeRO-1/2 only shard optimiser state, which for adapters is "
-                         "already small; use strategy: ddp (the quantised base is replicated per GPU)")
-    if recipe.method == "qlora" and strategy == "fsdp":
-        raise ValueError("method: qlora with distributed.strategy: fsdp is not supported: FSDP2 would shard bitsandbytes' packed "
-                         "uint8 weights apart from their quantisation state (storing them in the compute dtype is the known route, "
-                         "not wired in or tested here); use strategy: ddp (the quantised base is replicated per GPU), "
-                         "or method: lora with strategy: fsdp")
+    if recipe.method == "qlora" and strategy == "fsdp" and quant.bits == 8:
+        raise ValueError("method: qlora with quant.bits 8 and distributed.strategy: fsdp: 8-bit weights are int8 with per-row "
+                         "scales that FSDP would shard apart; use quant.bits 4 (stored in the compute dtype so FSDP2 can shard "
+                         "it), or strategy: ddp")
     if optimizer in ("adamw-8bit", "paged-adamw", "paged-adamw-8bit") and strategy != "ddp":
         raise ValueError(f"train.optimizer {optimizer} with distributed.strategy: {strategy}: bitsandbytes optimisers step "
                          "whole local tensors, not DeepSpeed's flat partitions or FSDP's sharded DTensors; "
@@ -366,6 +360,9 @@ def _adapter_rules(recipe: Recipe) -> None:
         raise ValueError(f"lora.init {lora.init} with method: qlora: it moves each weight's top directions into the adapter and "
                          "leaves the residual in the base, which 4-bit storage would round again, so the adapter would no longer "
                          "match its base; use method: lora with it, or lora.init: loftq for a 4-bit base")
+    if lora.init in ("pissa", "olora") and (recipe.distributed.strategy == "fsdp" or str(recipe.distributed.deepspeed).startswith("zero3")):
+        raise ValueError(f"lora.init {lora.init} with sharded parameters (fsdp, deepspeed zero3): converting the adapter to "
+                         "plain LoRA at export needs the whole model in one process; use strategy ddp or deepspeed zero1 / zero2")
     if lora.init in ("pissa", "olora") and lora.dora:
         raise ValueError(f"lora.init {lora.init} with lora.dora: the adapter is converted to plain LoRA at export, and DoRA's "
                          "magnitude vector cannot be; use one of them")

@@ -171,6 +171,10 @@ class Strategy:
         """Spread the model before the optimiser sees its parameters (FSDP2 only)."""
         return model
 
+    def quant_storage(self, compute_dtype):
+        """The dtype bitsandbytes packs 4-bit weights into (None: its default, uint8)."""
+        return None
+
     def prepare(self, accelerator, model, optimizer, scheduler):
         return accelerator.prepare(model, optimizer, scheduler)
 
@@ -249,6 +253,11 @@ class DeepSpeed(Strategy):
     def preflight(self, on_gpu: bool) -> None:
         super().preflight(on_gpu)
         deepspeed_config(self.recipe, self.recipe.distributed.num_processes)
+        if self.recipe.method == "qlora" and self.stage == 3:
+            raise UserError("method: qlora with DeepSpeed ZeRO-3: ZeRO-3 partitions every parameter, and bitsandbytes' packed "
+                            "4-bit weights would be split apart from their quantisation state (DeepSpeed has no 4-bit storage "
+                            "route); use distributed.strategy: fsdp (4-bit weights stored in the compute dtype, sharded by "
+                            "FSDP2), or deepspeed zero1 / zero2 (the quantised base replicated, adapter state partitioned)")
         if _accelerate_env("ACCELERATE_USE_DEEPSPEED") != "true":
             return
         env_config, env_stage = os.environ.get("ACCELERATE_DEEPSPEED_CONFIG_FILE"), os.environ.get("ACCELERATE_DEEPSPEED_ZERO_STAGE")
@@ -308,6 +317,11 @@ class Fsdp2(Strategy):
         options = self.recipe.distributed.fsdp
         if options is not None and options.cpu_offload and not on_gpu:
             raise UserError("distributed.fsdp.cpu_offload: there is no GPU, so parameters already live in CPU memory; remove it")
+
+    def quant_storage(self, compute_dtype):
+        """QLoRA: 4-bit weights packed into the compute dtype, so every parameter of a block has one dtype and
+        FSDP2 shards them like any other (its default uint8 storage mixes dtypes; accelerate #3983 saw loss 0 and NaN)."""
+        return compute_dtype
 
     def shard(self, model, accelerator):
         options = self.recipe.distributed.fsdp

@@ -89,9 +89,11 @@ class Trained:
         self.recipe = load_recipe(write_recipe(recipe, folder / "recipe.yaml"))
         preflight.check(self.recipe)
         self.session = train.setup(self.recipe, overwrite=True)
-        with self.session.reporter:
+        try:  # as train.run, keeping the model
             train.fit(self.session, train.StopRequest())
-        train.finish(self.session)
+            train.finish(self.session)
+        finally:
+            self.session.console.close()
         self.model = self.session.accelerator.unwrap_model(self.session.model).eval()
         self.run_dir = Path(self.recipe.output_dir)
 

@@ -148,9 +148,9 @@ def test_optimizer_steps_and_its_state_is_as_announced(name):
 
 REFUSED = [
     ({"method": "qlora", "distributed": {"strategy": "deepspeed", "deepspeed": "zero3"}},
-     "method: qlora with distributed.strategy: deepspeed is not supported"),
-    ({"method": "qlora", "distributed": {"strategy": "deepspeed", "deepspeed": "zero2"}}, "use strategy: ddp"),
-    ({"method": "qlora", "distributed": {"strategy": "fsdp"}}, "method: qlora with distributed.strategy: fsdp is not supported"),
+     "method: qlora with DeepSpeed ZeRO-3"),
+    ({"method": "qlora", "quant": {"bits": 8}, "distributed": {"strategy": "fsdp"}},
+     "method: qlora with quant.bits 8 and distributed.strategy: fsdp"),
     ({"method": "full", "train": {"optimizer": "adamw-8bit"}, "distributed": {"strategy": "fsdp"}},
      "train.optimizer adamw-8bit with distributed.strategy: fsdp"),
     ({"method": "lora", "train": {"optimizer": "paged-adamw"}, "distributed": {"strategy": "deepspeed", "deepspeed": "zero2"}},
@@ -171,7 +171,9 @@ def test_unsupported_combination_is_refused_by_validate(llama, tmp_path, capsys,
 
 @pytest.mark.parametrize("changes", [{"method": "qlora", "quant": {"type": "fp4", "double_quant": False}},
                                      {"method": "qlora", "quant": {"bits": 8}},
-                                     {"method": "lora", "train": {"optimizer": "adamw-8bit"}}])
+                                     {"method": "lora", "train": {"optimizer": "adamw-8bit"}},
+                                     {"method": "qlora", "distributed": {"strategy": "fsdp"}},
+                                     {"method": "qlora", "distributed": {"strategy": "deepspeed", "deepspeed": "zero2"}}])
 def test_supported_combination_validates(llama, tmp_path, capsys, changes):
     recipe = tiny_recipe(llama, tmp_path / "run", **changes)
     assert main(["validate", str(write_recipe(recipe, tmp_path / "r.yaml"))]) == 0
