@@ -11,7 +11,7 @@ import sys
 
 from launcher.recipe import UserError, load_recipe
 
-VERBS = ("train", "validate", "inspect", "reference", "eval", "slurm", "merge")
+VERBS = ("train", "validate", "inspect", "reference", "eval", "slurm", "merge", "plan")
 
 
 def _recipe_args(parser: argparse.ArgumentParser) -> None:
@@ -36,6 +36,8 @@ def build_parser() -> argparse.ArgumentParser:
     _recipe_args(evaluate)
     evaluate.add_argument("--checkpoint", metavar="PATH|base", help="a saved folder (output_dir/final, output_dir/best) or base")
     from launcher.slurm import add_cli_options  # imports no torch
+    from launcher.planning import add_cli as add_plan_verb  # imports no torch until it plans
+    add_plan_verb(verbs)
     merge = verbs.add_parser("merge", help="fold a lora/qlora run's adapter into its base; save and verify a plain model folder")
     merge.add_argument("run_dir", help="output_dir of a finished lora or qlora run")
     merge.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], default="bf16", help="dtype of the merged weights (default bf16)")
@@ -125,6 +127,11 @@ def cmd_merge(args) -> int:
     return 0
 
 
+def cmd_plan(args) -> int:
+    from launcher.planning import cmd_plan as plan
+    return plan(args)
+
+
 def cmd_reference(args) -> int:
     from pathlib import Path
 
@@ -139,7 +146,7 @@ def cmd_reference(args) -> int:
 def main(argv: list[str] | None = None) -> int:
     args = parse(sys.argv[1:] if argv is None else argv)
     handler = {"train": cmd_train, "validate": cmd_validate, "inspect": cmd_inspect, "reference": cmd_reference,
-               "eval": cmd_eval, "slurm": cmd_slurm, "merge": cmd_merge}[args.verb]
+               "eval": cmd_eval, "slurm": cmd_slurm, "merge": cmd_merge, "plan": cmd_plan}[args.verb]
     try:
         return handler(args)
     except UserError as exc:

@@ -113,28 +113,30 @@ class Inventory:
         return self.layers * self.block_trainable + self.rest_trainable
 
 
-def resolved_dtypes(recipe: Recipe) -> dict:
-    """Weight, compute and 4-bit compute dtypes as they resolve on a bf16-capable GPU (launcher/modeling.py's rules)."""
-    weight = recipe.model.dtype if recipe.model.dtype != "auto" else ("float32" if recipe.method == "full" else "bfloat16")
-    precision = recipe.train.precision if recipe.train.precision != "auto" else "bf16"
-    quant = recipe.quant.compute_dtype if recipe.quant.compute_dtype != "auto" else "bfloat16"
+def resolved_dtypes(recipe: Recipe, device: str = "cuda") -> dict:
+    """Weight, compute and 4-bit compute dtypes as they resolve on `device` (launcher/modeling.py's rules; a GPU is
+    taken to have bf16, as every GPU the real-size recipes name does)."""
+    gpu = device == "cuda"
+    weight = recipe.model.dtype if recipe.model.dtype != "auto" else ("float32" if recipe.method == "full" or not gpu else "bfloat16")
+    precision = recipe.train.precision if recipe.train.precision != "auto" else ("bf16" if gpu else "fp32")
+    quant = recipe.quant.compute_dtype if recipe.quant.compute_dtype != "auto" else ("bfloat16" if gpu else "float32")
     return {"weight": weight, "precision": precision, "quant_compute": quant}
 
 
-def inventory(recipe: Recipe) -> Inventory:
+def inventory(recipe: Recipe, device: str = "cuda") -> Inventory:
     """The model's counts for this recipe's method, adapters and dtypes (cached: suggestions reuse it)."""
-    dtypes = resolved_dtypes(recipe)
+    dtypes = resolved_dtypes(recipe, device)
     key = json.dumps([recipe.model.model_dump(mode="json"), recipe.method, recipe.lora.model_dump(mode="json"),
                       recipe.quant.model_dump(mode="json"), recipe.freeze.model_dump(mode="json"), dtypes])
     if key not in _INVENTORIES:
-        _INVENTORIES[key] = _inventory(recipe)
+        _INVENTORIES[key] = _inventory(recipe, dtypes)
     return _INVENTORIES[key]
 
 
 _INVENTORIES: dict[str, Inventory] = {}
 
 
-def _inventory(recipe: Recipe) -> Inventory:
+def _inventory(recipe: Recipe, dtypes: dict) -> Inventory:
     import torch
 
     from launcher import modeling
@@ -144,7 +146,6 @@ def _inventory(recipe: Recipe) -> Inventory:
     one.num_hidden_layers = 1
     if isinstance(getattr(one, "layer_types", None), list):
         one.layer_types = one.layer_types[:1]
-    dtypes = resolved_dtypes(recipe)
     stored = dtypes["quant_compute"] if recipe.method == "qlora" else dtypes["weight"]
     kwargs = {"num_labels": 2} if recipe.model.task == "classification" else {}
     with torch.device("meta"):
@@ -154,47 +155,71 @@ def _inventory(recipe: Recipe) -> Inventory:
         else:
             for param in model.parameters():
                 param.requires_grad_(False)
-            model = modeling.add_lora(model, recipe)
-    return _count(model, config, layers, recipe)
+        return _count(model, config, layers, recipe)
+
+
+def adapted_names(model, recipe: Recipe) -> set[str]:
+    """Linear layers peft's LoraConfig would adapt: names equal to or ending in a target, or with all-linear every
+    linear layer but the output head (peft's rule), found without importing peft."""
+    import torch
+    if recipe.method == "full":
+        return set()
+    head = model.get_output_embeddings()
+    targets = recipe.lora.target_modules
+    found = set()
+    for name, module in model.named_modules():
+        if not isinstance(module, torch.nn.Linear) or module is head or name.rsplit(".", 1)[-1] in ("score", "classifier"):
+            continue
+        if targets == "all-linear" or any(name == t or name.endswith("." + t) for t in targets):
+            found.add(name)
+    return found
 
 
 def _block_prefix(model) -> str:
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    blocks = set(getattr(base, "_no_split_modules", None) or [])
+    blocks = set(getattr(model, "_no_split_modules", None) or [])
     for name, module in model.named_modules():
         if type(module).__name__ in blocks:
             return name + "."
-    raise UserError(f"model: {type(base).__name__} names no transformer block class (_no_split_modules); cannot plan it")
+    raise UserError(f"model: {type(model).__name__} names no transformer block class (_no_split_modules); cannot plan it")
 
 
-def _linears(model, prefix: str, recipe: Recipe) -> tuple[Linear, ...]:
-    """The block's linear layers: base weights, whether an adapter wraps them, and whose output they read."""
+def _linears(model, prefix: str, recipe: Recipe, adapted: set[str]) -> tuple[Linear, ...]:
+    """The block's linear layers: base weights, whether an adapter sits beside them, and whose output they read."""
     import torch
-    found, inner = [], set()
+    found = []
     for name, module in model.named_modules():
-        if not name.startswith(prefix) or name in inner or "lora_" in name:
-            continue
-        if hasattr(module, "base_layer") and hasattr(module, "lora_A"):
-            base, adapted = module.base_layer, True
-            inner.add(name + ".base_layer")
-        elif isinstance(module, torch.nn.Linear):
-            base, adapted = module, False
-        else:
+        if not name.startswith(prefix) or not isinstance(module, torch.nn.Linear):
             continue
         leaf = name.rsplit(".", 1)[-1]
         own = leaf in OUTPUT_PROJECTIONS or ".output." in f".{name[len(prefix):]}."
-        found.append(Linear(name, base.in_features, own, base.weight.requires_grad, adapted, recipe.method == "qlora"))
+        found.append(Linear(name, module.in_features, own, module.weight.requires_grad, name in adapted,
+                            recipe.method == "qlora"))
     return tuple(found)
+
+
+def _adapter_params(model, adapted: set[str], recipe: Recipe) -> list:
+    """LoRA's A and B matrices (float32, as peft upcasts adapters) and full copies of modules_to_save, as meta tensors."""
+    import torch
+    params = []
+    for name, module in model.named_modules():
+        if name in adapted:
+            params += [(name, torch.empty(recipe.lora.r, module.in_features, device="meta")),
+                       (name, torch.empty(module.out_features, recipe.lora.r, device="meta"))]
+        elif name.rsplit(".", 1)[-1] in recipe.lora.modules_to_save:
+            params += [(name, torch.empty_like(p, device="meta")) for p in module.parameters()]
+    return params
 
 
 def _count(model, config, layers: int, recipe: Recipe) -> Inventory:
     prefix = _block_prefix(model)
-    linears = _linears(model, prefix, recipe)
-    quantised = {f"{lin.name}.base_layer.weight" if lin.adapted else f"{lin.name}.weight": lin for lin in linears if lin.quantised}
+    adapted = adapted_names(model, recipe)
+    linears = _linears(model, prefix, recipe, adapted)
+    quantised = {f"{lin.name}.weight": lin for lin in linears if lin.quantised}
     sums = {key: 0 for key in ("block_params", "block_weight", "rest_weight", "block_trainable", "rest_trainable",
                                "block_state", "rest_state", "block_grad", "rest_grad", "rest_params", "block_fp32", "rest_fp32")}
     linear_weights = {f"{n}.weight" for n, m in model.named_modules() if type(m).__name__ == "Linear"}
-    for name, param in model.named_parameters():
+    adapters = [(f"{name}.adapter", param.requires_grad_(True)) for name, param in _adapter_params(model, adapted, recipe)]
+    for name, param in [*model.named_parameters(), *adapters]:
         part = "block" if name.startswith(prefix) else "rest"
         numel = param.numel()
         if name in quantised:
@@ -244,8 +269,8 @@ class Sizes:
     autocast: bool
 
 
-def sizes(recipe: Recipe, layout: memory.Layout) -> Sizes:
-    dtypes = resolved_dtypes(recipe)
+def sizes(recipe: Recipe, layout: memory.Layout, device: str = "cuda") -> Sizes:
+    dtypes = resolved_dtypes(recipe, device)
     low = DTYPE_BYTES[dtypes["precision"]]
     stored = DTYPE_BYTES[dtypes["quant_compute"] if recipe.method == "qlora" else dtypes["weight"]]
     if layout.cast_weights:  # DeepSpeed's bf16 mode, FSDP's mixed-precision policy: the weights computed with are low
@@ -292,7 +317,8 @@ def eval_bytes(inv: Inventory, s: Sizes, recipe: Recipe) -> dict:
     """Evaluation's transient memory: the loss forward's logits, or generation's KV cache and last-token logits."""
     batch = recipe.train.eval_batch_size or recipe.train.micro_batch_size
     length = recipe.data.max_length
-    loss_pass = batch * length * (inv.vocab * (s.compute + 8) if recipe.model.task != "classification" else 0)
+    # no_grad loss: the float32 logits and their log-softmax (the compute-dtype logits are freed by the cast)
+    loss_pass = batch * length * (inv.vocab * 8 if recipe.model.task != "classification" else 0)
     loss_pass += batch * length * inv.hidden * (4 + 3 * s.compute)  # one block's transients, nothing kept
     generates = recipe.model.task != "classification" and recipe.eval.generate_rows > 0
     rows = batch * recipe.eval.num_beams
@@ -337,12 +363,13 @@ class Plan:
                 "moments": {name: gib(parts) for name, parts in self.moments.items()}, "suggestions": self.suggestions}
 
 
-def plan(recipe: Recipe, world: int | None = None, gpu_gib: float | None = None) -> Plan:
-    """The recipe's per-rank memory on `world` processes with `gpu_gib` each (defaults: the recipe's)."""
+def plan(recipe: Recipe, world: int | None = None, gpu_gib: float | None = None, device: str = "cuda") -> Plan:
+    """The recipe's per-rank memory on `world` processes with `gpu_gib` each (defaults: the recipe's), with dtypes
+    resolved as on `device` (cpu: for comparing with a CPU run)."""
     world = world or recipe.distributed.num_processes or 1
-    inv = inventory(recipe)
+    inv = inventory(recipe, device)
     layout = strategy_for(recipe).memory_layout(world, inv.hidden)
-    s = sizes(recipe, layout)
+    s = sizes(recipe, layout, device)
     state = _model_state(recipe, inv, layout, s, world)
     work = _step_work(recipe, inv, layout, s)
     resident = {"weights": state["weights"], "optimizer state": state["optimizer state"],
