@@ -117,9 +117,10 @@ def resolved_dtypes(recipe: Recipe, device: str = "cuda") -> dict:
     """Weight, compute and 4-bit compute dtypes as they resolve on `device` (launcher/modeling.py's rules; a GPU is
     taken to have bf16, as every GPU the real-size recipes name does)."""
     gpu = device == "cuda"
-    weight = recipe.model.dtype if recipe.model.dtype != "auto" else ("float32" if recipe.method == "full" or not gpu else "bfloat16")
-    precision = recipe.train.precision if recipe.train.precision != "auto" else ("bf16" if gpu else "fp32")
     quant = recipe.quant.compute_dtype if recipe.quant.compute_dtype != "auto" else ("bfloat16" if gpu else "float32")
+    weight = recipe.model.dtype if recipe.model.dtype != "auto" else (
+        quant if recipe.method == "qlora" else "float32" if recipe.method == "full" or not gpu else "bfloat16")
+    precision = recipe.train.precision if recipe.train.precision != "auto" else ("bf16" if gpu else "fp32")
     return {"weight": weight, "precision": precision, "quant_compute": quant}
 
 
@@ -146,10 +147,11 @@ def _inventory(recipe: Recipe, dtypes: dict) -> Inventory:
     one.num_hidden_layers = 1
     if isinstance(getattr(one, "layer_types", None), list):
         one.layer_types = one.layer_types[:1]
-    stored = dtypes["quant_compute"] if recipe.method == "qlora" else dtypes["weight"]
-    kwargs = {"num_labels": 2} if recipe.model.task == "classification" else {}
+    stored = dtypes["weight"]
+    if recipe.model.task == "classification":
+        one.num_labels = 2  # the head is a rounding error beside the encoder
     with torch.device("meta"):
-        model = modeling.auto_class(recipe.model.task).from_config(one, dtype=getattr(torch, stored), **kwargs)
+        model = modeling.auto_class(recipe.model.task).from_config(one, dtype=getattr(torch, stored))
         if recipe.method == "full":
             modeling.freeze(model, recipe.model_copy(update={"freeze": recipe.freeze.model_copy(update={"first_n_blocks": 0})}))
         else:
@@ -178,7 +180,7 @@ def adapted_names(model, recipe: Recipe) -> set[str]:
 def _block_prefix(model) -> str:
     blocks = set(getattr(model, "_no_split_modules", None) or [])
     for name, module in model.named_modules():
-        if type(module).__name__ in blocks:
+        if type(module).__name__ in blocks and name.endswith(".0"):  # the first of the repeated blocks (not, e.g., embeddings)
             return name + "."
     raise UserError(f"model: {type(model).__name__} names no transformer block class (_no_split_modules); cannot plan it")
 
@@ -272,7 +274,7 @@ class Sizes:
 def sizes(recipe: Recipe, layout: memory.Layout, device: str = "cuda") -> Sizes:
     dtypes = resolved_dtypes(recipe, device)
     low = DTYPE_BYTES[dtypes["precision"]]
-    stored = DTYPE_BYTES[dtypes["quant_compute"] if recipe.method == "qlora" else dtypes["weight"]]
+    stored = DTYPE_BYTES[dtypes["weight"]]
     if layout.cast_weights:  # DeepSpeed's bf16 mode, FSDP's mixed-precision policy: the weights computed with are low
         return Sizes(stored, low, low, low, False)
     autocast = layout.autocast and low < 4

@@ -8,7 +8,6 @@ about a third of a step, sharding adds communication, offload moves state over P
 from __future__ import annotations
 
 import json
-import os
 import resource
 import sys
 from dataclasses import dataclass
@@ -137,3 +136,74 @@ def cmd_plan(args) -> int:
     result = plan_with_advice(recipe, gpus * args.nodes, args.gpu_memory)
     print(json.dumps(result.as_dict(), indent=1) if args.json else render(result))
     return 0
+
+
+# ---------------------------------------------------------------- train's check, and the calibration point it leaves
+
+@dataclass
+class MemoryCheck:
+    """The plan train checked (None without a GPU memory to check against) and what it measures from."""
+    plan: Plan | None
+    device: str
+    world: int
+    rss_before_kib: int  # this process's peak resident memory before the model loaded
+
+
+def peak_rss_kib() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
+
+
+def check_before_loading(recipe: Recipe, world: int, device: str) -> MemoryCheck:
+    """Refuse (or warn, memory.over_budget: warn) before any weights load when the plan does not fit the GPU memory:
+    memory.gpu_gib, else the visible GPU's. Without either (a CPU run) nothing is checked."""
+    gpu_gib = recipe.memory.gpu_gib
+    if gpu_gib is None and device == "cuda":
+        import torch
+        gpu_gib = torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory / GIB
+    check = MemoryCheck(None, device, world, peak_rss_kib())
+    if gpu_gib is None:
+        return check
+    try:
+        check.plan = planner.plan(recipe, world, gpu_gib)
+    except Exception as exc:  # a model the planner cannot read must not stop a run that may well fit
+        print(f"warning: no memory plan ({type(exc).__name__}: {exc}); training without the fit check", file=sys.stderr)
+        return check
+    if check.plan.fits:
+        return check
+    check.plan.suggestions = suggestions(recipe, world, gpu_gib)
+    top = check.plan.suggestions[0] if check.plan.suggestions else None
+    fix = (f"; cheapest fix: {top['change']} ({' '.join(top['overrides'])}: {top['peak_gib']:.2f} GiB)" if top and top["fits"]
+           else "; no combination of up to three changes fits: use more GPUs")
+    message = (f"memory plan: peak {check.plan.peak_gib:.2f} GiB per process at the {check.plan.peak_moment}, over the "
+               f"{HEADROOM * gpu_gib:.1f} GiB usable of {gpu_gib:g} GiB{fix}. `launcher plan` shows the breakdown; "
+               "memory.over_budget: warn trains anyway")
+    if recipe.memory.over_budget == "refuse":
+        raise UserError(message)
+    print(f"warning: {message}", file=sys.stderr)
+    return check
+
+
+def predicted_and_measured(check: MemoryCheck, recipe: Recipe) -> dict:
+    """The plan's peak beside the one measured, for the summary and metrics.jsonl: on a GPU
+    torch.cuda.max_memory_allocated; on CPU the growth of the process's peak resident memory (ru_maxrss) since
+    before the model loaded, against a plan with the dtypes a CPU run resolves."""
+    if check.device == "cuda":
+        import torch
+        measured, how = torch.cuda.max_memory_allocated() / GIB, "torch.cuda.max_memory_allocated"
+        predicted = check.plan or planner.plan(recipe, check.world)
+    else:
+        measured = (peak_rss_kib() - check.rss_before_kib) * 1024 / GIB
+        how = "growth of peak resident memory (ru_maxrss) since before the model loaded"
+        try:
+            predicted = planner.plan(recipe, check.world, device="cpu")
+        except Exception as exc:  # reported, never fatal after a finished run
+            return {"predicted_peak_gib": None, "measured_peak_gib": round(measured, 3), "measured_by": how,
+                    "no_plan": f"{type(exc).__name__}: {exc}"}
+    return {"predicted_peak_gib": round(predicted.peak_gib, 3), "measured_peak_gib": round(measured, 3), "measured_by": how}
+
+
+def bench_line(recipe_path: str, overrides: list[str] = (), world: int | None = None, gpu_gib: float | None = None) -> dict:
+    """For bench scripts: the plan of a measured GPU run, to print beside its measured peak."""
+    result = planner.plan(load_recipe(recipe_path, list(overrides)), world, gpu_gib)
+    return {"predicted_peak_gib": round(result.peak_gib, 2), "peak_moment": result.peak_moment,
+            "components_gib": {key: round(value / GIB, 2) for key, value in result.moments[result.peak_moment].items()}}

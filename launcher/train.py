@@ -20,6 +20,7 @@ from launcher.data import Datasets, StepPlan, load_datasets
 from launcher.evaluate import Best, Evaluation, evaluate, to_device
 from launcher.loss import target_count, task_loss_sum
 from launcher.memory import ParamCount, count_parameters, parameter_bytes
+from launcher.planning import MemoryCheck, check_before_loading, predicted_and_measured
 from launcher.recipe import Recipe, UserError, resolved_yaml
 from launcher.strategies import Strategy, strategy_for
 
@@ -74,6 +75,7 @@ class Run:
     best: Best | None = None
     step: int = 0
     first_eval: Evaluation | None = None
+    memory: MemoryCheck | None = None  # the plan checked before the model loaded
     totals: dict = field(default_factory=lambda: {"tokens": 0, "slots": 0})
 
     @property
@@ -109,12 +111,14 @@ def setup(recipe: Recipe, overwrite: bool = False) -> Run | None:
     resume_from = ckpt.plan_run_dir(run_dir, recipe.model_dump(mode="json"), overwrite)
     strategy = strategy_for(recipe)
     accelerator = strategy.make_accelerator()
+    memory = check_before_loading(recipe, accelerator.num_processes, accelerator.device.type)  # refuses before weights load
     if accelerator.is_main_process:
         if overwrite:
             ckpt.clear_run_dir(run_dir)
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "recipe.yaml").write_text(resolved_yaml(recipe))
     session = _load_data(recipe, strategy, accelerator, run_dir)
+    session.memory = memory
     state = ckpt.load_state_file(resume_from) if resume_from is not None else None
     if state is not None:
         strategy.check_resume(state, accelerator.num_processes)
@@ -290,6 +294,10 @@ def finish(session: Run) -> Path:
     summary = {"model": session.weights, "method": recipe.method, "task": recipe.model.task,
                "parameters": session.params.line(), "steps": session.total_steps,
                "processes": accelerator.num_processes, "final": str(final)}
+    peak = predicted_and_measured(session.memory, recipe)
+    session.reporter.log({"kind": "memory", "step": session.total_steps, **peak})
+    summary["peak memory"] = (f"predicted {peak['predicted_peak_gib']} GiB per process, measured "
+                              f"{peak['measured_peak_gib']} GiB ({peak['measured_by']})")
     if session.totals["slots"]:  # real tokens / batch slots (slots estimated from this process's batch shapes)
         efficiency = session.totals["tokens"] / session.totals["slots"]
         summary["padding efficiency"] = f"{efficiency:.1%} ({'packed' if recipe.data.packing else 'padded'})"
