@@ -53,16 +53,19 @@ def candidate_changes(recipe: Recipe, world: int) -> list[Change]:
         changes.append(Change("QLoRA: base weights in 4 bits", ("method=qlora",), 1.3))
     if recipe.method == "full" and train.optimizer == "adamw":
         changes.append(Change("8-bit AdamW state", ("train.optimizer=adamw-8bit",), 1.02))
-    for what, overrides, cost in SHARDING_CHANGES:
-        if world > 1 or "offload" in what:
+    for what, overrides, cost, alone in SHARDING_CHANGES:
+        if world > 1 or alone:
             changes.append(Change(what, overrides, cost))
     return changes
 
 
 def _changed(recipe: Recipe, overrides: list[str]) -> Recipe | None:
     """The recipe with these overrides, or None when validation refuses the combination."""
+    data = recipe.model_dump(mode="json")
+    if any(o.startswith("distributed.strategy=") for o in overrides):  # the old strategy's own section goes with it
+        data["distributed"] = {key: data["distributed"][key] for key in ("num_processes", "timeout_minutes")}
     try:
-        return Recipe.model_validate(apply_overrides(recipe.model_dump(mode="json", exclude_unset=False), overrides))
+        return Recipe.model_validate(apply_overrides(data, overrides))
     except (ValidationError, UserError):
         return None
 

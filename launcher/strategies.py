@@ -281,13 +281,15 @@ class Fsdp2(Strategy):
 
     def memory_layout(self, world: int, hidden: int) -> Layout:
         """FSDP2 shards weights, gradients and state; gathered blocks are bf16 copies (its mixed-precision policy casts
-        the weights, no autocast); the root's embeddings and head stay gathered; grad_op keeps every block gathered."""
+        the weights, no autocast); the root's embeddings and head stay gathered; grad_op keeps every block gathered.
+        One process is left unsharded (see `shard`), so nothing is sharded or offloaded then."""
         options = self.recipe.distributed.fsdp or FsdpSection()
         sharded = world > 1
         return Layout("FSDP2 " + ("full sharding" if options.sharding == "full" else "grad_op sharding")
                       + (" with CPU offload" if options.cpu_offload else ""),
                       shard_weights=sharded, shard_gradients=sharded, shard_optimizer=sharded,
-                      offload_weights=options.cpu_offload, offload_optimizer=options.cpu_offload, autocast=False, cast_weights=sharded,
+                      offload_weights=sharded and options.cpu_offload, offload_optimizer=sharded and options.cpu_offload,
+                      autocast=False, cast_weights=sharded,
                       gathered_blocks=2 if sharded else 0, keep_gathered=sharded and options.sharding == "grad_op",
                       root_gathered=sharded)
 
@@ -374,22 +376,12 @@ def strategy_for(recipe: Recipe) -> Strategy:
     return STRATEGIES[recipe.distributed.strategy](recipe)
 
 
-# Changes of strategy the memory planner may suggest: (what it does, recipe overrides, rough step time vs. unsharded).
+# Changes of strategy the memory planner may suggest: (what it does, recipe overrides, rough step time vs. unsharded,
+# whether it saves memory with one process: only offload does, and FSDP2 leaves one process unsharded).
 SHARDING_CHANGES = (
-    ("ZeRO-2: shard gradients and optimiser state", ("distributed.strategy=deepspeed", "distributed.deepspeed=zero2"), 1.05),
-    ("ZeRO-3: shard weights, gradients and optimiser state", ("distributed.strategy=deepspeed", "distributed.deepspeed=zero3"), 1.2),
-    ("FSDP2 full sharding", ("distributed.strategy=fsdp",), 1.15),
-    ("ZeRO-3 with weights and optimiser in CPU memory", ("distributed.strategy=deepspeed", "distributed.deepspeed=zero3_offload"), 3.0),
-    ("FSDP2 with CPU offload", ("distributed.strategy=fsdp", "distributed.fsdp.cpu_offload=true"), 3.0),
+    ("ZeRO-2: shard gradients and optimiser state", ("distributed.strategy=deepspeed", "distributed.deepspeed=zero2"), 1.05, False),
+    ("ZeRO-3: shard weights, gradients and optimiser state", ("distributed.strategy=deepspeed", "distributed.deepspeed=zero3"), 1.2, False),
+    ("FSDP2 full sharding", ("distributed.strategy=fsdp",), 1.15, False),
+    ("ZeRO-3 with weights and optimiser in CPU memory", ("distributed.strategy=deepspeed", "distributed.deepspeed=zero3_offload"), 3.0, True),
+    ("FSDP2 with CPU offload", ("distributed.strategy=fsdp", "distributed.fsdp.cpu_offload=true"), 3.0, False),
 )
-
-
-def _accelerate_env(name: str) -> str:
-    return os.environ.get(name, "").lower()
-
-
-def _free_port() -> int:
-    import socket
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
