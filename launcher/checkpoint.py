@@ -12,6 +12,7 @@ import os
 import shutil
 from pathlib import Path
 
+from launcher.adapters import export_kwargs
 from launcher.recipe import UserError
 
 STATE_FILE = "trainer_state.json"
@@ -140,7 +141,8 @@ def export_final(accelerator, strategy, model, tokenizer, run_dir: Path, name: s
     state_dict = strategy.export_state_dict(accelerator, model)
     if accelerator.is_main_process:
         shutil.rmtree(staging, ignore_errors=True)
-        accelerator.unwrap_model(model).save_pretrained(staging, state_dict=state_dict, safe_serialization=True)
+        unwrapped = strategy.unwrap(accelerator, model)  # PiSSA/OLoRA adapters are converted to plain LoRA on the original base
+        unwrapped.save_pretrained(staging, state_dict=state_dict, safe_serialization=True, **export_kwargs(unwrapped, run_dir))
         tokenizer.save_pretrained(staging)
         shutil.rmtree(target, ignore_errors=True)
         staging.rename(target)

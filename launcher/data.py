@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -18,10 +18,11 @@ from launcher import formats
 from launcher.formats import FORMATS, IGNORE
 from launcher.packing import collate_packed, pack_dataset
 from launcher.recipe import DataSection, Recipe, UserError
-from launcher.sources import check_rows, check_sources, label_names, load_table, peek_rows
+from launcher.rowcheck import RowTally, judge
+from launcher.sources import check_rows, check_sources, label_names, load_table
 
 __all__ = ["ALPACA_PROMPT", "IGNORE", "PROMPTS", "Datasets", "Encoder", "StepPlan", "Tokenised", "check_rows",
-           "check_sources", "class_labels", "collate", "eval_batches", "load_datasets", "load_table", "peek_rows",
+           "check_sources", "class_labels", "collate", "eval_batches", "load_datasets", "load_table",
            "split_eval", "to_segments", "tokenise"]
 
 
@@ -153,11 +154,11 @@ class Encoder:
     def _encode(self, rows: list[dict]) -> dict[str, list]:
         if self.task in ("classification", "seq2seq"):
             encoded = [self.classify(row) if self.task == "classification" else self.seq2seq(row) for row in rows]
-            return {key: [row[key] for row in encoded] for key in ("input_ids", "labels", "prompt_len", "drop")}
+            return {key: [row[key] for row in encoded] for key in ("input_ids", "labels", "prompt_len", "drop", "cut")}
         segments = [self.segments(row) for row in rows]
         texts = [text for parts in segments for text, _ in parts]
         pieces = iter(self.tokenizer(texts, add_special_tokens=False)["input_ids"] if texts else [])
-        out: dict[str, list] = {"input_ids": [], "labels": [], "prompt_len": [], "drop": []}
+        out: dict[str, list] = {"input_ids": [], "labels": [], "prompt_len": [], "drop": [], "cut": []}
         for parts in segments:
             ids, labels = list(self.bos), [IGNORE] * len(self.bos)
             prompt_len = None
@@ -167,10 +168,11 @@ class Encoder:
                     prompt_len = len(ids)
                 ids += piece
                 labels += piece if (trained or self.data.train_on_prompt) else [IGNORE] * len(piece)
+            cut = len(ids) > self.data.max_length
             ids, labels = ids[: self.data.max_length], labels[: self.data.max_length]
             trained_tokens = sum(label != IGNORE for label in labels[1:])
             for key, value in (("input_ids", ids), ("labels", labels), ("prompt_len", prompt_len or 0),
-                               ("drop", "no target token within max_length" if trained_tokens == 0 else "")):
+                               ("drop", "no target token within max_length" if trained_tokens == 0 else ""), ("cut", cut)):
                 out[key].append(value)
         return out
 
@@ -192,34 +194,46 @@ class Encoder:
     def classify(self, row: dict) -> dict:
         col = self.data.field
         pair = row.get(col("text_pair"))
-        ids = self.tokenizer(row[col("text")], pair or None, truncation=True, max_length=self.data.max_length)["input_ids"]
+        encoded = self.tokenizer(row[col("text")], pair or None, truncation=True, max_length=self.data.max_length)
+        ids = encoded["input_ids"]
         label = self.label2id.get(str(row[col("label")]))
         return {"input_ids": ids, "labels": [label if label is not None else IGNORE], "prompt_len": len(ids),
-                "drop": "label not among the training labels" if label is None else ""}
+                "drop": "label not among the training labels" if label is None else "", "cut": _was_cut(encoded)}
 
     def seq2seq(self, row: dict) -> dict:
         """Tokenizer special tokens as the model expects them (T5 appends </s>, BART wraps in <s>..</s>);
         the target always ends in eos so generation learns to stop."""
         (prompt, _), (target, _) = to_segments(row, self.data, use_chat=False)
         limit = self.data.max_length
-        ids = self.tokenizer(prompt, truncation=True, max_length=limit)["input_ids"]
-        labels = self.tokenizer(text_target=target, truncation=True, max_length=limit)["input_ids"]
+        source = self.tokenizer(prompt, truncation=True, max_length=limit)
+        reply = self.tokenizer(text_target=target, truncation=True, max_length=limit)
+        ids, labels = source["input_ids"], reply["input_ids"]
         eos = self.tokenizer.eos_token_id
         if eos is not None and (not labels or labels[-1] != eos):
             labels = labels[: limit - 1] + [eos]
-        return {"input_ids": ids, "labels": labels, "prompt_len": len(ids), "drop": ""}
+        return {"input_ids": ids, "labels": labels, "prompt_len": len(ids), "drop": "",
+                "cut": _was_cut(source) or _was_cut(reply)}
+
+
+def _was_cut(encoded) -> bool:
+    """Whether truncation cut tokens off (fast tokenizers keep them as overflow; slow ones are not counted)."""
+    return any(encoding.overflowing for encoding in getattr(encoded, "encodings", None) or [])
 
 
 @dataclass
 class Tokenised:
     dataset: Any
     rows: int
-    dropped: dict[str, int]
+    tally: RowTally  # rows truncated, and rows dropped by reason, with their first row numbers
+
+    @property
+    def dropped(self) -> dict[str, int]:
+        return self.tally.dropped
 
 
 def tokenise(path: str, tokenizer, data: DataSection, limit: int | None, task: str = "causal-lm",
              labels: list[str] | None = None) -> Tokenised:
-    """Load and tokenise one source; rows left with nothing to train are dropped and counted."""
+    """Load and tokenise one source; rows left with nothing to train are dropped, and they and truncated rows counted."""
     import datasets
     datasets.disable_progress_bars()  # the run summary reports the counts; bars only clutter logs
     table = load_table(path)
@@ -229,18 +243,15 @@ def tokenise(path: str, tokenizer, data: DataSection, limit: int | None, task: s
     encoder = Encoder(tokenizer, data, task, label2id)
     encoded = table.map(encoder.batch, batched=True, remove_columns=table.column_names,
                         new_fingerprint=encoder.fingerprint(table._fingerprint), desc=f"tokenising {Path(path).name}")
-    reasons: dict[str, int] = {}
-    for reason in encoded["drop"]:
-        if reason:
-            reasons[reason] = reasons.get(reason, 0) + 1
-    kept = encoded.filter(lambda row: not row["drop"]).remove_columns("drop") if reasons else encoded.remove_columns("drop")
-    return Tokenised(kept, len(table), reasons)
+    tally = RowTally.count(encoded["drop"], encoded["cut"])
+    kept = encoded.filter(lambda row: not row["drop"]) if tally.dropped else encoded
+    return Tokenised(kept.remove_columns(["drop", "cut"]), len(table), tally)
 
 
 def split_eval(train: Tokenised, fraction: float, seed: int) -> tuple[Tokenised, Tokenised]:
     parts = train.dataset.train_test_split(test_size=fraction, seed=seed)
-    return (Tokenised(parts["train"], len(parts["train"]), train.dropped),
-            Tokenised(parts["test"], len(parts["test"]), {}))
+    return (Tokenised(parts["train"], len(parts["train"]), train.tally),
+            Tokenised(parts["test"], len(parts["test"]), RowTally(len(parts["test"]))))
 
 
 def class_labels(recipe: Recipe) -> list[str] | None:
@@ -258,6 +269,7 @@ class Datasets:
     eval: Tokenised | None
     labels: list[str] | None                 # classification: class names, id i is labels[i]
     collate: Callable[[list[dict]], dict]    # train rows -> batch; eval rows always go through `collate`
+    warnings: list[str] = field(default_factory=list)  # sources with more rows dropped or truncated than data.skipped_share_warn
 
 
 def load_datasets(recipe: Recipe, tokenizer, pack: bool = True) -> Datasets:
@@ -274,10 +286,13 @@ def load_datasets(recipe: Recipe, tokenizer, pack: bool = True) -> Datasets:
         evaluation = tokenise(data.eval, tokenizer, data, data.max_eval_rows, task, labels)
     elif data.eval_fraction:
         train, evaluation = split_eval(train, data.eval_fraction, recipe.train.seed)
+    judged = [judge(found.tally, source, data) for source, found in ((data.train, train), (data.eval, evaluation))
+              if source and found]  # refuses here under data.skipped_share_refuse
+    warnings = [warning for warning in judged if warning]
     if data.packing and pack:
-        train = Tokenised(pack_dataset(train.dataset, data.max_length), train.rows, train.dropped)
-        return Datasets(train, evaluation, labels, partial(collate_packed, pad_id=tokenizer.pad_token_id))
-    return Datasets(train, evaluation, labels, partial(collate, pad_id=tokenizer.pad_token_id, task=task))
+        train = Tokenised(pack_dataset(train.dataset, data.max_length), train.rows, train.tally)
+        return Datasets(train, evaluation, labels, partial(collate_packed, pad_id=tokenizer.pad_token_id), warnings)
+    return Datasets(train, evaluation, labels, partial(collate, pad_id=tokenizer.pad_token_id, task=task), warnings)
 
 
 # ---------------------------------------------------------------- batches

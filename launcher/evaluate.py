@@ -29,7 +29,8 @@ def to_device(batch: dict, device) -> dict:
     return {k: v.to(device) for k, v in batch.items()}
 
 
-def loss_pass(accelerator, model, dataset, batch_size: int, pad_id: int, task: str) -> tuple[float, list[tuple[int, int]]]:
+def loss_pass(accelerator, model, dataset, batch_size: int, pad_id: int, task: str,
+              progress: Callable[[int], None] = lambda rows: None) -> tuple[float, list[tuple[int, int]]]:
     """Mean eval loss over all ranks, and for a classifier the (row, predicted id) of every row."""
     import torch
     from accelerate.utils import gather_object
@@ -51,6 +52,7 @@ def loss_pass(accelerator, model, dataset, batch_size: int, pad_id: int, task: s
             if real:
                 total += part.double()
                 count += part_count.double()
+                progress(len(rows) * accelerator.num_processes)
     loss = (accelerator.reduce(total, "sum") / accelerator.reduce(count, "sum").clamp(min=1)).item()
     if accelerator.num_processes > 1 and task == "classification":
         predicted = gather_object(predicted)
@@ -63,11 +65,12 @@ def prompt_and_target(row: dict, task: str) -> tuple[list[int], list[int]]:
     return row["input_ids"][: row["prompt_len"]], row["input_ids"][row["prompt_len"]:]
 
 
-def generate(accelerator, model, tokenizer, dataset, count: int, recipe: Recipe, batch_size: int) -> list[dict]:
-    """Decoded outputs for the first `count` eval rows, batched; causal prompts are left-padded."""
+def generate(accelerator, generator, tokenizer, dataset, count: int, recipe: Recipe, batch_size: int,
+             progress: Callable[[int], None] = lambda rows: None) -> list[dict]:
+    """Decoded outputs for the first `count` eval rows, batched; causal prompts are left-padded.
+    `generator` is the bare model (outside any DDP or DeepSpeed wrapper): `.generate` lives there."""
     import torch
     task, settings = recipe.model.task, recipe.eval
-    generator = accelerator.unwrap_model(model)
     pad = tokenizer.pad_token_id
     out = []
     for start in range(0, min(count, len(dataset)), batch_size):
@@ -88,6 +91,7 @@ def generate(accelerator, model, tokenizer, dataset, count: int, recipe: Recipe,
                                            eos_token_id=tokenizer.eos_token_id)
         if task == "causal-lm":
             generated = generated[:, width:]
+        progress(len(rows))
         for row, (prompt, target), output in zip(rows, pairs, generated):
             out.append({"prompt": tokenizer.decode(prompt, skip_special_tokens=True),
                         "reference": row.get("reference") or tokenizer.decode(target, skip_special_tokens=True).strip(),
@@ -105,9 +109,9 @@ def _qa(outputs: Sequence[str], references: Sequence[str]) -> dict:
 
 
 def _classification(outputs: Sequence[str], references: Sequence[str], labels: Sequence[str] | None = None) -> dict:
-    """Predicted and gold class names; `labels` fixes the classes macro-F1 averages over."""
-    return {"eval_accuracy": metrics.accuracy(outputs, references),
-            "eval_macro_f1": metrics.macro_f1(outputs, references, labels)}
+    """Predicted and gold class names; `labels` fixes the classes macro-F1 averages over. Percentages, as every task metric."""
+    return {"eval_accuracy": 100 * metrics.accuracy(outputs, references),
+            "eval_macro_f1": 100 * metrics.macro_f1(outputs, references, labels)}
 
 
 # Format name -> (outputs, references) -> metrics.jsonl entries: one eval_<name> per metric in FORMATS[name].metrics.
@@ -120,13 +124,28 @@ def score(data_format: str, predictions: list[dict]) -> dict:
     return SCORERS[data_format]([p["output"] for p in predictions], [p["reference"] for p in predictions])
 
 
-def evaluate(accelerator, model, tokenizer, dataset, recipe: Recipe, labels: list[str] | None = None) -> Evaluation:
-    """Loss and task metrics on the eval set; the model is left in the mode it came in."""
+def generated_rows(recipe: Recipe) -> tuple[int, bool]:
+    """(eval rows generated, whether they are scored): the scored rows of a generation-scored format, else the samples."""
+    if recipe.model.task == "classification":
+        return 0, False
+    scored = bool(FORMATS[recipe.data.format].reference is not None and recipe.eval.generate_rows)
+    return (recipe.eval.generate_rows if scored else recipe.eval.samples), scored
+
+
+def eval_rows(dataset, recipe: Recipe) -> int:
+    """Rows one evaluation works through: every row's loss, then the generated ones (what its progress counts)."""
+    return len(dataset) + min(generated_rows(recipe)[0], len(dataset))
+
+
+def evaluate(accelerator, model, tokenizer, dataset, recipe: Recipe, labels: list[str] | None = None,
+             unwrap: Callable = lambda model: model, progress: Callable[[int], None] = lambda rows: None) -> Evaluation:
+    """Loss and task metrics on the eval set; the model is left in the mode it came in.
+    `unwrap` gives the bare model of a prepared one (for generation); `progress` is told of rows done."""
     task, fmt = recipe.model.task, recipe.data.format
     size = recipe.train.eval_batch_size or recipe.train.micro_batch_size
     was_training = model.training
     model.eval()
-    loss, predicted = loss_pass(accelerator, model, dataset, size, tokenizer.pad_token_id, task)
+    loss, predicted = loss_pass(accelerator, model, dataset, size, tokenizer.pad_token_id, task, progress)
     result = Evaluation({"eval_loss": loss})
     if task == "classification":
         gold = [labels[row["labels"][0]] for row in dataset]
@@ -137,10 +156,10 @@ def evaluate(accelerator, model, tokenizer, dataset, recipe: Recipe, labels: lis
                                "reference": gold[i], "output": pred[i]} for i in range(min(recipe.eval.samples, len(gold)))]
     else:
         result.metrics["eval_ppl"] = metrics.perplexity(min(loss, 50.0))
-        scored = FORMATS[fmt].reference is not None and recipe.eval.generate_rows
-        rows = recipe.eval.generate_rows if scored else recipe.eval.samples
+        rows, scored = generated_rows(recipe)
         if rows:
-            generated = generate(accelerator, model, tokenizer, dataset, rows, recipe, size)
+            generated = generate(accelerator, unwrap(model), tokenizer, dataset, rows, recipe,
+                                 recipe.eval.generate_batch_size or size, progress)
             if scored:
                 result.metrics.update(score(fmt, generated))
             result.predictions = generated[: recipe.eval.samples]

@@ -52,7 +52,10 @@ def show(recipe: Recipe, examples: int, console: Console | None = None) -> dict:
             console.print(highlighted(tokenizer, row["input_ids"], row["labels"]))
     lengths = [len(ids) for ids in dataset["input_ids"]]
     trained = sum(sum(label != IGNORE for label in labels) for labels in dataset["labels"])
-    counts = {"rows": train.rows, "kept": len(dataset), "dropped": train.dropped, "tokens": sum(lengths),
+    tally = train.tally
+    counts = {"rows": train.rows, "kept": len(dataset), "dropped": train.dropped,
+              "dropped_share": tally.share(sum(tally.dropped.values())), "truncated": tally.truncated,
+              "truncated_share": tally.share(tally.truncated), "tokens": sum(lengths),
               "trained_fraction": trained / max(1, sum(lengths)),
               "eval_rows": len(evaluation.dataset) if evaluation else 0}
     if found.labels:
@@ -63,6 +66,8 @@ def show(recipe: Recipe, examples: int, console: Console | None = None) -> dict:
     for key, value in counts.items():
         table.add_row(key, f"{value:.3f}" if isinstance(value, float) else str(value or "none"))
     console.print(table)
+    for warning in found.warnings:
+        console.print(Text(f"warning: {warning}", style="bold yellow"))
     histogram = Table(title="length (tokens)")
     histogram.add_column("range")
     histogram.add_column("rows")

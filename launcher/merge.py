@@ -10,7 +10,7 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
-from launcher.recipe import Recipe, UserError
+from launcher.recipe import Recipe, UserError, load_run
 
 DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
 # Largest |merged - adapter| logit difference accepted, relative to the largest |logit|: the merged
@@ -19,15 +19,6 @@ TOLERANCE = {"float32": 1e-4, "bfloat16": 5e-2, "float16": 1e-2}
 PROMPTS = ["The quick brown fox jumps over the lazy dog.",
            "Translate from English to Spanish:\nIn the beginning God created the heaven and the earth.",
            "Question: What is the capital of France?\nAnswer:"]
-
-
-def run_recipe(run_dir: Path) -> Recipe:
-    """The resolved recipe a run wrote; it names the base model and how it was loaded."""
-    import yaml
-    path = run_dir / "recipe.yaml"
-    if not path.is_file():
-        raise UserError(f"{run_dir} is not a launcher run (no recipe.yaml); give the output_dir of a finished run")
-    return Recipe.model_validate(yaml.safe_load(path.read_text()))
 
 
 def load_dequantised_base(recipe: Recipe, dtype: str):
@@ -49,45 +40,84 @@ def load_dequantised_base(recipe: Recipe, dtype: str):
 
 
 def logits(model, batch):
-    """Float32 logits on CPU, padding positions zeroed, wherever the model lives."""
+    """Float32 logits on CPU, padding positions zeroed, wherever the model lives. An encoder-decoder's
+    decoder reads the prompt too (teacher forcing), so every position of both stacks is compared."""
     import torch
     device = next(model.parameters()).device
+    inputs = dict(batch)
+    if getattr(model.config, "is_encoder_decoder", False):
+        inputs.update(decoder_input_ids=batch["input_ids"], decoder_attention_mask=batch["attention_mask"])
     with torch.no_grad():
-        out = model(**{k: v.to(device) for k, v in batch.items()}).logits.float().cpu()
+        out = model(**{k: v.to(device) for k, v in inputs.items()}).logits.float().cpu()
     return out * batch["attention_mask"][..., None] if out.dim() == 3 else out
 
 
-def merge(run_dir: str | Path, dtype: str = "bf16", out: str | Path | None = None, overwrite: bool = False) -> float:
-    """Write the merged model; returns the verified max logit difference."""
-    run_dir = Path(run_dir)
-    recipe = run_recipe(run_dir)
-    adapter = run_dir / "final"
-    if not (adapter / "adapter_config.json").is_file():
-        what = "a full model: nothing to merge" if (adapter / "config.json").is_file() else "not there: train to the end first"
-        raise UserError(f"{adapter} is {what} (merge needs the adapter of a lora or qlora run)")
-    target = Path(out) if out else adapter / "merged"
-    if target.exists() and not overwrite:
-        raise UserError(f"{target} exists; pass --overwrite to replace it, or --out to write elsewhere")
-    torch_dtype = DTYPES[dtype]
+def restore_conv1d(merged, skeleton) -> None:
+    """bitsandbytes loads GPT-2's Conv1D layers as (transposed) Linear4bit; dequantised they are nn.Linear of
+    shape [out, in], which GPT-2's code and checkpoints do not expect: put them back as Conv1D [in, out]."""
+    import torch
+    from transformers.pytorch_utils import Conv1D
+    expected = {name for name, module in skeleton.named_modules() if isinstance(module, Conv1D)}
+    for name, module in list(merged.named_modules()):
+        if name in expected and isinstance(module, torch.nn.Linear):
+            conv = Conv1D(module.out_features, module.in_features)
+            conv.weight = torch.nn.Parameter(module.weight.detach().t().contiguous())
+            conv.bias = torch.nn.Parameter(module.bias.detach().clone())
+            parent, _, child = name.rpartition(".")
+            setattr(merged.get_submodule(parent) if parent else merged, child, conv)
 
+
+def check_mergeable(adapter: Path) -> None:
+    """Refuse, before loading anything, adapters merge_and_unload cannot fold into plain weights."""
+    import json
+    config = json.loads((adapter / "adapter_config.json").read_text())
+    if config.get("peft_type") != "LORA":
+        raise UserError(f"{adapter}: a {config.get('peft_type')} adapter; launcher merge folds LoRA adapters "
+                        "(including DoRA and rsLoRA) only")
+
+
+def write_merged(recipe: Recipe, adapter: Path, staging: Path, torch_dtype: str):
+    """Merge into `staging` and reload it with plain from_pretrained; returns (max |logit difference|, adapter logits)."""
     import torch
     from peft import PeftModel
 
     from launcher import modeling
+    from launcher.data import class_labels
     model = PeftModel.from_pretrained(load_dequantised_base(recipe, torch_dtype), adapter).eval()
     device = next(model.parameters()).device
     tokenizer = modeling.load_tokenizer(str(adapter), recipe)
     batch = dict(tokenizer(PROMPTS, return_tensors="pt", padding=True))
     expected = logits(model, batch)
     merged = model.merge_and_unload()
-    staging = target.with_name(target.name + ".tmp")
+    restore_conv1d(merged, modeling.skeleton(modeling.resolve_weights(recipe), recipe, class_labels(recipe)))
     shutil.rmtree(staging, ignore_errors=True)
     merged.save_pretrained(staging, safe_serialization=True)
     tokenizer.save_pretrained(staging)
     del model, merged
     reloaded = modeling.auto_class(recipe.model.task).from_pretrained(staging, dtype=getattr(torch, torch_dtype),
                                                                       device_map={"": device}).eval()
-    difference = (logits(reloaded, batch) - expected).abs().max().item()
+    return (logits(reloaded, batch) - expected).abs().max().item(), expected
+
+
+def merge(run_dir: str | Path, dtype: str = "bf16", out: str | Path | None = None, overwrite: bool = False) -> float:
+    """Write the merged model; returns the verified max logit difference."""
+    run_dir = Path(run_dir)
+    recipe = load_run(run_dir)
+    adapter = run_dir / "final"
+    if not (adapter / "adapter_config.json").is_file():
+        what = "a full model: nothing to merge" if (adapter / "config.json").is_file() else "not there: train to the end first"
+        raise UserError(f"{adapter} is {what} (merge needs the adapter of a lora or qlora run)")
+    target = Path(out) if out else run_dir / "merged"  # beside final/, so uploading final/ uploads the adapter alone
+    if target.exists() and not overwrite:
+        raise UserError(f"{target} exists; pass --overwrite to replace it, or --out to write elsewhere")
+    check_mergeable(adapter)
+    staging = target.with_name(target.name + ".tmp")
+    try:
+        difference, expected = write_merged(recipe, adapter, staging, DTYPES[dtype])
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)  # a failed merge leaves nothing behind
+        raise
+    torch_dtype = DTYPES[dtype]
     scale = max(1.0, expected.abs().max().item())
     limit = TOLERANCE[torch_dtype] * scale
     verdict = "ok" if difference <= limit else "FAILED"

@@ -11,6 +11,7 @@ import os
 import re
 from pathlib import Path
 
+from launcher import adapters
 from launcher.recipe import Recipe, UserError
 
 
@@ -106,16 +107,16 @@ def compute_dtype(recipe: Recipe, on_gpu: bool):
     return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
 
 
-def quantization_config(recipe: Recipe, on_gpu: bool):
-    """bitsandbytes loading settings for method qlora; None for the other methods."""
+def quantization_config(recipe: Recipe, on_gpu: bool, unquantised: list[str]):
+    """bitsandbytes loading settings for method qlora (None for the other methods); `unquantised` stay in float."""
     if recipe.method != "qlora":
         return None
     from transformers import BitsAndBytesConfig
     quant = recipe.quant
     if quant.bits == 8:
-        return BitsAndBytesConfig(load_in_8bit=True)
+        return BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=unquantised)
     return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=quant.type, bnb_4bit_use_double_quant=quant.double_quant,
-                              bnb_4bit_compute_dtype=compute_dtype(recipe, on_gpu))
+                              bnb_4bit_compute_dtype=compute_dtype(recipe, on_gpu), llm_int8_skip_modules=unquantised)
 
 
 def freeze(model, recipe: Recipe) -> list[str]:
@@ -135,20 +136,25 @@ def freeze(model, recipe: Recipe) -> list[str]:
     return frozen
 
 
-def add_lora(model, recipe: Recipe):
-    from peft import LoraConfig, TaskType, get_peft_model
-    task_type = {"causal-lm": TaskType.CAUSAL_LM, "seq2seq": TaskType.SEQ_2_SEQ_LM,
-                 "classification": TaskType.SEQ_CLS}[recipe.model.task]
-    lora = recipe.lora
-    config = LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, task_type=task_type,
-                        target_modules=lora.target_modules, modules_to_save=lora.modules_to_save or None)
-    return get_peft_model(model, config)
-
-
 def auto_class(task: str):
     import transformers
     return {"causal-lm": transformers.AutoModelForCausalLM, "seq2seq": transformers.AutoModelForSeq2SeqLM,
             "classification": transformers.AutoModelForSequenceClassification}[task]
+
+
+def skeleton(path: str, recipe: Recipe, labels: list[str] | None = None):
+    """The model's module tree on the meta device (names and types, no weights): the adapter layout is read from it."""
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig
+    config = AutoConfig.from_pretrained(path, trust_remote_code=recipe.model.trust_remote_code)
+    if labels is not None:
+        config.num_labels = len(labels)
+    with init_empty_weights():
+        return auto_class(recipe.model.task).from_config(config, trust_remote_code=recipe.model.trust_remote_code)
+
+
+def adapter_layout(path: str, recipe: Recipe, labels: list[str] | None = None) -> adapters.Layout | None:
+    return adapters.layout(skeleton(path, recipe, labels), recipe) if recipe.method != "full" else None
 
 
 def load_base(path: str, recipe: Recipe, on_gpu: bool, labels: list[str] | None = None):
@@ -156,7 +162,8 @@ def load_base(path: str, recipe: Recipe, on_gpu: bool, labels: list[str] | None 
     kwargs = {"dtype": weight_dtype(recipe, on_gpu), "trust_remote_code": recipe.model.trust_remote_code}
     if recipe.model.attn_implementation:
         kwargs["attn_implementation"] = recipe.model.attn_implementation
-    quantization = quantization_config(recipe, on_gpu)
+    where = adapter_layout(path, recipe, labels) if recipe.method == "qlora" else None
+    quantization = quantization_config(recipe, on_gpu, where.unquantised if where else [])
     if quantization is not None:
         from accelerate import PartialState
         # Quantised weights are placed at load; accelerate will not move them to this process's device later.
@@ -182,6 +189,7 @@ def load_trained(path: str, recipe: Recipe, on_gpu: bool, labels: list[str] | No
 
 def load_model(path: str, recipe: Recipe, on_gpu: bool, labels: list[str] | None = None):
     """The model the loop trains: loaded, frozen or adapted, and checkpointed as the recipe says."""
+    where = adapter_layout(path, recipe, labels)  # refuses a bad layout before any weight loads
     model = load_base(path, recipe, on_gpu, labels)
     if recipe.method == "full":
         freeze(model, recipe)
@@ -194,6 +202,6 @@ def load_model(path: str, recipe: Recipe, on_gpu: bool, labels: list[str] | None
         model.enable_input_require_grads()  # the rest of the k-bit preparation; the unquantised weights keep their dtype
     if recipe.train.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    if recipe.method in ("lora", "qlora"):
-        model = add_lora(model, recipe)
+    if where is not None:
+        model = adapters.add_adapter(model, recipe, where)
     return model

@@ -10,6 +10,7 @@ import math
 
 import torch
 
+from launcher.adapters import loraplus_groups
 from launcher.recipe import TrainSection
 
 
@@ -38,8 +39,9 @@ def param_groups(model, weight_decay: float) -> list[dict]:
                         {"params": plain, "weight_decay": 0.0}) if g["params"]]
 
 
-def build_optimizer(model, train: TrainSection) -> torch.optim.Optimizer:
-    groups, name = param_groups(model, train.weight_decay), train.optimizer
+def build_optimizer(model, train: TrainSection, b_lr_ratio: float | None = None) -> torch.optim.Optimizer:
+    """`b_lr_ratio`: LoRA+ (lora.plus_lr_ratio), a higher learning rate for the adapters' B matrices."""
+    groups, name = loraplus_groups(model, param_groups(model, train.weight_decay), train.lr, b_lr_ratio), train.optimizer
     if name == "adamw":
         # Fused kernels on GPU; on CPU the plain loop keeps results identical to earlier runs.
         return torch.optim.AdamW(groups, lr=train.lr, fused=torch.cuda.is_available() or None)

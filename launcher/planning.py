@@ -121,11 +121,8 @@ def render(result: Plan) -> str:
     return "\n".join(lines)
 
 
-def add_cli(verbs) -> None:
-    """The `plan` verb's arguments (registered by launcher/cli.py)."""
-    parser = verbs.add_parser("plan", help="predict per-GPU peak memory and the cheapest changes that make the recipe fit")
-    parser.add_argument("recipe", help="recipe YAML file")
-    parser.add_argument("overrides", nargs="*", metavar="key.path=value", help="override recipe keys, e.g. train.lr=1e-4")
+def add_options(parser) -> None:
+    """The `plan` verb's options (launcher/cli.py registers the verb)."""
     parser.add_argument("--gpus", type=int, help="GPUs (processes) per node; default: distributed.num_processes or 1")
     parser.add_argument("--nodes", type=int, default=1, help="nodes (default 1)")
     parser.add_argument("--gpu-memory", type=float, metavar="GiB",

@@ -10,12 +10,13 @@ import importlib.metadata
 import importlib.util
 import os
 import shutil
+import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
-from launcher import data
+from launcher import data, locations
 from launcher.recipe import Recipe, UserError
-from launcher.strategies import launch_hint, launched_world_size, strategy_for
+from launcher.strategies import launch_hint, launched_world_size, mixed_precision, strategy_for
 
 BNB_OPTIMIZERS = ("adamw-8bit", "paged-adamw", "paged-adamw-8bit")
 BNB_FIRST_CPU_VERSION = (0, 46)  # bitsandbytes gained its CPU backend (4-bit, 8-bit, 8-bit optimisers) in 0.46
@@ -33,15 +34,22 @@ def detect_device() -> str:
     if os.environ.get("CUDA_VISIBLE_DEVICES", None) in ("", "-1"):
         return "cpu"
     gpus = Path("/proc/driver/nvidia/gpus")
-    return "cuda" if gpus.is_dir() and any(gpus.iterdir()) else "cpu"
+    if gpus.is_dir() and any(gpus.iterdir()):
+        return "cuda"
+    smi = shutil.which("nvidia-smi")  # containers may hide /proc/driver but ship the driver's tool
+    listed = subprocess.run([smi, "-L"], capture_output=True, text=True, timeout=20).stdout if smi else ""
+    return "cuda" if listed.startswith("GPU ") else "cpu"
 
 
 def check(recipe: Recipe, target: Target | None = None) -> Target:
     """Refuse, with one message, anything the run would refuse later; returns the target it checked for."""
     target = target or Target(detect_device(), launched_world_size())
+    check_extras(recipe)
     check_launch(recipe, target)
     check_device_support(recipe, target.device)
-    data.check_sources(recipe)
+    locations.check_output_dir(recipe)
+    locations.check_model(recipe)
+    data.check_sources(recipe)  # every row of every file: the slow one, last
     return target
 
 
@@ -55,7 +63,7 @@ def check_launch(recipe: Recipe, target: Target) -> None:
 
 
 def check_device_support(recipe: Recipe, device: str) -> None:
-    """Optimiser, quantisation and compiler support on the device that will run, from package versions alone."""
+    """Optimiser, quantisation, compiler and precision support on the device that will run, from package versions alone."""
     optimizer = recipe.train.optimizer
     if optimizer in BNB_OPTIMIZERS:
         _need_bitsandbytes(f"train.optimizer {optimizer}", device, "use train.optimizer: adamw")
@@ -65,15 +73,42 @@ def check_device_support(recipe: Recipe, device: str) -> None:
                             f"CUDA unified memory, which a {device} device lacks; use adamw-8bit (or adamw) there")
     if recipe.method == "qlora":
         _need_bitsandbytes("method: qlora", device, "use method: lora")
+    if recipe.lora.init == "loftq" and device != "cuda":
+        # peft.utils.loftq_utils quantises on compute_device = "cuda" (or "xpu"), whatever the model's device.
+        raise UserError(f"lora.init loftq: peft computes LoftQ's quantisation residuals on a CUDA device, which a {device} "
+                        "run lacks; use lora.init default (or pissa / olora with method: lora)")
     if recipe.train.compile:
         check_compiler(device)
+    if recipe.train.precision != "auto":  # auto asks torch what the GPU supports; an explicit choice is checked now
+        mixed_precision(recipe, device == "cuda")
+
+
+def needed_extras(recipe: Recipe) -> list[tuple[str, str, str]]:
+    """(recipe setting, importable module, launcher extra) for each optional dependency the recipe needs."""
+    needs = [(f"distributed.strategy {recipe.distributed.strategy}", "deepspeed", "deepspeed")] \
+        if recipe.distributed.strategy == "deepspeed" else []
+    if recipe.method == "qlora" or recipe.train.optimizer in BNB_OPTIMIZERS:
+        needs.append(("method: qlora" if recipe.method == "qlora" else f"train.optimizer {recipe.train.optimizer}",
+                      "bitsandbytes", "qlora"))
+    if recipe.model.gguf_file:
+        needs.append(("model.gguf_file", "gguf", "gguf"))
+    modules = {"tensorboard": "tensorboard", "mlflow": "mlflow", "wandb": "wandb"}
+    needs += [(f"report.trackers {name}", modules[name], name) for name in recipe.report.trackers]
+    return needs
+
+
+def check_extras(recipe: Recipe) -> None:
+    """An optional dependency the recipe needs and this install lacks: one line naming the extra that brings it."""
+    for setting, module, extra in needed_extras(recipe):
+        if importlib.util.find_spec(module) is None:
+            raise UserError(f"{setting} needs {module}, which is not installed: pip install 'launcher[{extra}]'")
 
 
 def _need_bitsandbytes(what: str, device: str, instead: str) -> None:
     try:
         version = importlib.metadata.version("bitsandbytes")
     except importlib.metadata.PackageNotFoundError:
-        raise UserError(f"{what} needs bitsandbytes: pip install bitsandbytes") from None
+        raise UserError(f"{what} needs bitsandbytes: pip install 'launcher[qlora]'") from None
     numbers = tuple(int(part) for part in version.split(".")[:2] if part.isdigit())
     if device == "cpu" and numbers < BNB_FIRST_CPU_VERSION:
         raise UserError(f"{what}: bitsandbytes {version} has no cpu backend (it came in "

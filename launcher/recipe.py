@@ -47,7 +47,18 @@ class LoraSection(Section):
     dropout: float = Field(0.05, ge=0, lt=1, description="Dropout on the adapter input.")
     target_modules: list[str] | Literal["all-linear"] = Field(
         "all-linear", description="Module names to adapt, or all-linear for every linear layer but the head.")
-    modules_to_save: list[str] = Field(default_factory=list, description="Extra modules trained in full and saved with the adapter.")
+    modules_to_save: list[str] = Field(default_factory=list, description="Extra modules trained in full and saved with the adapter "
+                                       "(a classifier's new head always is); a module is trained in full or adapted, never both.")
+    dora: bool = Field(False, description="DoRA: each adapted weight is split into a trained magnitude per output row and a direction "
+                       "that LoRA updates (peft use_dora).")
+    rslora: bool = Field(False, description="rsLoRA: scale the update by alpha / sqrt(r) instead of alpha / r, so high ranks still learn.")
+    init: Literal["default", "gaussian", "pissa", "olora", "loftq"] = Field(
+        "default", description="Adapter initialisation: default (B = 0); gaussian; pissa (top singular directions of each weight, "
+                               "the base keeps the residual); olora (QR of each weight, likewise); loftq (method qlora on a GPU: "
+                               "adapters that offset the 4-bit rounding). pissa/olora adapters are saved converted to plain "
+                               "LoRA of rank 2r on the original base.")
+    plus_lr_ratio: float | None = Field(None, gt=0, description="LoRA+: the B matrices learn at this multiple of train.lr (e.g. 16); "
+                                        "null: one learning rate.")
 
 
 class QuantSection(Section):
@@ -80,6 +91,9 @@ class DataSection(Section):
     format: DataFormat = Field("instruction", description="How rows become prompts and targets.")
     fields: dict[str, str] = Field(default_factory=dict, description="Canonical field name -> column name in your files.")
     max_length: int = Field(512, ge=8, description="Tokens per example; longer rows are truncated, rows left with no target dropped.")
+    skipped_share_warn: float = Field(0.05, ge=0, le=1, description="Warn in colour when more than this share of a source's "
+                                      "rows is dropped (nothing left to train within max_length), or truncated.")
+    skipped_share_refuse: bool = Field(False, description="Refuse to train (exit 2) instead of warning when a share exceeds skipped_share_warn.")
     train_on_prompt: bool = Field(False, description="Also train on prompt tokens (labels are -100 there otherwise).")
     packing: bool = Field(False, description="causal-lm: pack several examples into each row of up to max_length tokens "
                           "(best-fit decreasing); positions restart and attention stays inside each example. "
@@ -140,6 +154,8 @@ class EvalSection(Section):
     no_repeat_ngram_size: int = Field(0, ge=0, description="Forbid any n-gram of this size twice in one output (0: off); stops the loops small models fall into.")
     repetition_penalty: float = Field(1.0, gt=0, description="Divide the scores of tokens already in the output by this (1.0: off).")
     generate_rows: int = Field(48, ge=0, description="Eval rows generated and scored (BLEU/chrF, EM/F1) at each eval; 0 skips it.")
+    generate_batch_size: int | None = Field(None, ge=1, description="Rows generated together (left-padded); default: "
+                                            "train.eval_batch_size. Larger batches generate much faster on CPU.")
     metric: Literal["auto", "loss", "ppl", "bleu", "chrf", "accuracy", "macro_f1", "exact_match", "f1"] = Field(
         "auto", description="Picks the best checkpoint (saved to output_dir/best); auto: chrf for translation, "
                             "exact_match for qa, macro_f1 for classification, loss otherwise.")
@@ -152,8 +168,15 @@ class EvalSection(Section):
         return f"eval_{name}", greater
 
 
+Tracker = Literal["tensorboard", "mlflow", "wandb"]
+
+
 class ReportSection(Section):
-    tensorboard: bool = Field(False, description="Also write TensorBoard event files under output_dir/tb.")
+    trackers: list[Tracker] = Field(
+        default_factory=list, description="Experiment trackers fed through accelerate's log_with: tensorboard (output_dir/tb/<project>), "
+        "mlflow (MLFLOW_TRACKING_URI, else a local store in output_dir/mlruns), wandb (offline in output_dir/wandb "
+        "unless WANDB_MODE says otherwise). Credentials are read from the environment only, never from the recipe.")
+    project: str | None = Field(None, description="Experiment / project name in the trackers; default: the name of output_dir.")
 
 
 DEEPSPEED_SHORTHANDS = ("zero1", "zero2", "zero3", "zero3_offload")
@@ -209,6 +232,7 @@ class Recipe(Section):
     @model_validator(mode="after")
     def _cross_field_rules(self) -> "Recipe":
         _quant_rules(self)
+        _adapter_rules(self)
         frozen = self.freeze.embeddings or self.freeze.first_n_blocks or self.freeze.patterns
         if frozen and self.method != "full":
             raise ValueError(f"freeze: only applies to method: full (LoRA already freezes the base); remove it or set method: full")
@@ -283,14 +307,46 @@ def _quant_rules(recipe: Recipe) -> None:
                          "use train.optimizer: adamw (the strategy already shards its state), or strategy: ddp")
 
 
+# Names other fine-tuning tools use for a key, so `lora.rank=8` gets "did you mean 'lora.r'?".
+ALIASES = {"rank": "r", "lora_r": "r", "lora_alpha": "alpha", "lora_dropout": "dropout", "learning_rate": "lr",
+           "batch_size": "micro_batch_size", "per_device_train_batch_size": "micro_batch_size",
+           "gradient_accumulation_steps": "grad_accum", "num_epochs": "epochs", "num_train_epochs": "epochs",
+           "lr_scheduler": "schedule", "lr_scheduler_type": "schedule", "warmup": "warmup_steps",
+           "sequence_len": "max_length", "max_seq_length": "max_length", "output": "output_dir"}
+
+
+def _adapter_rules(recipe: Recipe) -> None:
+    """LoRA variants that cannot work together, decided before anything loads (README "Methods")."""
+    lora, method = recipe.lora, recipe.method
+    variants = [f"lora.{k}" for k, default in (("dora", False), ("rslora", False), ("init", "default"), ("plus_lr_ratio", None))
+                if getattr(lora, k) != default]
+    if variants and method == "full":
+        raise ValueError(f"{variants[0]} applies to method lora or qlora (got method: full); remove it or choose an adapter method")
+    if lora.init in ("pissa", "olora") and method == "qlora":
+        raise ValueError(f"lora.init {lora.init} with method: qlora: it moves each weight's top directions into the adapter and "
+                         "leaves the residual in the base, which 4-bit storage would round again, so the adapter would no longer "
+                         "match its base; use method: lora with it, or lora.init: loftq for a 4-bit base")
+    if lora.init in ("pissa", "olora") and lora.dora:
+        raise ValueError(f"lora.init {lora.init} with lora.dora: the adapter is converted to plain LoRA at export, and DoRA's "
+                         "magnitude vector cannot be; use one of them")
+    if lora.init == "loftq" and (method != "qlora" or recipe.quant.bits != 4 or recipe.quant.type != "nf4"):
+        raise ValueError("lora.init loftq initialises adapters against a 4-bit nf4 base: it needs method: qlora with quant.bits 4 "
+                         "and quant.type nf4 (with method: lora it would alter the base the adapter is saved against)")
+    if lora.init == "loftq" and lora.dora:
+        raise ValueError("lora.init loftq with lora.dora: peft's LoftQ initialises plain LoRA matrices only; use one of them")
+
+
 def _unknown(where: str, key: str, known: list[str]) -> str:
-    close = difflib.get_close_matches(key, known, n=1, cutoff=0.6)
+    alias = ALIASES.get(key)
+    close = [alias] if alias in known else difflib.get_close_matches(key, known, n=1, cutoff=0.6)
     hint = f"; did you mean '{close[0]}'?" if close else ""
     return f"unknown key '{where}.{key}'{hint}".replace("'.", "'")
 
 
 def _section_fields(location: tuple) -> list[str]:
     """Field names allowed at a nested location of the recipe, for suggestions."""
+    if not location:
+        return [*Recipe.model_fields, "base"]
     cls: Any = Recipe
     for part in location:
         field = getattr(cls, "model_fields", {}).get(part)
@@ -391,12 +447,21 @@ def load_recipe(path: str | os.PathLike, overrides: list[str] = ()) -> Recipe:
     try:
         recipe = Recipe.model_validate(data)
     except ValidationError as exc:
-        first = exc.errors()[0]
+        # An unknown key first: a misspelled required key (`paht:`) is also reported missing, and the typo is the news.
+        first = sorted(exc.errors(), key=lambda error: error["type"] != "extra_forbidden")[0]
         more = len(exc.errors()) - 1
         suffix = f" (and {more} more problem{'s' * (more > 1)})" if more else ""
         raise UserError(f"{path}: {_describe(first)}{suffix}") from None
     check_paths(recipe, Path(path))
     return recipe
+
+
+def load_run(run_dir: str | os.PathLike, overrides: list[str] = ()) -> Recipe:
+    """The resolved recipe a run wrote (RUN/recipe.yaml), its output_dir pointing at the run wherever it now is."""
+    run_dir = Path(run_dir)
+    if not (run_dir / "recipe.yaml").is_file():
+        raise UserError(f"{run_dir} is not a launcher run (no recipe.yaml); give a recipe file or the output_dir of a run")
+    return load_recipe(run_dir / "recipe.yaml", [*overrides, f"output_dir={run_dir}"])
 
 
 def check_paths(recipe: Recipe, path: Path) -> None:

@@ -1,30 +1,61 @@
-"""The recipe reference table, generated from the schema's field descriptions.
+"""The recipe reference table, generated from the schema: every key (nested sections included), its
+allowed values, default and meaning.
 
 README embeds it between markers; `launcher reference --readme README.md` rewrites that block and a
-test checks the README is current, so documentation cannot drift from the schema.
+test checks the README is current and lists every schema field, so documentation cannot drift from the schema.
 """
 from __future__ import annotations
+
+import types
+import typing
+from typing import Any, Iterator
 
 from pydantic import BaseModel
 
 from launcher.recipe import Recipe
 
 
+def _section(annotation: Any) -> type[BaseModel] | None:
+    """The section class of a field that holds one (also when it is optional: `FsdpSection | None`)."""
+    for candidate in (annotation, *typing.get_args(annotation)):
+        if isinstance(candidate, type) and issubclass(candidate, BaseModel):
+            return candidate
+    return None
+
+
+def allowed(annotation: Any) -> str:
+    """Allowed values of a field, read from its type: the choices of a Literal, or the type's name."""
+    origin, args = typing.get_origin(annotation), typing.get_args(annotation)
+    if origin is typing.Literal:
+        return " / ".join(str(a) for a in args)
+    if origin in (typing.Union, types.UnionType):
+        return " / ".join(allowed(a) for a in args)
+    if origin is list:
+        return f"list of {allowed(args[0])}" if args else "list"
+    if origin is dict:
+        return "mapping"
+    if annotation is type(None):
+        return "null"
+    return getattr(annotation, "__name__", str(annotation))
+
+
+def fields(cls: type[BaseModel] = Recipe, prefix: str = "") -> Iterator[tuple[str, Any]]:
+    """(dotted key, pydantic field) for every leaf key of the schema, nested sections walked."""
+    for name, field in cls.model_fields.items():
+        section = _section(field.annotation)
+        if section is not None:
+            yield from fields(section, f"{prefix}{name}.")
+        else:
+            yield f"{prefix}{name}", field
+
+
 def reference_markdown() -> str:
-    """The reference as a markdown table: key, default, meaning."""
-    lines = ["| key | default | meaning |", "|---|---|---|"]
-
-    def walk(cls: type[BaseModel], prefix: str) -> None:
-        for name, field in cls.model_fields.items():
-            annotation = field.annotation
-            if isinstance(annotation, type) and issubclass(annotation, BaseModel):
-                walk(annotation, f"{prefix}{name}.")
-                continue
-            default = "required" if field.is_required() else repr(field.get_default(call_default_factory=True))
-            meaning = (field.description or "").replace("|", "\\|")
-            lines.append(f"| `{prefix}{name}` | `{default.replace('|', '/')}` | {meaning} |")
-
-    walk(Recipe, "")
+    """The reference as a markdown table: key, allowed values, default, meaning."""
+    lines = ["| key | allowed | default | meaning |", "|---|---|---|---|"]
+    for key, field in fields():
+        default = "required" if field.is_required() else repr(field.get_default(call_default_factory=True))
+        meaning = (field.description or "").replace("|", "\\|")
+        lines.append(f"| `{key}` | {allowed(field.annotation).replace('|', '/')} | `{default.replace('|', '/')}` | {meaning} |")
     return "\n".join(lines)
 
 

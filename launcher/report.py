@@ -1,7 +1,6 @@
-"""What the user sees and keeps: console progress, metrics.jsonl, TensorBoard, report.md, loss.png.
+"""What the user keeps: metrics.jsonl (and the trackers), per-rank logs, report.md, loss.png, the console summary.
 
-Only the main process constructs a Reporter with `active=True`; the others get a silent one,
-so call sites never branch on rank.
+Every rank holds a Reporter; only the main process's writes or prints, so call sites never branch on rank.
 """
 from __future__ import annotations
 
@@ -9,62 +8,50 @@ import json
 import time
 from pathlib import Path
 
-from rich.console import Console
-from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
+
+from launcher import trackers
+from launcher.console import Console
 
 
 class Reporter:
-    def __init__(self, run_dir: Path, active: bool, tensorboard: bool = False, total_steps: int = 0, start_step: int = 0):
-        self.run_dir, self.active = run_dir, active
-        self.console = Console(highlight=False, soft_wrap=True)
+    """metrics.jsonl, the experiment trackers and the console of one run; silent off the main process."""
+
+    def __init__(self, run_dir: Path, accelerator, console: Console):
+        self.run_dir, self.accelerator, self.console = run_dir, accelerator, console
+        self.active = accelerator.is_main_process
         self.metrics_path = run_dir / "metrics.jsonl"
-        self.progress = None
-        self.writer = None
-        if not active:
-            return
-        if tensorboard:
-            from torch.utils.tensorboard import SummaryWriter
-            self.writer = SummaryWriter(str(run_dir / "tb"))
-        self.progress = Progress(TextColumn("step {task.completed}/{task.total}"), BarColumn(),
-                                 TextColumn("{task.fields[status]}"), TimeRemainingColumn(), console=self.console,
-                                 transient=False, disable=not self.console.is_terminal)
-        self.task = self.progress.add_task("train", total=total_steps, completed=start_step, status="")
+        self.log_every = 1
 
     def print(self, *parts) -> None:
-        if self.active:
-            self.console.print(*parts)
+        self.console.print(*parts)
 
     def log(self, record: dict) -> None:
-        """Append one line to metrics.jsonl (and TensorBoard)."""
+        """Append one line to metrics.jsonl, and the same numbers to the recipe's trackers."""
         if not self.active:
             return
         record = {"time": round(time.time(), 3), **record}
         with self.metrics_path.open("a") as handle:
             handle.write(json.dumps(record) + "\n")
-        if self.writer is not None:
-            for key, value in record.items():
-                if isinstance(value, (int, float)) and key not in ("step", "time"):
-                    self.writer.add_scalar(key, value, record.get("step", 0))
+        trackers.log(self.accelerator, record)
 
-    def step(self, step: int, loss: float, lr: float, tokens_per_s: float) -> None:
-        if self.progress is None:
-            return
-        status = f"loss {loss:.4f}  lr {lr:.2e}  {tokens_per_s:,.0f} tok/s"
-        self.progress.update(self.task, completed=step, status=status)
-        if not self.console.is_terminal:
-            self.console.print(f"step {step}: {status}")
+    def step(self, step: int, loss: float, lr: float, tokens_per_s: float, grad_norm: float | None) -> None:
+        fields = {"loss": f"{loss:.4f}", "lr": f"{lr:.2e}"}
+        if grad_norm is not None:
+            fields["grad norm"] = f"{grad_norm:.3g}"
+        fields["tok/s"] = f"{tokens_per_s:,.0f}"
+        peak = peak_memory(self.accelerator.device)
+        if peak:
+            fields["peak mem"] = peak
+        self.console.step(step, fields, log_line=step % self.log_every == 0)
 
-    def __enter__(self):
-        if self.progress is not None:
-            self.progress.start()
-        return self
 
-    def __exit__(self, *exc):
-        if self.progress is not None:
-            self.progress.stop()
-        if self.writer is not None:
-            self.writer.close()
+def peak_memory(device) -> str | None:
+    """Peak memory allocated on a GPU so far; None on CPU (no allocator statistics there)."""
+    if device.type != "cuda":
+        return None
+    import torch
+    return f"{torch.cuda.max_memory_allocated(device) / 2**30:.1f} GiB"
 
 
 def write_rank_log(run_dir: Path, accelerator, record: dict) -> None:
@@ -81,13 +68,21 @@ def read_metrics(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
+def first_samples(records: list[dict]) -> list[dict]:
+    """The step-0 eval's predictions (prompt, reference, output), kept in metrics.jsonl so a resumed run still has them."""
+    return next((r.get("samples", []) for r in records if r.get("kind") == "eval" and r.get("step") == 0), [])
+
+
 def plot_loss(records: list[dict], target: Path) -> bool:
     """loss.png: training loss per step, eval loss as markers."""
     train = [(r["step"], r["loss"]) for r in records if r.get("kind") == "train"]
     evals = [(r["step"], r["eval_loss"]) for r in records if r.get("kind") == "eval"]
     if not train:
         return False
-    import matplotlib
+    try:
+        import matplotlib
+    except ImportError:  # the plots extra is not installed: report.md without the picture
+        return False
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     figure, axis = plt.subplots(figsize=(7, 4))

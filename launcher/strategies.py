@@ -24,6 +24,7 @@ import os
 from datetime import timedelta
 from pathlib import Path
 
+from launcher import trackers
 from launcher.memory import Layout
 from launcher.recipe import FsdpSection, Recipe, UserError
 
@@ -152,12 +153,14 @@ class Strategy:
         from accelerate.utils import InitProcessGroupKwargs
 
         on_gpu, world = torch.cuda.is_available(), launched_world_size()
+        if not on_gpu:  # what deepspeed would detect anyway, said up front: its import (via accelerate) then stays silent
+            os.environ.setdefault("DS_ACCELERATOR", "cpu")
         precision = mixed_precision(self.recipe, on_gpu)
         group = InitProcessGroupKwargs(backend=self.backend(on_gpu, world),
                                        timeout=timedelta(minutes=self.recipe.distributed.timeout_minutes))
         accelerator = Accelerator(gradient_accumulation_steps=self.recipe.train.grad_accum, mixed_precision=precision,
                                   step_scheduler_with_optimizer=False, kwargs_handlers=[group],
-                                  **self.plugin_kwargs(on_gpu, world, precision))
+                                  **self.plugin_kwargs(on_gpu, world, precision), **trackers.accelerator_kwargs(self.recipe))
         if accelerator.num_processes != world:
             raise UserError(f"the launcher started {world} processes but training sees {accelerator.num_processes}: they "
                             f"would train independently. Use {CPU_LAUNCH}")
@@ -172,9 +175,17 @@ class Strategy:
     def prepare(self, accelerator, model, optimizer, scheduler):
         return accelerator.prepare(model, optimizer, scheduler)
 
+    def unwrap(self, accelerator, model):
+        """The model inside the DDP wrapper. Not accelerator.unwrap_model: that imports deepspeed whenever it is
+        installed, and deepspeed's import warns ("Setting accelerator to CPU") on runs that never use it."""
+        from torch.nn.parallel import DistributedDataParallel
+        while isinstance(model, DistributedDataParallel):
+            model = model.module
+        return model
+
     def export_state_dict(self, accelerator, model) -> dict:
         """The whole model's state dict on the main process (ZeRO-3 gathers through accelerate)."""
-        return accelerator.get_state_dict(model)
+        return self.unwrap(accelerator, model).state_dict()
 
     def load_state_kwargs(self) -> dict:
         """strict=False lets adapter runs load their trainable-only weights."""
@@ -189,7 +200,7 @@ class Strategy:
         if accelerator.num_processes == 1 or self.shards_parameters:
             return  # single process, or each rank legitimately holds different values
         import torch
-        unwrapped = accelerator.unwrap_model(model)
+        unwrapped = self.unwrap(accelerator, model)
         with torch.no_grad():
             checksum = torch.stack([sum(p.double().sum() for p in unwrapped.parameters() if p.requires_grad),
                                     sum(p.double().abs().sum() for p in unwrapped.parameters() if p.requires_grad)])
@@ -209,6 +220,12 @@ class DeepSpeed(Strategy):
     @property
     def stage(self) -> int:
         return deepspeed_config(self.recipe, None)["zero_optimization"].get("stage", 0)
+
+    def unwrap(self, accelerator, model):
+        return accelerator.unwrap_model(model)
+
+    def export_state_dict(self, accelerator, model) -> dict:
+        return accelerator.get_state_dict(model)  # ZeRO-3 gathers the 16-bit weights
 
     def preflight(self, on_gpu: bool) -> None:
         super().preflight(on_gpu)
@@ -345,7 +362,7 @@ class Fsdp2(Strategy):
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
         from torch.distributed.fsdp import FSDPModule
         if not isinstance(model, FSDPModule):  # one process: nothing was sharded
-            return accelerator.get_state_dict(model)
+            return model.state_dict()
         return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
 
 

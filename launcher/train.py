@@ -12,12 +12,16 @@ import gc
 import signal
 import time
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 from launcher import checkpoint as ckpt
+from launcher import trackers
+from launcher.console import Console, end_line, header_rows, quiet_libraries
+from launcher.provenance import write_provenance
 from launcher.data import Datasets, StepPlan, load_datasets
-from launcher.evaluate import Best, Evaluation, evaluate, to_device
+from launcher.evaluate import Best, Evaluation, eval_rows, evaluate, to_device
 from launcher.loss import target_count, task_loss_sum
 from launcher.memory import ParamCount, count_parameters, parameter_bytes
 from launcher.planning import MemoryCheck, check_before_loading, predicted_and_measured
@@ -76,7 +80,8 @@ class Run:
     step: int = 0
     first_eval: Evaluation | None = None
     memory: MemoryCheck | None = None  # the plan checked before the model loaded
-    totals: dict = field(default_factory=lambda: {"tokens": 0, "slots": 0})
+    totals: dict = field(default_factory=lambda: {"tokens": 0, "slots": 0, "seconds": 0.0})
+    console: Console | None = None
 
     @property
     def main(self) -> bool:
@@ -92,13 +97,16 @@ class Run:
 def run(recipe: Recipe, overwrite: bool = False) -> int:
     """Train as the recipe says; returns the process exit status. Preflight has already run."""
     stop = StopRequest()  # first thing: a signal during start-up is then acted on at the first step boundary
+    quiet_libraries()
     session = setup(recipe, overwrite)
     if session is None:
         return 0
-    with session.reporter:
+    try:
         stopped = fit(session, stop)
-    if not stopped:
-        finish(session)
+        if not stopped:
+            finish(session)
+    finally:
+        session.console.close()
     return close(session)
 
 
@@ -112,14 +120,17 @@ def setup(recipe: Recipe, overwrite: bool = False) -> Run | None:
     strategy = strategy_for(recipe)
     accelerator = strategy.make_accelerator()
     memory = check_before_loading(recipe, accelerator.num_processes, accelerator.device.type)  # refuses before weights load
+    console = Console(accelerator.is_main_process)
     if accelerator.is_main_process:
         if overwrite:
             ckpt.clear_run_dir(run_dir)
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "recipe.yaml").write_text(resolved_yaml(recipe))
-    session = _load_data(recipe, strategy, accelerator, run_dir)
+        write_provenance(run_dir, accelerator)
+    session = _load_data(recipe, strategy, accelerator, run_dir, console)
     session.memory = memory
     state = ckpt.load_state_file(resume_from) if resume_from is not None else None
+    console.header(header_rows(session, resume_from, state["step"] if state else 0))
     if state is not None:
         strategy.check_resume(state, accelerator.num_processes)
         if state["step"] >= session.total_steps and (run_dir / "final").is_dir():  # no final/: stopped in export, redo it
@@ -128,7 +139,8 @@ def setup(recipe: Recipe, overwrite: bool = False) -> Run | None:
                       f"Raise train.max_steps or train.epochs to continue, or pass --overwrite to start again.")
             return None
     set_seed(recipe.train.seed)
-    _build_model(session)
+    with console.phase("loading model"):
+        _build_model(session)
     session.best = Best(recipe)
     if resume_from is not None:
         loaded = ckpt.load_checkpoint(accelerator, resume_from, strategy)
@@ -139,13 +151,15 @@ def setup(recipe: Recipe, overwrite: bool = False) -> Run | None:
     return session
 
 
-def _load_data(recipe: Recipe, strategy: Strategy, accelerator, run_dir: Path) -> Run:
+def _load_data(recipe: Recipe, strategy: Strategy, accelerator, run_dir: Path, console: Console) -> Run:
     """Tokenizer and datasets (the main process first, so others reuse its cache) and the step plan."""
     from launcher import modeling
     with accelerator.main_process_first():
-        weights = modeling.resolve_weights(recipe)
-        tokenizer = modeling.load_tokenizer(weights, recipe)
-        datasets = load_datasets(recipe, tokenizer)
+        with console.phase("weights"):
+            weights = modeling.resolve_weights(recipe)
+            tokenizer = modeling.load_tokenizer(weights, recipe)
+        with console.phase("tokenisation"):
+            datasets = load_datasets(recipe, tokenizer)
     cfg = recipe.train
     rows = len(datasets.train.dataset)
     plan = StepPlan(rows, cfg.micro_batch_size, cfg.grad_accum, accelerator.num_processes, accelerator.process_index, cfg.seed)
@@ -153,7 +167,7 @@ def _load_data(recipe: Recipe, strategy: Strategy, accelerator, run_dir: Path) -
         raise UserError(f"data.train: {rows} usable rows is less than one global batch "
                         f"(micro_batch_size x grad_accum x processes = {plan.global_batch})")
     return Run(recipe, strategy, accelerator, run_dir, weights, tokenizer, datasets, plan,
-               plan.total_steps(cfg.epochs, cfg.max_steps))
+               plan.total_steps(cfg.epochs, cfg.max_steps), console=console)
 
 
 def _build_model(session: Run) -> None:
@@ -166,24 +180,30 @@ def _build_model(session: Run) -> None:
     model = strategy.shard(model, accelerator)
     if recipe.train.compile:  # in place: parameter names and saved keys stay as they are
         model.compile()
-    optimizer = optim.build_optimizer(model, recipe.train)
+    optimizer = optim.build_optimizer(model, recipe.train, recipe.lora.plus_lr_ratio)
     scheduler = optim.build_scheduler(optimizer, recipe.train, session.total_steps)
     session.model, session.optimizer, session.scheduler = strategy.prepare(accelerator, model, optimizer, scheduler)
     write_rank_log(session.run_dir, accelerator, {"strategy": strategy.name, "world_size": accelerator.num_processes,
                                                   **parameter_bytes(session.model)})
     if recipe.method != "full":
-        trainable = {name for name, p in accelerator.unwrap_model(session.model).named_parameters() if p.requires_grad}
+        trainable = {name for name, p in strategy.unwrap(accelerator, session.model).named_parameters() if p.requires_grad}
         accelerator.register_save_state_pre_hook(ckpt.keep_trainable_only(trainable))
 
 
 def _open_reporter(session: Run, resume_from: Path | None) -> None:
+    from rich.text import Text
+
     from launcher.report import Reporter
     recipe, train, evaluation = session.recipe, session.data.train, session.data.eval
-    session.reporter = Reporter(session.run_dir, session.main, recipe.report.tensorboard, session.total_steps, session.step)
+    session.reporter = Reporter(session.run_dir, session.accelerator, session.console)
+    session.reporter.log_every = recipe.train.log_every
+    trackers.start(session.accelerator, recipe, session.step)
     session.reporter.print(f"model {session.weights}: {session.params.line()}")
-    session.reporter.print(f"data: {train.rows} train rows ({sum(train.dropped.values())} dropped: {train.dropped or 'none'}), "
+    session.reporter.print(f"data: {train.rows} train rows ({train.tally.line()}), "
                            f"{len(evaluation.dataset) if evaluation else 0} eval rows; "
                            f"{session.total_steps} steps of {session.plan.global_batch} examples")
+    for warning in session.data.warnings:
+        session.reporter.print(Text(f"warning: {warning}", style="bold yellow"))
     if resume_from is not None:
         session.reporter.print(f"resuming from {resume_from} at step {session.step}")
 
@@ -230,6 +250,7 @@ def fit(session: Run, stop: StopRequest) -> bool:
     preempted job spends its grace period on the checkpoint), then a due eval, then a due save.
     """
     cfg, start = session.recipe.train, session.step
+    session.console.start_training(session.total_steps, start)
     session.model.train()
     while session.step < session.total_steps:
         stats = train_step(session, session.micro_batches(session.step))
@@ -252,45 +273,53 @@ def fit(session: Run, stop: StopRequest) -> bool:
 def _record(session: Run, stats: StepStats) -> None:
     session.totals["tokens"] += stats.tokens
     session.totals["slots"] += stats.slots
+    session.totals["seconds"] += stats.seconds
     step = session.step
     if step % session.recipe.train.log_every == 0 or step == session.total_steps:
         session.reporter.log({"kind": "train", "step": step, "loss": stats.loss, "lr": stats.lr, "tokens": stats.tokens,
                               "grad_norm": stats.grad_norm, "step_seconds": round(stats.seconds, 4)})
-    session.reporter.step(step, stats.loss, stats.lr, stats.tokens / max(stats.seconds, 1e-9))
+    session.reporter.step(step, stats.loss, stats.lr, stats.tokens / max(stats.seconds, 1e-9), stats.grad_norm)
 
 
 def run_eval(session: Run, step: int) -> Evaluation | None:
     """Task metrics into metrics.jsonl; a new best (after step 0) is exported to output_dir/best."""
     if session.data.eval is None:
         return None
-    result = evaluate(session.accelerator, session.model, session.tokenizer, session.data.eval.dataset, session.recipe,
-                      session.data.labels)
+    dataset, unwrap = session.data.eval.dataset, partial(session.strategy.unwrap, session.accelerator)
+    with session.console.phase(f"evaluation (step {step})", eval_rows(dataset, session.recipe)) as phase:
+        result = evaluate(session.accelerator, session.model, session.tokenizer, dataset, session.recipe,
+                          session.data.labels, unwrap, phase.advance)
     extra = {"confusion": result.confusion} if result.confusion else {}
+    if step == 0 and result.predictions:  # the "before" samples, read back by a resumed run's report
+        extra["samples"] = result.predictions
     session.reporter.log({"kind": "eval", "step": step, **result.metrics, **extra})
     if session.best.update(result.metrics, step) and step > 0:
-        ckpt.export_final(session.accelerator, session.strategy, session.model, session.tokenizer, session.run_dir, name="best")
+        with session.console.phase("export best"):
+            ckpt.export_final(session.accelerator, session.strategy, session.model, session.tokenizer, session.run_dir, name="best")
     return result
 
 
 def save(session: Run) -> None:
     state = {"step": session.step, "total_steps": session.total_steps, "best": session.best.state(),
              "world_size": session.accelerator.num_processes, "strategy": session.strategy.name}
-    ckpt.save_checkpoint(session.accelerator, session.run_dir, session.step, state, session.recipe.train.keep_last)
+    with session.console.phase(f"checkpoint (step {session.step})"):
+        ckpt.save_checkpoint(session.accelerator, session.run_dir, session.step, state, session.recipe.train.keep_last)
 
 
 # ---------------------------------------------------------------- the end
 
 def finish(session: Run) -> Path:
     """Final eval, last checkpoint, export to output_dir/final, and the report."""
-    from launcher.report import write_report
+    from launcher.report import first_samples, read_metrics, write_report
     recipe, accelerator, run_dir = session.recipe, session.accelerator, session.run_dir
     last_eval = run_eval(session, session.total_steps)
     save(session)
-    final = ckpt.export_final(accelerator, session.strategy, session.model, session.tokenizer, run_dir)
+    with session.console.phase("export"):
+        final = ckpt.export_final(accelerator, session.strategy, session.model, session.tokenizer, run_dir)
     if not session.main:
         return final
     if recipe.model.task == "classification":  # an adapter folder has no config.json: keep the label names beside it
-        accelerator.unwrap_model(session.model).config.save_pretrained(final)
+        session.strategy.unwrap(accelerator, session.model).config.save_pretrained(final)
     summary = {"model": session.weights, "method": recipe.method, "task": recipe.model.task,
                "parameters": session.params.line(), "steps": session.total_steps,
                "processes": accelerator.num_processes, "final": str(final)}
@@ -304,16 +333,17 @@ def finish(session: Run) -> Path:
     best = session.best
     if best.step is not None:
         summary["best"] = f"{best.key} {best.value:.4f} at step {best.step}" + (f" ({run_dir / 'best'})" if best.step else "")
-    write_report(run_dir, summary, paired_samples(session.first_eval, last_eval), session.reporter.console)
+    before = session.first_eval.predictions if session.first_eval else first_samples(read_metrics(run_dir / "metrics.jsonl"))
+    write_report(run_dir, summary, paired_samples(before, last_eval), session.console)
     session.reporter.print(f"saved {final}; report {run_dir / 'report.md'}")
+    session.console.print(end_line(session.console.started, session.totals, accelerator.device))
     return final
 
 
-def paired_samples(before: Evaluation | None, after: Evaluation | None) -> list[dict]:
+def paired_samples(earlier: list[dict], after: Evaluation | None) -> list[dict]:
     """Report rows: each eval prediction before training beside the same row after it."""
     if after is None:
         return []
-    earlier = before.predictions if before else []
     return [{"prompt": row["prompt"], "reference": row["reference"], "after": row["output"],
              "before": earlier[i]["output"] if i < len(earlier) else ""} for i, row in enumerate(after.predictions)]
 

@@ -158,7 +158,7 @@ def test_check_sources_names_the_eval_file_that_lacks_a_field(tmp_path, tiny_mod
     bad = tmp_path / "eval.jsonl"
     bad.write_text('{"en": "hello"}\n')
     recipe = _tiny(tmp_path, tiny_model, eval=str(bad))
-    with pytest.raises(UserError, match=r"eval.jsonl row 1: missing field 'es' needed by format translation"):
+    with pytest.raises(UserError, match=r"eval.jsonl:1: es: missing \(data.fields.target\); format translation needs field 'target'"):
         check_sources(recipe)
 
 

@@ -36,17 +36,51 @@ def test_every_shipped_recipe_validates(recipe, capsys):
     assert Path(load_recipe(REPO / "recipes" / recipe).data.train).is_file()
 
 
-def test_a_built_wheel_carries_the_deepspeed_shorthands_and_sbatch_template(tmp_path):
-    """A non-editable install must still resolve `deepspeed: zero3` and render Slurm jobs."""
+@pytest.fixture(scope="module")
+def wheel(tmp_path_factory) -> Path:
+    """The project built as a wheel, as `pip install .` would install it (not the editable checkout)."""
     import subprocess
     import sys
-    import zipfile
+    folder = tmp_path_factory.mktemp("wheel")
     subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q",
-                    "-w", str(tmp_path), str(REPO)], check=True, capture_output=True)
-    [wheel] = tmp_path.glob("launcher-*.whl")
+                    "-w", str(folder), str(REPO)], check=True, capture_output=True)
+    [built] = folder.glob("launcher-*.whl")
+    return built
+
+
+def test_a_built_wheel_carries_the_deepspeed_shorthands_and_sbatch_template(wheel):
+    """A non-editable install must still resolve `deepspeed: zero3` and render Slurm jobs."""
+    import zipfile
     packaged = set(zipfile.ZipFile(wheel).namelist())
     shipped = {f"launcher/ds_configs/{p.name}" for p in (REPO / "ds_configs").glob("*.json")}
     assert shipped and shipped <= packaged
     assert "launcher/templates/job.sbatch.tmpl" in packaged
     configs = {f"launcher/model_configs/{p.parent.name}/config.json" for p in (REPO / "launcher" / "model_configs").glob("*/config.json")}
     assert configs and configs <= packaged  # `launcher plan` resolves the real-size recipes' models offline
+
+
+def test_an_installed_wheel_lists_every_shipped_recipe_and_copies_one_that_validates(wheel, tmp_path):
+    """`launcher recipes` and `recipes copy` from the wheel alone: the recipes and their data ship in the package."""
+    import os
+    import subprocess
+    import sys
+    site = tmp_path / "site"
+    subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "-q", "--target", str(site), str(wheel)],
+                   check=True, capture_output=True)
+    env = {**os.environ, "PYTHONPATH": str(site), "HF_HUB_OFFLINE": "1"}
+
+    def launcher(*args):
+        return subprocess.run([sys.executable, "-m", "launcher", *args], capture_output=True, text=True, env=env,
+                              cwd=tmp_path, timeout=120)
+    listed = launcher("recipes")
+    assert listed.returncode == 0, listed.stderr
+    names = [line.split()[0] for line in listed.stdout.splitlines() if line.strip()][:-1]
+    assert names == sorted(p.stem for p in (REPO / "recipes").glob("*.yaml"))
+    copied = launcher("recipes", "copy", "translate-cpu", "mine")  # inherits from translate.yaml: both come along
+    assert copied.returncode == 0, copied.stderr
+    assert sorted(p.name for p in (tmp_path / "mine").glob("*.yaml")) == ["translate-cpu.yaml", "translate.yaml"]
+    checked = launcher("validate", "mine/translate-cpu.yaml")
+    assert checked.returncode == 0 and ": ok (" in checked.stdout, checked.stderr
+    where = subprocess.run([sys.executable, "-c", "import launcher; print(launcher.__file__)"], capture_output=True,
+                           text=True, env=env, cwd=tmp_path).stdout
+    assert where.startswith(str(site)), f"not the wheel's launcher: {where}"

@@ -182,15 +182,17 @@ def test_merge_reloads_with_plain_from_pretrained_and_matches_the_adapter(qlora_
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    from launcher.merge import PROMPTS, load_dequantised_base, logits, run_recipe
+    from launcher.merge import PROMPTS, load_dequantised_base, logits
+    from launcher.recipe import load_run
     run, _ = qlora_run
     result = launch(["merge", run, "--dtype", "fp32"])
     assert result.returncode == 0, result.stderr
     assert "max |logit difference|" in result.stdout and " ok" in result.stdout
-    merged_dir = run / "final" / "merged"
+    merged_dir = run / "merged"  # beside final/, which stays the adapter alone
+    assert not (run / "final" / "merged").exists()
     assert not (merged_dir / "adapter_config.json").exists() and "quantization_config" not in (merged_dir / "config.json").read_text()
 
-    recipe = run_recipe(run)
+    recipe = load_run(run)
     merged = AutoModelForCausalLM.from_pretrained(merged_dir, dtype=torch.float32).eval()
     adapter = PeftModel.from_pretrained(load_dequantised_base(recipe, "float32"), run / "final").eval()
     from launcher.modeling import load_tokenizer

@@ -130,15 +130,15 @@ def test_base_inheritance_merges_and_detects_cycles(tmp_path, capsys):
 
 # (case id, file name, content, fragment the error must contain)
 BAD_DATA = [
-    ("invalid json row", "t.jsonl", '{"en": "a", "es": "b"}\n{"en": "a", "es": "b"}\n{"en": "a", \n', "t.jsonl row 3: not valid JSON"),
+    ("invalid json row", "t.jsonl", '{"en": "a", "es": "b"}\n{"en": "a", "es": "b"}\n{"en": "a", \n', "t.jsonl:3: not valid JSON"),
     ("missing field", "t.jsonl", '{"en": "a", "es": "b"}\n{"en": "a", "spanish": "b"}\n',
-     "t.jsonl row 2: missing field 'es' needed by format translation (set data.fields.target to one of: en, spanish)"),
-    ("not text", "t.jsonl", '{"en": "a", "es": 7}\n', "t.jsonl row 1: field 'es' must be text, got int"),
-    ("not an object", "t.jsonl", '["en", "es"]\n', "t.jsonl row 1: expected a JSON object, got list"),
+     "t.jsonl:2: es: missing (data.fields.target); format translation needs field 'target'; this row has: en, spanish"),
+    ("not text", "t.jsonl", '{"en": "a", "es": 7}\n', "t.jsonl:1: es: expected text, got int"),
+    ("not an object", "t.jsonl", '["en", "es"]\n', "t.jsonl:1: expected a JSON object, got list"),
     ("empty file", "t.jsonl", "\n", "t.jsonl: no rows"),
     ("unsupported type", "t.txt", "hello\n", "t.txt: unsupported data file type '.txt'"),
-    ("csv missing column", "t.csv", "en,target\na,b\n", "t.csv row 1: missing field 'es'"),
-    ("json not a list", "t.json", '{"en": "a"}', "t.json: a .json data file must hold a list of objects"),
+    ("csv missing column", "t.csv", "en,target\na,b\n", "t.csv:1: es: missing"),
+    ("json not a list", "t.json", '{"en": "a"}', "t.json: a .json data file must hold a list of objects, got dict"),
 ]
 
 
@@ -152,9 +152,9 @@ def test_bad_data_names_file_row_and_field(tmp_path, capsys, case, name, content
 
 
 BAD_CHATS = [
-    ("bad role", [{"role": "user", "content": "hi"}, {"role": "bot", "content": "yo"}], "row 1: messages[1] needs role system, user or assistant"),
-    ("no assistant", [{"role": "user", "content": "hi"}], "row 1: messages has no assistant turn to train on"),
-    ("content not text", [{"role": "user", "content": ["hi"]}], "row 1: messages[0].content must be text"),
+    ("bad role", [{"role": "user", "content": "hi"}, {"role": "bot", "content": "yo"}], ":1: messages[1].role: expected system, user or assistant, got 'bot'"),
+    ("no assistant", [{"role": "user", "content": "hi"}], ":1: messages: no assistant turn to train on"),
+    ("content not text", [{"role": "user", "content": ["hi"]}], ":1: messages[0].content: expected text, got list"),
 ]
 
 
@@ -180,7 +180,9 @@ def test_validate_is_fast_exits_2_and_suggests(tmp_path):
     assert result.returncode == 2
     assert "unknown key 'train.learning_rat'" in result.stderr
     assert "Traceback" not in result.stderr
-    assert seconds < 2.0, f"validate took {seconds:.2f}s"
+    # About 2 s on an idle 2-core machine; the bound leaves room for a loaded one. That validate imports
+    # no torch at all is asserted in tests/test_shape.py.
+    assert seconds < 5.0, f"validate took {seconds:.2f}s"
 
 
 def test_train_on_bad_data_fails_before_loading_any_model(tmp_path):
@@ -189,5 +191,6 @@ def test_train_on_bad_data_fails_before_loading_any_model(tmp_path):
     recipe = set_key(good_recipe(tmp_path), "data.train", str(tmp_path / "bad.jsonl"))
     result, _ = run_cli(write(tmp_path, recipe))
     assert result.returncode == 2
-    assert result.stderr.strip().endswith("bad.jsonl row 1: missing field 'es' needed by format translation (set data.fields.target to one of: en)")
+    assert result.stderr.strip().endswith("bad.jsonl:1: es: missing (data.fields.target); format translation needs field "
+                                          "'target'; this row has: en; map yours with data.fields.target")
     assert not (tmp_path / "run").exists(), "nothing may be written for bad input"

@@ -1,0 +1,89 @@
+"""`launcher generate RUN_DIR`: a quick look at what a run learnt, with the prompt its data was trained on.
+
+A prompt is put into the recipe's data format (the translation template, the QA template, the
+instruction layout or chat template) exactly as training rows were, then generated greedily with
+the recipe's eval settings by the run's final (or best) model; `--checkpoint base` answers with the
+base model for comparison. Interactive on a terminal, one prompt per line otherwise.
+"""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+from launcher.recipe import Recipe, UserError, load_run
+
+# The canonical field a user's prompt fills, per data format; the format's other required field is the (empty) target.
+PROMPT_FIELD = {"translation": "source", "qa": "question", "instruction": "instruction", "completion": "prompt",
+                "text": "text", "chat": "messages"}
+
+
+def prompt_rows(prompts: list[str], recipe: Recipe) -> list[dict]:
+    """Each prompt as a data row of the recipe's format, its target left empty."""
+    fmt, col = recipe.data.format, recipe.data.field
+    if fmt not in PROMPT_FIELD:
+        raise UserError(f"generate: data.format {fmt} is scored from logits, not generated; use `launcher eval` instead")
+    if fmt == "chat":
+        return [{col("messages"): [{"role": "user", "content": p}, {"role": "assistant", "content": ""}]} for p in prompts]
+    from launcher.formats import FORMATS
+    target = [f for f in FORMATS[fmt].required if f != PROMPT_FIELD[fmt]]
+    return [{col(PROMPT_FIELD[fmt]): p, **{col(t): "" for t in target}} for p in prompts]
+
+
+def answers(run_dir: str | Path, checkpoint: str, prompts: list[str], max_new_tokens: int | None = None) -> list[str]:
+    """Greedy answers of a run's `final`, `best` or `base` model to `prompts`, in the recipe's prompt format."""
+    import datasets
+    import torch
+    from accelerate import PartialState
+
+    from launcher import modeling
+    from launcher.data import Encoder
+    from launcher.evaluate import generate
+    run_dir = Path(run_dir)
+    recipe = load_run(run_dir)
+    if recipe.model.task == "classification":
+        raise UserError("generate: a classification run predicts labels; use `launcher eval` instead")
+    if max_new_tokens:
+        recipe.eval.max_new_tokens = max_new_tokens
+    folder = run_dir / checkpoint
+    if checkpoint != "base" and not folder.is_dir():
+        raise UserError(f"generate: {folder} does not exist (train to the end first, or pick --checkpoint final|best|base)")
+    weights = modeling.resolve_weights(recipe)
+    tokenizer = modeling.load_tokenizer(weights if checkpoint == "base" else str(folder), recipe)
+    encoder = Encoder(tokenizer, recipe.data, recipe.model.task)
+    rows = datasets.Dataset.from_dict(encoder.batch(_columns(prompt_rows(prompts, recipe))))
+    on_gpu = torch.cuda.is_available()
+    model = (modeling.load_base(weights, recipe, on_gpu) if checkpoint == "base"
+             else modeling.load_trained(str(folder), recipe, on_gpu)).to(PartialState().device).eval()
+    out = generate(PartialState(), model, tokenizer, rows, len(prompts), recipe, recipe.eval.generate_batch_size or 8)
+    return [row["output"] for row in out]
+
+
+def _columns(rows: list[dict]) -> dict[str, list]:
+    return {key: [row[key] for row in rows] for key in rows[0]}
+
+
+def answer_prompts(run_dir: str, checkpoint: str, prompts: list[str] | None, file: str | None,
+                   max_new_tokens: int | None) -> int:
+    """The verb: prompts from --prompt, --file, a terminal session, or standard input."""
+    if file:
+        if not Path(file).is_file():
+            raise UserError(f"generate --file: {file} not found")
+        prompts = [line for line in Path(file).read_text().splitlines() if line.strip()]
+    if prompts:
+        for prompt, answer in zip(prompts, answers(run_dir, checkpoint, prompts, max_new_tokens)):
+            print(f"> {prompt}\n{answer}\n")
+        return 0
+    if not sys.stdin.isatty():
+        prompts = [line for line in sys.stdin.read().splitlines() if line.strip()]
+        if not prompts:
+            raise UserError("generate: no prompt; give --prompt TEXT, --file PATH, or prompts on standard input")
+        return answer_prompts(run_dir, checkpoint, prompts, None, max_new_tokens)
+    print(f"{run_dir} ({checkpoint}): type a prompt, an empty line or Ctrl-D to stop")
+    while True:
+        try:
+            prompt = input("> ")
+        except EOFError:
+            return 0
+        if not prompt.strip():
+            return 0
+        print(answers(run_dir, checkpoint, [prompt], max_new_tokens)[0])
