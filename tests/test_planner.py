@@ -13,6 +13,7 @@ from memory_reference import config_folder, recipe_for, reference_lines
 from support import build_tiny_llama, launch, tiny_recipe, write_recipe
 
 from launcher import planner, planning
+from launcher.inventory import shipped_config
 from launcher.cli import main
 from launcher.recipe import Recipe, load_recipe
 
@@ -71,7 +72,7 @@ def test_real_size_recipe_validates_and_plans_offline_within_10_cpu_seconds(name
     from launcher import preflight
     world, gpu = REAL_SIZE[name]
     recipe = load_recipe(REPO / "recipes" / name)
-    assert planner.shipped_config(recipe.model.path) is not None
+    assert shipped_config(recipe.model.path) is not None
     preflight.check(recipe, preflight.Target("cuda", world))  # as `launcher slurm submit` checks for the job
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
     result = launch(["plan", REPO / "recipes" / name, "--gpus", world, "--gpu-memory", gpu, "--json"], timeout=120)
