@@ -19,7 +19,7 @@ from launcher.recipe import Recipe, load_recipe
 
 REPO = Path(__file__).resolve().parents[1]
 REAL_SIZE = {"llama-8b-lora.yaml": (1, 80), "llama-8b-qlora.yaml": (1, 24), "llama-8b-zero3-full.yaml": (8, 80),
-             "llama-70b-lora.yaml": (8, 80), "llama-70b-lora-2nodes.yaml": (16, 80)}
+             "llama-70b-lora.yaml": (8, 80), "llama-70b-2nodes-lora.yaml": (16, 80)}
 
 
 @pytest.mark.parametrize("line", reference_lines(), ids=lambda line: line["label"])
@@ -66,21 +66,30 @@ def test_plan_json_names_components_peak_fit_and_cheapest_fitting_changes(capsys
     assert costs == sorted(costs)  # cheapest first
 
 
+def cpu_seconds(command: list) -> tuple[float, subprocess.CompletedProcess]:
+    """CPU time (user + system) a child process used: on two cores shared by many jobs, wall time says little."""
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    result = launch(command, timeout=300) if command[0] != sys.executable else subprocess.run(command, capture_output=True, text=True)
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime, result
+
+
 @pytest.mark.parametrize("name", sorted(REAL_SIZE))
-def test_real_size_recipe_validates_and_plans_offline_within_10_cpu_seconds(name, tmp_path):
-    """No weights exist here: the hub id resolves to the config shipped in launcher/model_configs."""
+def test_real_size_recipe_validates_and_plans_offline_in_seconds(name):
+    """No weights exist here: the hub id resolves to the config shipped in launcher/model_configs. The plan's own
+    work takes under 2 CPU-seconds; the rest of the command is importing torch and the model's transformers code
+    (8.4 of the command's 8.9 CPU-seconds, measured here while other jobs saturated the two cores)."""
     from launcher import preflight
     world, gpu = REAL_SIZE[name]
     recipe = load_recipe(REPO / "recipes" / name)
     assert shipped_config(recipe.model.path) is not None
     preflight.check(recipe, preflight.Target("cuda", world))  # as `launcher slurm submit` checks for the job
-    before = resource.getrusage(resource.RUSAGE_CHILDREN)
-    result = launch(["plan", REPO / "recipes" / name, "--gpus", world, "--gpu-memory", gpu, "--json"], timeout=120)
-    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    planned, result = cpu_seconds(["plan", REPO / "recipes" / name, "--gpus", world, "--gpu-memory", gpu, "--json"])
     assert result.returncode == 0, result.stderr
     assert json.loads(result.stdout)["fits"] is True
-    cpu = after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime
-    assert cpu < 10, f"{cpu:.1f} s of CPU"  # wall time here depends on how many agents share the two cores
+    imports, _ = cpu_seconds([sys.executable, "-c", "import torch; from transformers.models.llama import modeling_llama; "
+                              "import launcher.cli, launcher.planning"])
+    assert planned - imports < 2.0, f"plan {planned:.1f} CPU-s, of which imports {imports:.1f}"
 
 
 @pytest.fixture(scope="module")
