@@ -12,13 +12,16 @@ import os
 import shutil
 from pathlib import Path
 
+from launcher import verify
 from launcher.adapters import export_kwargs
 from launcher.recipe import UserError
 
 STATE_FILE = "trainer_state.json"
+RUN_FILES = ("checkpoints", "final", "best", "metrics.jsonl", "report.md", "loss.png", "recipe.yaml", "tb", "logs")  # what a run writes
 # Keys of the recipe that may change between a run and its resumption.
 RESUMABLE_CHANGES = {("train", "max_steps"), ("train", "epochs"), ("train", "eval_every"), ("train", "save_every"),
-                     ("distributed", "num_processes"), ("train", "log_every"), ("train", "keep_last"), ("eval", "samples"), ("report", "tensorboard")}
+                     ("distributed", "num_processes"), ("train", "log_every"), ("train", "keep_last"), ("eval", "samples"), ("report", "tensorboard"),
+                     ("train", "skip_nonfinite")}
 
 
 def checkpoints(run_dir: Path) -> list[tuple[int, Path]]:
@@ -80,7 +83,7 @@ def plan_run_dir(run_dir: Path, resolved: dict, overwrite: bool) -> Path | None:
 def clear_run_dir(run_dir: Path) -> None:
     """--overwrite: remove what a previous run wrote (only the launcher's own files, and never slurm/:
     the running job's script and log are there)."""
-    for name in ("checkpoints", "final", "best", "metrics.jsonl", "report.md", "loss.png", "recipe.yaml", "tb", "logs"):
+    for name in RUN_FILES:
         target = run_dir / name
         if target.is_dir():
             shutil.rmtree(target)
@@ -107,6 +110,7 @@ def save_checkpoint(accelerator, run_dir: Path, step: int, state: dict, keep_las
     accelerator.save_state(str(staging))
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
+        verify.checkpoint(staging)  # read back before it counts: a bad save never replaces a good one
         with open(staging / STATE_FILE, "w") as handle:
             json.dump(state, handle)
             handle.flush()
@@ -142,8 +146,11 @@ def export_final(accelerator, strategy, model, tokenizer, run_dir: Path, name: s
     if accelerator.is_main_process:
         shutil.rmtree(staging, ignore_errors=True)
         unwrapped = strategy.unwrap(accelerator, model)  # PiSSA/OLoRA adapters are converted to plain LoRA on the original base
-        unwrapped.save_pretrained(staging, state_dict=state_dict, safe_serialization=True, **export_kwargs(unwrapped, run_dir))
+        conversion = export_kwargs(unwrapped, run_dir)
+        expected = verify.before_export(unwrapped, state_dict, converted=bool(conversion))  # refuses non-finite weights
+        unwrapped.save_pretrained(staging, state_dict=state_dict, safe_serialization=True, **conversion)
         tokenizer.save_pretrained(staging)
+        verify.after_export(staging, expected)
         shutil.rmtree(target, ignore_errors=True)
         staging.rename(target)
     accelerator.wait_for_everyone()

@@ -21,6 +21,8 @@ def _recipe_args(parser: argparse.ArgumentParser) -> None:
 
 def _train_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--overwrite", action="store_true", help="discard a previous run in output_dir and start fresh")
+    parser.add_argument("--allow-data-change", action="store_true",
+                        help="resume even though a data file changed since the checkpoint (refused otherwise)")
 
 
 def _validate_options(parser: argparse.ArgumentParser) -> None:
@@ -130,7 +132,7 @@ def cmd_validate(args) -> int:
 def cmd_train(args) -> int:
     recipe = checked_recipe(args)
     from launcher.train import run
-    return run(recipe, overwrite=args.overwrite)
+    return run(recipe, overwrite=args.overwrite, allow_data_change=args.allow_data_change)
 
 
 def cmd_inspect(args) -> int:
@@ -157,9 +159,9 @@ def cmd_slurm(args) -> int:
     if args.action == "render":
         print(slurm.render(args.recipe, run_dir, spec, args.overrides), end="")
         return 0
-    from launcher.checkpoint import plan_run_dir
+    from launcher.rundir import plan
     checked_recipe(args, Target("cuda" if spec.gpus_per_node else "cpu", spec.world_size))  # as the job will see it
-    resume = plan_run_dir(run_dir, recipe.model_dump(mode="json"), overwrite=False)  # refuse now, not once queued
+    resume = plan(run_dir, recipe.model_dump(mode="json"), overwrite=False).resume_from  # refuse now, not once queued
     script = slurm.write_script(args.recipe, run_dir, spec, args.overrides)
     job = slurm.submit(script)
     log = slurm.log_path(run_dir, spec, job)

@@ -56,8 +56,8 @@ class Phase:
         self.console, self.name, self.total, self.unit = console, name, total, unit
         self.done, self.started = 0, time.perf_counter()
         self.task = None
-        if console.progress is not None:
-            self.task = console.progress.add_task(name, total=total, status=self.status())
+        if console.live:
+            self.task = console.display().add_task(name, total=total, status=self.status())
 
     def status(self) -> str:
         count = f"{self.done}/{self.total} {self.unit}  " if self.total else ""
@@ -72,6 +72,8 @@ class Phase:
         """The spinner goes; one line stays, on a terminal as in a log."""
         if self.task is not None:
             self.console.progress.remove_task(self.task)
+            if not self.console.progress.tasks:  # nothing else on screen: no live display between phases
+                self.console.close()
         if self.console.active:
             count = f" ({self.done}/{self.total} {self.unit})" if self.total else ""
             self.console.print(f"{self.name}: done{count} in {clock(time.perf_counter() - self.started)}")
@@ -87,10 +89,15 @@ class Console:
         self.progress: Progress | None = None
         self.train_task = None
         self.started = time.perf_counter()
-        if self.live:
+
+    def display(self) -> Progress:
+        """The live display, started on demand (only while a phase or the training bar is showing), so an
+        error between phases leaves a normal terminal behind."""
+        if self.progress is None:
             self.progress = Progress(SpinnerColumn(), TextColumn("{task.description}"), BarColumn(bar_width=30),
                                      TextColumn("{task.fields[status]}"), console=self.rich, transient=False)
             self.progress.start()
+        return self.progress
 
     def print(self, *parts) -> None:
         if self.active:
@@ -118,8 +125,8 @@ class Console:
 
     def start_training(self, total: int, start: int) -> None:
         self.bar_total, self.bar_start, self.bar_began = total, start, time.perf_counter()
-        if self.progress is not None:
-            self.train_task = self.progress.add_task("train", total=total, completed=start, status=f"step {start}/{total}")
+        if self.live:
+            self.train_task = self.display().add_task("train", total=total, completed=start, status=f"step {start}/{total}")
 
     def step(self, step: int, fields: dict[str, str], log_line: bool) -> None:
         """The bar after optimiser step `step`: counts from the resume step, so its ETA is this run's."""
@@ -129,14 +136,14 @@ class Console:
         status = "  ".join([f"step {step}/{self.bar_total}", *(f"{k} {v}" for k, v in fields.items()),
                             f"elapsed {clock(elapsed)}", f"eta {clock(left)}"])
         if self.train_task is not None:
-            self.progress.update(self.train_task, completed=step, status=status)
+            self.display().update(self.train_task, completed=step, status=status)
         elif log_line:
             self.print(status)
 
     def close(self) -> None:
         if self.progress is not None:
             self.progress.stop()
-            self.progress = None
+            self.progress, self.train_task = None, None
 
 
 def header_rows(session, resume_from, resume_step: int) -> dict[str, str]:

@@ -204,6 +204,7 @@ def compare(recipe: Recipe, checkpoint: str | None = None, console=None) -> dict
     from rich.table import Table
 
     from launcher import modeling
+    from launcher.console import Console as Progress
     from launcher.data import load_datasets
     from launcher.recipe import UserError
     from launcher.strategies import strategy_for
@@ -221,13 +222,16 @@ def compare(recipe: Recipe, checkpoint: str | None = None, console=None) -> dict
     if eval_data is None:
         raise UserError("eval: the recipe has no eval data; set data.eval or data.eval_fraction")
     results: dict[str, dict] = {}
+    shown = Progress(accelerator.is_main_process)
     for target in targets:
         set_seed(recipe.train.seed)
         loader = modeling.load_base if target == "base" else modeling.load_trained
         model = loader(weights if target == "base" else target, recipe, on_gpu, labels).to(accelerator.device)
-        found = evaluate(accelerator, model, tokenizer, eval_data.dataset, recipe, labels)
+        with shown.phase(f"evaluation of {Path(target).name}", eval_rows(eval_data.dataset, recipe)) as phase:
+            found = evaluate(accelerator, model, tokenizer, eval_data.dataset, recipe, labels, progress=phase.advance)
         results[target] = {**found.metrics, "predictions": found.predictions, "confusion": found.confusion}
         del model
+    shown.close()
     console = console or Console(highlight=False, soft_wrap=True)
     table = Table(title=f"eval on {len(eval_data.dataset)} rows of {recipe.data.eval or recipe.data.train}")
     table.add_column("metric")

@@ -10,6 +10,7 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
+from launcher import verify
 from launcher.recipe import Recipe, UserError, load_run
 
 DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
@@ -91,8 +92,10 @@ def write_merged(recipe: Recipe, adapter: Path, staging: Path, torch_dtype: str)
     merged = model.merge_and_unload()
     restore_conv1d(merged, modeling.skeleton(modeling.resolve_weights(recipe), recipe, class_labels(recipe)))
     shutil.rmtree(staging, ignore_errors=True)
+    expected = verify.before_export(merged, None)
     merged.save_pretrained(staging, safe_serialization=True)
     tokenizer.save_pretrained(staging)
+    verify.after_export(staging, expected)  # read back: every tensor's checksum as saved
     del model, merged
     reloaded = modeling.auto_class(recipe.model.task).from_pretrained(staging, dtype=getattr(torch, torch_dtype),
                                                                       device_map={"": device}).eval()

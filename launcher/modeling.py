@@ -9,6 +9,8 @@ import hashlib
 import importlib.util
 import os
 import re
+import shutil
+import tempfile
 from pathlib import Path
 
 from launcher import adapters
@@ -67,10 +69,16 @@ def convert_gguf(folder: str, gguf_file: str) -> Path:
     del config.quantization_config
     plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     plain.load_state_dict(loaded.state_dict())
-    staging = target.with_name(target.name + ".tmp")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f"{target.name}.tmp-", dir=target.parent))  # one per converting process
     plain.save_pretrained(staging)
     tokenizer.save_pretrained(staging)
-    staging.rename(target)
+    try:
+        staging.rename(target)
+    except OSError:  # another process (a second job sharing this cache) finished first: use its folder
+        shutil.rmtree(staging, ignore_errors=True)
+        if not (target / "config.json").is_file():
+            raise
     return target
 
 
@@ -123,17 +131,38 @@ def freeze(model, recipe: Recipe) -> list[str]:
     """Freeze what the recipe's `freeze` section names; returns the frozen parameter names."""
     rules = recipe.freeze
     patterns = [re.compile(p) for p in rules.patterns]
-    blocks = [rf"\.layers\.{i}\." for i in range(rules.first_n_blocks)] + [rf"\.h\.{i}\." for i in range(rules.first_n_blocks)]
-    block_patterns = [re.compile(b) for b in blocks]
-    embedding_ids = {id(p) for p in model.get_input_embeddings().parameters()} if rules.embeddings else set()
+    chosen = {id(p) for p in model.get_input_embeddings().parameters()} if rules.embeddings else set()
+    if rules.first_n_blocks:
+        chosen |= {id(p) for block in first_blocks(model, rules.first_n_blocks) for p in block.parameters()}
     frozen = []
     for name, param in model.named_parameters():
-        if id(param) in embedding_ids or any(p.search(name) for p in patterns + block_patterns):
+        if id(param) in chosen or any(p.search(name) for p in patterns):
             param.requires_grad_(False)
             frozen.append(name)
     if rules.patterns and not any(any(p.search(n) for p in patterns) for n in frozen):
         raise UserError(f"freeze.patterns {rules.patterns} match no parameter of this model")
     return frozen
+
+
+def transformer_blocks(model) -> list:
+    """The model's own list of blocks: the ModuleList holding the most parameters (encoder-decoders: the encoder's).
+
+    Names differ by family (`model.layers`, `transformer.h`, BERT's `encoder.layer`, T5's `encoder.block`),
+    so the list is found by structure rather than by name.
+    """
+    import torch
+    root = model.get_encoder() if getattr(model.config, "is_encoder_decoder", False) else model
+    lists = [m for m in root.modules() if isinstance(m, torch.nn.ModuleList) and len(m)]
+    if not lists:
+        raise UserError(f"freeze.first_n_blocks: found no list of blocks in {type(model).__name__}")
+    return list(max(lists, key=lambda m: sum(p.numel() for p in m.parameters())))
+
+
+def first_blocks(model, count: int) -> list:
+    blocks = transformer_blocks(model)
+    if count > len(blocks):
+        raise UserError(f"freeze.first_n_blocks is {count} but {type(model).__name__} has {len(blocks)} blocks")
+    return blocks[:count]
 
 
 def auto_class(task: str):

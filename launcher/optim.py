@@ -59,6 +59,19 @@ def build_scheduler(optimizer, train: TrainSection, total_steps: int):
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_multiplier(step, train, total_steps))
 
 
+def resume_schedule(scheduler) -> None:
+    """After a checkpoint loads: the optimiser's rate for the current step under this run's total.
+
+    The checkpoint holds the rate its run set for the next step, from that run's total; a run
+    extended with a higher train.max_steps must instead continue on the schedule planned for the new total.
+    """
+    inner = getattr(scheduler, "scheduler", scheduler)  # accelerate wraps the LambdaLR
+    rates = [base * factor(inner.last_epoch) for base, factor in zip(inner.base_lrs, inner.lr_lambdas)]
+    for group, rate in zip(inner.optimizer.param_groups, rates):
+        group["lr"] = rate
+    inner._last_lr = rates
+
+
 def l2_penalty(model, l2_lambda: float) -> torch.Tensor | float:
     """lambda * sum ||theta||^2 over trainable parameters (the seed's explicit regulariser)."""
     if not l2_lambda:

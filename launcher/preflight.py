@@ -60,6 +60,9 @@ def check_launch(recipe: Recipe, target: Target) -> None:
         raise UserError(f"distributed.num_processes is {wanted} but {target.world} process{'es' * (target.world != 1)} "
                         f"started; launch with {launch_hint(wanted)}")
     strategy_for(recipe).preflight(target.device == "cuda")
+    if recipe.train.skip_nonfinite and recipe.distributed.strategy == "deepspeed":
+        raise UserError("train.skip_nonfinite: DeepSpeed applies the optimiser step inside its backward, so a step cannot "
+                        "be skipped there; set it to 0 (the run then stops at the first non-finite step)")
 
 
 def check_device_support(recipe: Recipe, device: str) -> None:

@@ -132,6 +132,8 @@ class TrainSection(Section):
     weight_decay: float = Field(0.0, ge=0, description="Decoupled weight decay (AdamW).")
     l2_lambda: float = Field(0.0, ge=0, description="Explicit penalty lambda * ||theta||^2 on trainable parameters, added to the loss.")
     max_grad_norm: float | None = Field(1.0, gt=0, description="Clip the global gradient norm; null disables.")
+    skip_nonfinite: int = Field(0, ge=0, description="Skip up to N optimiser steps whose gradient norm is NaN or inf "
+                                "(their update is not applied); 0: the run stops at the first one, naming the step.")
     precision: Literal["auto", "fp32", "bf16", "fp16"] = Field("auto", description="Mixed precision: auto is bf16 on a capable GPU, fp32 on CPU.")
     gradient_checkpointing: bool = Field(False, description="Recompute activations in backward (non-reentrant) to save memory.")
     loss_chunk_tokens: int = Field(0, ge=0, description="causal-lm: compute lm_head + cross-entropy over chunks of this many "

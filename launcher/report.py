@@ -12,6 +12,7 @@ from rich.table import Table
 
 from launcher import trackers
 from launcher.console import Console
+from launcher.guard import json_safe
 
 
 class Reporter:
@@ -32,7 +33,7 @@ class Reporter:
             return
         record = {"time": round(time.time(), 3), **record}
         with self.metrics_path.open("a") as handle:
-            handle.write(json.dumps(record) + "\n")
+            handle.write(json.dumps(json_safe(record), allow_nan=False) + "\n")
         trackers.log(self.accelerator, record)
 
     def step(self, step: int, loss: float, lr: float, tokens_per_s: float, grad_norm: float | None) -> None:

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from launcher import checkpoint as ckpt
-from launcher import trackers
+from launcher import guard, rundir, trackers, verify
 from launcher.console import Console, end_line, header_rows, quiet_libraries
 from launcher.provenance import write_provenance
 from launcher.data import Datasets, StepPlan, load_datasets
@@ -57,6 +57,7 @@ class StepStats:
     grad_norm: float | None
     lr: float              # the learning rate this step's update used
     seconds: float
+    skipped: bool = False  # a non-finite gradient norm under train.skip_nonfinite: the update was not applied
 
 
 @dataclass
@@ -82,6 +83,7 @@ class Run:
     memory: MemoryCheck | None = None  # the plan checked before the model loaded
     totals: dict = field(default_factory=lambda: {"tokens": 0, "slots": 0, "seconds": 0.0})
     console: Console | None = None
+    sources: dict = field(default_factory=dict)  # fingerprint of each data source as this run read it
 
     @property
     def main(self) -> bool:
@@ -94,11 +96,11 @@ class Run:
                 for rows in self.plan.micro_batches(step)]
 
 
-def run(recipe: Recipe, overwrite: bool = False) -> int:
+def run(recipe: Recipe, overwrite: bool = False, allow_data_change: bool = False) -> int:
     """Train as the recipe says; returns the process exit status. Preflight has already run."""
     stop = StopRequest()  # first thing: a signal during start-up is then acted on at the first step boundary
     quiet_libraries()
-    session = setup(recipe, overwrite)
+    session = setup(recipe, overwrite, allow_data_change)
     if session is None:
         return 0
     try:
@@ -112,28 +114,36 @@ def run(recipe: Recipe, overwrite: bool = False) -> int:
 
 # ---------------------------------------------------------------- setup
 
-def setup(recipe: Recipe, overwrite: bool = False) -> Run | None:
+def setup(recipe: Recipe, overwrite: bool = False, allow_data_change: bool = False) -> Run | None:
     """Run directory, data, step plan, model, optimiser and resume state; None when nothing is left to train."""
     from accelerate.utils import set_seed
+
+    from launcher import optim
     run_dir = Path(recipe.output_dir)
-    resume_from = ckpt.plan_run_dir(run_dir, recipe.model_dump(mode="json"), overwrite)
+    layout = rundir.plan(run_dir, recipe.model_dump(mode="json"), overwrite)
+    resume_from = layout.resume_from
     strategy = strategy_for(recipe)
     accelerator = strategy.make_accelerator()
     memory = check_before_loading(recipe, accelerator.num_processes, accelerator.device.type)  # refuses before weights load
     console = Console(accelerator.is_main_process)
     if accelerator.is_main_process:
-        if overwrite:
+        rundir.take_live_lock(run_dir)  # before anything is written: a second live run is refused here
+        if overwrite or layout.replaced:
             ckpt.clear_run_dir(run_dir)
+        if layout.replaced:
+            print(layout.message(run_dir))
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "recipe.yaml").write_text(resolved_yaml(recipe))
         write_provenance(run_dir, accelerator)
-    session = _load_data(recipe, strategy, accelerator, run_dir, console)
-    session.memory = memory
     state = ckpt.load_state_file(resume_from) if resume_from is not None else None
+    sources = rundir.check_sources(recipe, state, allow_data_change)  # before tokenising: refuse changed data early
+    session = _load_data(recipe, strategy, accelerator, run_dir, console)
+    session.sources, session.memory = sources, memory
     console.header(header_rows(session, resume_from, state["step"] if state else 0))
     if state is not None:
         strategy.check_resume(state, accelerator.num_processes)
         if state["step"] >= session.total_steps and (run_dir / "final").is_dir():  # no final/: stopped in export, redo it
+            console.close()
             if session.main:
                 print(f"nothing left to train: {run_dir} already finished step {state['step']} of {session.total_steps}. "
                       f"Raise train.max_steps or train.epochs to continue, or pass --overwrite to start again.")
@@ -145,6 +155,7 @@ def setup(recipe: Recipe, overwrite: bool = False) -> Run | None:
     if resume_from is not None:
         loaded = ckpt.load_checkpoint(accelerator, resume_from, strategy)
         session.step, session.best = loaded["step"], Best(recipe, loaded.get("best"))
+        optim.resume_schedule(session.scheduler)  # the lr for this step under the (maybe extended) total
     _open_reporter(session, resume_from)
     if resume_from is None:
         session.first_eval = run_eval(session, 0)
@@ -188,6 +199,7 @@ def _build_model(session: Run) -> None:
     if recipe.method != "full":
         trainable = {name for name, p in strategy.unwrap(accelerator, session.model).named_parameters() if p.requires_grad}
         accelerator.register_save_state_pre_hook(ckpt.keep_trainable_only(trainable))
+    accelerator.register_save_state_pre_hook(verify.checksum_hook(accelerator))  # after the filter: sees what is written
 
 
 def _open_reporter(session: Run, resume_from: Path | None) -> None:
@@ -223,15 +235,17 @@ def train_step(session: Run, micro_batches: list[dict]) -> StepStats:
     started, lr = time.perf_counter(), session.scheduler.get_last_lr()[0]  # the rate this step's update uses
     step_targets = accelerator.reduce(sum(target_count(b["labels"], task) for b in micro_batches).double(), "sum")
     loss_sum = torch.zeros((), device=accelerator.device, dtype=torch.float64)
-    grad_norm = None
+    grad_norm, skipped = None, False
     for batch in micro_batches:
         with accelerator.accumulate(model):
             total = task_loss_sum(model, batch, task, cfg.loss_chunk_tokens)[0]  # its count is in step_targets already
             scale = accelerator.num_processes * cfg.grad_accum / step_targets
             accelerator.backward(total * scale.float() + l2_penalty(model, cfg.l2_lambda))
-            if accelerator.sync_gradients and cfg.max_grad_norm:
-                grad_norm = accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
-            session.optimizer.step()
+            if accelerator.sync_gradients and (cfg.max_grad_norm or cfg.skip_nonfinite):  # measured to skip a bad step
+                grad_norm = accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm or float("inf"))
+                skipped = not guard.finite(grad_norm) and guard.may_skip(session.totals, cfg.skip_nonfinite)
+            if not skipped:
+                session.optimizer.step()
             if accelerator.sync_gradients:
                 session.scheduler.step()
             session.optimizer.zero_grad()
@@ -240,7 +254,7 @@ def train_step(session: Run, micro_batches: list[dict]) -> StepStats:
     tokens = accelerator.reduce(sum(b["attention_mask"].sum() for b in micro_batches), "sum").item()
     slots = sum(b["attention_mask"].numel() for b in micro_batches) * accelerator.num_processes
     return StepStats(loss, int(tokens), slots, float(grad_norm) if grad_norm is not None else None, lr,
-                     time.perf_counter() - started)
+                     time.perf_counter() - started, skipped)
 
 
 def fit(session: Run, stop: StopRequest) -> bool:
@@ -259,6 +273,7 @@ def fit(session: Run, stop: StopRequest) -> bool:
         if step == start + 1:
             session.strategy.check_synchronised(session.accelerator, session.model)  # refuses independent processes
         _record(session, stats)
+        guard.check_step(step, stats.loss, stats.grad_norm, stats.skipped, ckpt.last_checkpoint(session.run_dir))
         if not last and stop.agreed(session.accelerator):  # at the last step, finishing is the quickest way out
             save(session)
             _preempted(session.reporter, stop, step, session.total_steps)
@@ -277,7 +292,8 @@ def _record(session: Run, stats: StepStats) -> None:
     step = session.step
     if step % session.recipe.train.log_every == 0 or step == session.total_steps:
         session.reporter.log({"kind": "train", "step": step, "loss": stats.loss, "lr": stats.lr, "tokens": stats.tokens,
-                              "grad_norm": stats.grad_norm, "step_seconds": round(stats.seconds, 4)})
+                              "grad_norm": stats.grad_norm, "step_seconds": round(stats.seconds, 4),
+                              **({"skipped": "non-finite gradient norm"} if stats.skipped else {})})
     session.reporter.step(step, stats.loss, stats.lr, stats.tokens / max(stats.seconds, 1e-9), stats.grad_norm)
 
 
@@ -293,7 +309,7 @@ def run_eval(session: Run, step: int) -> Evaluation | None:
     if step == 0 and result.predictions:  # the "before" samples, read back by a resumed run's report
         extra["samples"] = result.predictions
     session.reporter.log({"kind": "eval", "step": step, **result.metrics, **extra})
-    if session.best.update(result.metrics, step) and step > 0:
+    if session.best.update(result.metrics, step) and 0 < step < session.total_steps:  # best at the end is final/
         with session.console.phase("export best"):
             ckpt.export_final(session.accelerator, session.strategy, session.model, session.tokenizer, session.run_dir, name="best")
     return result
@@ -301,7 +317,7 @@ def run_eval(session: Run, step: int) -> Evaluation | None:
 
 def save(session: Run) -> None:
     state = {"step": session.step, "total_steps": session.total_steps, "best": session.best.state(),
-             "world_size": session.accelerator.num_processes, "strategy": session.strategy.name}
+             "world_size": session.accelerator.num_processes, "strategy": session.strategy.name, "data": session.sources}
     with session.console.phase(f"checkpoint (step {session.step})"):
         ckpt.save_checkpoint(session.accelerator, session.run_dir, session.step, state, session.recipe.train.keep_last)
 
@@ -332,7 +348,10 @@ def finish(session: Run) -> Path:
         summary["padding efficiency"] = f"{efficiency:.1%} ({'packed' if recipe.data.packing else 'padded'})"
     best = session.best
     if best.step is not None:
-        summary["best"] = f"{best.key} {best.value:.4f} at step {best.step}" + (f" ({run_dir / 'best'})" if best.step else "")
+        where = "" if not best.step else " (= final/)" if best.step == session.total_steps else f" ({run_dir / 'best'})"
+        summary["best"] = f"{best.key} {best.value:.4f} at step {best.step}{where}"
+        if best.step == session.total_steps:  # an earlier best/ is no longer the best; final/ is
+            rundir.remove_results(run_dir, "best")
     before = session.first_eval.predictions if session.first_eval else first_samples(read_metrics(run_dir / "metrics.jsonl"))
     write_report(run_dir, summary, paired_samples(before, last_eval), session.console)
     session.reporter.print(f"saved {final}; report {run_dir / 'report.md'}")

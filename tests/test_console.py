@@ -30,7 +30,7 @@ def environment() -> dict:
     return {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO), "COLUMNS": "160"}
 
 
-def run_in_pty(args: list[str], timeout: float = 300) -> str:
+def run_in_pty(args: list[str], timeout: float = 900) -> str:
     """The launcher's output as a terminal receives it (escape codes and all)."""
     import pty
     leader, follower = pty.openpty()
@@ -73,7 +73,7 @@ def test_a_log_file_gets_plain_lines_one_per_phase_end_and_per_step(tiny_model, 
     log = tmp_path / "run.log"
     with log.open("w") as handle:
         result = subprocess.run([sys.executable, "-c", RUN, short_run(tiny_model, tmp_path)], stdout=handle,
-                                stderr=subprocess.PIPE, text=True, env=environment(), cwd=REPO, timeout=300)
+                                stderr=subprocess.PIPE, text=True, env=environment(), cwd=REPO, timeout=900)
     text = log.read_text()
     assert result.returncode == 0, result.stderr[-3000:]
     assert "\x1b[" not in text, "escape codes in a log file"

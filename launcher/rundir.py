@@ -1,0 +1,207 @@
+"""A run directory a crash cannot lock, and that two live runs never share.
+
+Two locks with different jobs. The recipe lock (a different recipe may not continue a run) only
+holds once the run has something to lose: a checkpoint, `final/` or `best/`. Before that, a
+rerun with a corrected recipe clears what the failed attempt left and says so. The live lock
+(`run.lock`: host, pid and start time of the process training there) keeps a second process out
+while the first is alive; a lock whose process is gone from this host is taken over. Under
+several processes only the main one takes it. Imports no torch.
+"""
+from __future__ import annotations
+
+import atexit
+import json
+import os
+import shutil
+import socket
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from launcher import checkpoint as ckpt
+from launcher.fingerprint import changed, file_fingerprint
+from launcher.recipe import UserError
+
+LOCK_FILE = "run.lock"
+RESULTS = ("final", "best")  # exported folders: a run that has one has something to lose
+
+
+@dataclass
+class RunDirPlan:
+    """How a run uses its output_dir: resume from a checkpoint, or start fresh (clearing `replaced` first)."""
+    resume_from: Path | None
+    replaced: list[str] = field(default_factory=list)
+    reason: str = ""
+
+    def message(self, run_dir: Path) -> str:
+        return (f"output_dir {run_dir}: the earlier attempt there ({self.reason}) had no checkpoint yet; "
+                f"starting fresh, replacing its {', '.join(self.replaced)}")
+
+
+def has_something_to_lose(run_dir: Path) -> bool:
+    return ckpt.last_checkpoint(run_dir) is not None or any((run_dir / name).is_dir() for name in RESULTS)
+
+
+def _leftovers(run_dir: Path) -> list[str]:
+    """The launcher's own files an earlier attempt wrote (ckpt.clear_run_dir removes exactly these)."""
+    return [name for name in ckpt.RUN_FILES if (run_dir / name).exists()]
+
+
+def plan(run_dir: Path, resolved: dict, overwrite: bool) -> RunDirPlan:
+    """Resume, start fresh, or refuse (a different recipe over a run with something to lose); decided before any model loads."""
+    if run_dir.is_dir():
+        LiveLock(run_dir).refuse_if_held()  # a live run's folder is not this run's to judge or clear
+        if {entry.name for entry in run_dir.iterdir()} <= {LOCK_FILE}:
+            return RunDirPlan(None)
+    previous = run_dir / "recipe.yaml"
+    if not overwrite and previous.is_file() and not has_something_to_lose(run_dir):
+        import yaml
+        changed = [".".join(k) for k in ckpt._changed_keys(yaml.safe_load(previous.read_text()) or {}, resolved)
+                   if k not in ckpt.RESUMABLE_CHANGES]
+        reason = f"{', '.join(changed[:5])} changed" if changed else "same recipe"
+        return RunDirPlan(None, _leftovers(run_dir), reason)
+    return RunDirPlan(ckpt.plan_run_dir(run_dir, resolved, overwrite))
+
+
+# ---------------------------------------------------------------- the live-run lock
+
+def _start_time(pid: int) -> str | None:
+    """The process's start time in clock ticks since boot (/proc), so a reused pid is not taken for the holder."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19]
+    except (OSError, IndexError):
+        return None
+
+
+def _alive(holder: dict) -> bool:
+    pid = holder.get("pid")
+    if not isinstance(pid, int):
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by someone else
+        return True
+    started = _start_time(pid)
+    return holder.get("started") is None or started is None or started == holder["started"]
+
+
+class LiveLock:
+    """`output_dir/run.lock`, created exclusively; released on exit, taken over when its process is gone."""
+
+    def __init__(self, run_dir: Path) -> None:
+        self.path = Path(run_dir) / LOCK_FILE
+        self.held = False
+
+    def me(self) -> dict:
+        return {"host": socket.gethostname(), "pid": os.getpid(), "started": _start_time(os.getpid()),
+                "since": time.strftime("%Y-%m-%d %H:%M:%S")}
+
+    def acquire(self) -> LiveLock:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        for _ in range(3):  # a lost race for a stale lock is retried, then decided by the exclusive create
+            try:
+                descriptor = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666)
+            except FileExistsError:
+                self._refuse_or_clear()
+                continue
+            with os.fdopen(descriptor, "w") as handle:
+                json.dump(self.me(), handle)
+            self.held = True
+            return self
+        raise UserError(f"output_dir {self.path.parent}: could not take {self.path} (another process keeps taking it)")
+
+    def live_holder(self) -> dict | None:
+        """Who holds the lock, when that may be a live process (a dead one's lock, on this host, is not held)."""
+        try:
+            holder = json.loads(self.path.read_text() or "{}")
+        except FileNotFoundError:
+            return None
+        except (OSError, json.JSONDecodeError):
+            return {}
+        here = holder.get("host") == socket.gethostname()
+        if here and (holder.get("pid") == os.getpid() or not _alive(holder)):  # ours (an in-process rerun), or stale
+            return None
+        return holder
+
+    def refuse_if_held(self) -> None:
+        holder = self.live_holder()
+        if holder is None:
+            return
+        host = holder.get("host")
+        where = f"host {host}, pid {holder.get('pid')}" if holder else "an unreadable lock"
+        since = f" since {holder['since']}" if holder.get("since") else ""
+        hint = ("" if host == socket.gethostname() else
+                f"; if that process is gone (it ran on another host, which this one cannot check), delete {self.path}")
+        raise UserError(f"output_dir {self.path.parent} is in use by a live run ({where}{since}); "
+                        f"wait for it, stop it, or choose another output_dir{hint}")
+
+    def _refuse_or_clear(self) -> None:
+        self.refuse_if_held()
+        try:
+            old = json.loads(self.path.read_text() or "{}")
+        except (OSError, json.JSONDecodeError):
+            old = {}
+        if old.get("pid") != os.getpid():
+            print(f"taking over {self.path}: its process {old.get('pid')} on {old.get('host')} is gone")
+        stale = self.path.with_name(f"{LOCK_FILE}.stale-{os.getpid()}")
+        try:
+            os.rename(self.path, stale)  # atomic: of two processes taking over, one renames, the other retries
+            stale.unlink()
+        except FileNotFoundError:
+            pass
+
+    def release(self) -> None:
+        if self.held:
+            try:
+                if json.loads(self.path.read_text()).get("pid") == os.getpid():
+                    self.path.unlink()
+            except (OSError, json.JSONDecodeError):
+                pass
+            self.held = False
+
+    def __enter__(self) -> LiveLock:
+        return self.acquire()
+
+    def __exit__(self, *exc) -> None:
+        self.release()
+
+
+def take_live_lock(run_dir: Path) -> LiveLock:
+    """The main process's lock on output_dir, held until this process ends (released by atexit; a kill leaves a stale one)."""
+    lock = LiveLock(run_dir).acquire()
+    atexit.register(lock.release)
+    return lock
+
+
+def remove_results(run_dir: Path, name: str) -> None:
+    shutil.rmtree(run_dir / name, ignore_errors=True)
+
+
+# ---------------------------------------------------------------- data changed under a resumable run
+
+def data_sources(recipe) -> dict[str, str]:
+    """Recipe key -> local path of each data source the run reads (hub names are not files and are skipped)."""
+    named = {"data.train": recipe.data.train, "data.eval": recipe.data.eval}
+    return {key: path for key, path in named.items() if path and Path(path).exists()}
+
+
+def check_sources(recipe, state: dict | None, allow_change: bool) -> dict:
+    """Fingerprints of the data now; refuses (exit 2) when a source differs from the one the checkpoint recorded."""
+    now = {key: file_fingerprint(path) for key, path in data_sources(recipe).items()}
+    recorded = (state or {}).get("data") or {}
+    for key, before in recorded.items():
+        if key not in now:
+            continue
+        reason = changed(before, now[key])
+        if reason is None:
+            continue
+        if allow_change:
+            print(f"warning: {key} {now[key]['path']} changed since the checkpoint ({reason}); resuming anyway "
+                  f"(--allow-data-change): the rows after the checkpoint's position are not the ones the run planned")
+            continue
+        raise UserError(f"{key}: {now[key]['path']} changed since the checkpoint this run would resume from ({reason}); "
+                        f"restore the file, pass --allow-data-change to resume on the new data, "
+                        f"or --overwrite to start fresh")
+    return now
