@@ -201,6 +201,16 @@ def cmd_recipes(args) -> int:
     return 0
 
 
+def cmd_plan(args) -> int:
+    from launcher.planning import cmd_plan as plan
+    return plan(args)
+
+
+def _plan_options(parser: argparse.ArgumentParser) -> None:
+    from launcher.planning import add_options  # imports no torch until it plans
+    add_options(parser)
+
+
 def cmd_reference(args) -> int:
     from pathlib import Path
 
@@ -241,6 +251,8 @@ VERBS: dict[str, Verb] = {
                       takes_recipe=False, options=_reference_options),
     "slurm": Verb(cmd_slurm, "Slurm batch jobs: print the sbatch script, or submit it (docs/slurm.md)", takes_recipe=False,
                   options=_slurm_options),
+    "plan": Verb(cmd_plan, "predict per-GPU peak memory (no weights, no GPU) and the cheapest changes that make it fit",
+                 options=_plan_options),
 }
 
 

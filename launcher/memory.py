@@ -15,6 +15,25 @@ BNB_BLOCK = 256  # values per float32 absmax in blockwise 8-bit state
 
 
 @dataclass
+class Layout:
+    """Where a strategy keeps model state on each rank, as the memory planner needs it (launcher/strategies.py fills it)."""
+    label: str
+    shard_weights: bool = False  # each rank holds 1/N of the weights (ZeRO-3, FSDP)
+    shard_gradients: bool = False  # and of the gradients (ZeRO-2/3, FSDP)
+    shard_optimizer: bool = False  # and of the optimiser state (ZeRO-1/2/3, FSDP)
+    offload_weights: bool = False  # sharded weights live in CPU memory
+    offload_optimizer: bool = False  # optimiser state (and its fp32 master weights) live in CPU memory
+    low_precision_master: bool = False  # weights held in the compute dtype, fp32 master copy inside the optimiser
+    autocast: bool = True  # mixed precision by autocast around the forward pass
+    cast_weights: bool = False  # mixed precision by computing with compute-dtype copies of the weights (no autocast)
+    gathered_blocks: int = 0  # sharded: whole blocks gathered at once (the current one and the prefetched one)
+    keep_gathered: bool = False  # sharded weights stay gathered from forward until backward (FSDP grad_op)
+    root_gathered: bool = False  # embeddings and head stay gathered for the whole step (FSDP's root)
+    bucket_elements: int = 0  # gradient reduction and gather buffers, in elements of the compute dtype
+    bucket_grads: bool = False  # a second copy of every gradient in communication buckets (DDP, world > 1)
+
+
+@dataclass
 class ParamCount:
     """The memory a run's choices cost before activations: what the user needs to trust them."""
     total: int
@@ -110,3 +129,17 @@ def parameter_bytes(model) -> dict:
         local += held.numel() * held.element_size()
         full += param.numel() * param.element_size()
     return {"parameter_bytes": local, "full_parameter_bytes": full}
+
+
+def four_bit_bytes(numel: int, double_quant: bool, blocksize: int = 64) -> int:
+    """Bytes bitsandbytes stores for a 4-bit weight of `numel` values, as `quant_state_bytes` counts a loaded one:
+    two values per byte, one absmax per block (uint8 with a float32 scale per 256 of them when double-quantised,
+    else float32), and the 16-value code book (plus the 256-value one of the nested scales)."""
+    blocks = math.ceil(numel / blocksize)
+    scales = blocks + 4 * math.ceil(blocks / 256) + 4 * 256 if double_quant else 4 * blocks
+    return math.ceil(numel / 2) + scales + 4 * 16
+
+
+def eight_bit_bytes(rows: int, columns: int) -> int:
+    """LLM.int8 weights: one byte per value and a float32 scale per output row (SCB)."""
+    return rows * columns + 4 * rows

@@ -100,6 +100,8 @@ def weight_dtype(recipe: Recipe, on_gpu: bool):
     import torch
     if recipe.model.dtype != "auto":
         return getattr(torch, recipe.model.dtype)
+    if recipe.method == "qlora":  # what stays unquantised (embeddings, norms, head) computes in the 4-bit compute dtype
+        return compute_dtype(recipe, on_gpu)
     return torch.bfloat16 if on_gpu and recipe.method != "full" else torch.float32
 
 
@@ -225,11 +227,13 @@ def load_model(path: str, recipe: Recipe, on_gpu: bool, labels: list[str] | None
     model = load_base(path, recipe, on_gpu, labels)
     if recipe.method == "full":
         freeze(model, recipe)
-    if recipe.method == "qlora":
+    if recipe.method == "qlora" and recipe.quant.fp32_non_quantised:
         # Norms and head to float32, input grads on; it would turn gradient checkpointing on unless told the recipe's choice.
         from peft import prepare_model_for_kbit_training
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=recipe.train.gradient_checkpointing,
                                                 gradient_checkpointing_kwargs={"use_reentrant": False})
+    elif recipe.method == "qlora" and recipe.train.gradient_checkpointing:
+        model.enable_input_require_grads()  # the rest of the k-bit preparation; the unquantised weights keep their dtype
     if recipe.train.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if where is not None:

@@ -67,6 +67,17 @@ class QuantSection(Section):
     double_quant: bool = Field(True, description="4-bit: also quantise the per-block scales (about 0.4 bits less per weight).")
     compute_dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
         "auto", description="4-bit: dtype weights are dequantised to for each matmul; auto is bfloat16 on a GPU that has it, float32 on CPU.")
+    fp32_non_quantised: bool = Field(False, description="Upcast the weights left unquantised (embeddings, lm_head, norms) to "
+                                     "float32, as peft's k-bit preparation does (about 2 GiB more on an 8B model); "
+                                     "default: they stay in the compute dtype.")
+
+
+class MemorySection(Section):
+    gpu_gib: float | None = Field(None, gt=0, description="GPU memory per process (GiB) that `train` checks the plan against "
+                                  "before loading weights; default: the visible GPU's (no check without one). Set, it "
+                                  "applies on any machine.")
+    over_budget: Literal["refuse", "warn"] = Field("refuse", description="When the plan does not fit: refuse to train "
+                                                   "(exit 2, naming the plan's cheapest fix) or warn and train anyway.")
 
 
 # Written out so editors and type checkers see the names; `_agree_with_registry` holds it to launcher/formats.py.
@@ -260,6 +271,7 @@ class Recipe(Section):
     eval: EvalSection = Field(default_factory=EvalSection)
     report: ReportSection = Field(default_factory=ReportSection)
     distributed: DistributedSection = Field(default_factory=DistributedSection)
+    memory: MemorySection = Field(default_factory=MemorySection)
     output_dir: str = Field(description="Run directory: resolved recipe, metrics, checkpoints, final model, report.")
 
     @model_validator(mode="after")

@@ -25,7 +25,8 @@ from datetime import timedelta
 from pathlib import Path
 
 from launcher import trackers
-from launcher.recipe import Recipe, UserError
+from launcher.memory import Layout
+from launcher.recipe import FsdpSection, Recipe, UserError
 
 DS_CONFIGS = Path(__file__).resolve().parent / "ds_configs"  # symlink to the repo's ds_configs/, packaged in wheels
 CPU_LAUNCH = ("`ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu --num_processes N -m launcher R` "
@@ -141,6 +142,10 @@ class Strategy:
 
     def backend(self, on_gpu: bool, world: int) -> str | None:
         return None if on_gpu or world == 1 else "gloo"
+
+    def memory_layout(self, world: int, hidden: int) -> Layout:
+        """What each rank holds, for the planner: everything; DDP's buckets copy every gradient once more."""
+        return Layout("DDP (every rank holds the whole model)", bucket_grads=world > 1)
 
     def plugin_kwargs(self, on_gpu: bool, world: int, precision: str) -> dict:
         return {"cpu": not on_gpu}
@@ -272,6 +277,21 @@ class DeepSpeed(Strategy):
     def shards_parameters(self) -> bool:
         return self.stage == 3
 
+    def memory_layout(self, world: int, hidden: int) -> Layout:
+        """ZeRO stage N shards optimiser state (1), gradients (2) and weights (3); bf16 mode keeps weights in bf16
+        and an fp32 master copy in the optimiser; "auto" bucket sizes are hidden^2, as accelerate fills them."""
+        zero = deepspeed_config(self.recipe, None)["zero_optimization"]
+        stage = zero.get("stage", 0)
+        offloaded = {key: (zero.get(key) or {}).get("device", "none") not in ("none", None)
+                     for key in ("offload_param", "offload_optimizer")}
+        buckets = sum(value if isinstance(value, (int, float)) else hidden * hidden
+                      for key, value in zero.items() if key in ("reduce_bucket_size", "stage3_prefetch_bucket_size"))
+        return Layout(f"DeepSpeed ZeRO-{stage}" + (" with CPU offload" if any(offloaded.values()) else ""),
+                      shard_weights=stage == 3, shard_gradients=stage >= 2, shard_optimizer=stage >= 1,
+                      offload_weights=offloaded["offload_param"], offload_optimizer=offloaded["offload_optimizer"],
+                      low_precision_master=True, autocast=False, cast_weights=True, gathered_blocks=2 if stage == 3 else 0,
+                      bucket_elements=int(buckets))
+
     def backend(self, on_gpu: bool, world: int) -> str | None:
         return None if on_gpu else "gloo"
 
@@ -311,6 +331,20 @@ class Fsdp2(Strategy):
     @property
     def shards_parameters(self) -> bool:
         return True
+
+    def memory_layout(self, world: int, hidden: int) -> Layout:
+        """FSDP2 shards weights, gradients and state; gathered blocks are bf16 copies (its mixed-precision policy casts
+        the weights, no autocast); the root's embeddings and head stay gathered; grad_op keeps every block gathered.
+        One process is left unsharded (see `shard`), so nothing is sharded or offloaded then."""
+        options = self.recipe.distributed.fsdp or FsdpSection()
+        sharded = world > 1
+        return Layout("FSDP2 " + ("full sharding" if options.sharding == "full" else "grad_op sharding")
+                      + (" with CPU offload" if options.cpu_offload else ""),
+                      shard_weights=sharded, shard_gradients=sharded, shard_optimizer=sharded,
+                      offload_weights=sharded and options.cpu_offload, offload_optimizer=sharded and options.cpu_offload,
+                      autocast=False, cast_weights=sharded,
+                      gathered_blocks=2 if sharded else 0, keep_gathered=sharded and options.sharding == "grad_op",
+                      root_gathered=sharded)
 
     def preflight(self, on_gpu: bool) -> None:
         super().preflight(on_gpu)
@@ -404,6 +438,17 @@ STRATEGIES: dict[str, type[Strategy]] = {cls.name: cls for cls in (Strategy, Dee
 
 def strategy_for(recipe: Recipe) -> Strategy:
     return STRATEGIES[recipe.distributed.strategy](recipe)
+
+
+# Changes of strategy the memory planner may suggest: (what it does, recipe overrides, rough step time vs. unsharded,
+# whether it saves memory with one process: only offload does, and FSDP2 leaves one process unsharded).
+SHARDING_CHANGES = (
+    ("ZeRO-2: shard gradients and optimiser state", ("distributed.strategy=deepspeed", "distributed.deepspeed=zero2"), 1.05, False),
+    ("ZeRO-3: shard weights, gradients and optimiser state", ("distributed.strategy=deepspeed", "distributed.deepspeed=zero3"), 1.2, False),
+    ("FSDP2 full sharding", ("distributed.strategy=fsdp",), 1.15, False),
+    ("ZeRO-3 with weights and optimiser in CPU memory", ("distributed.strategy=deepspeed", "distributed.deepspeed=zero3_offload"), 3.0, True),
+    ("FSDP2 with CPU offload", ("distributed.strategy=fsdp", "distributed.fsdp.cpu_offload=true"), 3.0, False),
+)
 
 
 def _accelerate_env(name: str) -> str:

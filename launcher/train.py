@@ -25,6 +25,7 @@ from launcher.data import Datasets, StepPlan
 from launcher.evaluate import Best, Evaluation, eval_rows, evaluate, to_device
 from launcher.loss import target_count, task_loss_sum
 from launcher.memory import ParamCount, count_parameters, parameter_bytes
+from launcher.planning import MemoryCheck, check_before_loading, predicted_and_measured
 from launcher.recipe import Recipe, UserError, resolved_yaml
 from launcher.rescale import hold_global_batch
 from launcher.strategies import Strategy, launched_world_size, strategy_for
@@ -82,6 +83,7 @@ class Run:
     best: Best | None = None
     step: int = 0
     first_eval: Evaluation | None = None
+    memory: MemoryCheck | None = None  # the plan checked before the model loaded
     totals: dict = field(default_factory=lambda: {"tokens": 0, "slots": 0, "seconds": 0.0})
     console: Console | None = None
     sources: dict = field(default_factory=dict)  # fingerprint of each data source as this run read it
@@ -130,6 +132,7 @@ def setup(recipe: Recipe, overwrite: bool = False, allow_data_change: bool = Fal
         recipe, change = hold_global_batch(recipe, state, launched_world_size())
     strategy = strategy_for(recipe)
     accelerator = strategy.make_accelerator()
+    memory = check_before_loading(recipe, accelerator.num_processes, accelerator.device.type)  # refuses before weights load
     console = Console(accelerator.is_main_process)
     if change and accelerator.is_main_process:
         print(change)
@@ -144,7 +147,7 @@ def setup(recipe: Recipe, overwrite: bool = False, allow_data_change: bool = Fal
         write_provenance(run_dir, accelerator)
     sources = rundir.check_sources(recipe, state, allow_data_change)  # before tokenising: refuse changed data early
     session = _load_data(recipe, strategy, accelerator, run_dir, console)
-    session.sources = sources
+    session.sources, session.memory = sources, memory
     console.header(header_rows(session, resume_from, state["step"] if state else 0))
     if state is not None:
         if state["step"] >= session.total_steps and (run_dir / "final").is_dir():  # no final/: stopped in export, redo it
@@ -351,6 +354,10 @@ def finish(session: Run) -> Path:
     summary = {"model": session.weights, "method": recipe.method, "task": recipe.model.task,
                "parameters": session.params.line(), "steps": session.total_steps,
                "processes": accelerator.num_processes, "final": str(final)}
+    peak = predicted_and_measured(session.memory, recipe)
+    session.reporter.log({"kind": "memory", "step": session.total_steps, **peak})
+    summary["peak memory"] = (f"predicted {peak['predicted_peak_gib']} GiB per process, measured "
+                              f"{peak['measured_peak_gib']} GiB ({peak['measured_by']})")
     if session.totals["slots"]:  # real tokens / batch slots (slots estimated from this process's batch shapes)
         efficiency = session.totals["tokens"] / session.totals["slots"]
         summary["padding efficiency"] = f"{efficiency:.1%} ({'packed' if recipe.data.packing else 'padded'})"

@@ -55,6 +55,8 @@ def test_a_built_wheel_carries_the_deepspeed_shorthands_and_sbatch_template(whee
     shipped = {f"launcher/ds_configs/{p.name}" for p in (REPO / "ds_configs").glob("*.json")}
     assert shipped and shipped <= packaged
     assert "launcher/templates/job.sbatch.tmpl" in packaged
+    configs = {f"launcher/model_configs/{p.parent.name}/config.json" for p in (REPO / "launcher" / "model_configs").glob("*/config.json")}
+    assert configs and configs <= packaged  # `launcher plan` resolves the real-size recipes' models offline
 
 
 def test_an_installed_wheel_lists_every_shipped_recipe_and_copies_one_that_validates(wheel, tmp_path):
