@@ -177,10 +177,12 @@ class ZeroTrainableLayout(TrainableLayout):
     def create_state(self, keys) -> None:
         """Zeroed optimiser state where the optimiser creates it only at its first step (ZeRO-3), to be overwritten."""
         base = base_optimizer(self.optimizer)
-        for group in base.param_groups:
-            for flat in group["params"]:
-                if not base.state[flat]:
-                    base.state[flat] = {"step": torch.tensor(0.0), **{k: torch.zeros_like(flat) for k in keys}}
+        # ZeRO-3 hands its fp32 partitions to the torch optimiser only during a step
+        flats = getattr(self.optimizer.optimizer, "fp32_partitioned_groups_flat", None) or \
+            [p for group in base.param_groups for p in group["params"]]
+        for flat in flats:
+            if not base.state[flat]:
+                base.state[flat] = {"step": torch.tensor(0.0), **{k: torch.zeros_like(flat) for k in keys}}
 
 
 class ShardedLayout(Layout):
