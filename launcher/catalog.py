@@ -18,7 +18,7 @@ SHIPPED = Path(__file__).resolve().parent / "recipes"
 
 
 def shipped() -> dict[str, Path]:
-    return {path.stem: path for path in sorted(SHIPPED.glob("*.yaml"))}
+    return {path.stem: path for path in sorted(SHIPPED.glob("*.yaml"), key=lambda path: path.stem)}
 
 
 def summary(path: Path) -> str:
