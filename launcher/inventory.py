@@ -128,7 +128,7 @@ def _inventory(recipe: Recipe, dtypes: dict) -> Inventory:
     if recipe.model.task == "classification":
         one.num_labels = 2  # the head is a rounding error beside the encoder
     with torch.device("meta"):
-        model = modeling.auto_class(recipe.model.task).from_config(one, dtype=getattr(torch, stored))
+        model = modeling.unpartitioned_from_config(recipe.model.task, one, dtype=getattr(torch, stored))
         if recipe.method == "full":
             modeling.freeze(model, recipe.model_copy(update={"freeze": recipe.freeze.model_copy(update={"first_n_blocks": 0})}))
         else:

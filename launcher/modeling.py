@@ -182,9 +182,16 @@ def skeleton(path: str, recipe: Recipe, labels: list[str] | None = None):
     config = AutoConfig.from_pretrained(path, trust_remote_code=recipe.model.trust_remote_code)
     if labels is not None:
         config.num_labels = len(labels)
+    with init_empty_weights():
+        return unpartitioned_from_config(recipe.model.task, config, trust_remote_code=recipe.model.trust_remote_code)
+
+
+def unpartitioned_from_config(task: str, config, **kwargs):
+    """A model from its config without ZeRO-3's partitioning at construction, which is a collective: meta
+    copies (the adapter layout, the memory plan) are built on one rank, and would wait there forever."""
     from transformers.modeling_utils import set_zero3_state
-    with init_empty_weights(), set_zero3_state():  # set_zero3_state: no ZeRO-3 partitioning of a meta skeleton
-        return auto_class(recipe.model.task).from_config(config, trust_remote_code=recipe.model.trust_remote_code)
+    with set_zero3_state():
+        return auto_class(task).from_config(config, **kwargs)
 
 
 def adapter_layout(path: str, recipe: Recipe, labels: list[str] | None = None) -> adapters.Layout | None:
