@@ -142,3 +142,11 @@ def rewind(run: Path, step: int) -> None:
         if int(folder.name.removeprefix("step-")) > step:
             shutil.rmtree(folder)
     shutil.rmtree(run / "final", ignore_errors=True)
+
+
+def rank_record(run_dir, rank: int, key: str) -> dict:
+    """The first line of a rank's log (logs/rank-R.jsonl) that holds `key`: the log also records data and resume events."""
+    import json
+    from pathlib import Path
+    lines = (Path(run_dir) / "logs" / f"rank-{rank}.jsonl").read_text().splitlines()
+    return next(record for record in map(json.loads, lines) if key in record)

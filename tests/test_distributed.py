@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from support import (build_tiny_llama, free_port, launch, launch_two, load_tensors, ok, rewind, tiny_recipe, train_losses,
+from support import (build_tiny_llama, free_port, launch, launch_two, load_tensors, ok, rank_record, rewind, tiny_recipe, train_losses,
                      write_recipe)
 
 pytestmark = [pytest.mark.multiproc, pytest.mark.slow]
@@ -116,7 +116,7 @@ def base_model_path(run: Path) -> str:
 
 def test_fsdp2_really_shards(two_process):
     _, run = two_process("fsdp")
-    ranks = [json.loads((run / "logs" / f"rank-{r}.jsonl").read_text().splitlines()[0]) for r in (0, 1)]
+    ranks = [rank_record(run, r, "parameter_bytes") for r in (0, 1)]
     full = ranks[0]["full_parameter_bytes"]
     for record in ranks:
         assert record["world_size"] == 2 and record["strategy"] == "fsdp"

@@ -7,7 +7,7 @@ so bitsandbytes never repacks its weights for inference: docs/platform.md).
 import json
 
 import pytest
-from support import build_tiny_llama, launch, train_losses
+from support import build_tiny_llama, launch, rank_record, train_losses
 from test_distributed import STEPS, launch_two, ok, recipe_for
 
 from launcher.cli import main
@@ -47,7 +47,7 @@ def test_two_process_qlora_matches_one_process_and_stores_its_share(distributed,
     assert got.keys() == want.keys() and any("lora_B" in k for k in got)
     for key in want:
         torch.testing.assert_close(got[key], want[key], atol=1e-4, rtol=0, msg=key)
-    ranks = [json.loads((run / "logs" / f"rank-{r}.jsonl").read_text().splitlines()[0]) for r in (0, 1)]
+    ranks = [rank_record(run, r, "parameter_bytes") for r in (0, 1)]
     full = ranks[0]["full_parameter_bytes"]
     for record in ranks:
         assert record["parameter_bytes"] == pytest.approx(share * full, rel=0.1), ranks

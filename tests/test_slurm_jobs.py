@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 
 from slurm_cluster import slurm_cluster, wait_for  # noqa: F401 (slurm_cluster is a fixture)
-from support import REPO, build_tiny_llama, launch, tiny_recipe, train_losses, write_recipe
+from support import REPO, build_tiny_llama, launch, rank_record, tiny_recipe, train_losses, write_recipe
 
 pytestmark = pytest.mark.slurm
 STEPS = 30  # ~0.35 s each here: long enough to be signalled mid-run
@@ -86,7 +86,7 @@ def test_two_machines_on_cpu_each_task_has_its_own_rank(slurm_cluster, tiny_mode
         assert re.search(rf"^{rank}: \[launcher\] task {rank} on \S+: machine rank {rank} of 2, 1 process", text, re.M), text
     ranks = sorted((tmp_path / "run" / "logs").glob("rank-*.jsonl"))
     assert [p.name for p in ranks] == ["rank-0.jsonl", "rank-1.jsonl"], text
-    assert all(json.loads(p.read_text().splitlines()[0])["world_size"] == 2 for p in ranks)
+    assert all(rank_record(tmp_path / "run", rank, "world_size")["world_size"] == 2 for rank in (0, 1))
     assert train_steps(tmp_path / "run") == [1, 2, 3]
     assert (tmp_path / "run" / "final" / "adapter_model.safetensors").is_file()
 
