@@ -129,7 +129,7 @@ def test_every_local_kind_reads_the_same_rows_and_a_bad_row_past_the_peek_is_nam
     rows = [{"instruction": f"say {i}", "output": f"{i}"} for i in range(8)]
     (tmp_path / "rows.json").write_text(json.dumps(rows))
     datasets.Dataset.from_list(rows).to_parquet(str(tmp_path / "rows.parquet"))
-    broken = rows[:6] + [{"instruction": "say 6"}] + rows[7:]  # row 7 lacks its output; validate peeks at 5
+    broken = rows[:6] + [{"instruction": "say 6"}] + rows[7:]  # row 7 lacks its output: named when tokenised
     datasets.DatasetDict({"validation": datasets.Dataset.from_list(rows),
                           "train": datasets.Dataset.from_list([{**r, "output": r.get("output")} for r in broken])}
                          ).save_to_disk(str(tmp_path / "saved"))
@@ -137,5 +137,5 @@ def test_every_local_kind_reads_the_same_rows_and_a_bad_row_past_the_peek_is_nam
         assert load_table(tmp_path / path).to_list() == rows
     assert load_table(Source(str(tmp_path / "saved"), None, split="validation")).to_list() == rows
     recipe = load_recipe(mixture_recipe(tiny_model, tmp_path, [{"path": str(tmp_path / "saved"), "format": "instruction"}]))
-    with pytest.raises(UserError, match=r"^saved row 7: field 'output' must be text, got NoneType$"):
+    with pytest.raises(UserError, match=r"^saved:7: output: null, expected text$"):
         tokenise_train(recipe, tokenizer, None)
