@@ -160,6 +160,8 @@ class ZeroTrainableLayout(TrainableLayout):
         from deepspeed.utils import safe_set_full_fp32_param, safe_set_full_optimizer_state
         engine_optimizer = self.optimizer.optimizer  # DeepSpeed's ZeRO optimiser, under accelerate's wrapper
         self.create_state(next(iter(state["optimizer"]["state"].values()), {}).keys())
+        if hasattr(engine_optimizer, "_lazy_init_hp_params_optimizer_state"):  # ZeRO-1/2 link each parameter to its
+            engine_optimizer._lazy_init_hp_params_optimizer_state()  # slice of the optimiser state only at a step
         for name, param in self.named_trainable():
             safe_set_full_fp32_param(param, state["model"][name].to(param.device))
             for key, value in state["optimizer"]["state"][name].items():
