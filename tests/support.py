@@ -150,3 +150,13 @@ def rank_record(run_dir, rank: int, key: str) -> dict:
     from pathlib import Path
     lines = (Path(run_dir) / "logs" / f"rank-{rank}.jsonl").read_text().splitlines()
     return next(record for record in map(json.loads, lines) if key in record)
+
+
+def validate_refusal(model, tmp_path, capsys, changes: dict) -> str:
+    """`launcher validate` on a tiny recipe with `changes`: asserts exit 2 and one line, and returns that line."""
+    from launcher.cli import main
+    recipe = tiny_recipe(model, tmp_path / "run", **changes)
+    assert main(["validate", str(write_recipe(recipe, tmp_path / "r.yaml"))]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1, err
+    return err
