@@ -46,7 +46,14 @@ def _chain(path: Path) -> list[Path]:
 def _data_files(path: Path) -> list[str]:
     """Relative data paths a recipe file names (data.train, data.eval)."""
     data = (yaml.safe_load(path.read_text()) or {}).get("data") or {}
-    return [data[k] for k in ("train", "eval") if isinstance(data.get(k), str) and not Path(data[k]).is_absolute()]
+    found = []
+    for key in ("train", "eval"):
+        value = data.get(key)
+        for entry in value if isinstance(value, list) else [value]:
+            entry = entry.get("path") if isinstance(entry, dict) else entry
+            if isinstance(entry, str) and not entry.startswith(("hf:", "~")) and not Path(entry).is_absolute():
+                found.append(entry)
+    return found
 
 
 def copy(name: str, dest: str | Path) -> Path:

@@ -23,7 +23,7 @@ from launcher.sources import Source, check_rows, check_sources, label_names, loa
 
 __all__ = ["ALPACA_PROMPT", "IGNORE", "PROMPTS", "Datasets", "Encoder", "StepPlan", "Tokenised", "check_rows",
            "check_sources", "class_labels", "collate", "eval_batches", "load_datasets", "load_table",
-           "split_eval", "to_segments", "tokenise", "tokenise_train", "train_collate"]
+           "split_eval", "to_segments", "tokenise", "tokenise_eval", "tokenise_train", "train_collate"]
 
 
 # ---------------------------------------------------------------- formats to segments
@@ -266,12 +266,25 @@ def _checked_batch(encoder: Encoder, where: str, columns: dict[str, list], indic
 
 def tokenise_train(recipe: Recipe, tokenizer, labels: list[str] | None) -> Tokenised:
     """The train sources tokenised, and mixed (launcher/mixing.py) when there are several or one has `epochs`."""
-    sources = sources_of(recipe, "train")
+    return _tokenise_sources(recipe, "train", tokenizer, labels)
+
+
+def tokenise_eval(recipe: Recipe, tokenizer, labels: list[str] | None) -> Tokenised:
+    """The data.eval sources tokenised; several are interleaved with a source column, so each gets its own metrics."""
+    return _tokenise_sources(recipe, "eval", tokenizer, labels)
+
+
+def _tokenise_sources(recipe: Recipe, which: str, tokenizer, labels: list[str] | None) -> Tokenised:
+    sources = sources_of(recipe, which)
     parts = [tokenise(source, tokenizer, recipe.model.task, labels) for source in sources]
     if len(sources) == 1 and sources[0].epochs is None:
         return parts[0]
-    shares = [mixing.Share(source.weight, source.epochs) for source in sources]
-    mixed, stats = mixing.mix([part.dataset for part in parts], shares, recipe.train.seed, [source.label for source in sources])
+    tables, names = [part.dataset for part in parts], [source.label for source in sources]
+    if which == "eval":
+        mixed, stats = mixing.interleave(tables, names)
+    else:
+        shares = [mixing.Share(source.weight, source.epochs) for source in sources]
+        mixed, stats = mixing.mix(tables, shares, recipe.train.seed, names)
     for stat, part in zip(stats, parts):
         stat["read"] = part.rows
     return Tokenised(mixed, sum(part.rows for part in parts), RowTally.combine([part.tally for part in parts]),
@@ -309,12 +322,12 @@ def load_datasets(recipe: Recipe, tokenizer, pack: bool = True) -> Datasets:
     With data.packing the train set is packed (launcher/packing.py) and batched with position_ids;
     `pack=False` keeps the rows one example each, for callers that only look at them (inspect, eval).
     """
-    data, task = recipe.data, recipe.model.task
+    data = recipe.data
     labels = class_labels(recipe)
     train = tokenise_train(recipe, tokenizer, labels)
     evaluation = None
     if data.eval:
-        evaluation = tokenise(sources_of(recipe, "eval")[0], tokenizer, task, labels)
+        evaluation = tokenise_eval(recipe, tokenizer, labels)
     elif data.eval_fraction:
         train, evaluation = split_eval(train, data.eval_fraction, recipe.train.seed)
     warnings = train.warnings + (evaluation.warnings if evaluation else [])

@@ -8,6 +8,7 @@ module turns a model and a tokenised eval set into predictions. Every rank runs 
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
@@ -15,7 +16,10 @@ from launcher import metrics
 from launcher.data import collate, eval_batches
 from launcher.formats import FORMATS, IGNORE
 from launcher.loss import task_loss_sum
+from launcher.mixing import rows_by_source
 from launcher.recipe import Recipe
+
+UNTRACKABLE = re.compile(r"[^A-Za-z0-9_.\- ]")  # MLflow's metric names allow no others (and '/', kept as the separator)
 
 
 @dataclass
@@ -30,33 +34,53 @@ def to_device(batch: dict, device) -> dict:
 
 
 def loss_pass(accelerator, model, dataset, batch_size: int, pad_id: int, task: str,
-              progress: Callable[[int], None] = lambda rows: None) -> tuple[float, list[tuple[int, int]]]:
-    """Mean eval loss over all ranks, and for a classifier the (row, predicted id) of every row."""
+              progress: Callable[[int], None] = lambda rows: None) -> tuple[float, list[tuple[int, int]], dict[str, float]]:
+    """Mean eval loss over all ranks; each source's, when the rows came from several; and for a
+    classifier the (row, predicted id) of every row. Sources are summed apart, one after another."""
     import torch
     from accelerate.utils import gather_object
+    sums, predicted = {}, []
+    with torch.no_grad():
+        for name, group in rows_by_source(dataset):
+            total, count, found = _summed(accelerator, model, dataset, group, batch_size, pad_id, task, progress)
+            sums[name] = (accelerator.reduce(total, "sum"), accelerator.reduce(count, "sum"))
+            predicted += found
+    total, count = sum(t for t, _ in sums.values()), sum(c for _, c in sums.values())
+    loss = (total / count.clamp(min=1)).item()
+    by_source = {name: (t / c.clamp(min=1)).item() for name, (t, c) in sums.items()} if len(sums) > 1 else {}
+    if accelerator.num_processes > 1 and task == "classification":
+        predicted = gather_object(predicted)
+    return loss, sorted(predicted), by_source
+
+
+def _summed(accelerator, model, dataset, group: list[int], batch_size: int, pad_id: int, task: str, progress):
+    """This rank's loss sum and count over rows `group` of `dataset`, and its classifier predictions."""
+    import torch
     device = accelerator.device
     total = torch.zeros((), device=device, dtype=torch.float64)
     count = torch.zeros((), device=device, dtype=torch.float64)
     predicted: list[tuple[int, int]] = []
-    with torch.no_grad():
-        for rows, real in eval_batches(len(dataset), batch_size, accelerator.num_processes, accelerator.process_index):
-            batch = to_device(collate(dataset.select(rows), pad_id, task), device)
-            if task == "classification":
-                logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.float()
-                part = torch.nn.functional.cross_entropy(logits, batch["labels"], reduction="sum")
-                part_count = batch["labels"].new_tensor(len(rows))
-                if real:
-                    predicted += list(zip(rows, logits.argmax(-1).tolist()))
-            else:
-                part, part_count = task_loss_sum(model, batch, task)
+    for rows, real in eval_batches(len(group), batch_size, accelerator.num_processes, accelerator.process_index):
+        rows = [group[row] for row in rows]
+        batch = to_device(collate(dataset.select(rows), pad_id, task), device)
+        if task == "classification":
+            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.float()
+            part = torch.nn.functional.cross_entropy(logits, batch["labels"], reduction="sum")
+            part_count = batch["labels"].new_tensor(len(rows))
             if real:
-                total += part.double()
-                count += part_count.double()
-                progress(len(rows) * accelerator.num_processes)
-    loss = (accelerator.reduce(total, "sum") / accelerator.reduce(count, "sum").clamp(min=1)).item()
-    if accelerator.num_processes > 1 and task == "classification":
-        predicted = gather_object(predicted)
-    return loss, sorted(predicted)
+                predicted += list(zip(rows, logits.argmax(-1).tolist()))
+        else:
+            part, part_count = task_loss_sum(model, batch, task)
+        if real:
+            total += part.double()
+            count += part_count.double()
+            progress(len(rows) * accelerator.num_processes)
+    return total, count, predicted
+
+
+def per_source(metric: str, name: str) -> str:
+    """A per-source metric's key, e.g. eval_loss/alpaca.jsonl (characters trackers refuse become _)."""
+    return f"{metric}/{UNTRACKABLE.sub('_', name)}"
 
 
 def prompt_and_target(row: dict, task: str) -> tuple[list[int], list[int]]:
@@ -124,6 +148,15 @@ def score(data_format: str, predictions: list[dict]) -> dict:
     return SCORERS[data_format]([p["output"] for p in predictions], [p["reference"] for p in predictions])
 
 
+def scores_by_source(data_format: str, generated: list[dict], dataset) -> dict:
+    """The task metrics of each source's generated rows, when the eval rows came from several sources."""
+    found = {}
+    for name, rows in rows_by_source(dataset.select(range(len(generated)))):
+        if name:
+            found.update({per_source(key, name): value for key, value in score(data_format, [generated[r] for r in rows]).items()})
+    return found
+
+
 def generated_rows(recipe: Recipe) -> tuple[int, bool]:
     """(eval rows generated, whether they are scored): the scored rows of a generation-scored format, else the samples."""
     if recipe.model.task == "classification":
@@ -146,8 +179,8 @@ def evaluate(accelerator, model, tokenizer, dataset, recipe: Recipe, labels: lis
     size = recipe.train.eval_batch_size or recipe.train.micro_batch_size
     was_training = model.training
     model.eval()
-    loss, predicted = loss_pass(accelerator, model, dataset, size, tokenizer.pad_token_id, task, progress)
-    result = Evaluation({"eval_loss": loss})
+    loss, predicted, by_source = loss_pass(accelerator, model, dataset, size, tokenizer.pad_token_id, task, progress)
+    result = Evaluation({"eval_loss": loss, **{per_source("eval_loss", name): value for name, value in by_source.items()}})
     if task == "classification":
         gold = [labels[row["labels"][0]] for row in dataset]
         pred = [labels[index] for _, index in predicted]
@@ -163,6 +196,7 @@ def evaluate(accelerator, model, tokenizer, dataset, recipe: Recipe, labels: lis
                                  recipe.eval.generate_batch_size or size, progress)
             if scored:
                 result.metrics.update(score(fmt, generated))
+                result.metrics.update(scores_by_source(fmt, generated, dataset))
             result.predictions = generated[: recipe.eval.samples]
     if was_training:
         model.train()

@@ -57,14 +57,63 @@ def mix(tables: list, shares: list[Share], seed: int, labels: list[str]):
     Only row indices and lengths are held in memory: the rows stay in datasets' memory-mapped cache."""
     import datasets
     counts = row_counts([len(table) for table in tables], shares)
-    common = [c for c in tables[0].column_names if all(c in table.column_names for table in tables)]
     parts, tokens = [], []
     for index, (table, count) in enumerate(zip(tables, counts)):
         picked = pick_rows(len(table), count, seed, index)
-        part = table.select_columns(common).select(picked)
-        parts.append(part.add_column(SOURCE_COLUMN, [index] * len(part)))
+        parts.append(_tagged(table.select(picked), tables, index, labels))
         tokens.append(int(_lengths(table)[picked].sum()) if picked else 0)
     return datasets.concatenate_datasets(parts), stats(labels, counts, tokens)
+
+
+def interleave(tables: list, labels: list[str]):
+    """Every row of every source once, one row of each source in turn, with a `source` column; and
+    rows and tokens per source. For eval sets: the first rows, which are the ones generated and
+    scored, then come from every source."""
+    import datasets
+    joined = datasets.concatenate_datasets([_tagged(table, tables, i, labels) for i, table in enumerate(tables)])
+    sizes = [len(table) for table in tables]
+    starts = [sum(sizes[:i]) for i in range(len(sizes))]
+    order = [start + row for row in range(max(sizes, default=0)) for start, size in zip(starts, sizes) if row < size]
+    tokens = [int(_lengths(table).sum()) if len(table) else 0 for table in tables]
+    return joined.select(order), stats(labels, sizes, tokens)
+
+
+def _tagged(part, tables: list, index: int, labels: list[str]):
+    """`part` of source `index` with the columns every source has, and its `source` column. The column
+    is a class label, so the source names travel with the table (also through save_to_disk)."""
+    import datasets
+    common = [c for c in tables[0].column_names if all(c in table.column_names for table in tables)]
+    feature = datasets.ClassLabel(names=unique_names(labels))
+    return part.select_columns(common).add_column(SOURCE_COLUMN, [index] * len(part), feature=feature)
+
+
+def unique_names(labels: list[str]) -> list[str]:
+    """Source labels made distinct (the same file twice becomes `a.jsonl`, `a.jsonl#2`)."""
+    seen: dict[str, int] = {}
+    names = []
+    for label in labels:
+        seen[label] = seen.get(label, 0) + 1
+        names.append(label if seen[label] == 1 else f"{label}#{seen[label]}")
+    return names
+
+
+def source_names(table) -> list[str]:
+    """The names of the sources a table's rows came from; [] unless they came from several."""
+    import datasets
+    feature = table.features.get(SOURCE_COLUMN)
+    names = list(feature.names) if isinstance(feature, datasets.ClassLabel) else []
+    return names if len(names) > 1 else []
+
+
+def rows_by_source(table) -> list[tuple[str, list[int]]]:
+    """(source name, its row indices) for each source with rows in `table`; one unnamed group without sources."""
+    names = source_names(table)
+    if not names:
+        return [("", list(range(len(table))))]
+    groups: list[list[int]] = [[] for _ in names]
+    for row, source in enumerate(table[SOURCE_COLUMN]):
+        groups[source].append(row)
+    return [(name, rows) for name, rows in zip(names, groups) if rows]
 
 
 def _lengths(table):

@@ -107,7 +107,9 @@ class SourceEntry(Section):
 class DataSection(Section):
     train: str | list[SourceEntry] = Field(description="Training data: .jsonl, .json, .csv, .parquet, .txt, a folder saved by `datasets`, "
                                            "`hf:org/name` (split train), or a list of sources (see data sources) to mix.")
-    eval: str | SourceEntry | None = Field(None, description="Held-out data (a path or one source entry); default: split off `eval_fraction` of train.")
+    eval: str | SourceEntry | list[SourceEntry] | None = Field(
+        None, description="Held-out data: a path, a source entry, or a list of them (each source gets its own eval loss, "
+        "and its own task metrics when the formats agree); default: split off `eval_fraction` of train.")
     eval_fraction: float = Field(0.0, ge=0, lt=1, description="Share of train held out when `eval` is not given.")
     format: DataFormat = Field("instruction", description="How rows become prompts and targets.")
     fields: dict[str, str] = Field(default_factory=dict, description="Canonical field name -> column name in your files.")

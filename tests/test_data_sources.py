@@ -139,3 +139,47 @@ def test_every_local_kind_reads_the_same_rows_and_a_bad_row_past_the_peek_is_nam
     recipe = load_recipe(mixture_recipe(tiny_model, tmp_path, [{"path": str(tmp_path / "saved"), "format": "instruction"}]))
     with pytest.raises(UserError, match=r"^saved:7: output: null, expected text$"):
         tokenise_train(recipe, tokenizer, None)
+
+
+def test_several_eval_sources_each_get_their_own_loss_in_the_metrics_and_the_report(tmp_path, tiny_model, tokenizer, capsys):
+    """data.eval as a list: rows interleaved by source; each source's eval loss is the loss that source alone
+    gets (the step-0 eval is the base model: LoRA starts as a no-op), and the report lists each."""
+    import json
+
+    from launcher.data import tokenise_eval
+    from launcher.evaluate import compare
+    sources = write_sources(tmp_path / "data", sizes=(40, 30, 20))
+    evals = [{key: value for key, value in source.items() if key != "weight"} for source in sources[:2]]
+    recipe = mixture_recipe(tiny_model, tmp_path, sources[0]["path"],
+                            data={"eval": evals, "max_eval_rows": 6}, train={"max_steps": 2, "save_every": 0})
+    interleaved = tokenise_eval(load_recipe(recipe), tokenizer, None).dataset
+    assert interleaved["source"] == [0, 1] * 6  # every source in turn: the first rows (the generated ones) cover each
+
+    assert main(["train", str(recipe)]) == 0
+    run = tmp_path / "run"
+    before = next(json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if '"eval"' in line)
+    losses = {key: before[key] for key in ("eval_loss/alpaca.jsonl", "eval_loss/pairs.csv")}
+    assert losses["eval_loss/alpaca.jsonl"] != losses["eval_loss/pairs.csv"]
+    assert min(losses.values()) < before["eval_loss"] < max(losses.values())  # the overall loss is over both
+    report = (run / "report.md").read_text()
+    assert "eval_loss/alpaca.jsonl" in report and "eval_loss/pairs.csv" in report
+
+    for source, key in zip(evals, losses):  # each source alone, scored on the base model
+        alone = mixture_recipe(tiny_model, tmp_path / key.split("/")[1], sources[0]["path"],
+                               data={"eval": source, "max_eval_rows": 6})
+        assert compare(load_recipe(alone), checkpoint="base")["base"]["eval_loss"] == pytest.approx(losses[key], rel=1e-5)
+
+
+def test_task_metrics_are_scored_per_eval_source_when_the_sources_share_a_format():
+    import datasets
+
+    from launcher.evaluate import score, scores_by_source
+    from launcher.mixing import interleave
+    tables = [datasets.Dataset.from_dict({"input_ids": [[1, 2]] * size}) for size in (3, 2)]
+    mixed, _ = interleave(tables, ["bible.jsonl", "hf:org/news:test"])
+    generated = [{"reference": "the same words", "output": "the same words" if source == 0 else "something else"}
+                 for source in mixed["source"]]
+    found = scores_by_source("translation", generated, mixed)
+    assert found["eval_chrf/bible.jsonl"] == 100.0 and found["eval_chrf/hf_org_news_test"] < 50.0
+    metrics = score("translation", generated)  # the same metrics as the whole set's, once per source
+    assert sorted(found) == sorted(f"{key}/{name}" for key in metrics for name in ("bible.jsonl", "hf_org_news_test"))

@@ -134,8 +134,11 @@ def test_resume_two_to_two_is_exact_and_two_to_one_holds_the_global_batch(name, 
     assert "resuming from" in resumed.stdout and "step-2 at step 2" in resumed.stdout
     again = train_losses(run)  # later lines for steps 3-4 win
     assert [again[s] for s in range(1, STEPS + 1)] == [straight[s] for s in range(1, STEPS + 1)]  # bitwise
-    if name == "fsdp":  # each rank read back only its own shards: about half of what the checkpoint holds
-        stored = sum(f.stat().st_size for f in (run / "checkpoints" / "step-2" / "dcp").glob("*.distcp"))
+    if name == "fsdp":  # each rank wrote, and read back, only its own shards: about half of the checkpoint each
+        files = {f.name: f.stat().st_size for f in (run / "checkpoints" / "step-2" / "dcp").glob("*.distcp")}
+        stored = sum(files.values())
+        assert sorted(files) == ["__0_0.distcp", "__1_0.distcp"], files  # one file per rank, written by that rank
+        assert all(0.4 * stored <= size <= 0.6 * stored for size in files.values()), files
         reads = [json.loads(line)["checkpoint_bytes_read"] for r in (0, 1)
                  for line in (run / "logs" / f"rank-{r}.jsonl").read_text().splitlines() if "checkpoint_bytes_read" in line]
         assert len(reads) == 2 and all(0.4 * stored <= b <= 0.6 * stored for b in reads), (reads, stored)
