@@ -12,7 +12,8 @@ from dataclasses import dataclass
 from typing import Callable
 
 from launcher.console import quiet_libraries
-from launcher.recipe import UserError, load_recipe, load_run
+from launcher.recipe import UserError
+from launcher.recipefile import load_recipe, load_run
 
 def _recipe_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("recipe", help="recipe YAML file")

@@ -11,7 +11,8 @@ import sys
 from pathlib import Path
 from typing import Callable
 
-from launcher.recipe import Recipe, UserError, load_run
+from launcher.recipe import Recipe, UserError
+from launcher.recipefile import load_run
 
 # The canonical field a user's prompt fills, per data format; the format's other required field is the (empty) target.
 PROMPT_FIELD = {"translation": "source", "qa": "question", "instruction": "instruction", "completion": "prompt",

@@ -11,7 +11,8 @@ import shutil
 from pathlib import Path
 
 from launcher import verify
-from launcher.recipe import Recipe, UserError, load_run
+from launcher.recipe import Recipe, UserError
+from launcher.recipefile import load_run
 
 DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
 # Largest |merged - adapter| logit difference accepted, relative to the largest |logit|: the merged

@@ -17,7 +17,8 @@ from pydantic import ValidationError
 
 from launcher import planner
 from launcher.planner import GIB, HEADROOM, Plan
-from launcher.recipe import Recipe, UserError, apply_overrides, load_recipe
+from launcher.recipe import Recipe, UserError
+from launcher.recipefile import apply_overrides, load_recipe
 from launcher.strategies import SHARDING_CHANGES
 
 MAX_COMBINED = 3  # changes tried together when no single one fits

@@ -26,7 +26,8 @@ from launcher.evaluate import Best, Evaluation, eval_rows, evaluate, to_device
 from launcher.loss import target_count, task_loss_sum
 from launcher.memory import ParamCount, count_parameters, parameter_bytes
 from launcher.planning import MemoryCheck, check_before_loading, predicted_and_measured
-from launcher.recipe import Recipe, UserError, resolved_yaml
+from launcher.recipe import Recipe, UserError
+from launcher.recipefile import resolved_yaml
 from launcher.rescale import hold_global_batch
 from launcher.strategies import Strategy, launched_world_size, strategy_for
 

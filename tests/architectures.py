@@ -85,7 +85,7 @@ class Trained:
 
     def __init__(self, recipe: dict, folder: Path) -> None:
         from launcher import preflight, train
-        from launcher.recipe import load_recipe
+        from launcher.recipefile import load_recipe
         self.recipe = load_recipe(write_recipe(recipe, folder / "recipe.yaml"))
         preflight.check(self.recipe)
         self.session = train.setup(self.recipe, overwrite=True)

@@ -12,7 +12,7 @@ import yaml
 from launcher.cli import main
 from launcher.data import StepPlan, tokenise_train
 from launcher.mixing import Share, pick_rows, row_counts
-from launcher.recipe import load_recipe
+from launcher.recipefile import load_recipe
 from support import launch
 
 WEIGHTS = (0.5, 0.3, 0.2)

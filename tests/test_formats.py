@@ -12,7 +12,8 @@ from pydantic import ValidationError
 from launcher.data import PROMPTS, Encoder, load_datasets, to_segments
 from launcher.evaluate import SCORERS
 from launcher.formats import FORMATS, IGNORE, LOWER_IS_BETTER, METRICS, TASKS, formats_for_task
-from launcher.recipe import DataFormat, DataSection, Recipe, UserError, load_recipe
+from launcher.recipe import DataFormat, DataSection, Recipe, UserError
+from launcher.recipefile import load_recipe
 
 REPO = Path(__file__).resolve().parents[1]
 

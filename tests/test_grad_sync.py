@@ -20,7 +20,7 @@ def _rank(rank: int, port: int, recipe_path: str, queue) -> None:
     from torch.distributed.fsdp import FSDPModule
     from torch.profiler import ProfilerActivity, profile
 
-    from launcher.recipe import load_recipe
+    from launcher.recipefile import load_recipe
     from launcher.train import close, setup, train_step
     session = setup(load_recipe(recipe_path))
     units = sum(isinstance(m, FSDPModule) for m in session.model.modules())

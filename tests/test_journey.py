@@ -66,7 +66,7 @@ def test_recipes_copy_brings_the_data_so_the_copy_validates_anywhere(tmp_path, m
 
 def test_a_missing_extra_is_named_in_one_line(tmp_path, capsys):
     from launcher.preflight import needed_extras
-    from launcher.recipe import load_recipe
+    from launcher.recipefile import load_recipe
     recipe = load_recipe(REPO / "recipes" / "qlora.yaml", ["report.trackers=[wandb]", "distributed.strategy=ddp"])
     assert [extra for _, _, extra in needed_extras(recipe)] == ["qlora", "gguf", "wandb"]
 

@@ -15,7 +15,8 @@ from support import build_tiny_llama, launch, tiny_recipe, write_recipe
 from launcher import planner, planning
 from launcher.inventory import shipped_config
 from launcher.cli import main
-from launcher.recipe import Recipe, load_recipe
+from launcher.recipe import Recipe
+from launcher.recipefile import load_recipe
 
 REPO = Path(__file__).resolve().parents[1]
 REAL_SIZE = {"llama-8b-lora.yaml": (1, 80), "llama-8b-qlora.yaml": (1, 24), "llama-8b-zero3-full.yaml": (8, 80),

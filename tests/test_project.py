@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from launcher.recipe import load_recipe
+from launcher.recipefile import load_recipe
 from launcher.reference import readme_with_reference
 
 REPO = Path(__file__).resolve().parents[1]

@@ -182,7 +182,7 @@ def test_merge_reloads_with_plain_from_pretrained_and_matches_the_adapter(qlora_
     from transformers import AutoModelForCausalLM
 
     from launcher.merge import PROMPTS, load_dequantised_base, logits
-    from launcher.recipe import load_run
+    from launcher.recipefile import load_run
     run, _ = qlora_run
     result = launch(["merge", run, "--dtype", "fp32"])
     assert result.returncode == 0, result.stderr

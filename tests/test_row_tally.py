@@ -9,7 +9,7 @@ import yaml
 from rich.console import Console
 
 from launcher.cli import main
-from launcher.recipe import load_recipe
+from launcher.recipefile import load_recipe
 
 MEGABYTE_ROW = 12   # its source is 1 MB of text: the prompt alone fills max_length, so nothing is left to train
 LONG_PROMPT_ROW = 3

@@ -10,8 +10,9 @@ from pathlib import Path
 PACKAGE = Path(__file__).resolve().parents[1] / "launcher"
 MAX_FUNCTION_LINES = 60
 STRATEGY_NAMES = {"ddp", "deepspeed", "fsdp"}
-# Where strategy names may appear: the schema (choices and rules), the strategy objects, preflight's refusals.
-STRATEGY_HOMES = {"recipe", "strategies", "preflight"}
+# Where strategy names may appear: the schema (choices and rules) and its file reader (distributed.deepspeed is a
+# path relative to the recipe), the strategy objects, preflight's refusals.
+STRATEGY_HOMES = {"recipe", "recipefile", "strategies", "preflight"}
 
 
 def modules() -> dict[str, ast.Module]:

@@ -11,7 +11,8 @@ from support import DATA, gpt2_tokenizer, tiny_recipe, write_recipe
 
 from launcher.cli import main
 from launcher.data import IGNORE, Encoder, collate
-from launcher.recipe import DataSection, load_recipe
+from launcher.recipe import DataSection
+from launcher.recipefile import load_recipe
 
 
 def build_tiny_bart(folder: Path) -> Path:

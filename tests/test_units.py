@@ -73,7 +73,7 @@ def test_inspect_counts_trained_tokens(tmp_path, tiny_model):
     from rich.console import Console
 
     from launcher.inspection import show
-    from launcher.recipe import load_recipe
+    from launcher.recipefile import load_recipe
     from support import tiny_recipe, write_recipe
     recipe = load_recipe(write_recipe(tiny_recipe(tiny_model, tmp_path / "run", data={"max_train_rows": 20}), tmp_path / "r.yaml"))
     console = Console(record=True, width=200)
