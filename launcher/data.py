@@ -313,7 +313,11 @@ class Datasets:
     eval: Tokenised | None
     labels: list[str] | None                 # classification: class names, id i is labels[i]
     collate: Callable[[list[dict]], dict]    # train rows -> batch; eval rows always go through `collate`
-    warnings: list[str] = field(default_factory=list)  # sources with more rows dropped or truncated than data.skipped_share_warn
+
+    @property
+    def warnings(self) -> list[str]:
+        """Sources with more rows dropped or truncated than data.skipped_share_warn, train then eval."""
+        return self.train.warnings + (self.eval.warnings if self.eval else [])
 
 
 def load_datasets(recipe: Recipe, tokenizer, pack: bool = True) -> Datasets:
@@ -330,11 +334,10 @@ def load_datasets(recipe: Recipe, tokenizer, pack: bool = True) -> Datasets:
         evaluation = tokenise_eval(recipe, tokenizer, labels)
     elif data.eval_fraction:
         train, evaluation = split_eval(train, data.eval_fraction, recipe.train.seed)
-    warnings = train.warnings + (evaluation.warnings if evaluation else [])
     if data.packing and pack:
         packed = pack_dataset(train.dataset, data.max_length)
         train = Tokenised(packed, train.rows, train.tally, train.encoded, train.mixture, train.warnings)
-    return Datasets(train, evaluation, labels, train_collate(recipe, tokenizer, pack), warnings)
+    return Datasets(train, evaluation, labels, train_collate(recipe, tokenizer, pack))
 
 
 def train_collate(recipe: Recipe, tokenizer, pack: bool = True) -> Callable[[list[dict]], dict]:

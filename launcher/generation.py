@@ -1,9 +1,10 @@
 """`launcher generate RUN_DIR`: a quick look at what a run learnt, with the prompt its data was trained on.
 
-A prompt is put into the recipe's data format (the translation template, the QA template, the
-instruction layout or chat template) exactly as training rows were, then generated greedily with
-the recipe's eval settings by the run's final (or best) model; `--checkpoint base` answers with the
-base model for comparison. Interactive on a terminal, one prompt per line otherwise.
+A prompt is put into the recipe's data format (the first eval source's, else the first train
+source's: the translation template, the QA template, the instruction layout or chat template)
+exactly as training rows were, then generated greedily with the recipe's eval settings by the
+run's final (or best) model; `--checkpoint base` answers with the base model for comparison.
+Interactive on a terminal, one prompt per line otherwise.
 """
 from __future__ import annotations
 
@@ -11,17 +12,23 @@ import sys
 from pathlib import Path
 from typing import Callable
 
-from launcher.recipe import Recipe, UserError
+from launcher.recipe import DataSection, Recipe, UserError
 from launcher.recipefile import load_run
+from launcher.sources import sources_of
 
 # The canonical field a user's prompt fills, per data format; the format's other required field is the (empty) target.
 PROMPT_FIELD = {"translation": "source", "qa": "question", "instruction": "instruction", "completion": "prompt",
                 "text": "text", "chat": "messages"}
 
 
-def prompt_rows(prompts: list[str], recipe: Recipe) -> list[dict]:
-    """Each prompt as a data row of the recipe's format, its target left empty."""
-    fmt, col = recipe.data.format, recipe.data.field
+def prompt_data(recipe: Recipe) -> DataSection:
+    """The data settings prompts are put in: the first eval source's (its format and fields), else the first train source's."""
+    return (sources_of(recipe, "eval") or sources_of(recipe, "train"))[0].data
+
+
+def prompt_rows(prompts: list[str], data: DataSection) -> list[dict]:
+    """Each prompt as a data row of `data`'s format, its target left empty."""
+    fmt, col = data.format, data.field
     if fmt not in PROMPT_FIELD:
         raise UserError(f"generate: data.format {fmt} is scored from logits, not generated; use `launcher eval` instead")
     if fmt == "chat":
@@ -52,7 +59,8 @@ def answerer(run_dir: str | Path, checkpoint: str, max_new_tokens: int | None = 
         raise UserError(f"generate: {folder} does not exist (train to the end first, or pick --checkpoint final|best|base)")
     weights = modeling.resolve_weights(recipe)
     tokenizer = modeling.load_tokenizer(weights if checkpoint == "base" else str(folder), recipe)
-    encoder = Encoder(tokenizer, recipe.data, recipe.model.task)
+    data = prompt_data(recipe)
+    encoder = Encoder(tokenizer, data, recipe.model.task)
     on_gpu, state = torch.cuda.is_available(), PartialState()
     model = (modeling.load_base(weights, recipe, on_gpu) if checkpoint == "base"
              else modeling.load_trained(str(folder), recipe, on_gpu))
@@ -61,7 +69,7 @@ def answerer(run_dir: str | Path, checkpoint: str, max_new_tokens: int | None = 
     model.eval()
 
     def answer(prompts: list[str]) -> list[str]:
-        rows = datasets.Dataset.from_dict(encoder.batch(_columns(prompt_rows(prompts, recipe))))
+        rows = datasets.Dataset.from_dict(encoder.batch(_columns(prompt_rows(prompts, data))))
         out = generate(state, model, tokenizer, rows, len(prompts), recipe, recipe.eval.generate_batch_size or 8)
         return [row["output"] for row in out]
     return answer

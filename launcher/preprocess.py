@@ -54,7 +54,7 @@ def inputs(recipe: Recipe, tokenizer) -> dict:
     """Every input of the tokenised data, by name (what `stale` reports when one differs)."""
     backend = tokenizer.backend_tokenizer.to_str() if hasattr(tokenizer, "backend_tokenizer") else repr(sorted(tokenizer.get_vocab().items()))
     settings = recipe.data.model_dump(mode="json", exclude=RUNTIME_KEYS)
-    code = [Path(module.__file__).read_text() for module in (data, formats, mixing, packing, sources)]
+    code = [Path(module.__file__).read_text() for module in (data, formats, mixing, packing, sources)] + [Path(__file__).read_text()]
     found = {"tokenizer": _sha(type(tokenizer).__name__, backend, json.dumps(tokenizer.special_tokens_map, sort_keys=True, default=str)),
              "the tokenizer's chat template": _sha(str(getattr(tokenizer, "chat_template", None))),
              **{f"data.{key}": value for key, value in settings.items()},
@@ -95,7 +95,8 @@ def preprocess(recipe: Recipe) -> Path:
     if found.eval is not None:
         found.eval.dataset.save_to_disk(str(staging / "eval"))
     summary = {"rows": found.train.rows, "tally": asdict(found.train.tally), "mixture": found.train.mixture,
-               "labels": found.labels, "eval_rows": found.eval.rows if found.eval else None, "warnings": found.warnings}
+               "labels": found.labels, "eval_rows": found.eval.rows if found.eval else None,
+               "warnings": found.train.warnings, "eval_warnings": found.eval.warnings if found.eval else []}
     (staging / SUMMARY).write_text(json.dumps(summary, indent=1))
     (staging / FINGERPRINT).write_text(json.dumps(inputs(recipe, tokenizer), indent=1))
     shutil.rmtree(target, ignore_errors=True)
@@ -115,11 +116,12 @@ def load_preprocessed(recipe: Recipe, tokenizer) -> Datasets | None:
                         f"again, or delete {target} to tokenise in the run")
     summary = json.loads((target / SUMMARY).read_text())
     train = Tokenised(datasets.load_from_disk(str(target / "train")), summary["rows"], RowTally(**summary["tally"]), 0,
-                      summary["mixture"])
+                      summary["mixture"], summary["warnings"])
     evaluation = None
     if (target / "eval").is_dir():
-        evaluation = Tokenised(datasets.load_from_disk(str(target / "eval")), summary["eval_rows"], RowTally(summary["eval_rows"]))
-    return Datasets(train, evaluation, summary["labels"], train_collate(recipe, tokenizer), summary["warnings"])
+        evaluation = Tokenised(datasets.load_from_disk(str(target / "eval")), summary["eval_rows"], RowTally(summary["eval_rows"]),
+                               warnings=summary["eval_warnings"])
+    return Datasets(train, evaluation, summary["labels"], train_collate(recipe, tokenizer))
 
 
 @contextmanager

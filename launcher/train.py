@@ -25,9 +25,11 @@ from launcher.data import Datasets, StepPlan
 from launcher.evaluate import Best, Evaluation, eval_rows, evaluate, to_device
 from launcher.loss import target_count, task_loss_sum
 from launcher.memory import ParamCount, count_parameters, parameter_bytes
+from launcher.mixing import mixture_line
 from launcher.planning import MemoryCheck, check_before_loading, predicted_and_measured
 from launcher.recipe import Recipe, UserError
 from launcher.recipefile import resolved_yaml
+from launcher.report import Reporter, first_samples, read_metrics, write_rank_log, write_report
 from launcher.rescale import hold_global_batch
 from launcher.strategies import Strategy, launched_world_size, strategy_for
 
@@ -163,7 +165,6 @@ def setup(recipe: Recipe, overwrite: bool = False, allow_data_change: bool = Fal
     session.best = Best(recipe)
     if resume_from is not None:
         loaded = ckpt.load_checkpoint(session.layout, resume_from)
-        from launcher.report import write_rank_log
         write_rank_log(run_dir, accelerator, {"resumed_from": str(resume_from), "checkpoint_bytes_read": session.layout.bytes_read})
         session.step, session.best = loaded["step"], Best(recipe, loaded.get("best"))
         optim.resume_schedule(session.scheduler)  # the lr for this step under the (maybe extended) total
@@ -176,7 +177,6 @@ def setup(recipe: Recipe, overwrite: bool = False, allow_data_change: bool = Fal
 def _load_data(recipe: Recipe, strategy: Strategy, accelerator, run_dir: Path, console: Console) -> Run:
     """Tokenizer and datasets (preprocessed, or tokenised by the main process first; launcher/preprocess.py) and the step plan."""
     from launcher.preprocess import datasets_for_run
-    from launcher.report import write_rank_log
     weights, tokenizer, datasets, record = datasets_for_run(recipe, accelerator, console.phase)
     write_rank_log(run_dir, accelerator, record)
     cfg = recipe.train
@@ -192,7 +192,6 @@ def _load_data(recipe: Recipe, strategy: Strategy, accelerator, run_dir: Path, c
 def _build_model(session: Run) -> None:
     """Model (sharded by the strategy before the optimiser sees it), optimiser and schedule, prepared."""
     from launcher import modeling, optim
-    from launcher.report import write_rank_log
     recipe, accelerator, strategy = session.recipe, session.accelerator, session.strategy
     model = modeling.load_model(session.weights, recipe, on_gpu=accelerator.device.type == "cuda", labels=session.data.labels)
     session.params = count_parameters(model, recipe.train.optimizer)
@@ -211,8 +210,6 @@ def _build_model(session: Run) -> None:
 def _open_reporter(session: Run, resume_from: Path | None) -> None:
     from rich.text import Text
 
-    from launcher.mixing import mixture_line
-    from launcher.report import Reporter
     recipe, train, evaluation = session.recipe, session.data.train, session.data.eval
     session.reporter = Reporter(session.run_dir, session.accelerator, session.console)
     session.reporter.log_every = recipe.train.log_every
@@ -341,7 +338,6 @@ def save(session: Run) -> None:
 
 def finish(session: Run) -> Path:
     """Final eval, last checkpoint, export to output_dir/final, and the report."""
-    from launcher.report import first_samples, read_metrics, write_report
     recipe, accelerator, run_dir = session.recipe, session.accelerator, session.run_dir
     last_eval = run_eval(session, session.total_steps)
     save(session)

@@ -183,3 +183,12 @@ def test_task_metrics_are_scored_per_eval_source_when_the_sources_share_a_format
     assert found["eval_chrf/bible.jsonl"] == 100.0 and found["eval_chrf/hf_org_news_test"] < 50.0
     metrics = score("translation", generated)  # the same metrics as the whole set's, once per source
     assert sorted(found) == sorted(f"{key}/{name}" for key in metrics for name in ("bible.jsonl", "hf_org_news_test"))
+
+
+def test_generate_puts_prompts_in_the_first_sources_format_and_fields(tmp_path, tiny_model):
+    from launcher.generation import prompt_data, prompt_rows
+    sources = write_sources(tmp_path / "data", sizes=(4, 4, 4))
+    recipe = load_recipe(mixture_recipe(tiny_model, tmp_path, sources[1:]))  # completion .csv first, mapped fields q/a
+    assert prompt_rows(["two times 9"], prompt_data(recipe)) == [{"q": "two times 9", "a": ""}]
+    with_eval = load_recipe(mixture_recipe(tiny_model, tmp_path, sources[1:], data={"eval": sources[0]["path"]}))
+    assert prompt_rows(["count to 3"], prompt_data(with_eval)) == [{"instruction": "count to 3", "output": ""}]
