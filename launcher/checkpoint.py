@@ -13,18 +13,8 @@ from pathlib import Path
 
 from launcher import diskspace, verify
 from launcher.adapters import export_kwargs
-from launcher.recipe import UserError
 
 STATE_FILE = "trainer_state.json"
-RUN_FILES = ("checkpoints", "final", "best", "metrics.jsonl", "report.md", "loss.png", "recipe.yaml", "tb", "logs")  # what a run writes
-# Keys of the recipe that may change between a run and its resumption (micro_batch_size and grad_accum only
-# with their product times the process count unchanged: launcher/rescale.py checks that on resume).
-RESUMABLE_CHANGES = {("train", "micro_batch_size"), ("train", "grad_accum"),
-                     ("train", "max_steps"), ("train", "epochs"), ("train", "eval_every"), ("train", "save_every"),
-                     ("distributed", "num_processes"), ("train", "log_every"), ("train", "keep_last"), ("eval", "samples"), ("report", "tensorboard"),
-                     ("train", "skip_nonfinite")}
-
-
 def checkpoints(run_dir: Path) -> list[tuple[int, Path]]:
     """Complete checkpoints, oldest first."""
     found = []
@@ -38,60 +28,6 @@ def checkpoints(run_dir: Path) -> list[tuple[int, Path]]:
 def last_checkpoint(run_dir: Path) -> Path | None:
     found = checkpoints(run_dir)
     return found[-1][1] if found else None
-
-
-def _changed_keys(old: dict, new: dict, prefix: tuple = ()) -> list[tuple]:
-    changed = []
-    for key in sorted(set(old) | set(new)):
-        a, b = old.get(key), new.get(key)
-        if isinstance(a, dict) and isinstance(b, dict):
-            changed += _changed_keys(a, b, prefix + (key,))
-        elif a != b:
-            changed.append(prefix + (key,))
-    return changed
-
-
-def _holds_only_launch_files(run_dir: Path) -> bool:
-    """True for what exists before a run's first recipe.yaml: the job script and Slurm log that
-    `launcher slurm submit` writes to slurm/, and per-rank logs/."""
-    for entry in run_dir.iterdir():
-        if entry.name == "slurm" and (entry / "job.sbatch").is_file():
-            continue
-        if entry.name == "preprocessed" and (entry / "fingerprint.json").is_file():  # written by `launcher preprocess`
-            continue
-        if entry.name == "logs" and entry.is_dir() and all(f.name.startswith("rank-") for f in entry.iterdir()):
-            continue
-        return False
-    return True
-
-
-def plan_run_dir(run_dir: Path, resolved: dict, overwrite: bool) -> Path | None:
-    """Decide, before any model loads, whether this run starts fresh or resumes; never clobber silently."""
-    if overwrite and run_dir.exists():
-        return None
-    previous = run_dir / "recipe.yaml"
-    if not run_dir.exists() or _holds_only_launch_files(run_dir):
-        return None
-    if not previous.is_file():
-        raise UserError(f"output_dir {run_dir} exists and is not a launcher run; choose another output_dir or pass --overwrite")
-    import yaml
-    changed = [k for k in _changed_keys(yaml.safe_load(previous.read_text()) or {}, resolved) if k not in RESUMABLE_CHANGES]
-    if changed:
-        names = ", ".join(".".join(k) for k in changed[:5])
-        raise UserError(f"output_dir {run_dir} holds a run with a different recipe ({names} changed); "
-                        f"resume with the same recipe, choose another output_dir, or pass --overwrite to start fresh")
-    return last_checkpoint(run_dir)
-
-
-def clear_run_dir(run_dir: Path) -> None:
-    """--overwrite: remove what a previous run wrote (only the launcher's own files, and never slurm/:
-    the running job's script and log are there)."""
-    for name in RUN_FILES:
-        target = run_dir / name
-        if target.is_dir():
-            shutil.rmtree(target)
-        elif target.exists():
-            target.unlink()
 
 
 def save_checkpoint(accelerator, layout, run_dir: Path, step: int, state: dict, keep_last: int, held_bytes: int = 0) -> Path:

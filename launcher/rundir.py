@@ -24,6 +24,13 @@ from launcher.recipe import UserError
 
 LOCK_FILE = "run.lock"
 RESULTS = ("final", "best")  # exported folders: a run that has one has something to lose
+RUN_FILES = ("checkpoints", "final", "best", "metrics.jsonl", "report.md", "loss.png", "recipe.yaml", "tb", "logs")  # what a run writes
+# Keys of the recipe that may change between a run and its resumption (micro_batch_size and grad_accum only
+# with their product times the process count unchanged: launcher/rescale.py checks that on resume).
+RESUMABLE_CHANGES = {("train", "micro_batch_size"), ("train", "grad_accum"),
+                     ("train", "max_steps"), ("train", "epochs"), ("train", "eval_every"), ("train", "save_every"),
+                     ("distributed", "num_processes"), ("train", "log_every"), ("train", "keep_last"), ("eval", "samples"), ("report", "tensorboard"),
+                     ("train", "skip_nonfinite")}
 
 
 @dataclass
@@ -43,8 +50,44 @@ def has_something_to_lose(run_dir: Path) -> bool:
 
 
 def _leftovers(run_dir: Path) -> list[str]:
-    """The launcher's own files an earlier attempt wrote (ckpt.clear_run_dir removes exactly these)."""
-    return [name for name in ckpt.RUN_FILES if (run_dir / name).exists()]
+    """The launcher's own files an earlier attempt wrote (clear_run_dir removes exactly these)."""
+    return [name for name in RUN_FILES if (run_dir / name).exists()]
+
+
+def _changed_keys(old: dict, new: dict, prefix: tuple = ()) -> list[tuple]:
+    changed = []
+    for key in sorted(set(old) | set(new)):
+        a, b = old.get(key), new.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            changed += _changed_keys(a, b, prefix + (key,))
+        elif a != b:
+            changed.append(prefix + (key,))
+    return changed
+
+
+def _holds_only_launch_files(run_dir: Path) -> bool:
+    """True for what exists before a run's first recipe.yaml: the job script and Slurm log that
+    `launcher slurm submit` writes to slurm/, and per-rank logs/."""
+    for entry in run_dir.iterdir():
+        if entry.name == "slurm" and (entry / "job.sbatch").is_file():
+            continue
+        if entry.name == "preprocessed" and (entry / "fingerprint.json").is_file():  # written by `launcher preprocess`
+            continue
+        if entry.name == "logs" and entry.is_dir() and all(f.name.startswith("rank-") for f in entry.iterdir()):
+            continue
+        return False
+    return True
+
+
+def clear_run_dir(run_dir: Path) -> None:
+    """--overwrite: remove what a previous run wrote (only the launcher's own files, and never slurm/:
+    the running job's script and log are there)."""
+    for name in RUN_FILES:
+        target = run_dir / name
+        if target.is_dir():
+            shutil.rmtree(target)
+        elif target.exists():
+            target.unlink()
 
 
 def plan(run_dir: Path, resolved: dict, overwrite: bool) -> RunDirPlan:
@@ -53,14 +96,20 @@ def plan(run_dir: Path, resolved: dict, overwrite: bool) -> RunDirPlan:
         LiveLock(run_dir).refuse_if_held()  # a live run's folder is not this run's to judge or clear
         if {entry.name for entry in run_dir.iterdir()} <= {LOCK_FILE}:
             return RunDirPlan(None)
+    if (overwrite and run_dir.exists()) or not run_dir.exists() or _holds_only_launch_files(run_dir):
+        return RunDirPlan(None)
     previous = run_dir / "recipe.yaml"
-    if not overwrite and previous.is_file() and not has_something_to_lose(run_dir):
-        import yaml
-        changed = [".".join(k) for k in ckpt._changed_keys(yaml.safe_load(previous.read_text()) or {}, resolved)
-                   if k not in ckpt.RESUMABLE_CHANGES]
-        reason = f"{', '.join(changed[:5])} changed" if changed else "same recipe"
-        return RunDirPlan(None, _leftovers(run_dir), reason)
-    return RunDirPlan(ckpt.plan_run_dir(run_dir, resolved, overwrite))
+    if not previous.is_file():
+        raise UserError(f"output_dir {run_dir} exists and is not a launcher run; choose another output_dir or pass --overwrite")
+    import yaml
+    changed = [".".join(k) for k in _changed_keys(yaml.safe_load(previous.read_text()) or {}, resolved)
+               if k not in RESUMABLE_CHANGES]
+    if not has_something_to_lose(run_dir):
+        return RunDirPlan(None, _leftovers(run_dir), f"{', '.join(changed[:5])} changed" if changed else "same recipe")
+    if changed:
+        raise UserError(f"output_dir {run_dir} holds a run with a different recipe ({', '.join(changed[:5])} changed); "
+                        f"resume with the same recipe, choose another output_dir, or pass --overwrite to start fresh")
+    return RunDirPlan(ckpt.last_checkpoint(run_dir))
 
 
 # ---------------------------------------------------------------- the live-run lock

@@ -142,7 +142,7 @@ def setup(recipe: Recipe, overwrite: bool = False, allow_data_change: bool = Fal
     if accelerator.is_main_process:
         rundir.take_live_lock(run_dir)  # before anything is written: a second live run is refused here
         if overwrite or dir_plan.replaced:
-            ckpt.clear_run_dir(run_dir)
+            rundir.clear_run_dir(run_dir)
         if dir_plan.replaced:
             print(dir_plan.message(run_dir))
         run_dir.mkdir(parents=True, exist_ok=True)

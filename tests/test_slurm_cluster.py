@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from launcher import cli
-from launcher.checkpoint import clear_run_dir, plan_run_dir
+from launcher.rundir import clear_run_dir, plan
 from launcher.recipe import UserError
 from launcher.slurm import SlurmError, SlurmJob, log_path, render, requeue_self, submit, task_command, write_script
 
@@ -126,10 +126,10 @@ def test_run_dir_holding_only_the_job_script_is_fresh_and_overwrite_keeps_it(tmp
     (run / "slurm" / "launcher-7.out").write_text("log\n")
     (run / "logs").mkdir()
     (run / "logs" / "rank-1.jsonl").write_text("{}\n")
-    assert plan_run_dir(run, {}, overwrite=False) is None
+    assert plan(run, {}, overwrite=False).resume_from is None
     (run / "notes.txt").write_text("not ours")
     with pytest.raises(UserError, match="not a launcher run"):
-        plan_run_dir(run, {}, overwrite=False)
+        plan(run, {}, overwrite=False)
     (run / "recipe.yaml").write_text("{}\n")
     clear_run_dir(run)  # --overwrite inside the job must keep the job's own script and log
     assert sorted(p.name for p in (run / "slurm").iterdir()) == ["job.sbatch", "launcher-7.out"]
