@@ -132,6 +132,8 @@ def test_resume_two_to_two_is_exact_and_two_to_one_holds_the_global_batch(name, 
     rewind(run, 2)
     resumed = ok(launch_two([recipe]))
     assert "resuming from" in resumed.stdout and "step-2 at step 2" in resumed.stdout
+    for line in ("resuming from", "finished in", "eval before -> after"):  # printed once, by rank 0, not once per rank
+        assert resumed.stdout.count(line) == 1, (line, resumed.stdout[-3000:])
     again = train_losses(run)  # later lines for steps 3-4 win
     assert [again[s] for s in range(1, STEPS + 1)] == [straight[s] for s in range(1, STEPS + 1)]  # bitwise
     if name == "fsdp":  # each rank wrote, and read back, only its own shards: about half of the checkpoint each
