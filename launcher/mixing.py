@@ -113,7 +113,7 @@ def rows_by_source(table) -> list[tuple[str, list[int]]]:
     groups: list[list[int]] = [[] for _ in names]
     for row, source in enumerate(table[SOURCE_COLUMN]):
         groups[source].append(row)
-    return [(name, rows) for name, rows in zip(names, groups) if rows]
+    return [(name, rows) for name, rows in zip(names, groups) if rows] or [("", [])]
 
 
 def _lengths(table):
