@@ -26,7 +26,7 @@ def measure(args) -> dict:
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from launcher.loss import task_loss_sum
+    from launcher.model.loss import task_loss_sum
     torch.manual_seed(0)
     config = LlamaConfig(vocab_size=args.vocab, hidden_size=args.hidden, intermediate_size=2 * args.hidden,
                          num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4, tie_word_embeddings=False)

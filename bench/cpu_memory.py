@@ -43,10 +43,12 @@ def measure(folder: Path) -> dict:
 
     import torch
 
-    from launcher import modeling, optim
-    from launcher.loss import task_loss_sum
-    from launcher.planner import model_config
-    from launcher.recipe import Recipe
+    from launcher.model import loading as modeling
+
+    from launcher.training import optim
+    from launcher.model.loss import task_loss_sum
+    from launcher.memory.estimate import model_config
+    from launcher.recipe.schema import Recipe
     recipe = Recipe.model_validate(recipe_data(folder))
     torch.manual_seed(0)
     model = modeling.auto_class("causal-lm").from_config(model_config(recipe), dtype=torch.float32)
@@ -67,8 +69,8 @@ def measure(folder: Path) -> dict:
 
 
 def calibrate(workdir: Path) -> dict:
-    from launcher import planner
-    from launcher.recipe import Recipe
+    from launcher.memory import estimate as planner
+    from launcher.recipe.schema import Recipe
     workdir.mkdir(parents=True, exist_ok=True)
     (workdir / "config.json").write_text(json.dumps(SHAPE))
     env_code = f"import json, sys; sys.path.insert(0, {str(REPO)!r}); from bench.cpu_memory import measure; " \

@@ -49,8 +49,8 @@ def plain_steps(model: Path, steps: int, micro: int, length: int) -> list[float]
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from launcher.data import StepPlan, collate, tokenise
-    from launcher.recipe import DataSection
+    from launcher.data.encode import StepPlan, collate, tokenise
+    from launcher.recipe.schema import DataSection
     torch.set_num_threads(2)
     tokenizer = AutoTokenizer.from_pretrained(model)
     data = DataSection(train=str(DATA / "bible_en_es" / "train.jsonl"), format="translation",
@@ -82,9 +82,9 @@ def padding_table(model: Path, micro: int, length: int) -> None:
     import torch
     from transformers import AutoTokenizer
 
-    from launcher.data import tokenise
-    from launcher.packing import pack_dataset, padding_efficiency
-    from launcher.recipe import DataSection
+    from launcher.data.encode import tokenise
+    from launcher.data.packing import pack_dataset, padding_efficiency
+    from launcher.recipe.schema import DataSection
     tokenizer = AutoTokenizer.from_pretrained(model)
     data = DataSection(train=str(DATA / "bible_en_es" / "train.jsonl"), format="translation",
                        fields={"source": "en", "target": "es"}, max_length=length)
@@ -123,8 +123,8 @@ def preprocessing_table(chat_model: Path, length: int, work: Path) -> None:
     """Rows/s from the jsonl rows to trainable token rows (ids + masked labels), launcher vs TRL's SFT path."""
     from transformers import AutoTokenizer
 
-    from launcher.data import load_table, tokenise
-    from launcher.recipe import DataSection
+    from launcher.data.encode import load_table, tokenise
+    from launcher.recipe.schema import DataSection
     source = DATA / "bible_en_es" / "train.jsonl"
     tokenizer = AutoTokenizer.from_pretrained(chat_model)
     data = DataSection(train=str(source), format="translation", fields={"source": "en", "target": "es"}, max_length=length)

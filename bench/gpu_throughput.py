@@ -38,8 +38,8 @@ def batches(lengths: list[int], micro: int, length: int, vocab: int, packing: bo
     import datasets
     import torch
 
-    from launcher.data import collate
-    from launcher.packing import collate_packed, pack_dataset
+    from launcher.data.encode import collate
+    from launcher.data.packing import collate_packed, pack_dataset
     generator = torch.Generator().manual_seed(0)
     rows = [{"input_ids": (ids := torch.randint(3, vocab, (n,), generator=generator).tolist()), "labels": ids} for n in lengths]
     table = datasets.Dataset.from_list(rows)
@@ -52,7 +52,7 @@ def batches(lengths: list[int], micro: int, length: int, vocab: int, packing: bo
 def run_mode(model, data: list[dict], steps: int, mode: str, chunk: int) -> dict:
     import torch
 
-    from launcher.loss import task_loss_sum
+    from launcher.model.loss import task_loss_sum
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=torch.cuda.is_available())
     device = next(model.parameters()).device
     cuda = device.type == "cuda"

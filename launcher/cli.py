@@ -11,9 +11,9 @@ import sys
 from dataclasses import dataclass
 from typing import Callable
 
-from launcher.console import quiet_libraries
-from launcher.recipe import UserError
-from launcher.recipefile import load_recipe, load_run
+from launcher.report.console import quiet_libraries
+from launcher.errors import UserError
+from launcher.recipe.files import load_recipe, load_run
 
 def _recipe_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("recipe", help="recipe YAML file")
@@ -54,7 +54,7 @@ def _merge_options(parser: argparse.ArgumentParser) -> None:
 
 
 def _slurm_options(parser: argparse.ArgumentParser) -> None:
-    from launcher.slurm import add_cli_options  # imports no torch
+    from launcher.distributed.slurm import add_cli_options  # imports no torch
     actions = parser.add_subparsers(dest="action", required=True)
     for action, text in (("render", "print the sbatch script for the recipe"),
                          ("submit", "validate the recipe, write the script to output_dir/slurm/ and sbatch it")):
@@ -114,18 +114,18 @@ def recipe_or_run(path: str, overrides: list[str]):
 
 def checked_recipe(args, target=None):
     """The recipe (or a run directory's), validated and preflighted (every check that needs no torch), before anything loads."""
-    from launcher import preflight
+    from launcher.preflight import checks as preflight
     recipe = recipe_or_run(args.recipe, args.overrides)
     preflight.check(recipe, target)
     return recipe
 
 
 def cmd_validate(args) -> int:
-    from launcher.preflight import Target
-    from launcher.strategies import launched_world_size
+    from launcher.preflight.checks import Target
+    from launcher.distributed.strategies import launched_world_size
     recipe = checked_recipe(args, Target(args.device, launched_world_size()) if args.device else None)
     if args.deep:
-        from launcher.deepcheck import deep_check
+        from launcher.commands.deepcheck import deep_check
         deep_check(recipe)
     print(f"{args.recipe}: ok ({recipe.method} on {recipe.model.path}, data format {recipe.data.format}, output {recipe.output_dir})")
     return 0
@@ -133,13 +133,13 @@ def cmd_validate(args) -> int:
 
 def cmd_train(args) -> int:
     recipe = checked_recipe(args)
-    from launcher.train import run
+    from launcher.training.loop import run
     return run(recipe, overwrite=args.overwrite, allow_data_change=args.allow_data_change)
 
 
 def cmd_inspect(args) -> int:
     recipe = checked_recipe(args)
-    from launcher.inspection import show
+    from launcher.commands.inspect import show
     show(recipe, args.examples, plain=args.plain or not sys.stdout.isatty())
     return 0
 
@@ -147,7 +147,7 @@ def cmd_inspect(args) -> int:
 def cmd_preprocess(args) -> int:
     """Data checks only: a CPU job may preprocess for a GPU or multi-process recipe."""
     recipe = load_recipe(args.recipe, args.overrides)
-    from launcher.preprocess import check_sources, preprocess
+    from launcher.data.cache import check_sources, preprocess
     check_sources(recipe)
     print(f"preprocessed data written to {preprocess(recipe)}")
     return 0
@@ -155,7 +155,7 @@ def cmd_preprocess(args) -> int:
 
 def cmd_eval(args) -> int:
     recipe = checked_recipe(args)
-    from launcher.evaluate import compare
+    from launcher.evaluation.evaluate import compare
     compare(recipe, args.checkpoint)
     return 0
 
@@ -163,14 +163,14 @@ def cmd_eval(args) -> int:
 def cmd_slurm(args) -> int:
     from pathlib import Path
 
-    from launcher import slurm
-    from launcher.preflight import Target
+    from launcher.distributed import slurm
+    from launcher.preflight.checks import Target
     recipe = load_recipe(args.recipe, args.overrides)
     spec, run_dir = slurm.job_from_cli(args), Path(recipe.output_dir)
     if args.action == "render":
         print(slurm.render(args.recipe, run_dir, spec, args.overrides), end="")
         return 0
-    from launcher.rundir import plan
+    from launcher.rundir.directory import plan
     checked_recipe(args, Target("cuda" if spec.gpus_per_node else "cpu", spec.world_size))  # as the job will see it
     resume = plan(run_dir, recipe.model_dump(mode="json"), overwrite=False).resume_from  # refuse now, not once queued
     script = slurm.write_script(args.recipe, run_dir, spec, args.overrides)
@@ -183,18 +183,18 @@ def cmd_slurm(args) -> int:
 
 
 def cmd_merge(args) -> int:
-    from launcher.merge import merge
+    from launcher.commands.merge import merge
     merge(args.run_dir, args.dtype, args.out, args.overwrite)
     return 0
 
 
 def cmd_generate(args) -> int:
-    from launcher.generation import answer_prompts
+    from launcher.commands.generate import answer_prompts
     return answer_prompts(args.run_dir, args.checkpoint, args.prompt, args.file, args.max_new_tokens)
 
 
 def cmd_recipes(args) -> int:
-    from launcher import catalog
+    from launcher.recipe import catalog
     if args.action == "copy":
         print(f"copied {args.name} to {catalog.copy(args.name, args.dest)}")
     else:
@@ -203,19 +203,19 @@ def cmd_recipes(args) -> int:
 
 
 def cmd_plan(args) -> int:
-    from launcher.planning import cmd_plan as plan
+    from launcher.memory.advice import cmd_plan as plan
     return plan(args)
 
 
 def _plan_options(parser: argparse.ArgumentParser) -> None:
-    from launcher.planning import add_options  # imports no torch until it plans
+    from launcher.memory.advice import add_options  # imports no torch until it plans
     add_options(parser)
 
 
 def cmd_reference(args) -> int:
     from pathlib import Path
 
-    from launcher.reference import readme_with_reference, reference_markdown
+    from launcher.recipe.reference import readme_with_reference, reference_markdown
     if args.readme:
         Path(args.readme).write_text(readme_with_reference(Path(args.readme).read_text()))
     else:

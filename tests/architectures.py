@@ -55,7 +55,7 @@ def build(name: str, folder: Path, tokenizer) -> Path:
     import torch
     import transformers
 
-    from launcher.modeling import auto_class
+    from launcher.model.loading import auto_class
     config_class, kwargs, task = ARCHITECTURES[name]
     eos = tokenizer.eos_token_id
     ids = {"pad_token_id": eos, "eos_token_id": eos, "bos_token_id": eos, "decoder_start_token_id": eos}
@@ -84,8 +84,9 @@ class Trained:
     """A finished in-process run whose model is still in memory."""
 
     def __init__(self, recipe: dict, folder: Path) -> None:
-        from launcher import preflight, train
-        from launcher.recipefile import load_recipe
+        from launcher.preflight import checks as preflight
+        from launcher.training import loop as train
+        from launcher.recipe.files import load_recipe
         self.recipe = load_recipe(write_recipe(recipe, folder / "recipe.yaml"))
         preflight.check(self.recipe)
         self.session = train.setup(self.recipe, overwrite=True)
@@ -98,7 +99,7 @@ class Trained:
         self.run_dir = Path(self.recipe.output_dir)
 
     def close(self) -> None:
-        from launcher import train
+        from launcher.training import loop as train
         self.model = None
         train.close(self.session)
 
@@ -112,7 +113,7 @@ def batch(tokenizer_folder: Path) -> dict:
 
 
 def logits(model, inputs: dict):
-    from launcher.merge import logits as masked_logits
+    from launcher.commands.merge import logits as masked_logits
     return masked_logits(model, inputs)
 
 
@@ -121,7 +122,7 @@ def reload(run: Trained, model_path: Path):
     import torch
     from peft import PeftModel
 
-    from launcher.modeling import auto_class
+    from launcher.model.loading import auto_class
     final, task = run.run_dir / "final", run.recipe.model.task
     if not (final / "adapter_config.json").is_file():
         return auto_class(task).from_pretrained(final, dtype=torch.float32).eval()
@@ -129,7 +130,7 @@ def reload(run: Trained, model_path: Path):
     if run.recipe.method == "qlora":
         from transformers import BitsAndBytesConfig
 
-        from launcher.modeling import adapter_layout
+        from launcher.model.loading import adapter_layout
         kwargs["quantization_config"] = BitsAndBytesConfig(
             load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=torch.float32,
             llm_int8_skip_modules=adapter_layout(str(model_path), run.recipe, LABELS if task == CLASSIFY else None).unquantised)

@@ -8,7 +8,8 @@ from architectures import ARCHITECTURES, CLASSIFY, LABELS, Trained, batch, build
 from support import build_tiny_llama, tiny_recipe, validate_refusal, write_recipe
 
 from launcher.cli import main
-from launcher.recipe import Recipe, UserError
+from launcher.recipe.schema import Recipe
+from launcher.errors import UserError
 
 
 @pytest.fixture(scope="module")
@@ -36,8 +37,8 @@ def skeletons(tmp_path_factory):
 
 @pytest.mark.parametrize("arch", list(ARCHITECTURES))
 def test_every_linear_layer_but_the_heads_is_adapted_and_heads_are_trained_in_full(arch, skeletons, tmp_path):
-    from launcher.adapters import is_linear
-    from launcher.modeling import adapter_layout, skeleton
+    from launcher.model.adapters import is_linear
+    from launcher.model.loading import adapter_layout, skeleton
     task = ARCHITECTURES[arch][2]
     recipe = Recipe.model_validate(recipe_for(skeletons[arch], task, "qlora", tmp_path))
     labels = LABELS if task == CLASSIFY else None
@@ -54,7 +55,7 @@ def test_every_linear_layer_but_the_heads_is_adapted_and_heads_are_trained_in_fu
 
 
 def test_a_head_named_in_target_modules_and_trained_in_full_is_refused(skeletons, tmp_path):
-    from launcher.modeling import adapter_layout
+    from launcher.model.loading import adapter_layout
     recipe = Recipe.model_validate(recipe_for(skeletons["distilbert"], CLASSIFY, "lora", tmp_path,
                                               target_modules=["q_lin", "classifier"]))
     with pytest.raises(UserError, match="adapted or trained in full, not both"):
@@ -99,7 +100,7 @@ def test_pissa_and_olora_start_from_the_weights_and_export_plain_lora_on_the_ori
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    from launcher import modeling
+    from launcher.model import loading as modeling
     recipe = Recipe.model_validate(recipe_for(llama, "causal-lm", "lora", tmp_path / "load", init=init))
     model, original = modeling.load_model(str(llama), recipe, on_gpu=False), original_weights(llama)
     for name, layer in adapted(model).items():
@@ -171,7 +172,9 @@ def test_fsdp_qlora_stores_4bit_weights_in_the_compute_dtype_and_counts_their_st
     import bitsandbytes as bnb
     import torch
 
-    from launcher import memory, modeling
+    from launcher.memory import counts as memory
+
+    from launcher.model import loading as modeling
     llama = build_tiny_llama(tmp_path / "llama", chat=False, hidden=128)
     recipe = Recipe.model_validate(tiny_recipe(llama, tmp_path / "run", method="qlora", distributed={"strategy": "fsdp"}))
     model = modeling.load_model(str(llama), recipe, on_gpu=False)
@@ -202,7 +205,7 @@ def test_merge_refuses_an_adapter_it_cannot_fold_before_loading_anything(llama, 
 
 
 def test_a_merge_that_fails_midway_leaves_no_staging_folder(llama, tmp_path):
-    from launcher.merge import merge
+    from launcher.commands.merge import merge
     run = fake_run(llama, tmp_path / "run", {"peft_type": "LORA", "r": 4, "lora_alpha": 8, "target_modules": ["q_proj"],
                                             "task_type": "CAUSAL_LM", "base_model_name_or_path": str(llama)})
     (run / "merged.tmp").mkdir()  # left by an earlier crash

@@ -325,7 +325,7 @@ def test_a_hub_id_in_the_local_cache_passes_offline(tmp_path):
 
 
 def test_a_hub_id_whose_config_ships_with_the_launcher_passes_offline(tmp_path, capsys):
-    from launcher.locations import SHIPPED_CONFIGS
+    from launcher.preflight.locations import SHIPPED_CONFIGS
     shipped = sorted(SHIPPED_CONFIGS.glob("*--*/config.json"))
     if not shipped:
         pytest.skip("no model configs ship in launcher/model_configs yet")

@@ -2,11 +2,11 @@
 import pytest
 import torch
 
-from launcher.data import IGNORE
-from launcher.loss import task_loss_sum
+from launcher.data.encode import IGNORE
+from launcher.model.loss import task_loss_sum
 from pydantic import ValidationError
 
-from launcher.recipe import Recipe
+from launcher.recipe.schema import Recipe
 
 
 def _model(vocab: int = 997, seed: int = 0):
@@ -72,8 +72,8 @@ def test_chunked_ce_is_refused_with_sharded_parameters_whatever_the_deepspeed_js
     """The stage is read from the JSON: a custom stage-3 file is refused like zero3, a stage-2 one is not."""
     import json
 
-    from launcher.recipe import UserError
-    from launcher.strategies import strategy_for
+    from launcher.errors import UserError
+    from launcher.distributed.strategies import strategy_for
     custom = {stage: tmp_path / f"my-config-{stage}.json" for stage in (2, 3)}
     for stage, path in custom.items():
         path.write_text(json.dumps({"zero_optimization": {"stage": stage}}))

@@ -10,9 +10,9 @@ import pytest
 import yaml
 
 from launcher.cli import main
-from launcher.data import StepPlan, tokenise_train
-from launcher.mixing import Share, pick_rows, row_counts
-from launcher.recipefile import load_recipe
+from launcher.data.encode import StepPlan, tokenise_train
+from launcher.data.mixing import Share, pick_rows, row_counts
+from launcher.recipe.files import load_recipe
 from support import launch
 
 WEIGHTS = (0.5, 0.3, 0.2)
@@ -124,8 +124,8 @@ def test_inspect_plain_prints_ids_pieces_and_labels_in_columns(tmp_path, tiny_mo
 
 def test_every_local_kind_reads_the_same_rows_and_a_bad_row_past_the_peek_is_named(tmp_path, tiny_model, tokenizer):
     import datasets
-    from launcher.recipe import UserError
-    from launcher.sources import Source, load_table
+    from launcher.errors import UserError
+    from launcher.data.sources import Source, load_table
     rows = [{"instruction": f"say {i}", "output": f"{i}"} for i in range(8)]
     (tmp_path / "rows.json").write_text(json.dumps(rows))
     datasets.Dataset.from_list(rows).to_parquet(str(tmp_path / "rows.parquet"))
@@ -146,8 +146,8 @@ def test_several_eval_sources_each_get_their_own_loss_in_the_metrics_and_the_rep
     gets (the step-0 eval is the base model: LoRA starts as a no-op), and the report lists each."""
     import json
 
-    from launcher.data import tokenise_eval
-    from launcher.evaluate import compare
+    from launcher.data.encode import tokenise_eval
+    from launcher.evaluation.evaluate import compare
     sources = write_sources(tmp_path / "data", sizes=(40, 30, 20))
     evals = [{key: value for key, value in source.items() if key != "weight"} for source in sources[:2]]
     recipe = mixture_recipe(tiny_model, tmp_path, sources[0]["path"],
@@ -173,8 +173,8 @@ def test_several_eval_sources_each_get_their_own_loss_in_the_metrics_and_the_rep
 def test_task_metrics_are_scored_per_eval_source_when_the_sources_share_a_format():
     import datasets
 
-    from launcher.evaluate import score, scores_by_source
-    from launcher.mixing import interleave
+    from launcher.evaluation.evaluate import score, scores_by_source
+    from launcher.data.mixing import interleave
     tables = [datasets.Dataset.from_dict({"input_ids": [[1, 2]] * size}) for size in (3, 2)]
     mixed, _ = interleave(tables, ["bible.jsonl", "hf:org/news:test"])
     generated = [{"reference": "the same words", "output": "the same words" if source == 0 else "something else"}
@@ -186,7 +186,7 @@ def test_task_metrics_are_scored_per_eval_source_when_the_sources_share_a_format
 
 
 def test_generate_puts_prompts_in_the_first_sources_format_and_fields(tmp_path, tiny_model):
-    from launcher.generation import prompt_data, prompt_rows
+    from launcher.commands.generate import prompt_data, prompt_rows
     sources = write_sources(tmp_path / "data", sizes=(4, 4, 4))
     recipe = load_recipe(mixture_recipe(tiny_model, tmp_path, sources[1:]))  # completion .csv first, mapped fields q/a
     assert prompt_rows(["two times 9"], prompt_data(recipe)) == [{"q": "two times 9", "a": ""}]

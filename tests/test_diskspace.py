@@ -3,8 +3,8 @@ import shutil
 
 import pytest
 
-from launcher.diskspace import check_free_space, checkpoint_estimate, human
-from launcher.recipe import UserError
+from launcher.checkpoint.diskspace import check_free_space, checkpoint_estimate, human
+from launcher.errors import UserError
 
 
 def test_a_write_that_fits_passes(tmp_path):

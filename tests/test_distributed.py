@@ -206,8 +206,10 @@ def _unsynchronised_rank(rank: int, port: int, queue) -> None:
     from accelerate import Accelerator
     from accelerate.utils import InitProcessGroupKwargs
 
-    from launcher.recipe import Recipe, UserError
-    from launcher.strategies import strategy_for
+    from launcher.recipe.schema import Recipe
+
+    from launcher.errors import UserError
+    from launcher.distributed.strategies import strategy_for
     accelerator = Accelerator(cpu=True, kwargs_handlers=[InitProcessGroupKwargs(backend="gloo")])
     torch.manual_seed(rank)
     recipe = Recipe.model_validate({"model": {"path": "m"}, "data": {"train": "t.jsonl"}, "output_dir": "o"})

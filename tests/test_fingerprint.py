@@ -1,7 +1,7 @@
 """A data source's fingerprint notices a changed file, and only a changed file."""
 import os
 
-from launcher.fingerprint import changed, file_fingerprint
+from launcher.data.fingerprint import changed, file_fingerprint
 
 
 def test_same_content_is_unchanged_even_when_touched(tmp_path):

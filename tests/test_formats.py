@@ -9,11 +9,12 @@ from pathlib import Path
 import pytest
 from pydantic import ValidationError
 
-from launcher.data import PROMPTS, Encoder, load_datasets, to_segments
-from launcher.evaluate import SCORERS
-from launcher.formats import FORMATS, IGNORE, LOWER_IS_BETTER, METRICS, TASKS, formats_for_task
-from launcher.recipe import DataFormat, DataSection, Recipe, UserError
-from launcher.recipefile import load_recipe
+from launcher.data.encode import PROMPTS, Encoder, load_datasets, to_segments
+from launcher.evaluation.evaluate import SCORERS
+from launcher.recipe.formats import FORMATS, IGNORE, LOWER_IS_BETTER, METRICS, TASKS, formats_for_task
+from launcher.recipe.schema import DataFormat, DataSection, Recipe
+from launcher.errors import UserError
+from launcher.recipe.files import load_recipe
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -30,7 +31,7 @@ def recipe_for(fmt: str, task: str = "causal-lm", **sections) -> dict:
 
 def test_the_registry_is_a_leaf_the_schema_can_import_without_torch():
     imported = set()
-    for node in ast.walk(ast.parse((REPO / "launcher" / "formats.py").read_text())):
+    for node in ast.walk(ast.parse((REPO / "launcher" / "recipe" / "formats.py").read_text())):
         if isinstance(node, ast.Import):
             imported |= {alias.name for alias in node.names}
         elif isinstance(node, ast.ImportFrom):
@@ -155,7 +156,7 @@ def test_the_train_collate_is_chosen_once_packed_or_padded(tmp_path, tiny_model,
 
 
 def test_check_sources_names_the_eval_file_that_lacks_a_field(tmp_path, tiny_model):
-    from launcher.data import check_sources
+    from launcher.data.encode import check_sources
     bad = tmp_path / "eval.jsonl"
     bad.write_text('{"en": "hello"}\n')
     recipe = _tiny(tmp_path, tiny_model, eval=str(bad))
@@ -166,7 +167,7 @@ def test_check_sources_names_the_eval_file_that_lacks_a_field(tmp_path, tiny_mod
 def test_inspect_a_classification_recipe_uses_its_class_labels():
     from rich.console import Console
 
-    from launcher.inspection import show
+    from launcher.commands.inspect import show
     recipe = load_recipe(REPO / "recipes" / "classify.yaml", ["data.max_train_rows=20", "data.max_eval_rows=5"])
     console = Console(record=True, width=200)
     counts = show(recipe, 1, console)

@@ -4,8 +4,8 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from launcher.recipe import Recipe
-from launcher.strategies import strategy_for
+from launcher.recipe.schema import Recipe
+from launcher.distributed.strategies import strategy_for
 
 
 def fsdp() -> object:

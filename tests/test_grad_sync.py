@@ -20,8 +20,8 @@ def _rank(rank: int, port: int, recipe_path: str, queue) -> None:
     from torch.distributed.fsdp import FSDPModule
     from torch.profiler import ProfilerActivity, profile
 
-    from launcher.recipefile import load_recipe
-    from launcher.train import close, setup, train_step
+    from launcher.recipe.files import load_recipe
+    from launcher.training.loop import close, setup, train_step
     session = setup(load_recipe(recipe_path))
     units = sum(isinstance(m, FSDPModule) for m in session.model.modules())
     batches = [session.micro_batches(step) for step in range(STEPS)]

@@ -22,7 +22,7 @@ def test_version(capsys):
 
 
 def test_the_reference_lists_every_schema_field_with_its_allowed_values():
-    from launcher.reference import fields, reference_markdown
+    from launcher.recipe.reference import fields, reference_markdown
     table = reference_markdown()
     keys = [key for key, _ in fields()]
     assert all(f"| `{key}` |" in table for key in keys)
@@ -65,8 +65,8 @@ def test_recipes_copy_brings_the_data_so_the_copy_validates_anywhere(tmp_path, m
 
 
 def test_a_missing_extra_is_named_in_one_line(tmp_path, capsys):
-    from launcher.preflight import needed_extras
-    from launcher.recipefile import load_recipe
+    from launcher.preflight.checks import needed_extras
+    from launcher.recipe.files import load_recipe
     recipe = load_recipe(REPO / "recipes" / "qlora.yaml", ["report.trackers=[wandb]", "distributed.strategy=ddp"])
     assert [extra for _, _, extra in needed_extras(recipe)] == ["qlora", "gguf", "wandb"]
 
@@ -85,7 +85,7 @@ def trained_run(tiny_model, tmp_path_factory):
 
 def test_generate_answers_with_the_trained_adapter_in_the_recipe_format(trained_run, capsys):
     import json
-    from launcher.generation import answers
+    from launcher.commands.generate import answers
     first = json.loads((REPO / "recipes" / "data" / "bible_en_es" / "train.jsonl").read_text().splitlines()[0])
     tuned, = answers(trained_run, "final", [first["en"]], max_new_tokens=8)
     base, = answers(trained_run, "base", [first["en"]], max_new_tokens=8)

@@ -1,8 +1,8 @@
 """Labels: which tokens each data format trains on, position by position."""
 import pytest
 
-from launcher.data import IGNORE, Encoder
-from launcher.recipe import DataSection
+from launcher.data.encode import IGNORE, Encoder
+from launcher.recipe.schema import DataSection
 
 
 @pytest.fixture(scope="module")

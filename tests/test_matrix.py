@@ -11,7 +11,7 @@ import pytest
 from architectures import ARCHITECTURES, CLASSIFY, Trained, batch, build, logits, recipe_for, reload
 from support import train_losses
 
-from launcher.recipe import UserError
+from launcher.errors import UserError
 
 METHODS = ["full", "lora", "qlora", "dora"]
 # QLoRA cases are the slowest quarter (pytest --durations): marked slow, still in the suite.
@@ -36,7 +36,7 @@ def models(tmp_path_factory):
 def test_trains_reloads_and_merges(arch, method, models, tmp_path):
     import torch
 
-    from launcher.merge import merge
+    from launcher.commands.merge import merge
     task = ARCHITECTURES[arch][2]
     model_path = models(arch)
     run = Trained(recipe_for(model_path, task, method, tmp_path / "run"), tmp_path)
@@ -44,7 +44,7 @@ def test_trains_reloads_and_merges(arch, method, models, tmp_path):
         inputs = batch(model_path)
         trained = logits(run.model, inputs)
         if method == "full":
-            from launcher.modeling import auto_class
+            from launcher.model.loading import auto_class
             base = logits(auto_class(task).from_pretrained(model_path, dtype=torch.float32), inputs) if task != CLASSIFY else None
         else:
             with run.model.disable_adapter():

@@ -13,7 +13,7 @@ import pytest
 import sacrebleu
 from sacrebleu.metrics import CHRF
 
-from launcher import metrics as M
+from launcher.evaluation import metrics as M
 
 REPO = Path(__file__).resolve().parents[1]
 DATA = REPO / "recipes" / "data"

@@ -3,9 +3,9 @@ import datasets
 import pytest
 import torch
 
-from launcher.data import IGNORE, collate
-from launcher.loss import task_loss_sum
-from launcher.packing import best_fit_decreasing, collate_packed, pack_dataset
+from launcher.data.encode import IGNORE, collate
+from launcher.model.loss import task_loss_sum
+from launcher.data.packing import best_fit_decreasing, collate_packed, pack_dataset
 
 
 def test_best_fit_decreasing_fills_bins_within_capacity():

@@ -12,11 +12,13 @@ import pytest
 from memory_reference import config_folder, recipe_for, reference_lines
 from support import build_tiny_llama, launch, tiny_recipe, write_recipe
 
-from launcher import planner, planning
-from launcher.inventory import shipped_config
+from launcher.memory import estimate as planner
+
+from launcher.memory import advice as planning
+from launcher.memory.inventory import shipped_config
 from launcher.cli import main
-from launcher.recipe import Recipe
-from launcher.recipefile import load_recipe
+from launcher.recipe.schema import Recipe
+from launcher.recipe.files import load_recipe
 
 REPO = Path(__file__).resolve().parents[1]
 REAL_SIZE = {"llama-8b-lora.yaml": (1, 80), "llama-8b-qlora.yaml": (1, 24), "llama-8b-zero3-full.yaml": (8, 80),
@@ -80,7 +82,7 @@ def test_real_size_recipe_validates_and_plans_offline_in_seconds(name):
     """No weights exist here: the hub id resolves to the config shipped in launcher/model_configs. The plan's own
     work takes under 2 CPU-seconds; the rest of the command is importing torch and the model's transformers code
     (8.4 of the command's 8.9 CPU-seconds, measured here while other jobs saturated the two cores)."""
-    from launcher import preflight
+    from launcher.preflight import checks as preflight
     world, gpu = REAL_SIZE[name]
     recipe = load_recipe(REPO / "recipes" / name)
     assert shipped_config(recipe.model.path) is not None
@@ -89,7 +91,7 @@ def test_real_size_recipe_validates_and_plans_offline_in_seconds(name):
     assert result.returncode == 0, result.stderr
     assert json.loads(result.stdout)["fits"] is True
     imports, _ = cpu_seconds([sys.executable, "-c", "import torch; from transformers.models.llama import modeling_llama; "
-                              "import launcher.cli, launcher.planning"])
+                              "import launcher.cli, launcher.memory.advice"])
     assert planned - imports < 4.0, f"plan {planned:.1f} CPU-s, of which imports {imports:.1f}"
 
 
@@ -132,7 +134,9 @@ def test_over_budget_warn_trains_and_reports_predicted_beside_measured_peak(tiny
 def test_qlora_unquantised_weights_keep_the_compute_dtype_unless_upcast_is_asked(tiny, tmp_path, upcast):
     import torch
 
-    from launcher import memory, modeling
+    from launcher.memory import counts as memory
+
+    from launcher.model import loading as modeling
     recipe = Recipe.model_validate(tiny_recipe(tiny, tmp_path / "run", method="qlora",
                                                quant={"compute_dtype": "bfloat16", "fp32_non_quantised": upcast}))
     model = modeling.load_model(str(tiny), recipe, on_gpu=False)

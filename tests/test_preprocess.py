@@ -9,9 +9,9 @@ import pytest
 import yaml
 
 from launcher.cli import main
-from launcher.preprocess import inputs, load_preprocessed, stale
-from launcher.recipe import UserError
-from launcher.recipefile import load_recipe
+from launcher.data.cache import inputs, load_preprocessed, stale
+from launcher.errors import UserError
+from launcher.recipe.files import load_recipe
 from support import launch, train_losses
 from test_data_sources import mixture_recipe, write_sources
 from test_distributed import launch_two, ok

@@ -4,8 +4,8 @@ from pathlib import Path
 
 import pytest
 
-from launcher.recipefile import load_recipe
-from launcher.reference import readme_with_reference
+from launcher.recipe.files import load_recipe
+from launcher.recipe.reference import readme_with_reference
 
 REPO = Path(__file__).resolve().parents[1]
 README = (REPO / "README.md").read_text()

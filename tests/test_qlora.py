@@ -8,7 +8,7 @@ import sys
 import pytest
 
 from launcher.cli import main
-from launcher.recipe import Recipe
+from launcher.recipe.schema import Recipe
 from support import build_tiny_llama, eval_losses, launch, tiny_recipe, train_losses, validate_refusal, write_recipe
 
 FAST_EVAL = {"samples": 0, "generate_rows": 0}
@@ -38,7 +38,9 @@ def test_qlora_base_weights_are_4bit_and_checkpointing_stays_as_asked(llama, tmp
     import bitsandbytes as bnb
     import torch
 
-    from launcher import memory, modeling
+    from launcher.memory import counts as memory
+
+    from launcher.model import loading as modeling
     recipe = Recipe.model_validate(tiny_recipe(llama, tmp_path / "run", method="qlora"))
     model = modeling.load_model(str(llama), recipe, on_gpu=False)
     linears = [m for m in model.get_base_model().modules() if isinstance(m, bnb.nn.Linear4bit)]
@@ -65,7 +67,7 @@ def test_8bit_loading_makes_int8_layers(llama, tmp_path):
     import bitsandbytes as bnb
     import torch
 
-    from launcher import modeling
+    from launcher.model import loading as modeling
     recipe = Recipe.model_validate(tiny_recipe(llama, tmp_path / "run", method="qlora", quant={"bits": 8},
                                                train={"gradient_checkpointing": True}))
     model = modeling.load_model(str(llama), recipe, on_gpu=False)
@@ -128,9 +130,9 @@ def test_optimizer_steps_and_its_state_is_as_announced(name):
     """The start-up summary's optimiser bytes are known before the first step; here they are checked after it."""
     import torch
 
-    from launcher.memory import state_bytes
-    from launcher.optim import build_optimizer
-    from launcher.recipe import TrainSection
+    from launcher.memory.counts import state_bytes
+    from launcher.training.optim import build_optimizer
+    from launcher.recipe.schema import TrainSection
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(64, 128), torch.nn.Linear(128, 8), torch.nn.LayerNorm(8))
     before = [p.detach().clone() for p in model.parameters()]
@@ -181,8 +183,8 @@ def test_merge_reloads_with_plain_from_pretrained_and_matches_the_adapter(qlora_
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    from launcher.merge import PROMPTS, load_dequantised_base, logits
-    from launcher.recipefile import load_run
+    from launcher.commands.merge import PROMPTS, load_dequantised_base, logits
+    from launcher.recipe.files import load_run
     run, _ = qlora_run
     result = launch(["merge", run, "--dtype", "fp32"])
     assert result.returncode == 0, result.stderr
@@ -194,7 +196,7 @@ def test_merge_reloads_with_plain_from_pretrained_and_matches_the_adapter(qlora_
     recipe = load_run(run)
     merged = AutoModelForCausalLM.from_pretrained(merged_dir, dtype=torch.float32).eval()
     adapter = PeftModel.from_pretrained(load_dequantised_base(recipe, "float32"), run / "final").eval()
-    from launcher.modeling import load_tokenizer
+    from launcher.model.loading import load_tokenizer
     batch = dict(load_tokenizer(str(merged_dir), recipe)(PROMPTS, return_tensors="pt", padding=True))
     expected = logits(adapter, batch)
     with adapter.disable_adapter():

@@ -1,8 +1,9 @@
 """Resuming on another process count holds the global batch (launcher/rescale.py), in-process."""
 import pytest
 
-from launcher.rescale import hold_global_batch
-from launcher.recipe import Recipe, UserError
+from launcher.training.rescale import hold_global_batch
+from launcher.recipe.schema import Recipe
+from launcher.errors import UserError
 
 
 def recipe(micro: int, accum: int) -> Recipe:

@@ -9,7 +9,7 @@ import yaml
 from rich.console import Console
 
 from launcher.cli import main
-from launcher.recipefile import load_recipe
+from launcher.recipe.files import load_recipe
 
 MEGABYTE_ROW = 12   # its source is 1 MB of text: the prompt alone fills max_length, so nothing is left to train
 LONG_PROMPT_ROW = 3
@@ -54,7 +54,7 @@ def test_skipped_share_refuse_turns_the_warning_into_exit_2(tmp_path, tiny_model
 
 
 def test_inspect_shows_truncated_and_dropped_counts_with_their_shares(tmp_path, tiny_model):
-    from launcher.inspection import show
+    from launcher.commands.inspect import show
     console = Console(record=True, width=400, force_terminal=True, color_system="standard")
     counts = show(load_recipe(write_case(tmp_path, tiny_model)), 0, console)
     assert counts["dropped"] == {"no target token within max_length": 2} and counts["dropped_share"] == 0.1

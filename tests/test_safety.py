@@ -16,8 +16,10 @@ import sys
 import pytest
 from support import REPO, tiny_recipe
 
-from launcher.recipe import Recipe, UserError
-from launcher.train import StopRequest, finish, fit, setup
+from launcher.recipe.schema import Recipe
+
+from launcher.errors import UserError
+from launcher.training.loop import StopRequest, finish, fit, setup
 
 PAIRS = [("The dog runs.", "El perro corre."), ("The cat sleeps.", "El gato duerme."), ("I eat bread.", "Como pan."),
          ("We sing.", "Cantamos."), ("The sun is hot.", "El sol quema."), ("She reads a book.", "Ella lee un libro."),
@@ -80,7 +82,7 @@ def test_a_crash_before_the_first_checkpoint_does_not_lock_the_run_dir(tmp_path,
     assert (tmp_path / "run" / "metrics.jsonl").read_text() == before
 
 
-HOLD_LOCK = "import sys, time; from launcher.rundir import take_live_lock; take_live_lock(sys.argv[1]); print('held', flush=True); time.sleep(600)"
+HOLD_LOCK = "import sys, time; from launcher.rundir.directory import take_live_lock; take_live_lock(sys.argv[1]); print('held', flush=True); time.sleep(600)"
 
 
 def test_a_second_live_run_is_refused_naming_host_and_pid_and_a_dead_ones_lock_is_taken_over(tmp_path, tiny_model):
@@ -131,8 +133,8 @@ def poisoned_run(tmp_path, tiny_model):
     import torch
     from safetensors.torch import load_file, save_file
 
-    from launcher.data import StepPlan
-    from launcher.modeling import load_tokenizer
+    from launcher.data.encode import StepPlan
+    from launcher.model.loading import load_tokenizer
     model = tmp_path / "poisoned"
     shutil.copytree(tiny_model, model)
     recipe = recipe_on(model, tmp_path, tmp_path / "train.jsonl", train={"max_steps": 4, "micro_batch_size": 2,
@@ -153,7 +155,7 @@ def test_a_nan_loss_stops_the_run_at_its_step_keeping_the_last_good_checkpoint(t
     import torch
     from safetensors.torch import load_file
 
-    from launcher.layouts import TRAINABLE_FILE
+    from launcher.checkpoint.layouts import TRAINABLE_FILE
     recipe = poisoned_run(tmp_path, tiny_model)
     with pytest.raises(UserError, match=r"^step 3: the loss is nan; stopped without saving") as stopped:
         train_here(recipe)
@@ -208,7 +210,7 @@ def test_best_at_the_final_step_is_final_not_a_second_copy(tmp_path, tiny_model)
 # ---------------------------------------------------------------- schedule of an extended run
 
 def test_an_extended_cosine_run_follows_the_schedule_planned_for_the_new_total(tmp_path, tiny_model):
-    from launcher.optim import lr_multiplier
+    from launcher.training.optim import lr_multiplier
     recipe = recipe_on(tiny_model, tmp_path, write_pairs(tmp_path / "train.jsonl"),
                        train={"max_steps": 3, "micro_batch_size": 2, "schedule": "cosine", "warmup_steps": 0, "lr": 0.005})
     train_here(recipe)
@@ -238,7 +240,7 @@ def adapter_model(tiny_model):
 
 
 def export(model, folder):
-    from launcher import verify
+    from launcher.checkpoint import verify
     expected = verify.before_export(model, None)
     model.save_pretrained(folder, safe_serialization=True)
     return expected
@@ -247,7 +249,7 @@ def export(model, folder):
 def test_a_saved_adapter_corrupted_after_the_save_is_caught_and_files_are_group_readable(tmp_path, adapter_model):
     from safetensors.torch import load_file, save_file
 
-    from launcher import verify
+    from launcher.checkpoint import verify
     previous = os.umask(0o022)
     try:
         expected = export(adapter_model, tmp_path / "good")
@@ -274,7 +276,9 @@ def test_a_full_model_is_checked_by_per_tensor_checksums_and_non_finite_weights_
     import torch
     from transformers import AutoModelForCausalLM
 
-    from launcher import guard, verify
+    from launcher.training import guard
+
+    from launcher.checkpoint import verify
     model = AutoModelForCausalLM.from_pretrained(tiny_model)
     expected = export(model, tmp_path / "full")
     verify.after_export(tmp_path / "full", expected)
@@ -323,7 +327,7 @@ def test_two_conversions_of_the_same_gguf_at_once_both_succeed(tmp_path, monkeyp
 
     from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: F401  (transformers' lazy imports race in threads)
 
-    from launcher.modeling import convert_gguf
+    from launcher.model.loading import convert_gguf
     (tmp_path / "model").mkdir()
     write_tiny_llama_gguf(tmp_path / "model" / "tiny.gguf")
     monkeypatch.setenv("LAUNCHER_CACHE", str(tmp_path / "cache"))  # the environment, not launcher code
@@ -334,7 +338,7 @@ def test_two_conversions_of_the_same_gguf_at_once_both_succeed(tmp_path, monkeyp
 
 
 def frozen_after(model, blocks: int) -> set[str]:
-    from launcher.modeling import freeze
+    from launcher.model.loading import freeze
     recipe = Recipe.model_validate({"model": {"path": "x"}, "method": "full", "data": {"train": "x.jsonl"},
                                     "output_dir": "x", "freeze": {"first_n_blocks": blocks}})
     return set(freeze(model, recipe))
@@ -362,7 +366,7 @@ def test_first_n_blocks_freezes_exactly_the_first_encoder_blocks(family):
 def test_tied_weights_saved_once_and_a_merged_adapter_pass_verification(tmp_path, adapter_model):
     import transformers as t
 
-    from launcher import verify
+    from launcher.checkpoint import verify
     tied = t.GPT2LMHeadModel(t.GPT2Config(vocab_size=64, n_embd=16, n_layer=1, n_head=2, tie_word_embeddings=True))
     tied.lm_head.weight = tied.transformer.wte.weight  # tied by hand: after in-process training runs tie_weights() may not
     assert tied.lm_head.weight is tied.transformer.wte.weight
@@ -372,7 +376,7 @@ def test_tied_weights_saved_once_and_a_merged_adapter_pass_verification(tmp_path
 
 
 def test_skipping_non_finite_steps_is_refused_under_deepspeed_before_anything_loads(tmp_path, tiny_model):
-    from launcher import preflight
+    from launcher.preflight import checks as preflight
     recipe = recipe_on(tiny_model, tmp_path, write_pairs(tmp_path / "train.jsonl"), train={"skip_nonfinite": 2},
                        distributed={"strategy": "deepspeed", "deepspeed": "zero2"})
     with pytest.raises(UserError, match="train.skip_nonfinite: DeepSpeed applies the optimiser step inside its backward"):
@@ -380,7 +384,7 @@ def test_skipping_non_finite_steps_is_refused_under_deepspeed_before_anything_lo
 
 
 def test_a_requeued_slurm_job_takes_over_the_lock_its_killed_run_left_on_another_node(tmp_path, monkeypatch):
-    from launcher.rundir import LOCK_FILE, LiveLock
+    from launcher.rundir.directory import LOCK_FILE, LiveLock
     tmp_path.joinpath(LOCK_FILE).write_text(json.dumps({"host": "node-07", "pid": 4242, "slurm_job": "981"}))
     monkeypatch.setenv("SLURM_JOB_ID", "982")  # another job: node-07 cannot be checked from here, so it is refused
     with pytest.raises(UserError, match="in use by a live run \\(host node-07, pid 4242.*delete"):

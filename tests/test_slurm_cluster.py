@@ -17,9 +17,10 @@ from pathlib import Path
 import pytest
 
 from launcher import cli
-from launcher.rundir import clear_run_dir, plan
-from launcher.recipe import UserError
-from launcher.slurm import SlurmError, SlurmJob, log_path, render, requeue_self, submit, task_command, write_script
+from launcher.rundir.directory import clear_run_dir, plan
+from launcher.errors import UserError
+from launcher.distributed.slurm import SlurmJob, log_path, render, requeue_self, submit, task_command, write_script
+from launcher.errors import SlurmError
 
 sys.path.insert(0, str(Path(__file__).parent))
 from slurm_cluster import slurm_cluster, wait_for  # noqa: E402,F401 (slurm_cluster is a fixture)
@@ -161,7 +162,7 @@ def test_one_task_per_machine_gets_its_own_rank(slurm_cluster, tmp_path, monkeyp
 WAITER = """\
 import os, signal, sys, time
 from pathlib import Path
-from launcher.slurm import requeue_self, restart_count
+from launcher.distributed.slurm import requeue_self, restart_count
 out = Path(sys.argv[1])
 if restart_count() >= 1:
     (out / "second-run").write_text(os.environ["SLURM_RESTART_COUNT"])
@@ -205,7 +206,7 @@ def test_usr1_reaches_the_task_which_requeues_itself(slurm_cluster, tmp_path):
 ON_TERM_REQUEUE = """\
 import signal, sys, time
 from pathlib import Path
-from launcher.slurm import requeue_self
+from launcher.distributed.slurm import requeue_self
 out = Path(sys.argv[1])
 def stop(sig, frame):
     (out / "requeued").write_text(str(requeue_self()))

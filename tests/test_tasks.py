@@ -10,9 +10,9 @@ import pytest
 from support import DATA, gpt2_tokenizer, tiny_recipe, write_recipe
 
 from launcher.cli import main
-from launcher.data import IGNORE, Encoder, collate
-from launcher.recipe import DataSection
-from launcher.recipefile import load_recipe
+from launcher.data.encode import IGNORE, Encoder, collate
+from launcher.recipe.schema import DataSection
+from launcher.recipe.files import load_recipe
 
 
 def build_tiny_bart(folder: Path) -> Path:
@@ -147,7 +147,7 @@ def test_classifier_save_reload_predicts_the_same_labels(tmp_path, tiny_model, m
     from transformers import AutoConfig
     config = AutoConfig.from_pretrained(run / "final")
     assert config.id2label == dict(enumerate(names))
-    from launcher.evaluate import compare
+    from launcher.evaluation.evaluate import compare
     found = compare(load_recipe(path), str(run / "final"))[str(run / "final")]
     assert found["confusion"]["matrix"] == last["confusion"]["matrix"]
     assert found["eval_accuracy"] == last["eval_accuracy"]

@@ -5,10 +5,10 @@ import pytest
 import torch
 from support import tiny_recipe
 
-from launcher.loss import target_count, task_loss_sum
-from launcher.optim import lr_multiplier
-from launcher.recipe import Recipe
-from launcher.train import setup, train_step
+from launcher.model.loss import target_count, task_loss_sum
+from launcher.training.optim import lr_multiplier
+from launcher.recipe.schema import Recipe
+from launcher.training.loop import setup, train_step
 
 
 def session_for(tiny_model, tmp_path, **train):
@@ -78,7 +78,7 @@ def test_a_whole_run_in_process_exports_a_config_that_generates_with_its_cache(t
     """setup -> fit -> finish without a subprocess; training switches the KV cache off per call, never in the saved config."""
     import json
 
-    from launcher.train import StopRequest, finish, fit
+    from launcher.training.loop import StopRequest, finish, fit
     recipe = tiny_recipe(tiny_model, tmp_path / "run", method="full", train={"max_steps": 2, "micro_batch_size": 2})
     recipe["data"].pop("eval")
     session = setup(Recipe.model_validate(recipe))

@@ -4,9 +4,9 @@ import math
 import pytest
 import torch
 
-from launcher.data import StepPlan, eval_batches
-from launcher.optim import l2_penalty, lr_multiplier
-from launcher.recipe import Recipe, TrainSection
+from launcher.data.encode import StepPlan, eval_batches
+from launcher.training.optim import l2_penalty, lr_multiplier
+from launcher.recipe.schema import Recipe, TrainSection
 
 
 def test_exponential_schedule_is_the_seed_formula():
@@ -35,7 +35,7 @@ def test_l2_penalty_sums_squares_of_trainable_parameters_only():
 def test_freeze_embeddings_first_blocks_and_patterns(tiny_model):
     from transformers import AutoModelForCausalLM
 
-    from launcher.modeling import freeze
+    from launcher.model.loading import freeze
     model = AutoModelForCausalLM.from_pretrained(tiny_model)
     recipe = Recipe.model_validate({"model": {"path": "x"}, "method": "full", "data": {"train": "x.jsonl"},
                                     "output_dir": "x", "freeze": {"embeddings": True, "first_n_blocks": 1,
@@ -72,8 +72,8 @@ def test_eval_batches_give_every_rank_the_same_number_of_passes():
 def test_inspect_counts_trained_tokens(tmp_path, tiny_model):
     from rich.console import Console
 
-    from launcher.inspection import show
-    from launcher.recipefile import load_recipe
+    from launcher.commands.inspect import show
+    from launcher.recipe.files import load_recipe
     from support import tiny_recipe, write_recipe
     recipe = load_recipe(write_recipe(tiny_recipe(tiny_model, tmp_path / "run", data={"max_train_rows": 20}), tmp_path / "r.yaml"))
     console = Console(record=True, width=200)
@@ -109,8 +109,8 @@ def test_compiled_training_matches_eager_and_saves_the_same_keys(tmp_path, tiny_
 
 
 def test_compile_without_a_compiler_is_refused(tmp_path, monkeypatch):
-    from launcher.preflight import check_compiler
-    from launcher.recipe import UserError
+    from launcher.preflight.checks import check_compiler
+    from launcher.errors import UserError
     monkeypatch.setenv("PATH", str(tmp_path))
     monkeypatch.delenv("CXX", raising=False)
     with pytest.raises(UserError, match="train.compile on CPU needs a C\\+\\+ compiler"):

@@ -95,7 +95,7 @@ def test_bad_override_is_checked_like_the_file(tmp_path, capsys, override, expec
 
 def test_override_changes_the_value(tmp_path, capsys):
     assert main(["validate", write(tmp_path, good_recipe(tmp_path)), "train.lr=3e-4"]) == 0
-    from launcher.recipefile import load_recipe
+    from launcher.recipe.files import load_recipe
     assert load_recipe(tmp_path / "recipe.yaml", ["train.lr=3e-4", "lora.target_modules=[q_proj,v_proj]"]).lora.target_modules == ["q_proj", "v_proj"]
 
 
@@ -119,7 +119,7 @@ def test_base_inheritance_merges_and_detects_cycles(tmp_path, capsys):
     base = good_recipe(tmp_path)
     write(tmp_path, base, "base.yaml")
     child = write(tmp_path, {"base": "base.yaml", "train": {"lr": 5e-5}}, "child.yaml")
-    from launcher.recipefile import load_recipe
+    from launcher.recipe.files import load_recipe
     loaded = load_recipe(child)
     assert loaded.train.lr == 5e-5 and loaded.train.max_steps == 2 and loaded.data.format == "translation"
     write(tmp_path, {"base": "b.yaml"}, "a.yaml")

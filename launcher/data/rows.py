@@ -1,0 +1,279 @@
+"""Every row of every data file, checked before any model loads; and the tally of rows the tokenizer cut or dropped.
+
+Training reads rows through jinja, pyarrow and the tokenizer, which fail deep inside a run with
+messages that name no file or row, or do not fail at all (a missing target trains as an empty
+reply). So `validate` and `train` first read every row here, torch-free, and stop at the first
+malformed one with `file:row: field: what is wrong`. Row numbers count from 1: the line of a .jsonl
+or .txt file, the element of a .json list, the data row of a .csv (the header is not counted), the
+row of a .parquet file or datasets folder.
+"""
+from __future__ import annotations
+
+import csv
+import json
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Iterator
+
+from launcher.recipe.formats import FORMATS
+from launcher.recipe.schema import DataSection
+from launcher.errors import UserError
+
+FIRST_ROWS = 5  # row numbers listed per reason when rows are dropped or truncated
+ROLES = ("system", "user", "assistant")
+UNDECODABLE = re.compile("[\udc80-\udcff]")  # what surrogateescape makes of a byte that is not UTF-8
+
+
+# ---------------------------------------------------------------- reading every row
+
+def _text(raw: bytes) -> str:
+    """Bytes as text; bytes that are not UTF-8 become lone surrogates, found and named per field below."""
+    return raw.decode("utf-8", errors="surrogateescape").removeprefix("\ufeff")
+
+
+def _jsonl_rows(path: Path) -> Iterator[tuple[int, Any]]:
+    with path.open("rb") as handle:
+        for number, raw in enumerate(handle, start=1):
+            line = _text(raw)
+            if not line.strip():
+                continue
+            try:
+                yield number, json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise UserError(f"{path}:{number}: not valid JSON ({exc.msg} at character {exc.pos + 1})") from None
+
+
+def _json_rows(path: Path) -> Iterator[tuple[int, Any]]:
+    try:
+        data = json.loads(_text(path.read_bytes()))
+    except json.JSONDecodeError as exc:
+        raise UserError(f"{path}: line {exc.lineno} column {exc.colno}: not valid JSON ({exc.msg})") from None
+    if not isinstance(data, list):
+        raise UserError(f"{path}: a .json data file must hold a list of objects, got {type(data).__name__}")
+    yield from enumerate(data, start=1)
+
+
+def _csv_rows(path: Path) -> Iterator[tuple[int, Any]]:
+    csv.field_size_limit(2**31 - 1)  # the reader's default (128 KiB a cell) would refuse long rows that pandas reads
+    with path.open(encoding="utf-8-sig", errors="surrogateescape", newline="") as handle:
+        reader = csv.DictReader(handle, strict=True)  # an unclosed quote would otherwise swallow every later row
+        number = 0
+        try:
+            for number, row in enumerate(reader, start=1):
+                if None in row:  # more cells than the header has columns
+                    raise UserError(f"{path}:{number}: {len(row[None])} more cell(s) than the header's "
+                                    f"{len(reader.fieldnames)} columns")
+                yield number, row
+        except csv.Error as exc:
+            raise UserError(f"{path}:{number + 1}: not valid CSV ({exc})") from None
+
+
+def _parquet_rows(path: Path) -> Iterator[tuple[int, Any]]:
+    import pyarrow
+    import pyarrow.parquet as pq
+    try:
+        batches = pq.ParquetFile(path).iter_batches(batch_size=4096)
+    except pyarrow.ArrowException as exc:
+        raise UserError(f"{path}: not a readable parquet file ({exc})") from None
+    number = 0
+    for batch in batches:
+        for row in batch.to_pylist():
+            number += 1
+            yield number, row
+
+
+def _folder_rows(path: Path) -> Iterator[tuple[int, Any]]:
+    import datasets
+    loaded = datasets.load_from_disk(str(path))
+    table = loaded["train"] if isinstance(loaded, datasets.DatasetDict) else loaded
+    number = 0
+    for batch in table.iter(batch_size=4096):
+        for values in zip(*batch.values()):
+            number += 1
+            yield number, dict(zip(batch, values))
+
+
+def _txt_rows(path: Path) -> Iterator[tuple[int, Any]]:
+    """One row per non-empty line, in a field named text."""
+    with path.open("rb") as handle:
+        for number, raw in enumerate(handle, start=1):
+            line = _text(raw).rstrip("\r\n")
+            if line.strip():
+                yield number, {"text": line}
+
+
+READERS = {".jsonl": _jsonl_rows, ".json": _json_rows, ".csv": _csv_rows, ".parquet": _parquet_rows, ".txt": _txt_rows}
+
+
+def every_row(path: str | Path) -> Iterator[tuple[int, Any]]:
+    """(row number, row) for every row of a data file or datasets folder (launcher/sources.py says which types are read)."""
+    path = Path(path)
+    return _folder_rows(path) if path.is_dir() else READERS[path.suffix.lower()](path)
+
+
+# ---------------------------------------------------------------- one row
+
+def _undecodable(value: str) -> str | None:
+    """The first byte that was not UTF-8, as 0x.., or None."""
+    found = None if value.isascii() else UNDECODABLE.search(value)
+    return f"0x{ord(found.group()) - 0xDC00:02x}" if found else None
+
+
+def _text_problem(value: Any, required: bool) -> str | None:
+    """What is wrong with a value that should be text; None when it is fine."""
+    if value is None:
+        return "null, expected text" if required else None
+    if not isinstance(value, str):
+        return f"expected text, got {type(value).__name__}"
+    byte = _undecodable(value)
+    if byte:
+        return f"not UTF-8 text (byte {byte}); re-save the file as UTF-8"
+    if required and not value.strip():
+        return "empty text"
+    return None
+
+
+def _label_problem(value: Any) -> str | None:
+    if value is None:
+        return "null, expected a label name or integer"
+    if isinstance(value, bool) or not isinstance(value, (str, int)):
+        return f"expected a label name or integer, got {type(value).__name__}"
+    return "empty label" if isinstance(value, str) and not value.strip() else None
+
+
+def _messages_problem(messages: Any) -> tuple[str, str] | None:
+    """(where, what) for a chat row's messages list, or None."""
+    if not isinstance(messages, list) or not messages:
+        return "", f"expected a non-empty list of {{role, content}}, got {type(messages).__name__}"
+    for turn, message in enumerate(messages):
+        if not isinstance(message, dict):
+            return f"[{turn}]", f"expected an object with role and content, got {type(message).__name__}"
+        if message.get("role") not in ROLES:
+            return f"[{turn}].role", f"expected system, user or assistant, got {message.get('role')!r}"
+        problem = _text_problem(message.get("content"), required=message["role"] == "assistant")
+        if problem:
+            return f"[{turn}].content", problem
+    if not any(m["role"] == "assistant" for m in messages):
+        return "", "no assistant turn to train on"
+    return None
+
+
+def field_plan(data: DataSection) -> list[tuple[str, str, bool]]:
+    """(canonical field, the user's column, required) for every field of the recipe's format, worked out once per file."""
+    spec = FORMATS[data.format]
+    return [(canonical, data.field(canonical), canonical in spec.required) for canonical in spec.fields]
+
+
+def row_problem(row: dict, data: DataSection, plan: list[tuple[str, str, bool]]) -> tuple[str, str] | None:
+    """(column, what is wrong) for the first bad field of one row under the recipe's format, or None."""
+    for canonical, column, required in plan:
+        if column not in row:
+            if not required:
+                continue
+            mapped = "" if column == canonical else f" (data.fields.{canonical})"
+            return column, (f"missing{mapped}; format {data.format} needs field '{canonical}'; this row has: "
+                            f"{', '.join(map(str, row)) or 'no fields'}; map yours with data.fields.{canonical}")
+        value = row[column]
+        if canonical == "messages":
+            found = _messages_problem(value)
+            if found:
+                return column + found[0], found[1]
+            continue
+        what = _label_problem(value) if canonical == "label" else _text_problem(value, required)
+        if what:
+            return column, what
+    return None
+
+
+# ---------------------------------------------------------------- files and sources
+
+def check_file(path: str | Path, data: DataSection) -> int:
+    """Read every row of a data file; stop at the first malformed one. Returns the row count."""
+    try:
+        return check_rows_of(path, every_row(path), data)
+    except OSError as exc:  # no read permission, a folder that is not a saved dataset, a vanished mount
+        raise UserError(f"{path}: cannot be read ({exc.strerror or exc})") from None
+
+
+def check_rows_of(where: Any, rows: Iterable[tuple[int, Any]], data: DataSection) -> int:
+    """Check numbered rows (of a file, or of any table) and stop at the first malformed one with
+    `where:row: field: what is wrong`. Returns the row count."""
+    count, plan = 0, field_plan(data)
+    for number, row in rows:
+        if not isinstance(row, dict):
+            raise UserError(f"{where}:{number}: expected a JSON object, got {type(row).__name__}")
+        problem = row_problem(row, data, plan)
+        if problem:
+            raise UserError(f"{where}:{number}: {problem[0]}: {problem[1]}")
+        count += 1
+    if not count:
+        raise UserError(f"{where}: no rows")
+    return count
+
+
+# ---------------------------------------------------------------- rows the tokenizer cut or dropped
+
+@dataclass
+class RowTally:
+    """Rows of one source that max_length truncated, or left with nothing to train (dropped), by reason."""
+
+    rows: int
+    dropped: dict[str, int] = field(default_factory=dict)
+    dropped_rows: dict[str, list[int]] = field(default_factory=dict)  # reason -> first row numbers
+    truncated: int = 0
+    truncated_rows: list[int] = field(default_factory=list)
+
+    @classmethod
+    def count(cls, drops: list[str], cuts: list[bool]) -> "RowTally":
+        """From the tokenising pass's per-row drop reason ('' when kept) and truncation flag, in file order."""
+        tally = cls(len(drops))
+        for number, (reason, cut) in enumerate(zip(drops, cuts), start=1):
+            if reason:
+                tally.dropped[reason] = tally.dropped.get(reason, 0) + 1
+                first = tally.dropped_rows.setdefault(reason, [])
+                if len(first) < FIRST_ROWS:
+                    first.append(number)
+            elif cut:
+                tally.truncated += 1
+                if len(tally.truncated_rows) < FIRST_ROWS:
+                    tally.truncated_rows.append(number)
+        return tally
+
+    @classmethod
+    def combine(cls, tallies: list["RowTally"]) -> "RowTally":
+        """Counts of several sources together; row numbers are per source, so each source's own line names them."""
+        combined = cls(sum(t.rows for t in tallies), truncated=sum(t.truncated for t in tallies))
+        for tally in tallies:
+            for reason, count in tally.dropped.items():
+                combined.dropped[reason] = combined.dropped.get(reason, 0) + count
+        return combined
+
+    def share(self, count: int) -> float:
+        return count / max(1, self.rows)
+
+    def line(self) -> str:
+        """e.g. `9 dropped (56.2%; no target token within max_length: rows 3, 5, ...), 2 truncated (12.5%; rows 1, 4)`."""
+        def rows(numbers: list[int], count: int) -> str:
+            if not numbers:
+                return "rows named per source"
+            return f"row{'s' * (count > 1)} {', '.join(map(str, numbers))}{', ...' if count > len(numbers) else ''}"
+        total = sum(self.dropped.values())
+        reasons = "; ".join(f"{reason}: {rows(self.dropped_rows.get(reason, []), n)}" for reason, n in self.dropped.items())
+        dropped = f"{total} dropped ({self.share(total):.1%}{'; ' + reasons if reasons else ''})"
+        cut = f"; {rows(self.truncated_rows, self.truncated)}" if self.truncated else ""
+        return f"{dropped}, {self.truncated} truncated ({self.share(self.truncated):.1%}{cut})"
+
+
+def judge(tally: RowTally, source: str, data: DataSection) -> str | None:
+    """A warning when dropped or truncated rows exceed data.skipped_share_warn; refused with data.skipped_share_refuse."""
+    shares = {"dropped": tally.share(sum(tally.dropped.values())), "truncated": tally.share(tally.truncated)}
+    over = {what: share for what, share in shares.items() if share > data.skipped_share_warn}
+    if not over:
+        return None
+    what = " and ".join(f"{share:.1%} of its rows {name}" for name, share in over.items())
+    message = (f"{source}: {what} at data.max_length {data.max_length} (threshold data.skipped_share_warn "
+               f"{data.skipped_share_warn:.0%}): {tally.line()}; raise data.max_length or shorten those rows")
+    if data.skipped_share_refuse:
+        raise UserError(message + " (refused: data.skipped_share_refuse is true)")
+    return message

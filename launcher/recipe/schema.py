@@ -1,0 +1,388 @@
+"""The one validated description of a run.
+
+A recipe is YAML checked by pydantic before anything heavy happens, so this module imports
+neither torch nor transformers: `launcher validate` and `--help` stay instant. Field
+descriptions double as the recipe reference in the README (`launcher reference`).
+"""
+from __future__ import annotations
+
+import difflib
+from typing import Literal, get_args
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from launcher.recipe.formats import FORMATS, LOWER_IS_BETTER, METRICS, TASKS, formats_for_task
+
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ModelSection(Section):
+    path: str = Field(description="Hub id, local folder, or `pkg:<python package>` for weights shipped inside a package.")
+    gguf_file: str | None = Field(None, description="GGUF file inside `path`; dequantised once to a plain trainable folder.")
+    task: Literal["causal-lm", "seq2seq", "classification"] = Field("causal-lm", description="Which head the model gets.")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto", description="Weight dtype: auto is float32 on CPU and for full fine-tuning, bfloat16 for adapters on GPU.")
+    trust_remote_code: bool = Field(False, description="Run modelling code shipped with the checkpoint.")
+    attn_implementation: str | None = Field(None, description="e.g. sdpa, eager, flash_attention_2; default: transformers' choice.")
+
+
+class FreezeSection(Section):
+    embeddings: bool = Field(False, description="Freeze the input embeddings (full fine-tuning only).")
+    first_n_blocks: int = Field(0, ge=0, description="Freeze the first N transformer blocks.")
+    patterns: list[str] = Field(default_factory=list, description="Freeze parameters whose name matches any of these regexes.")
+
+
+class LoraSection(Section):
+    r: int = Field(16, ge=1, le=4096, description="Adapter rank.")
+    alpha: float = Field(32, gt=0, description="Scaling numerator: the update is scaled by alpha / r.")
+    dropout: float = Field(0.05, ge=0, lt=1, description="Dropout on the adapter input.")
+    target_modules: list[str] | Literal["all-linear"] = Field(
+        "all-linear", description="Module names to adapt, or all-linear for every linear layer but the head.")
+    modules_to_save: list[str] = Field(default_factory=list, description="Extra modules trained in full and saved with the adapter "
+                                       "(a classifier's new head always is); a module is trained in full or adapted, never both.")
+    dora: bool = Field(False, description="DoRA: each adapted weight is split into a trained magnitude per output row and a direction "
+                       "that LoRA updates (peft use_dora).")
+    rslora: bool = Field(False, description="rsLoRA: scale the update by alpha / sqrt(r) instead of alpha / r, so high ranks still learn.")
+    init: Literal["default", "gaussian", "pissa", "olora", "loftq"] = Field(
+        "default", description="Adapter initialisation: default (B = 0); gaussian; pissa (top singular directions of each weight, "
+                               "the base keeps the residual); olora (QR of each weight, likewise); loftq (method qlora on a GPU: "
+                               "adapters that offset the 4-bit rounding). pissa/olora adapters are saved converted to plain "
+                               "LoRA of rank 2r on the original base.")
+    plus_lr_ratio: float | None = Field(None, gt=0, description="LoRA+: the B matrices learn at this multiple of train.lr (e.g. 16); "
+                                        "null: one learning rate.")
+
+
+class QuantSection(Section):
+    bits: Literal[4, 8] = Field(4, description="method qlora: base weights as bitsandbytes 4-bit (QLoRA) or 8-bit (LLM.int8) layers.")
+    type: Literal["nf4", "fp4"] = Field("nf4", description="4-bit data type: nf4 (QLoRA's normal float) or fp4.")
+    double_quant: bool = Field(True, description="4-bit: also quantise the per-block scales (about 0.4 bits less per weight).")
+    compute_dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto", description="4-bit: dtype weights are dequantised to for each matmul; auto is bfloat16 on a GPU that has it, float32 on CPU.")
+    fp32_non_quantised: bool = Field(False, description="Upcast the weights left unquantised (embeddings, lm_head, norms) to "
+                                     "float32, as peft's k-bit preparation does (about 2 GiB more on an 8B model); "
+                                     "default: they stay in the compute dtype.")
+
+
+class MemorySection(Section):
+    gpu_gib: float | None = Field(None, gt=0, description="GPU memory per process (GiB) that `train` checks the plan against "
+                                  "before loading weights; default: the visible GPU's (no check without one). Set, it "
+                                  "applies on any machine.")
+    over_budget: Literal["refuse", "warn"] = Field("refuse", description="When the plan does not fit: refuse to train "
+                                                   "(exit 2, naming the plan's cheapest fix) or warn and train anyway.")
+
+
+# Written out so editors and type checkers see the names; `_agree_with_registry` holds it to launcher/formats.py.
+DataFormat = Literal["instruction", "chat", "translation", "completion", "text", "qa", "classification"]
+
+
+class SourceEntry(Section):
+    """One data source of a mixture; format and fields default to the data section's."""
+
+    path: str = Field(description="A local file or `datasets` folder, or `hf:org/name` for a hub dataset (from the local cache when offline).")
+    name: str | None = Field(None, description="hf: sources: the dataset's config name (datasets' `name`).")
+    split: str = Field("train", description="hf: sources and saved DatasetDict folders: which split to read.")
+    format: DataFormat | None = Field(None, description="This source's format; default: data.format.")
+    fields: dict[str, str] | None = Field(None, description="This source's field mapping; default: data.fields.")
+    weight: float | None = Field(None, gt=0, description="Share of the mixture (relative to the other weights); the mixture has as many "
+                                 "rows as its sources together, each source repeated or subsampled to its share.")
+    epochs: float | None = Field(None, gt=0, description="Instead of weight: passes over this source's rows (e.g. 2 repeats it, 0.5 takes half).")
+    max_rows: int | None = Field(None, ge=1, description="Use only this source's first N rows (before weight or epochs apply).")
+
+    @model_validator(mode="after")
+    def _one_share(self) -> "SourceEntry":
+        if self.weight is not None and self.epochs is not None:
+            raise ValueError(f"data source {self.path}: give weight or epochs, not both")
+        return self
+
+
+class DataSection(Section):
+    train: str | list[SourceEntry] = Field(description="Training data: .jsonl, .json, .csv, .parquet, .txt, a folder saved by `datasets`, "
+                                           "`hf:org/name` (split train), or a list of sources (see data sources) to mix.")
+    eval: str | SourceEntry | list[SourceEntry] | None = Field(
+        None, description="Held-out data: a path, a source entry, or a list of them (each source gets its own eval loss, "
+        "and its own task metrics when the formats agree); default: split off `eval_fraction` of train.")
+    eval_fraction: float = Field(0.0, ge=0, lt=1, description="Share of train held out when `eval` is not given.")
+    format: DataFormat = Field("instruction", description="How rows become prompts and targets.")
+    fields: dict[str, str] = Field(default_factory=dict, description="Canonical field name -> column name in your files.")
+    max_length: int = Field(512, ge=8, description="Tokens per example; longer rows are truncated, rows left with no target dropped.")
+    skipped_share_warn: float = Field(0.05, ge=0, le=1, description="Warn in colour when more than this share of a source's "
+                                      "rows is dropped (nothing left to train within max_length), or truncated.")
+    skipped_share_refuse: bool = Field(False, description="Refuse to train (exit 2) instead of warning when a share exceeds skipped_share_warn.")
+    train_on_prompt: bool = Field(False, description="Also train on prompt tokens (labels are -100 there otherwise).")
+    packing: bool = Field(False, description="causal-lm: pack several examples into each row of up to max_length tokens "
+                          "(best-fit decreasing); positions restart and attention stays inside each example. "
+                          "micro_batch_size then counts packed rows.")
+    chat_template: Literal["auto", "never"] = Field("auto", description="Wrap prompts in the tokenizer's chat template when it has one.")
+    system_prompt: str | None = Field(None, description="System message for chat-template formats.")
+    source_lang: str = Field("English", description="Source language name for the translation prompt.")
+    target_lang: str = Field("Spanish", description="Target language name for the translation prompt.")
+    prompt_template: str = Field(
+        "Translate from {source_lang} to {target_lang}:\n{source}",
+        description="Translation prompt; may use {source_lang}, {target_lang}, {source}.")
+    max_train_rows: int | None = Field(None, ge=1, description="Use only the first N training rows.")
+    max_eval_rows: int | None = Field(None, ge=1, description="Use only the first N eval rows.")
+    qa_template: str = Field(
+        "{context}Question: {question}\nAnswer:",
+        description="QA prompt; may use {question} and {context} (the context line, empty when a row has none).")
+
+    preprocessed_dir: str | None = Field(None, description="Where `launcher preprocess` writes tokenised data and `train` looks for it "
+                                         "(default: output_dir/preprocessed).")
+    tokenise_timeout_minutes: float = Field(120, gt=0, description="How long other ranks wait while the main process tokenises "
+                                            "(a separate process group; distributed.timeout_minutes is for training collectives).")
+
+    def field(self, canonical: str) -> str:
+        """Column name in the user's files for a canonical field."""
+        return self.fields.get(canonical, canonical)
+
+    def entries(self, which: str = "train") -> list[SourceEntry]:
+        """data.train or data.eval as source entries (a plain path is one entry); [] without eval data."""
+        value = getattr(self, which)
+        value = [] if value is None else value if isinstance(value, list) else [value]
+        return [SourceEntry(path=item) if isinstance(item, str) else item for item in value]
+
+    def formats(self) -> set[str]:
+        """The data formats of the training sources."""
+        return {entry.format or self.format for entry in self.entries()}
+
+    def eval_format(self) -> str | None:
+        """The format of the eval rows: data.eval's, else the train sources' one format; None when they mix formats."""
+        formats = {entry.format or self.format for entry in self.entries("eval")} or self.formats()
+        return formats.pop() if len(formats) == 1 else None
+
+
+class TrainSection(Section):
+    epochs: float | None = Field(1.0, gt=0, description="Passes over the training data (ignored when max_steps is set).")
+    max_steps: int | None = Field(None, ge=1, description="Optimiser steps to train; overrides epochs.")
+    micro_batch_size: int = Field(4, ge=1, description="Examples per process per forward pass.")
+    grad_accum: int = Field(1, ge=1, description="Micro-batches per optimiser step.")
+    lr: float = Field(2e-4, gt=0, le=1, description="Peak learning rate.")
+    schedule: Literal["linear", "cosine", "constant", "exponential"] = Field("cosine", description="Learning-rate schedule after warmup.")
+    warmup_steps: int = Field(0, ge=0, description="Linear warmup steps.")
+    decay_rate: float = Field(0.96, gt=0, le=1, description="exponential: lr_t = lr * decay_rate ** (t / decay_steps).")
+    decay_steps: int = Field(100, ge=1, description="exponential: steps per factor of decay_rate.")
+    optimizer: Literal["adamw", "adamw-8bit", "paged-adamw", "paged-adamw-8bit", "adafactor", "sgd"] = Field(
+        "adamw", description="adamw (torch, fused on GPU); adamw-8bit (bitsandbytes, 8-bit state); paged-adamw / paged-adamw-8bit "
+                             "(state pages to CPU memory under GPU memory pressure; CUDA only); adafactor (factored state); sgd (momentum 0.9).")
+    weight_decay: float = Field(0.0, ge=0, description="Decoupled weight decay (AdamW).")
+    l2_lambda: float = Field(0.0, ge=0, description="Explicit penalty lambda * ||theta||^2 on trainable parameters, added to the loss.")
+    max_grad_norm: float | None = Field(1.0, gt=0, description="Clip the global gradient norm; null disables.")
+    skip_nonfinite: int = Field(0, ge=0, description="Skip up to N optimiser steps whose gradient norm is NaN or inf "
+                                "(their update is not applied); 0: the run stops at the first one, naming the step.")
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = Field("auto", description="Mixed precision: auto is bf16 on a capable GPU, fp32 on CPU.")
+    gradient_checkpointing: bool = Field(False, description="Recompute activations in backward (non-reentrant) to save memory.")
+    loss_chunk_tokens: int = Field(0, ge=0, description="causal-lm: compute lm_head + cross-entropy over chunks of this many "
+                                   "target tokens, recomputed in backward, so full-vocabulary logits never exist for "
+                                   "the whole batch (e.g. 1024; 0: off). Same loss and gradients as plain CE.")
+    compile: bool = Field(False, description="torch.compile the model (inductor): faster steps after a one-off compile per "
+                          "shape; needs a C++ compiler on CPU and triton on GPU, checked before the model loads.")
+    seed: int = Field(42, description="Drives init, data order and dropout.")
+    eval_every: int = Field(0, ge=0, description="Evaluate every N steps (0: only before and after training).")
+    save_every: int = Field(0, ge=0, description="Checkpoint every N steps (0: only at the end and on preemption).")
+    log_every: int = Field(1, ge=1, description="Write a metrics line every N steps.")
+    keep_last: int = Field(2, ge=1, description="Checkpoints kept on disk.")
+    eval_batch_size: int | None = Field(None, ge=1, description="Default: micro_batch_size.")
+
+
+class EvalSection(Section):
+    samples: int = Field(3, ge=0, description="Eval predictions shown before and after training in the report.")
+    max_new_tokens: int = Field(64, ge=1, description="Generation length for samples and generation metrics.")
+    num_beams: int = Field(1, ge=1, description="1: greedy decoding; more: beam search.")
+    no_repeat_ngram_size: int = Field(0, ge=0, description="Forbid any n-gram of this size twice in one output (0: off); stops the loops small models fall into.")
+    repetition_penalty: float = Field(1.0, gt=0, description="Divide the scores of tokens already in the output by this (1.0: off).")
+    generate_rows: int = Field(48, ge=0, description="Eval rows generated and scored (BLEU/chrF, EM/F1) at each eval; 0 skips it.")
+    generate_batch_size: int | None = Field(None, ge=1, description="Rows generated together (left-padded); default: "
+                                            "train.eval_batch_size. Larger batches generate much faster on CPU.")
+    metric: Literal["auto", "loss", "ppl", "bleu", "chrf", "accuracy", "macro_f1", "exact_match", "f1"] = Field(
+        "auto", description="Picks the best checkpoint (saved to output_dir/best); auto: chrf for translation, "
+                            "exact_match for qa, macro_f1 for classification, loss otherwise.")
+    greater_is_better: bool | None = Field(None, description="Direction of eval.metric; default: false for loss and ppl, true otherwise.")
+
+    def chosen(self, data_format: str | None) -> tuple[str, bool]:
+        """(metrics.jsonl key, greater is better) of the metric that selects the best checkpoint;
+        eval rows of mixed formats (data_format None) share only the loss, so auto picks it."""
+        default = FORMATS[data_format].default_metric if data_format else "loss"
+        name = default if self.metric == "auto" else self.metric
+        greater = self.greater_is_better if self.greater_is_better is not None else name not in LOWER_IS_BETTER
+        return f"eval_{name}", greater
+
+
+Tracker = Literal["tensorboard", "mlflow", "wandb"]
+
+
+class ReportSection(Section):
+    trackers: list[Tracker] = Field(
+        default_factory=list, description="Experiment trackers fed through accelerate's log_with: tensorboard (output_dir/tb/<project>), "
+        "mlflow (MLFLOW_TRACKING_URI, else a local store in output_dir/mlruns), wandb (offline in output_dir/wandb "
+        "unless WANDB_MODE says otherwise). Credentials are read from the environment only, never from the recipe.")
+    project: str | None = Field(None, description="Experiment / project name in the trackers; default: the name of output_dir.")
+
+
+DEEPSPEED_SHORTHANDS = ("zero1", "zero2", "zero3", "zero3_offload")
+
+
+class FsdpSection(Section):
+    sharding: Literal["full", "grad_op"] = Field(
+        "full", description="full: parameters resharded after forward (like ZeRO-3); grad_op: kept gathered until backward (like ZeRO-2).")
+    cpu_offload: bool = Field(False, description="Keep sharded parameters, gradients and optimiser state in CPU memory (GPU runs).")
+    activation_checkpointing: bool = Field(False, description="Recompute each block's activations in backward (as train.gradient_checkpointing).")
+
+
+class DistributedSection(Section):
+    strategy: Literal["ddp", "deepspeed", "fsdp"] = Field("ddp", description="How the model is spread over processes.")
+    num_processes: int | None = Field(None, ge=1, description="Processes this run must see; any other count is refused (catches launches that silently start one).")
+    deepspeed: str | None = Field(None, description="strategy deepspeed: zero1, zero2, zero3, zero3_offload (ds_configs/) or a DeepSpeed JSON file.")
+    fsdp: FsdpSection | None = Field(None, description="strategy fsdp: FSDP2 options (default: full sharding).")
+    timeout_minutes: float = Field(10, gt=0, description="How long a rank waits for the others in a collective before the launch fails.")
+
+    def rules(self, train: "TrainSection") -> None:
+        """Combinations that cannot work, refused before anything loads."""
+        if self.deepspeed is not None and self.strategy != "deepspeed":
+            raise ValueError(f"distributed.deepspeed is set but distributed.strategy is {self.strategy}; "
+                             "set strategy: deepspeed, or remove distributed.deepspeed (FSDP and DeepSpeed are alternatives)")
+        if self.fsdp is not None and self.strategy != "fsdp":
+            raise ValueError(f"distributed.fsdp is set but distributed.strategy is {self.strategy}; "
+                             "set strategy: fsdp, or remove distributed.fsdp (FSDP and DeepSpeed are alternatives)")
+        if self.strategy == "deepspeed" and self.deepspeed is None:
+            raise ValueError(f"distributed.strategy deepspeed needs distributed.deepspeed: one of {', '.join(DEEPSPEED_SHORTHANDS)} "
+                             "or a path to a DeepSpeed JSON file")
+        if self.strategy == "deepspeed" and not self.deepspeed.endswith(".json") and self.deepspeed not in DEEPSPEED_SHORTHANDS:
+            raise ValueError(f"distributed.deepspeed '{self.deepspeed}' is neither a known stage "
+                             f"({', '.join(DEEPSPEED_SHORTHANDS)}) nor a .json file")
+        if self.strategy == "fsdp" and train.l2_lambda:
+            raise ValueError("train.l2_lambda with strategy fsdp: each rank holds only a shard of the parameters, so the "
+                             "penalty would be wrong; use train.weight_decay, or strategy ddp / deepspeed zero1-2")
+
+
+class Recipe(Section):
+    model: ModelSection
+    method: Literal["full", "lora", "qlora"] = Field("lora", description="full fine-tuning, LoRA, or QLoRA.")
+    freeze: FreezeSection = Field(default_factory=FreezeSection)
+    lora: LoraSection = Field(default_factory=LoraSection)
+    quant: QuantSection = Field(default_factory=QuantSection)
+    data: DataSection
+    train: TrainSection = Field(default_factory=TrainSection)
+    eval: EvalSection = Field(default_factory=EvalSection)
+    report: ReportSection = Field(default_factory=ReportSection)
+    distributed: DistributedSection = Field(default_factory=DistributedSection)
+    memory: MemorySection = Field(default_factory=MemorySection)
+    output_dir: str = Field(description="Run directory: resolved recipe, metrics, checkpoints, final model, report.")
+
+    @model_validator(mode="after")
+    def _cross_field_rules(self) -> "Recipe":
+        _quant_rules(self)
+        _adapter_rules(self)
+        frozen = self.freeze.embeddings or self.freeze.first_n_blocks or self.freeze.patterns
+        if frozen and self.method != "full":
+            raise ValueError(f"freeze: only applies to method: full (LoRA already freezes the base); remove it or set method: full")
+        _format_rules(self)
+        task = self.model.task
+        if task != "causal-lm" and (self.data.packing or self.train.loss_chunk_tokens):
+            key = "data.packing" if self.data.packing else "train.loss_chunk_tokens"
+            raise ValueError(f"{key} applies to model.task causal-lm only (got {task}); remove it")
+        self.distributed.rules(self.train)
+        if self.data.eval and self.data.eval_fraction:
+            raise ValueError("data.eval and data.eval_fraction both set: give one")
+        if self.train.max_steps is None and self.train.epochs is None:
+            raise ValueError("train: set epochs or max_steps")
+        return self
+
+
+def _agree_with_registry() -> None:
+    """The schema's choices are written out for readers; the format registry is where they come from."""
+    for key, annotation, registry in (("data.format", DataFormat, set(FORMATS)),
+                                      ("model.task", ModelSection.model_fields["task"].annotation, set(TASKS)),
+                                      ("eval.metric", EvalSection.model_fields["metric"].annotation, {"auto", *METRICS})):
+        if set(get_args(annotation)) != registry:
+            raise ImportError(f"recipe {key} choices {sorted(get_args(annotation))} disagree with launcher/formats.py {sorted(registry)}")
+
+
+_agree_with_registry()
+
+
+def _format_rules(recipe: Recipe) -> None:
+    """Fields, task and metric must be ones the data format has (launcher/formats.py)."""
+    task, data = recipe.model.task, recipe.data
+    for entry in [None, *data.entries(), *data.entries("eval")]:
+        fmt = entry.format or data.format if entry else data.format
+        fields = entry.fields if entry and entry.fields is not None else data.fields
+        spec = FORMATS[fmt]
+        for key in fields:
+            if key not in spec.fields:
+                raise ValueError(unknown_key("data.fields", key, list(spec.fields)) + f" (format {fmt} reads {', '.join(spec.fields)})")
+        if task not in spec.tasks:
+            fix = ("use data.format: classification" if task == "classification" else
+                   "set model.task: classification" if fmt == "classification" else
+                   f"use one of: {', '.join(formats_for_task(task))}")
+            raise ValueError(f"model.task {task} cannot train on data.format {fmt}; {fix}")
+    fmt = data.eval_format()
+    metric = recipe.eval.chosen(fmt)[0].removeprefix("eval_")
+    selectable = FORMATS[fmt].selectable_metrics if fmt else LOWER_IS_BETTER
+    if metric not in selectable:
+        raise ValueError(f"eval.metric {metric} is not computed for data.format {fmt or 'of mixed formats'}; "
+                         f"choose one of: {', '.join(selectable)}")
+    if any(entry.weight is not None or entry.epochs is not None for entry in data.entries("eval")):
+        raise ValueError("data.eval: weight and epochs apply to train sources; remove them")
+    weighted = {entry.weight is not None for entry in data.entries()}
+    if len(weighted) > 1:
+        raise ValueError("data.train: give every source a weight, or none (then each is read `epochs` times, default 1)")
+
+
+def _quant_rules(recipe: Recipe) -> None:
+    """QLoRA and 8-bit optimiser combinations, decided before anything loads (see the README's QLoRA notes)."""
+    quant, strategy, optimizer = recipe.quant, recipe.distributed.strategy, recipe.train.optimizer
+    changed = {name for name in QuantSection.model_fields if getattr(quant, name) != getattr(QuantSection(), name)}
+    if changed and recipe.method != "qlora":
+        raise ValueError(f"quant: only applies to method: qlora (got method: {recipe.method}); remove it or set method: qlora")
+    four_bit_only = changed & {"type", "double_quant", "compute_dtype"}
+    if quant.bits == 8 and four_bit_only:
+        raise ValueError(f"quant.{sorted(four_bit_only)[0]} applies to 4-bit weights only; remove it or set quant.bits: 4")
+    if recipe.method == "qlora" and strategy == "fsdp" and quant.bits == 8:
+        raise ValueError("method: qlora with quant.bits 8 and distributed.strategy: fsdp: 8-bit weights are int8 with per-row "
+                         "scales that FSDP would shard apart; use quant.bits 4 (stored in the compute dtype so FSDP2 can shard "
+                         "it), or strategy: ddp")
+    if optimizer in ("adamw-8bit", "paged-adamw", "paged-adamw-8bit") and strategy != "ddp":
+        raise ValueError(f"train.optimizer {optimizer} with distributed.strategy: {strategy}: bitsandbytes optimisers step "
+                         "whole local tensors, not DeepSpeed's flat partitions or FSDP's sharded DTensors; "
+                         "use train.optimizer: adamw (the strategy already shards its state), or strategy: ddp")
+
+
+# Names other fine-tuning tools use for a key, so `lora.rank=8` gets "did you mean 'lora.r'?".
+ALIASES = {"rank": "r", "lora_r": "r", "lora_alpha": "alpha", "lora_dropout": "dropout", "learning_rate": "lr",
+           "batch_size": "micro_batch_size", "per_device_train_batch_size": "micro_batch_size",
+           "gradient_accumulation_steps": "grad_accum", "num_epochs": "epochs", "num_train_epochs": "epochs",
+           "lr_scheduler": "schedule", "lr_scheduler_type": "schedule", "warmup": "warmup_steps",
+           "sequence_len": "max_length", "max_seq_length": "max_length", "output": "output_dir"}
+
+
+def _adapter_rules(recipe: Recipe) -> None:
+    """LoRA variants that cannot work together, decided before anything loads (README "Methods")."""
+    lora, method = recipe.lora, recipe.method
+    variants = [f"lora.{k}" for k, default in (("dora", False), ("rslora", False), ("init", "default"), ("plus_lr_ratio", None))
+                if getattr(lora, k) != default]
+    if variants and method == "full":
+        raise ValueError(f"{variants[0]} applies to method lora or qlora (got method: full); remove it or choose an adapter method")
+    if lora.init in ("pissa", "olora") and method == "qlora":
+        raise ValueError(f"lora.init {lora.init} with method: qlora: it moves each weight's top directions into the adapter and "
+                         "leaves the residual in the base, which 4-bit storage would round again, so the adapter would no longer "
+                         "match its base; use method: lora with it, or lora.init: loftq for a 4-bit base")
+    if lora.init in ("pissa", "olora") and (recipe.distributed.strategy == "fsdp" or str(recipe.distributed.deepspeed).startswith("zero3")):
+        raise ValueError(f"lora.init {lora.init} with sharded parameters (fsdp, deepspeed zero3): converting the adapter to "
+                         "plain LoRA at export needs the whole model in one process; use strategy ddp or deepspeed zero1 / zero2")
+    if lora.init in ("pissa", "olora") and lora.dora:
+        raise ValueError(f"lora.init {lora.init} with lora.dora: the adapter is converted to plain LoRA at export, and DoRA's "
+                         "magnitude vector cannot be; use one of them")
+    if lora.init == "loftq" and (method != "qlora" or recipe.quant.bits != 4 or recipe.quant.type != "nf4"):
+        raise ValueError("lora.init loftq initialises adapters against a 4-bit nf4 base: it needs method: qlora with quant.bits 4 "
+                         "and quant.type nf4 (with method: lora it would alter the base the adapter is saved against)")
+    if lora.init == "loftq" and lora.dora:
+        raise ValueError("lora.init loftq with lora.dora: peft's LoftQ initialises plain LoRA matrices only; use one of them")
+
+
+def unknown_key(where: str, key: str, known: list[str]) -> str:
+    alias = ALIASES.get(key)
+    close = [alias] if alias in known else difflib.get_close_matches(key, known, n=1, cutoff=0.6)
+    hint = f"; did you mean '{close[0]}'?" if close else ""
+    return f"unknown key '{where}.{key}'{hint}".replace("'.", "'")

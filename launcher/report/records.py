@@ -1,0 +1,148 @@
+"""What the user keeps: metrics.jsonl (and the trackers), per-rank logs, report.md, loss.png, the console summary.
+
+Every rank holds a Reporter; only the main process's writes or prints, so call sites never branch on rank.
+"""
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+from rich.table import Table
+
+from launcher.report import trackers
+from launcher.report.console import Console
+from launcher.training.guard import json_safe
+
+
+class Reporter:
+    """metrics.jsonl, the experiment trackers and the console of one run; silent off the main process."""
+
+    def __init__(self, run_dir: Path, accelerator, console: Console):
+        self.run_dir, self.accelerator, self.console = run_dir, accelerator, console
+        self.active = accelerator.is_main_process
+        self.metrics_path = run_dir / "metrics.jsonl"
+        self.log_every = 1
+
+    def print(self, *parts) -> None:
+        self.console.print(*parts)
+
+    def log(self, record: dict) -> None:
+        """Append one line to metrics.jsonl, and the same numbers to the recipe's trackers."""
+        if not self.active:
+            return
+        record = {"time": round(time.time(), 3), **record}
+        with self.metrics_path.open("a") as handle:
+            handle.write(json.dumps(json_safe(record), allow_nan=False) + "\n")
+        trackers.log(self.accelerator, record)
+
+    def step(self, step: int, loss: float, lr: float, tokens_per_s: float, grad_norm: float | None) -> None:
+        fields = {"loss": f"{loss:.4f}", "lr": f"{lr:.2e}"}
+        if grad_norm is not None:
+            fields["grad norm"] = f"{grad_norm:.3g}"
+        fields["tok/s"] = f"{tokens_per_s:,.0f}"
+        peak = peak_memory(self.accelerator.device)
+        if peak:
+            fields["peak mem"] = peak
+        self.console.step(step, fields, log_line=step % self.log_every == 0)
+
+
+def peak_memory(device) -> str | None:
+    """Peak memory allocated on a GPU so far; None on CPU (no allocator statistics there)."""
+    if device.type != "cuda":
+        return None
+    import torch
+    return f"{torch.cuda.max_memory_allocated(device) / 2**30:.1f} GiB"
+
+
+def write_rank_log(run_dir: Path, accelerator, record: dict) -> None:
+    """Every process may log to its own file (logs/rank-R.jsonl); only the main one prints."""
+    folder = Path(run_dir) / "logs"
+    folder.mkdir(parents=True, exist_ok=True)
+    with open(folder / f"rank-{accelerator.process_index}.jsonl", "a") as handle:
+        handle.write(json.dumps({"rank": accelerator.process_index, **record}) + "\n")
+
+
+def read_metrics(path: Path) -> list[dict]:
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def first_samples(records: list[dict]) -> list[dict]:
+    """The step-0 eval's predictions (prompt, reference, output), kept in metrics.jsonl so a resumed run still has them."""
+    return next((r.get("samples", []) for r in records if r.get("kind") == "eval" and r.get("step") == 0), [])
+
+
+def plot_loss(records: list[dict], target: Path) -> bool:
+    """loss.png: training loss per step, eval loss as markers."""
+    train = [(r["step"], r["loss"]) for r in records if r.get("kind") == "train"]
+    evals = [(r["step"], r["eval_loss"]) for r in records if r.get("kind") == "eval"]
+    if not train:
+        return False
+    try:
+        import matplotlib
+    except ImportError:  # the plots extra is not installed: report.md without the picture
+        return False
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    figure, axis = plt.subplots(figsize=(7, 4))
+    axis.plot(*zip(*train), label="train loss", linewidth=1)
+    if evals:
+        axis.plot(*zip(*evals), "o-", label="eval loss")
+    axis.set_xlabel("optimiser step")
+    axis.set_ylabel("cross-entropy")
+    axis.legend()
+    figure.tight_layout()
+    figure.savefig(target, dpi=100)
+    plt.close(figure)
+    return True
+
+
+def before_after(records: list[dict]) -> list[tuple[str, float, float]]:
+    """(metric, first eval, last eval) for every numeric eval metric."""
+    evals = [r for r in records if r.get("kind") == "eval"]
+    if len(evals) < 1:
+        return []
+    first, last = evals[0], evals[-1]
+    return [(k, first[k], last[k]) for k in first if k.startswith("eval_") and isinstance(first[k], (int, float))]
+
+
+def confusion_markdown(confusion: dict) -> list[str]:
+    """Rows are the gold label, columns the predicted one."""
+    labels = confusion["labels"]
+    lines = ["| gold \\ predicted | " + " | ".join(labels) + " |", "|---" * (len(labels) + 1) + "|"]
+    return lines + [f"| {label} | " + " | ".join(map(str, row)) + " |" for label, row in zip(labels, confusion["matrix"])]
+
+
+def write_report(run_dir: Path, summary: dict, samples: list[dict], console: Console | None = None) -> None:
+    """report.md, loss.png and a console table of every eval metric before and after."""
+    records = read_metrics(run_dir / "metrics.jsonl")
+    rows = before_after(records)
+    has_plot = plot_loss(records, run_dir / "loss.png")
+    lines = [f"# Run report: {run_dir.name}", ""]
+    lines += [f"- {key}: {value}" for key, value in summary.items()]
+    lines += ["", "| metric | before | after |", "|---|---|---|"]
+    lines += [f"| {name} | {a:.4f} | {b:.4f} |" for name, a, b in rows]
+    confusion = next((r["confusion"] for r in reversed(records) if r.get("kind") == "eval" and r.get("confusion")), None)
+    if confusion:
+        lines += ["", "## Confusion matrix (last eval)", ""] + confusion_markdown(confusion)
+    if has_plot:
+        lines += ["", "![loss](loss.png)"]
+    if samples:
+        lines += ["", "## Samples", ""]
+        for sample in samples:
+            lines += [f"**Prompt:** {sample['prompt']!r}", "", f"- reference: {sample['reference']!r}",
+                      f"- before: {sample.get('before', '')!r}", f"- after: {sample.get('after', '')!r}", ""]
+    (run_dir / "report.md").write_text("\n".join(lines) + "\n")
+    if console is None:
+        return
+    table = Table(title="eval before -> after")
+    for column in ("metric", "before", "after"):
+        table.add_column(column)
+    for name, a, b in rows:
+        table.add_row(name, f"{a:.4f}", f"{b:.4f}")
+    console.print(table)
+    for sample in samples:
+        console.print(f"[bold]prompt[/] {sample['prompt'][-120:]!r}\n  reference {sample['reference']!r}\n"
+                      f"  before    {sample.get('before', '')!r}\n  after     {sample.get('after', '')!r}")

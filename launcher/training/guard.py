@@ -1,0 +1,44 @@
+"""The NaN/inf guard: a run stops at its first non-finite loss or gradient norm, naming the step.
+
+What diverged is never saved: the stop comes before the step's checkpoint or export, so the last
+good checkpoint stays the newest, and the save paths (launcher/verify.py) refuse non-finite
+weights in any case. `train.skip_nonfinite: N` instead skips up to N such steps in a process's
+run: their update is not applied. metrics.jsonl stays strict JSON: a non-finite number is
+written as a string.
+"""
+from __future__ import annotations
+
+import math
+
+from launcher.errors import NonFiniteError
+
+
+
+def finite(value) -> bool:
+    return value is None or math.isfinite(float(value))
+
+
+def json_safe(record: dict) -> dict:
+    """Non-finite floats as "nan", "inf" or "-inf": json.dumps would write bare NaN, which strict readers reject."""
+    return {key: (str(value) if isinstance(value, float) and not math.isfinite(value) else value)
+            for key, value in record.items()}
+
+
+def may_skip(totals: dict, limit: int) -> bool:
+    """At a non-finite gradient norm, before the update: True skips the update (counted in totals["skipped"])."""
+    if totals.get("skipped", 0) < limit:
+        totals["skipped"] = totals.get("skipped", 0) + 1
+        return True
+    return False
+
+
+def check_step(step: int, loss: float, grad_norm: float | None, skipped: bool, last_good) -> None:
+    """After a step: raise NonFiniteError unless the loss and gradient norm are finite or the step was skipped."""
+    if skipped:
+        return
+    for what, value in (("loss", loss), ("gradient norm", grad_norm)):
+        if not finite(value):
+            kept = f"the last good checkpoint {last_good} is kept" if last_good else "no checkpoint was written before it"
+            raise NonFiniteError(f"step {step}: the {what} is {value}; stopped without saving this step or exporting "
+                                 f"({kept}). Lower train.lr or set train.max_grad_norm (with --overwrite), "
+                                 f"or rerun with train.skip_nonfinite=N to skip up to N such steps")
