@@ -122,7 +122,7 @@ def checked_recipe(args, target=None):
 
 def cmd_validate(args) -> int:
     from launcher.preflight.checks import Target
-    from launcher.distributed.strategies import launched_world_size
+    from launcher.distributed.launch import launched_world_size
     recipe = checked_recipe(args, Target(args.device, launched_world_size()) if args.device else None)
     if args.deep:
         from launcher.commands.deepcheck import deep_check

@@ -124,9 +124,9 @@ def quantization_config(recipe: Recipe, on_gpu: bool, unquantised: list[str]):
     quant = recipe.quant
     if quant.bits == 8:
         return BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=unquantised)
-    from launcher.distributed.strategies import strategy_for
+    from launcher.distributed.rules import rules_for
     compute = compute_dtype(recipe, on_gpu)
-    storage = strategy_for(recipe).quant_storage(compute)  # FSDP2 shards 4-bit weights stored in the compute dtype
+    storage = rules_for(recipe).quant_storage(compute)  # FSDP2 shards 4-bit weights stored in the compute dtype
     return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=quant.type, bnb_4bit_use_double_quant=quant.double_quant,
                               bnb_4bit_compute_dtype=compute, llm_int8_skip_modules=unquantised,
                               **({"bnb_4bit_quant_storage": storage} if storage is not None else {}))

@@ -35,7 +35,8 @@ from launcher.errors import UserError
 from launcher.recipe.files import resolved_yaml
 from launcher.report.records import Reporter, first_samples, read_metrics, write_rank_log, write_report
 from launcher.training.rescale import hold_global_batch
-from launcher.distributed.strategies import Strategy, launched_world_size, strategy_for
+from launcher.distributed.launch import launched_world_size
+from launcher.distributed.strategies import Strategy, strategy_for
 
 
 class StopRequest:
@@ -135,7 +136,7 @@ def setup(recipe: Recipe, overwrite: bool = False, allow_data_change: bool = Fal
     state = ckpt.load_state_file(resume_from) if resume_from is not None else None
     change = None
     if state is not None:  # on another process count: same global batch, or refused before anything loads
-        strategy_for(recipe).check_resume(state, launched_world_size())
+        strategy_for(recipe).rules.check_resume(state, launched_world_size())
         recipe, change = hold_global_batch(recipe, state, launched_world_size())
     strategy = strategy_for(recipe)
     accelerator = strategy.make_accelerator()
