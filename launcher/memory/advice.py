@@ -53,7 +53,7 @@ def candidate_changes(recipe: Recipe, world: int) -> list[Change]:
             changes.append(Change(f"micro-batch 1 with grad_accum {train.grad_accum * train.micro_batch_size} (same global batch)",
                                   ("train.micro_batch_size=1", f"train.grad_accum={train.grad_accum * train.micro_batch_size}"), 1.25))
     evaluates = recipe.data.eval or recipe.data.eval_fraction
-    eval_batch = train.eval_batch_size or train.micro_batch_size
+    eval_batch = train.eval_batch()
     if evaluates and eval_batch > 1:
         changes.append(Change(f"eval batch {eval_batch // 2}", (f"train.eval_batch_size={eval_batch // 2}",), 1.0))
     if not train.gradient_checkpointing:

@@ -93,7 +93,7 @@ def logits_bytes(inv: Inventory, s: Sizes, recipe: Recipe, tokens: int) -> int:
 
 def eval_bytes(inv: Inventory, s: Sizes, recipe: Recipe) -> dict:
     """Evaluation's transient memory: the loss forward's logits, or generation's KV cache and last-token logits."""
-    batch = recipe.train.eval_batch_size or recipe.train.micro_batch_size
+    batch = recipe.train.eval_batch()
     length = recipe.data.max_length
     # no_grad loss: the float32 logits and their log-softmax (the compute-dtype logits are freed by the cast)
     loss_pass = batch * length * (inv.vocab * 8 if recipe.model.task != "classification" else 0)

@@ -21,12 +21,13 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from launcher.recipe.schema import Recipe
+from launcher.recipe.schema import RESIDUAL_INITS, Recipe
 
 from launcher.errors import UserError
 
-INIT = {"default": True, "gaussian": "gaussian", "pissa": "pissa", "olora": "olora", "loftq": True}
-RESIDUAL_INITS = ("pissa", "olora")  # they rewrite the base weights: converted to plain LoRA at export
+# lora.init -> peft's init_lora_weights; the residual inits (PiSSA, OLoRA) rewrite the base weights, so their adapters are
+# converted to plain LoRA at export.
+INIT = {"default": True, "gaussian": "gaussian", **{name: name for name in RESIDUAL_INITS}, "loftq": True}
 INITIAL_ADAPTER = "adapter-init"  # in the run directory: a PiSSA/OLoRA adapter before training
 
 

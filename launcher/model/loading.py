@@ -13,6 +13,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
+from launcher.distributed.rules import rules_for
 from launcher.model import adapters
 from launcher.recipe.schema import Recipe
 from launcher.errors import UserError
@@ -97,23 +98,32 @@ def load_tokenizer(path: str, recipe: Recipe):
     return tokenizer
 
 
+def weight_dtype_name(recipe: Recipe, on_gpu: bool, gpu_has_bf16: bool) -> str:
+    """The dtype the weights load in, as torch names it: the one home of this rule (the memory planner asks it too)."""
+    if recipe.model.dtype != "auto":
+        return recipe.model.dtype
+    if recipe.method == "qlora":  # what stays unquantised (embeddings, norms, head) computes in the 4-bit compute dtype
+        return compute_dtype_name(recipe, on_gpu, gpu_has_bf16)
+    return "bfloat16" if on_gpu and recipe.method != "full" else "float32"
+
+
+def compute_dtype_name(recipe: Recipe, on_gpu: bool, gpu_has_bf16: bool) -> str:
+    """What 4-bit layers dequantise to for their matmuls: bf16 where the GPU has it, float32 on CPU (exact, and as fast there)."""
+    if recipe.quant.compute_dtype != "auto":
+        return recipe.quant.compute_dtype
+    if not on_gpu:
+        return "float32"
+    return "bfloat16" if gpu_has_bf16 else "float16"
+
+
 def weight_dtype(recipe: Recipe, on_gpu: bool):
     import torch
-    if recipe.model.dtype != "auto":
-        return getattr(torch, recipe.model.dtype)
-    if recipe.method == "qlora":  # what stays unquantised (embeddings, norms, head) computes in the 4-bit compute dtype
-        return compute_dtype(recipe, on_gpu)
-    return torch.bfloat16 if on_gpu and recipe.method != "full" else torch.float32
+    return getattr(torch, weight_dtype_name(recipe, on_gpu, on_gpu and torch.cuda.is_bf16_supported()))
 
 
 def compute_dtype(recipe: Recipe, on_gpu: bool):
-    """What 4-bit layers dequantise to for their matmuls: bf16 where the GPU has it, float32 on CPU (exact, and as fast there)."""
     import torch
-    if recipe.quant.compute_dtype != "auto":
-        return getattr(torch, recipe.quant.compute_dtype)
-    if not on_gpu:
-        return torch.float32
-    return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return getattr(torch, compute_dtype_name(recipe, on_gpu, on_gpu and torch.cuda.is_bf16_supported()))
 
 
 def quantization_config(recipe: Recipe, on_gpu: bool, unquantised: list[str]):
@@ -124,7 +134,6 @@ def quantization_config(recipe: Recipe, on_gpu: bool, unquantised: list[str]):
     quant = recipe.quant
     if quant.bits == 8:
         return BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=unquantised)
-    from launcher.distributed.rules import rules_for
     compute = compute_dtype(recipe, on_gpu)
     storage = rules_for(recipe).quant_storage(compute)  # FSDP2 shards 4-bit weights stored in the compute dtype
     return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=quant.type, bnb_4bit_use_double_quant=quant.double_quant,

@@ -192,6 +192,10 @@ class TrainSection(Section):
     keep_last: int = Field(2, ge=1, description="Checkpoints kept on disk.")
     eval_batch_size: int | None = Field(None, ge=1, description="Default: micro_batch_size.")
 
+    def eval_batch(self) -> int:
+        """Rows per eval forward pass: eval_batch_size, else micro_batch_size (evaluation and the planner agree)."""
+        return self.eval_batch_size or self.micro_batch_size
+
 
 class EvalSection(Section):
     samples: int = Field(3, ge=0, description="Eval predictions shown before and after training in the report.")
