@@ -186,7 +186,7 @@ def auto_class(task: str):
 
 
 def skeleton(path: str, recipe: Recipe, labels: list[str] | None = None):
-    """The model's module tree on the meta device (names and types, no weights): the adapter layout is read from it."""
+    """The model's module tree on the meta device (names and types, no weights): the adapter placement is read from it."""
     from accelerate import init_empty_weights
     from transformers import AutoConfig
     config = AutoConfig.from_pretrained(path, trust_remote_code=recipe.model.trust_remote_code)
@@ -198,14 +198,14 @@ def skeleton(path: str, recipe: Recipe, labels: list[str] | None = None):
 
 def unpartitioned_from_config(task: str, config, **kwargs):
     """A model from its config without ZeRO-3's partitioning at construction, which is a collective: meta
-    copies (the adapter layout, the memory plan) are built on one rank, and would wait there forever."""
+    copies (the adapter placement, the memory plan) are built on one rank, and would wait there forever."""
     from transformers.modeling_utils import set_zero3_state
     with set_zero3_state():
         return auto_class(task).from_config(config, **kwargs)
 
 
-def adapter_layout(path: str, recipe: Recipe, labels: list[str] | None = None) -> adapters.Layout | None:
-    return adapters.layout(skeleton(path, recipe, labels), recipe) if recipe.method != "full" else None
+def adapter_placement(path: str, recipe: Recipe, labels: list[str] | None = None) -> adapters.AdapterPlacement | None:
+    return adapters.placement(skeleton(path, recipe, labels), recipe) if recipe.method != "full" else None
 
 
 def load_base(path: str, recipe: Recipe, on_gpu: bool, labels: list[str] | None = None):
@@ -213,7 +213,7 @@ def load_base(path: str, recipe: Recipe, on_gpu: bool, labels: list[str] | None 
     kwargs = {"dtype": weight_dtype(recipe, on_gpu), "trust_remote_code": recipe.model.trust_remote_code}
     if recipe.model.attn_implementation:
         kwargs["attn_implementation"] = recipe.model.attn_implementation
-    where = adapter_layout(path, recipe, labels) if recipe.method == "qlora" else None
+    where = adapter_placement(path, recipe, labels) if recipe.method == "qlora" else None
     quantization = quantization_config(recipe, on_gpu, where.unquantised if where else [])
     if quantization is not None:
         from accelerate import PartialState
@@ -240,7 +240,7 @@ def load_trained(path: str, recipe: Recipe, on_gpu: bool, labels: list[str] | No
 
 def load_model(path: str, recipe: Recipe, on_gpu: bool, labels: list[str] | None = None):
     """The model the loop trains: loaded, frozen or adapted, and checkpointed as the recipe says."""
-    where = adapter_layout(path, recipe, labels)  # refuses a bad layout before any weight loads
+    where = adapter_placement(path, recipe, labels)  # refuses a bad placement before any weight loads
     model = load_base(path, recipe, on_gpu, labels)
     if recipe.method == "full":
         freeze(model, recipe)
