@@ -2,7 +2,7 @@
 checkpoints resume on.
 
 One rules class per strategy, torch-free, so preflight (`launcher validate` included), the memory
-planner and the strategy objects that train (launcher/distributed/strategies.py) all ask the same code. A DeepSpeed
+planner and the strategy objects that train (strategies.py) all ask the same code. A DeepSpeed
 recipe is recognised by its JSON's ZeRO stage (deepspeed_config.zero_section), never by the
 file's name, so a custom stage-3 file is refused like zero3.
 """
