@@ -134,6 +134,7 @@ def test_recipe_wing_imports_only_itself_errors_and_shipped_and_no_heavy_package
             heavy = {p for node in ast.walk(tree) if isinstance(node, (ast.Import, ast.ImportFrom))
                      for p in top_package(node)} & HEAVY
             assert not heavy, f"{name} imports {heavy}"
+    assert launcher_imports(modules()["launcher.recipe.formats"]) == set(), "the format registry imports nothing"
 
 
 def test_strategy_names_appear_only_in_the_schema_strategies_and_preflight():
