@@ -176,8 +176,9 @@ def test_every_readme_command_runs_as_written(tmp_path):
                          text=True, env=env, cwd=tmp_path, timeout=600)
     reports = run.stderr.split("### ")[1:]
     assert len(reports) == 2 * len(checks), run.stderr[-3000:]
-    failed = [f"{command}\n  -> launcher {shlex.join(arguments)}: exit {status.split()[1]}: {said.partition(chr(10))[2][-500:]}"
-              for (command, arguments), said, status in zip(checks, reports[0::2], reports[1::2])
+    outcomes = zip(checks, reports[0::2], reports[1::2])
+    failed = [f"{command}\n  -> launcher {shlex.join(arguments)}: exit {status.split()[1]}: "
+              f"{said.partition(chr(10))[2][-500:]}" for (command, arguments), said, status in outcomes
               if status.split()[1] != "0"]
     assert not failed, "\n".join(failed)
     assert (tmp_path / "docs" / "reference.md").read_text() == (REPO / "docs" / "reference.md").read_text()
