@@ -31,9 +31,7 @@ def model_config(recipe: Recipe):
     """The transformers config of the recipe's model, found offline: a local or packaged folder, the shipped
     configs, or the hub cache."""
     from transformers import AutoConfig
-
-    from launcher.model.loading import weights_folder
-    path, gguf = weights_folder(recipe), recipe.model.gguf_file
+    path, gguf = modeling.weights_folder(recipe), recipe.model.gguf_file
     if not Path(path).is_dir() and shipped_config(path) is not None:
         path = str(shipped_config(path))
     try:
