@@ -14,7 +14,7 @@ from functools import partial
 from pathlib import Path
 from typing import Any, Callable
 
-from launcher.data import mixing
+from launcher.data import mixing, preference
 from launcher.data.batching import train_collate
 from launcher.data.packing import pack_dataset
 from launcher.data.rows import RowTally, check_rows_of, judge
@@ -71,6 +71,16 @@ def _completion(row: dict, data: DataSection, use_chat: bool) -> Segments:
     return _pair(row[data.field("prompt")], row[data.field("completion")], use_chat, data.system_prompt)
 
 
+def _preference(row: dict, data: DataSection, use_chat: bool) -> Segments:
+    """The prompt and its chosen reply (the rejected one goes through here as a twin row: data/preference.py)."""
+    col = data.field
+    system = row.get(col("system")) or data.system_prompt
+    prompt = row[col("prompt")]
+    if not use_chat and system:
+        prompt = f"{system}\n\n{prompt}"
+    return _pair(prompt, row[col("chosen")], use_chat, system)
+
+
 # Format name -> (row, data settings, chat template applies) -> chat messages or (text, trained) segments.
 # Chat rows are already messages; plain text is trained whole, template or not.
 PROMPT_BUILDERS: dict[str, Callable[[dict, DataSection, bool], Segments]] = {
@@ -80,6 +90,9 @@ PROMPT_BUILDERS: dict[str, Callable[[dict, DataSection, bool], Segments]] = {
     "completion": _completion,
     "text": lambda row, data, use_chat: [(row[data.field("text")], True)],
     "qa": _qa,
+    "preference": _preference,
+    "chat-preference": lambda row, data, use_chat: [*row[data.field("messages")],
+                                                   {"role": "assistant", "content": row[data.field("chosen")]}],
 }
 
 
@@ -125,8 +138,9 @@ class Encoder:
     def __post_init__(self) -> None:
         has_template = bool(getattr(self.tokenizer, "chat_template", None))
         self.use_chat = self.data.chat_template == "auto" and has_template and self.task == "causal-lm"
-        if self.data.format == "chat" and not has_template:
-            raise UserError("data.format chat needs a tokenizer with a chat template; this model's tokenizer has none")
+        if "messages" in FORMATS[self.data.format].fields and not has_template:
+            raise UserError(f"data.format {self.data.format} needs a tokenizer with a chat template; this model's tokenizer has none")
+        self.pairs = FORMATS[self.data.format].objective == "dpo"
         bos = self.tokenizer.bos_token_id
         probe = self.tokenizer("x")["input_ids"]
         self.bos = [bos] if bos is not None and probe and probe[0] == bos else []
@@ -135,7 +149,8 @@ class Encoder:
     def segments(self, row: dict) -> list[tuple[str, bool]]:
         parts = to_segments(row, self.data, self.use_chat)
         if isinstance(parts[0], dict):  # chat messages
-            return chat_segments(parts, self.tokenizer)
+            segments = chat_segments(parts, self.tokenizer)
+            return preference.last_reply_only(segments) if self.pairs else segments
         return [(text + self.eos, True) if trained else (text, False) for text, trained in parts]
 
     def __call__(self, row: dict) -> dict:
@@ -157,6 +172,12 @@ class Encoder:
         if self.task in ("classification", "seq2seq"):
             encoded = [self.classify(row) if self.task == "classification" else self.seq2seq(row) for row in rows]
             return {key: [row[key] for row in encoded] for key in ("input_ids", "labels", "prompt_len", "drop", "cut")}
+        if self.pairs:
+            rejected = self._encode_causal([preference.rejected_twin(row, self.data) for row in rows])
+            return preference.joined(self._encode_causal(rows), rejected)
+        return self._encode_causal(rows)
+
+    def _encode_causal(self, rows: list[dict]) -> dict[str, list]:
         segments = [self.segments(row) for row in rows]
         texts = [text for parts in segments for text, _ in parts]
         pieces = iter(self.tokenizer(texts, add_special_tokens=False)["input_ids"] if texts else [])
