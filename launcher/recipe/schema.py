@@ -11,8 +11,8 @@ from typing import Literal, get_args
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from launcher.recipe.formats import FORMATS, LOWER_IS_BETTER, METRICS, OBJECTIVES, TASKS, formats_for_objective, formats_for_task
-
+from launcher.recipe.formats import FORMATS, LOWER_IS_BETTER, METRICS, OBJECTIVES, TASKS, formats_for_task
+from launcher.recipe.objective import objective_rules
 
 
 # bitsandbytes optimisers: they need its package, and they step whole local tensors (DDP only).
@@ -271,15 +271,14 @@ class DistributedSection(Section):
 class DpoSection(Section):
     beta: float = Field(0.1, gt=0, description="How far the policy may move from the reference: the reward of a reply is "
                         "beta x (its log-probability under the policy - under the reference).")
-    loss: Literal["sigmoid", "ipo"] = Field("sigmoid", description="sigmoid: the DPO paper's -log sigmoid(reward margin); "
-                                            "ipo: (margin / beta - 1 / (2 beta))^2, which does not push the margin without bound.")
+    loss: Literal["sigmoid", "ipo"] = Field("sigmoid", description="sigmoid: DPO's -log sigmoid(reward margin); ipo: "
+                                            "(margin / beta - 1 / (2 beta))^2, which keeps the margin bounded.")
 
 
 class Recipe(Section):
     model: ModelSection
-    objective: Literal[OBJECTIVES] | None = Field(
-        None, description="sft: learn the targets; dpo: learn to prefer each pair's chosen reply over its rejected one "
-                          "(data.format preference or chat-preference). Default: what the data format trains.")
+    objective: Literal[OBJECTIVES] | None = Field(None, description="sft: learn the targets; dpo: prefer each pair's chosen "
+                                                  "reply to its rejected one (preference formats); default: the format's.")
     dpo: DpoSection = Field(default_factory=DpoSection)
     method: Literal["full", "lora", "qlora"] = Field("lora", description="full fine-tuning, LoRA, or QLoRA.")
     freeze: FreezeSection = Field(default_factory=FreezeSection)
@@ -301,7 +300,7 @@ class Recipe(Section):
         if frozen and self.method != "full":
             raise ValueError(f"freeze: only applies to method: full (LoRA already freezes the base); remove it or set method: full")
         _format_rules(self)
-        _objective_rules(self)
+        objective_rules(self)
         task = self.model.task
         if task != "causal-lm" and (self.data.packing or self.train.loss_chunk_tokens):
             key = "data.packing" if self.data.packing else "train.loss_chunk_tokens"
@@ -352,33 +351,6 @@ def _format_rules(recipe: Recipe) -> None:
     weighted = {entry.weight is not None for entry in data.entries()}
     if len(weighted) > 1:
         raise ValueError("data.train: give every source a weight, or none (then each is read `epochs` times, default 1)")
-
-
-def _objective_rules(recipe: Recipe) -> None:
-    """One objective per run, from formats that train it; DPO's refusals, each with its fix."""
-    data = recipe.data
-    trained = {FORMATS[entry.format or data.format].objective for entry in [*data.entries(), *data.entries("eval")]}
-    if len(trained) > 1:
-        raise ValueError(f"data: the sources mix formats for objective sft and dpo; a run trains one objective "
-                         f"(dpo reads {', '.join(formats_for_objective('dpo'))}, sft the other formats)")
-    if recipe.objective is None:  # not by assignment: that would validate the recipe again
-        object.__setattr__(recipe, "objective", trained.pop())
-    elif recipe.objective not in trained:
-        raise ValueError(f"objective {recipe.objective} cannot train on data.format {data.format}; use one of: "
-                         f"{', '.join(formats_for_objective(recipe.objective))}")
-    if recipe.dpo != DpoSection() and recipe.objective != "dpo":
-        raise ValueError("dpo: applies to objective dpo only; remove it or set objective: dpo")
-    if recipe.objective != "dpo":
-        return
-    refused = [(data.packing, "data.packing", "each pair's chosen and rejected replies are scored as whole sequences; "
-                "remove data.packing"),
-               (recipe.train.loss_chunk_tokens, "train.loss_chunk_tokens", "DPO scores whole sequences; set it to 0"),
-               (data.train_on_prompt, "data.train_on_prompt", "only reply tokens are compared; remove it"),
-               (recipe.method == "full", "method full", "the reference model is the base with the adapter disabled; "
-                "use method lora or qlora")]
-    for on, key, why in refused:
-        if on:
-            raise ValueError(f"{key} with objective dpo: {why}")
 
 
 def _quant_rules(recipe: Recipe) -> None:
