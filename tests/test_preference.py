@@ -184,3 +184,36 @@ def test_a_lora_dpo_run_logs_rewards_and_held_out_preference_accuracy(tiny_model
     assert evals[-1]["eval_loss"] < math.log(2) and evals[-1]["eval_reward_margin"] > 0
     assert "eval_ppl" not in evals[-1] and evals[0]["samples"][0]["reference"]
     assert "preference_accuracy" in (tmp_path / "run" / "report.md").read_text()
+
+
+def test_the_loss_and_rewards_equal_trl_dpo_trainer(tiny_model, tokenizer):
+    """TRL's DPOTrainer (the `test` extra) on the same model, adapter and token ids: its reference is the
+    base with the adapter disabled too, once it made the adapter itself."""
+    pytest.importorskip("trl")
+    import datasets
+    import torch
+    from peft import LoraConfig
+    from transformers import AutoModelForCausalLM
+    from trl import DPOConfig, DPOTrainer
+    base = AutoModelForCausalLM.from_pretrained(tiny_model, torch_dtype=torch.float32)
+    config = DPOConfig(output_dir=str(tiny_model.parent / "trl"), beta=0.3, loss_type=["sigmoid"], report_to=[],
+                       per_device_train_batch_size=3, use_cpu=True)
+    trainer = DPOTrainer(model=base, args=config, train_dataset=datasets.Dataset.from_list(PAIRS), processing_class=tokenizer,
+                         peft_config=LoraConfig(r=4, lora_alpha=8, target_modules="all-linear"))
+    model = trainer.model.eval()
+    torch.manual_seed(1)
+    with torch.no_grad():  # B = 0 would make policy and reference equal, and every comparison trivial
+        for name, parameter in model.named_parameters():
+            if "lora_B" in name:
+                parameter.normal_(0, 0.2)
+    encoder = Encoder(tokenizer, DataSection(train="x.jsonl", format="preference", chat_template="never"))
+    batch = collate_pairs([encoder(pair) for pair in PAIRS], tokenizer.pad_token_id)
+    theirs = trainer._compute_loss(model, {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"],
+                                           "completion_mask": (batch["labels"] != IGNORE).long()}, return_outputs=False)
+    total, pairs, sums = dpo_loss_sum(model, batch, DpoSection(beta=0.3))
+    logged = {name: values[-1] for name, values in trainer._metrics["eval"].items()}
+    assert abs(theirs.item() - (total / pairs).item()) < 1e-4
+    for ours, trl_name in (("rewards_chosen", "rewards/chosen"), ("rewards_rejected", "rewards/rejected"),
+                           ("reward_accuracy", "rewards/accuracies"), ("reward_margin", "rewards/margins")):
+        assert abs((sums[ours] / pairs).item() - logged[trl_name]) < 1e-4, ours
+    assert logged["rewards/margins"] != 0
