@@ -6,9 +6,10 @@ import json
 import math
 
 import pytest
+import yaml
 from pydantic import ValidationError
 
-from support import launch, ok, tiny_recipe, validate_refusal, write_recipe
+from support import launch, launch_two, load_tensors, ok, tiny_recipe, train_losses, validate_refusal, write_recipe
 
 from launcher.data.batching import collate_pairs
 from launcher.data.encode import Encoder
@@ -170,12 +171,20 @@ def test_the_reference_is_the_policy_before_training():
     assert torch.allclose(losses, torch.full((2,), math.log(2), dtype=torch.float64)) and not chosen.any() and not rejected.any()
 
 
-# ---------------------------------------------------------------- a real run
+# ---------------------------------------------------------------- real runs: one straight, compared with 2 processes and a resume
 
-def test_a_lora_dpo_run_logs_rewards_and_held_out_preference_accuracy(tiny_model, tmp_path):
-    recipe = pair_recipe(tiny_model, tmp_path, train={"max_steps": 4, "lr": 2e-2}, dpo={"beta": 0.5}, eval={"samples": 1})
-    ok(launch(["train", write_recipe(recipe, tmp_path / "dpo.yaml")]))
-    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+@pytest.fixture(scope="module")
+def straight(tiny_model, tmp_path_factory):
+    """4 DPO LoRA steps in one process, global batch 4 pairs; no dropout, whose random masks differ by process count."""
+    folder = tmp_path_factory.mktemp("dpo")
+    recipe = pair_recipe(tiny_model, folder, train={"max_steps": 4, "lr": 2e-2, "micro_batch_size": 2, "grad_accum": 2},
+                         dpo={"beta": 0.5}, eval={"samples": 1}, lora={"dropout": 0.0})
+    ok(launch(["train", write_recipe(recipe, folder / "dpo.yaml")]))
+    return folder
+
+
+def test_a_lora_dpo_run_logs_rewards_and_held_out_preference_accuracy(straight):
+    records = [json.loads(line) for line in (straight / "run" / "metrics.jsonl").read_text().splitlines()]
     steps = [r for r in records if r.get("kind") == "train"]
     evals = [r for r in records if r.get("kind") == "eval"]
     assert len(steps) == 4 and {"rewards_chosen", "rewards_rejected", "reward_accuracy", "reward_margin"} <= set(steps[0])
@@ -183,7 +192,31 @@ def test_a_lora_dpo_run_logs_rewards_and_held_out_preference_accuracy(tiny_model
     assert evals[0]["eval_reward_accuracy"] == 0 and evals[0]["eval_loss"] == pytest.approx(math.log(2), abs=1e-6)
     assert evals[-1]["eval_loss"] < math.log(2) and evals[-1]["eval_reward_margin"] > 0
     assert "eval_ppl" not in evals[-1] and evals[0]["samples"][0]["reference"]
-    assert "preference_accuracy" in (tmp_path / "run" / "report.md").read_text()
+    assert "preference_accuracy" in (straight / "run" / "report.md").read_text()
+
+
+@pytest.mark.multiproc
+def test_two_ddp_processes_match_one_per_step(straight, tmp_path):
+    recipe = yaml.safe_load((straight / "dpo.yaml").read_text())
+    recipe["train"]["micro_batch_size"], recipe["output_dir"] = 1, str(tmp_path / "ddp")  # 1 x 2 accum x 2 ranks = 4 pairs
+    ok(launch_two(["train", write_recipe(recipe, tmp_path / "ddp.yaml")]))
+    one, two = train_losses(straight / "run"), train_losses(tmp_path / "ddp")
+    assert sorted(two) == [1, 2, 3, 4]
+    for step, loss in one.items():
+        assert two[step] == pytest.approx(loss, rel=1e-5, abs=1e-7), step
+
+
+def test_a_resumed_dpo_run_is_bitwise_the_straight_one(straight, tmp_path):
+    recipe = yaml.safe_load((straight / "dpo.yaml").read_text())
+    recipe["output_dir"] = str(tmp_path / "split")
+    path = write_recipe(recipe, tmp_path / "split.yaml")
+    ok(launch(["train", path, "train.max_steps=2"]))
+    second = ok(launch(["train", path]))
+    assert "resuming from" in second.stdout
+    assert train_losses(tmp_path / "split") == train_losses(straight / "run")  # bitwise, not approx
+    assert load_tensors(tmp_path / "split" / "final").keys() == load_tensors(straight / "run" / "final").keys()
+    for name, tensor in load_tensors(tmp_path / "split" / "final").items():
+        assert tensor.equal(load_tensors(straight / "run" / "final")[name]), name
 
 
 def test_the_loss_and_rewards_equal_trl_dpo_trainer(tiny_model, tokenizer):

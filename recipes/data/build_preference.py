@@ -2,10 +2,10 @@
 
 chosen is the shipped reference translation (bible_en_es); rejected is what the shipped SmolLM2-135M
 model itself writes for the same prompt, greedily, with recipes/translate.yaml's prompt, chat template
-and generation settings. So the base model finds its own output likelier, and DPO has to teach it to
+and generation settings (but at most 48 new tokens). So the base model finds its own output likelier, and DPO has to teach it to
 prefer the reference. Pairs whose output equals the reference are left out (a pair must differ).
 
-    python recipes/data/build_preference.py [--train 400] [--eval 100]
+    python recipes/data/build_preference.py [--train 160] [--eval 60] [--max-new-tokens 48]
 
 Deterministic (greedy decoding, float32 on CPU); see SOURCES.md.
 """
@@ -43,11 +43,13 @@ def pairs(recipe, tokenizer, model, rows: list[dict]) -> list[dict]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--train", type=int, default=400, help="verses from the start of bible_en_es/train.jsonl")
-    parser.add_argument("--eval", type=int, default=100, help="verses from the start of bible_en_es/eval.jsonl")
+    parser.add_argument("--train", type=int, default=160, help="verses from the start of bible_en_es/train.jsonl")
+    parser.add_argument("--eval", type=int, default=60, help="verses from the start of bible_en_es/eval.jsonl")
+    parser.add_argument("--max-new-tokens", type=int, default=48, help="generation length (a verse is at most 160 characters)")
     parser.add_argument("--out", type=Path, default=HERE / "bible_en_es_pairs")
     args = parser.parse_args()
     recipe = load_recipe(HERE.parent / "translate.yaml")
+    recipe.eval.max_new_tokens = args.max_new_tokens
     weights = loading.resolve_weights(recipe)
     tokenizer = loading.load_tokenizer(weights, recipe)
     model = loading.load_base(weights, recipe, on_gpu=False).eval()
