@@ -110,7 +110,8 @@ def render(result: Plan) -> str:
              f"GPU memory: {result.gpu_gib:g} GiB per process, {usable:.1f} GiB usable "
              f"({100 - 100 * HEADROOM:.0f}% kept for the CUDA context, communication buffers and fragmentation)",
              f"peak {result.peak_gib:.2f} GiB per process at the {result.peak_moment}: "
-             + ("fits" if result.fits else f"does NOT fit ({result.peak_gib - usable:.2f} GiB over)")]
+             + ("fits" if result.fits else f"does NOT fit ({result.peak_gib - usable:.2f} GiB over)"),
+             binding_line(result)]
     for name, value in result.moments[result.peak_moment].items():
         lines.append(f"  {name:<16} {value / GIB:8.2f} GiB")
     lines.append("moments: " + "; ".join(f"{name} {sum(parts.values()) / GIB:.2f}" for name, parts in result.moments.items()))
@@ -121,6 +122,14 @@ def render(result: Plan) -> str:
             lines.append(f"  {rank}. {item['change']}: peak {item['peak_gib']:.2f} GiB, ~{item['relative_step_time']:.2f}x "
                          f"step time  [{' '.join(item['overrides'])}]")
     return "\n".join(lines)
+
+
+def binding_line(result: Plan) -> str:
+    """Training and evaluation peaks apart, and which of the two the GPU must hold."""
+    train = f"training step {result.train_peak_bytes / GIB:.2f} GiB"
+    if result.eval_peak_bytes is None:
+        return f"{train}; no evaluation: training binds"
+    return f"{train}, evaluation {result.eval_peak_bytes / GIB:.2f} GiB: {result.binding} binds"
 
 
 def add_options(parser) -> None:

@@ -32,6 +32,7 @@ from launcher.distributed.strategies import strategy_for
 GIB = 2**30
 HEADROOM = 0.9  # share of GPU memory a plan may use: the rest is CUDA context, communication buffers, fragmentation
 DEFAULT_GPU_GIB = 80.0
+EVALUATION = "evaluation"  # the one moment that is not part of a training step
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2, "fp32": 4, "bf16": 2, "fp16": 2}
 
 
@@ -121,6 +122,20 @@ class Plan:
         return max(self.moments, key=lambda name: sum(self.moments[name].values()))
 
     @property
+    def train_peak_bytes(self) -> int:
+        """The training step's peak: evaluation runs at another batch size with full-vocabulary logits, so it is apart."""
+        return max(sum(parts.values()) for name, parts in self.moments.items() if name != EVALUATION)
+
+    @property
+    def eval_peak_bytes(self) -> int | None:
+        return sum(self.moments[EVALUATION].values()) if EVALUATION in self.moments else None
+
+    @property
+    def binding(self) -> str:
+        """Which pass sets the peak the GPU must hold: "training" or "evaluation"."""
+        return "evaluation" if (self.eval_peak_bytes or 0) > self.train_peak_bytes else "training"
+
+    @property
     def peak_bytes(self) -> int:
         return sum(self.moments[self.peak_moment].values())
 
@@ -135,7 +150,10 @@ class Plan:
     def as_dict(self) -> dict:
         def gib(parts: dict) -> dict:
             return {key: round(value / GIB, 3) for key, value in parts.items()}
+        evaluation = self.eval_peak_bytes
         return {"peak_gib": round(self.peak_gib, 3), "peak_moment": self.peak_moment, "fits": self.fits,
+                "train_peak_gib": round(self.train_peak_bytes / GIB, 3), "binding": self.binding,
+                "eval_peak_gib": None if evaluation is None else round(evaluation / GIB, 3),
                 "gpu_gib": self.gpu_gib, "usable_gib": round(HEADROOM * self.gpu_gib, 2), "world_size": self.world,
                 "setup": self.label, "components": gib(self.moments[self.peak_moment]),
                 "moments": {name: gib(parts) for name, parts in self.moments.items()}, "suggestions": self.suggestions}
@@ -160,10 +178,10 @@ def plan(recipe: Recipe, world: int | None = None, gpu_gib: float | None = None,
                             "activations": work["recomputed"], "buffers": state["buffers"] + work["gathered backward"]},
         "optimiser step": {**resident, "gradients": state["persistent gradients"] + state["gradients"],
                            "buffers": state["buffers"] + state["step"]},
-        "evaluation": {**resident, "eval": max(evaluation.values()), "buffers": state["buffers"] + work["gathered eval"]},
+        EVALUATION: {**resident, "eval": max(evaluation.values()), "buffers": state["buffers"] + work["gathered eval"]},
     }
     if not (recipe.data.eval or recipe.data.eval_fraction):
-        del moments["evaluation"]
+        del moments[EVALUATION]
     label = (f"{recipe.model.path} ({inv.params / 1e9:.2f}B parameters, {inv.trainable / 1e6:.1f}M trainable), "
              f"{recipe.method}, {layout.label}, {world} process{'es' * (world > 1)}")
     return Plan(label, world, gpu_gib or recipe.memory.gpu_gib or DEFAULT_GPU_GIB, moments)
