@@ -43,3 +43,20 @@ def test_plan_without_evaluation_has_no_eval_peak_and_training_binds(tmp_path):
     result = planner.plan(Recipe.model_validate(reference_recipe("1b-full", tmp_path)), 1, 141).as_dict()
     assert result["eval_peak_gib"] is None and result["binding"] == "training"
     assert result["train_peak_gib"] == result["peak_gib"]
+
+
+def test_chunked_loss_with_checkpointing_peaks_in_the_last_blocks_backward_with_every_block_input_kept(tmp_path):
+    """8B LoRA, checkpointed, chunked CE: the loss no longer dominates, so the peak is the last block's recompute while
+    all 32 block inputs are still kept; the loss term grows by one chunk's three float32 vocabulary-wide tensors."""
+    data = reference_recipe("8b-lora-gc", tmp_path, train={"loss_chunk_tokens": 1024})
+    chunked = planner.plan(Recipe.model_validate(data), 1, 141)
+    assert chunked.peak_moment == "last block's backward"
+    tokens, hidden, vocab = 4 * 2048, 4096, 128256
+    inputs = 32 * tokens * hidden * 2  # bf16 residual stream, one tensor per block
+    assert chunked.moments["last block's backward"]["activations"] > inputs
+    assert chunked.moments["end of forward"]["logits/loss"] == 12 * 1024 * vocab + 2 * tokens * hidden * 2
+    data["train"]["loss_chunk_tokens"] = 2048
+    wider = planner.plan(Recipe.model_validate(data), 1, 141).moments["end of forward"]["logits/loss"]
+    assert wider - chunked.moments["end of forward"]["logits/loss"] == 12 * 1024 * vocab
+    plain = planner.plan(Recipe.model_validate(reference_recipe("8b-lora-gc", tmp_path)), 1, 141)
+    assert plain.peak_moment == "end of forward" and chunked.peak_gib < plain.peak_gib - 8

@@ -11,14 +11,17 @@ mechanism, as PyTorch's autograd saves it, per token of a micro-batch:
   activation and up outputs; with gradient checkpointing only each block's input, plus one block
   recomputed in backward;
 - plain cross-entropy: at the start of backward three float32 vocabulary-wide tensors per token
-  (log-softmax output, its incoming gradient, its input gradient); chunked CE: one chunk of them;
+  (log-softmax output, its incoming gradient, its input gradient); chunked CE: one chunk of them,
+  beside the copied-out final hidden states and their gradient buffer (see `logits_bytes`);
 - autocast's low-precision copies of float32 weights, kept for backward;
 - the strategy's layout (launcher/strategies.py): what is sharded or offloaded, DeepSpeed's fp32 master
   copy and buckets, FSDP's gathered blocks, DDP's gradient buckets.
 
-The peak is the largest of four moments: the end of the forward pass (activations and logits alive,
-gradients not yet), the end of backward (all gradients), the optimiser step, and evaluation
-(generation's KV cache). `auto` dtypes resolve as on a bf16-capable GPU, whatever runs the plan.
+The peak is the largest of these moments: the end of the forward pass, as the loss's backward starts
+(activations and the loss's tensors alive, gradients not yet); with gradient checkpointing the last
+block's backward (every block's input still kept, that block recomputed, its backward's transients);
+the end of backward (all gradients); the optimiser step; and evaluation (generation's KV cache), which
+is reported apart from the training step's peak. `auto` dtypes resolve as on a bf16-capable GPU, whatever runs the plan.
 """
 from __future__ import annotations
 
@@ -83,13 +86,27 @@ def block_bytes_per_token(inv: Inventory, s: Sizes, recipe: Recipe, masked: bool
 
 
 def logits_bytes(inv: Inventory, s: Sizes, recipe: Recipe, tokens: int) -> int:
-    """The loss: three float32 vocabulary-wide tensors per token at the start of backward, or one chunk's worth."""
+    """The loss at its peak, in backward: log_softmax's saved float32 output, the gradient coming into it and the
+    gradient it returns (12 bytes per token and vocabulary entry), for every token or for one chunk.
+
+    Chunked (launcher/model/loss.py, chunked_causal_ce): the final hidden states of the target positions are copied
+    out (`hidden[keep]`) and each chunk's inputs, views of that copy, are what the non-reentrant checkpoint keeps, so
+    the copy lives through the loss backward; each chunk's slice gradient is added into one gradient buffer of the
+    copy's size. While one chunk is recomputed and its log_softmax backward runs, the copy, its gradient buffer and
+    that chunk's three float32 tensors are alive; the compute-dtype logits are freed by the `.float()` cast."""
     if recipe.model.task == "classification":
         return 12 * tokens // recipe.data.max_length * 2
     chunk = recipe.train.loss_chunk_tokens
     if chunk and recipe.model.task == "causal-lm":
-        return min(chunk, tokens) * inv.vocab * (s.compute + 12) + tokens * inv.hidden * s.residual
+        return 12 * min(chunk, tokens) * inv.vocab + 2 * tokens * inv.hidden * s.residual
     return 12 * tokens * inv.vocab
+
+
+def block_backward_bytes(inv: Inventory, s: Sizes, tokens: int) -> int:
+    """Transients of one block's backward on top of what it saved: the gradient arriving at its output and the one
+    summed for its input (residual stream), and in the MLP two intermediate-wide gradients at once (the gradient of
+    the activation's output, then of the gate and up projections while it is still alive)."""
+    return tokens * (2 * inv.hidden * s.residual + 2 * inv.intermediate * s.compute)
 
 
 def eval_bytes(inv: Inventory, s: Sizes, recipe: Recipe) -> dict:
@@ -174,12 +191,18 @@ def plan(recipe: Recipe, world: int | None = None, gpu_gib: float | None = None,
     moments = {
         "end of forward": {**resident, "activations": work["saved"], "logits/loss": work["logits"],
                            "buffers": state["buffers"] + work["gathered forward"]},
+        # checkpointed: the last block is recomputed while every block's input is still kept, few gradients exist yet
+        "last block's backward": {**resident, "gradients": state["persistent gradients"] + state["head gradients"],
+                                  "activations": work["block inputs"] + work["recomputed"],
+                                  "buffers": state["buffers"] + work["gathered backward"]},
         "end of backward": {**resident, "gradients": state["persistent gradients"] + state["gradients"],
                             "activations": work["recomputed"], "buffers": state["buffers"] + work["gathered backward"]},
         "optimiser step": {**resident, "gradients": state["persistent gradients"] + state["gradients"],
                            "buffers": state["buffers"] + state["step"]},
         EVALUATION: {**resident, "eval": max(evaluation.values()), "buffers": state["buffers"] + work["gathered eval"]},
     }
+    if not work["block inputs"]:
+        del moments["last block's backward"]
     if not (recipe.data.eval or recipe.data.eval_fraction):
         del moments[EVALUATION]
     label = (f"{recipe.model.path} ({inv.params / 1e9:.2f}B parameters, {inv.trainable / 1e6:.1f}M trainable), "
@@ -216,8 +239,11 @@ def _model_state(recipe: Recipe, inv: Inventory, layout: memory.Layout, s: Sizes
     buffers = 2 * layout.bucket_elements * s.compute + (trainable * grad_size if layout.bucket_grads else 0)
     if recipe.method == "qlora":  # one dequantised weight at a time, in the compute dtype
         buffers += inv.hidden * inv.intermediate * s.compute
+    # before the first block's backward only the parts outside the blocks have gradients (the embedding's, which
+    # comes last, is counted with them: at most its size too much)
+    outside = gradients * inv.rest_trainable / max(trainable, 1)
     return {"weights": int(weights), "optimizer state": int(state_bytes), "gradients": int(gradients),
-            "persistent gradients": int(persistent), "step": int(step), "buffers": int(buffers)}
+            "head gradients": int(outside), "persistent gradients": int(persistent), "step": int(step), "buffers": int(buffers)}
 
 
 def _step_work(recipe: Recipe, inv: Inventory, layout: memory.Layout, s: Sizes) -> dict:
@@ -233,15 +259,17 @@ def _step_work(recipe: Recipe, inv: Inventory, layout: memory.Layout, s: Sizes) 
     head = (4 * inv.hidden + (s.residual * inv.hidden if inv.final_norm_trainable else 0)
             + (s.compute * inv.hidden if inv.head_trainable and s.residual != s.compute else 0)) * tokens
     mask = train.micro_batch_size * recipe.data.max_length ** 2 if masked else 0
-    if checkpointing:
-        saved = inv.layers * s.residual * inv.hidden * tokens + head + rest_copies + mask
-        recomputed = per_block + copies + mask
+    if checkpointing:  # each block keeps its input; backward recomputes one block at a time (non-reentrant)
+        inputs = inv.layers * s.residual * inv.hidden * tokens
+        saved = inputs + head + rest_copies + mask
+        recomputed = per_block + copies + mask + block_backward_bytes(inv, s, tokens)
     else:
+        inputs = 0
         saved = inv.layers * (per_block + copies) + head + rest_copies + mask
         recomputed = 0
     block = inv.block_params * s.compute
     gathered = layout.gathered_blocks * block + (inv.rest_params * s.compute if layout.root_gathered else 0)
     forward = inv.layers * block if layout.keep_gathered else gathered
     backward = gathered + (4 * inv.block_trainable if layout.gathered_blocks else 0)
-    return {"saved": int(saved), "recomputed": int(recomputed), "logits": int(logits_bytes(inv, s, recipe, tokens)),
+    return {"saved": int(saved), "recomputed": int(recomputed), "block inputs": int(inputs), "logits": int(logits_bytes(inv, s, recipe, tokens)),
             "gathered forward": int(forward), "gathered backward": int(backward), "gathered eval": int(gathered)}
