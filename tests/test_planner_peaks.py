@@ -3,6 +3,7 @@ with gradient checkpointing, ZeRO-3's own allocations, host memory per node and 
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 from memory_reference import config_folder, recipe_for, reference_lines
@@ -10,7 +11,11 @@ from support import write_recipe
 
 from launcher.cli import main
 from launcher.memory import estimate as planner
+from launcher.recipe.files import load_recipe
 from launcher.recipe.schema import Recipe
+from launcher.shipped import DS_CONFIGS
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 def reference_recipe(label: str, root, **sections) -> dict:
@@ -60,3 +65,34 @@ def test_chunked_loss_with_checkpointing_peaks_in_the_last_blocks_backward_with_
     assert wider - chunked.moments["end of forward"]["logits/loss"] == 12 * 1024 * vocab
     plain = planner.plan(Recipe.model_validate(reference_recipe("8b-lora-gc", tmp_path)), 1, 141)
     assert plain.peak_moment == "end of forward" and chunked.peak_gib < plain.peak_gib - 8
+
+
+def zero3_plan(tmp_path, world: int, **settings):
+    """The 8B ZeRO-3 full fine-tune recipe on `world` GPUs, with zero_optimization settings changed in its JSON."""
+    config = json.loads((DS_CONFIGS / "zero3.json").read_text())
+    grad_dtype = settings.pop("grad_accum_dtype", None)
+    config["zero_optimization"].update(settings)
+    if grad_dtype:
+        config["data_types"] = {"grad_accum_dtype": grad_dtype}
+    path = tmp_path / f"zero3-{len(list(tmp_path.glob('zero3-*')))}.json"
+    path.write_text(json.dumps(config))
+    recipe = load_recipe(REPO / "recipes" / "llama-8b-zero3-full.yaml", [f"distributed.deepspeed={path}"])
+    return planner.plan(recipe, world, 80)
+
+
+def test_zero3_terms_follow_the_deepspeed_settings_they_come_from(tmp_path):
+    """Each ZeRO-3 term moves with its own setting: the IPG bucket with reduce_bucket_size (2 bytes an element), the
+    gradient partitions with data_types.grad_accum_dtype, the head kept gathered through the turn from forward to
+    backward with stage3_max_reuse_distance; with one process nothing is gathered."""
+    base = zero3_plan(tmp_path, 8)
+    optimiser = base.moments["optimiser step"]
+    bigger = zero3_plan(tmp_path, 8, reduce_bucket_size=100_000_000).moments["optimiser step"]
+    assert bigger["buffers"] - optimiser["buffers"] == 2 * (100_000_000 - 4096 * 4096)
+    fp32 = zero3_plan(tmp_path, 8, grad_accum_dtype="fp32").moments["optimiser step"]
+    assert fp32["gradients"] - optimiser["gradients"] == pytest.approx(2 * 8.03e9 / 8, rel=0.01)
+    head = 128256 * 4096
+    no_reuse = zero3_plan(tmp_path, 8, stage3_max_reuse_distance=0).moments["end of forward"]
+    assert base.moments["end of forward"]["buffers"] - no_reuse["buffers"] == 2 * head
+    one = zero3_plan(tmp_path, 1)
+    assert one.moments["end of forward"]["buffers"] == 2 * 4096 * 4096  # the IPG bucket only
+

@@ -28,6 +28,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from launcher.memory import counts as memory
+from launcher.memory import zero as zero3
 from launcher.memory.inventory import Inventory, inventory, resolved_dtypes
 from launcher.recipe.schema import Recipe
 from launcher.distributed.strategies import strategy_for
@@ -185,6 +186,10 @@ def plan(recipe: Recipe, world: int | None = None, gpu_gib: float | None = None,
     s = sizes(recipe, layout, device)
     state = _model_state(recipe, inv, layout, s, world)
     work = _step_work(recipe, inv, layout, s)
+    zero = zero3.settings(recipe, inv.hidden)
+    if zero is not None:
+        _with_zero3(state, work, zero3.zero3_bytes(zero, inv, _trainable(recipe, inv), world, s.compute,
+                                                    checkpointing(recipe)))
     resident = {"weights": state["weights"], "optimizer state": state["optimizer state"],
                 "gradients": state["persistent gradients"], "buffers": state["buffers"]}
     evaluation = eval_bytes(inv, s, recipe)
@@ -194,7 +199,7 @@ def plan(recipe: Recipe, world: int | None = None, gpu_gib: float | None = None,
         # checkpointed: the last block is recomputed while every block's input is still kept, few gradients exist yet
         "last block's backward": {**resident, "gradients": state["persistent gradients"] + state["head gradients"],
                                   "activations": work["block inputs"] + work["recomputed"],
-                                  "buffers": state["buffers"] + work["gathered backward"]},
+                                  "buffers": state["buffers"] + max(work["gathered forward"], work["gathered backward"])},
         "end of backward": {**resident, "gradients": state["persistent gradients"] + state["gradients"],
                             "activations": work["recomputed"], "buffers": state["buffers"] + work["gathered backward"]},
         "optimiser step": {**resident, "gradients": state["persistent gradients"] + state["gradients"],
@@ -210,10 +215,32 @@ def plan(recipe: Recipe, world: int | None = None, gpu_gib: float | None = None,
     return Plan(label, world, gpu_gib or recipe.memory.gpu_gib or DEFAULT_GPU_GIB, moments)
 
 
+def _trainable(recipe: Recipe, inv: Inventory) -> int:
+    """Trainable values, the first blocks frozen by freeze.first_n_blocks left out."""
+    blocks = inv.layers - min(recipe.freeze.first_n_blocks, inv.layers) if recipe.method == "full" else inv.layers
+    return blocks * inv.block_trainable + inv.rest_trainable
+
+
+def checkpointing(recipe: Recipe) -> bool:
+    """Whether blocks recompute their activations in backward (gradient checkpointing, or FSDP's own)."""
+    return recipe.train.gradient_checkpointing or (recipe.distributed.fsdp is not None
+                                                   and recipe.distributed.fsdp.activation_checkpointing)
+
+
+def _with_zero3(state: dict, work: dict, zero: dict) -> None:
+    """ZeRO-3's own allocations (launcher/memory/zero.py) in place of the layout's generic buckets and gathered
+    blocks."""
+    state["persistent gradients"] = zero["gradient partitions"]
+    state["step"] = zero["step"]
+    state["buffers"] = zero["reduce bucket"] + zero["persistent"]
+    for moment in ("forward", "backward", "eval"):
+        work[f"gathered {moment}"] = zero[f"gathered {moment}"]
+
+
 def _model_state(recipe: Recipe, inv: Inventory, layout: memory.Layout, s: Sizes, world: int) -> dict:
     """Weights, gradients, optimiser state and the strategy's buffers this rank holds."""
     blocks = inv.layers - min(recipe.freeze.first_n_blocks, inv.layers) if recipe.method == "full" else inv.layers
-    trainable = blocks * inv.block_trainable + inv.rest_trainable
+    trainable = _trainable(recipe, inv)
     grad_size = inv.trainable_bytes / max(inv.trainable, 1)  # bytes per trainable value in its own dtype
     state_bytes = blocks * inv.block_state_bytes + inv.rest_state_bytes
     weights = inv.layers * inv.block_weight_bytes + inv.rest_weight_bytes
@@ -252,14 +279,12 @@ def _step_work(recipe: Recipe, inv: Inventory, layout: memory.Layout, s: Sizes) 
     tokens = train.micro_batch_size * recipe.data.max_length
     masked = recipe.data.packing  # packed rows attend inside each example: a block-diagonal mask
     per_block = block_bytes_per_token(inv, s, recipe, masked) * tokens
-    checkpointing = train.gradient_checkpointing or (recipe.distributed.fsdp is not None
-                                                     and recipe.distributed.fsdp.activation_checkpointing)
     copies = inv.autocast_block_params * s.compute if s.autocast else 0  # autocast's low-precision weight copies
     rest_copies = inv.autocast_rest_params * s.compute if s.autocast else 0
     head = (4 * inv.hidden + (s.residual * inv.hidden if inv.final_norm_trainable else 0)
             + (s.compute * inv.hidden if inv.head_trainable and s.residual != s.compute else 0)) * tokens
     mask = train.micro_batch_size * recipe.data.max_length ** 2 if masked else 0
-    if checkpointing:  # each block keeps its input; backward recomputes one block at a time (non-reentrant)
+    if checkpointing(recipe):  # each block keeps its input; backward recomputes one block at a time (non-reentrant)
         inputs = inv.layers * s.residual * inv.hidden * tokens
         saved = inputs + head + rest_copies + mask
         recomputed = per_block + copies + mask + block_backward_bytes(inv, s, tokens)
