@@ -96,3 +96,34 @@ def test_zero3_terms_follow_the_deepspeed_settings_they_come_from(tmp_path):
     one = zero3_plan(tmp_path, 1)
     assert one.moments["end of forward"]["buffers"] == 2 * 4096 * 4096  # the IPG bucket only
 
+
+
+def test_host_memory_of_the_70b_fsdp2_recipe_on_a_256_gib_node_before_and_after_rank_0_loading(capsys):
+    """Today every rank's from_pretrained builds the whole 70B model (bf16, ~132 GiB) on the CPU: eight of them on a
+    256 GiB node do not fit. Loaded on rank 0 only, the node holds one copy while loading and one again when the
+    final export gathers the FSDP2 shards on rank 0: it fits."""
+    recipe = REPO / "recipes" / "llama-70b-lora.yaml"
+    assert main(["plan", str(recipe), "--gpus", "8", "--gpu-memory", "80", "--node-memory", "256", "--json"]) == 0
+    today = json.loads(capsys.readouterr().out)
+    assert today["host_fits"] is False and today["host_peak_moment"] == "loading" and today["every_rank_loads"]
+    model_gib = today["host_moments"]["loading"]["weights loaded"] / 8
+    assert 128 < model_gib < 134  # 70.6B bf16 weights and the fp32 adapters
+    assert today["host_gib_per_node"] > 8 * model_gib
+    assert today["host_moments"]["export"]["export gather"] == pytest.approx(model_gib, abs=0.01)
+    after = planner.plan(load_recipe(recipe), 8, 80, node_gib=256, every_rank_loads=False).as_dict()
+    assert after["host_fits"] is True
+    assert after["host_moments"]["loading"]["weights loaded"] == pytest.approx(model_gib, abs=0.01)
+    assert model_gib < after["host_gib_per_node"] < 256
+    assert main(["plan", str(recipe), "--gpus", "8", "--node-memory", "256"]) == 0
+    assert "does NOT fit 256 GiB" in capsys.readouterr().out
+
+
+def test_zero3_offload_keeps_the_optimiser_partitions_in_host_memory_and_partitions_while_loading(tmp_path):
+    """zero3_offload: fp32 master, two Adam moments, gradient partitions and the step's fp32 copy, an eighth each per
+    rank, eight ranks per node; ZeRO-3 loads a checkpoint file at a time, never the whole model per rank."""
+    recipe = load_recipe(REPO / "recipes" / "llama-8b-zero3-full.yaml", ["distributed.deepspeed=zero3_offload"])
+    host = planner.plan(recipe, 8, 80).as_dict()["host_moments"]
+    params = 8.03e9
+    assert host["training"]["offloaded state"] == pytest.approx((params * (4 + 8 + 2 + 4) + params * 2) / 2**30, rel=0.01)
+    assert host["loading"]["weights loaded"] == pytest.approx(8 * 5e9 / 2**30, rel=0.01)
+    assert host["export"]["export gather"] == pytest.approx(2 * params / 2**30, rel=0.01)

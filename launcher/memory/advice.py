@@ -96,8 +96,9 @@ def suggestions(recipe: Recipe, world: int, gpu_gib: float) -> list[dict]:
     return fitting[:SHOWN] or sorted(found, key=lambda i: i["peak_gib"])[:3]
 
 
-def plan_with_advice(recipe: Recipe, world: int | None = None, gpu_gib: float | None = None) -> Plan:
-    result = planner.plan(recipe, world, gpu_gib)
+def plan_with_advice(recipe: Recipe, world: int | None = None, gpu_gib: float | None = None, nodes: int = 1,
+                     node_gib: float | None = None) -> Plan:
+    result = planner.plan(recipe, world, gpu_gib, nodes=nodes, node_gib=node_gib)
     if not result.fits:
         result.suggestions = suggestions(recipe, result.world, result.gpu_gib)
     return result
@@ -111,7 +112,7 @@ def render(result: Plan) -> str:
              f"({100 - 100 * HEADROOM:.0f}% kept for the CUDA context, communication buffers and fragmentation)",
              f"peak {result.peak_gib:.2f} GiB per process at the {result.peak_moment}: "
              + ("fits" if result.fits else f"does NOT fit ({result.peak_gib - usable:.2f} GiB over)"),
-             binding_line(result)]
+             binding_line(result), host_line(result)]
     for name, value in result.moments[result.peak_moment].items():
         lines.append(f"  {name:<16} {value / GIB:8.2f} GiB")
     lines.append("moments: " + "; ".join(f"{name} {sum(parts.values()) / GIB:.2f}" for name, parts in result.moments.items()))
@@ -132,19 +133,32 @@ def binding_line(result: Plan) -> str:
     return f"{train}, evaluation {result.eval_peak_bytes / GIB:.2f} GiB: {result.binding} binds"
 
 
+def host_line(result: Plan) -> str:
+    """Node 0's host memory at its peak moment, and whether it fits the node's memory when that is known."""
+    host = result.host
+    loading = "every rank loads the whole model" if host.every_rank_loads else "rank 0 loads the model"
+    verdict = ("" if host.fits is None else f": fits {host.node_gib:g} GiB" if host.fits
+               else f": does NOT fit {host.node_gib:g} GiB ({host.peak_gib - host.node_gib:.1f} GiB over)")
+    parts = ", ".join(f"{name} {value / GIB:.1f}" for name, value in host.moments[host.peak_moment].items())
+    return (f"host memory {host.peak_gib:.1f} GiB per node at the {host.peak_moment} ({host.ranks_per_node} ranks, "
+            f"{loading}; {parts}){verdict}")
+
+
 def add_options(parser) -> None:
     """The `plan` verb's options (launcher/cli.py registers the verb)."""
     parser.add_argument("--gpus", type=int, help="GPUs (processes) per node; default: distributed.num_processes or 1")
     parser.add_argument("--nodes", type=int, default=1, help="nodes (default 1)")
     parser.add_argument("--gpu-memory", type=float, metavar="GiB",
                         help=f"memory per GPU; default: memory.gpu_gib, else {planner.DEFAULT_GPU_GIB:g}")
+    parser.add_argument("--node-memory", type=float, metavar="GiB",
+                        help="host (CPU) memory per node; default: memory.node_gib (no host verdict without one)")
     parser.add_argument("--json", action="store_true", help="print the plan as JSON")
 
 
 def cmd_plan(args) -> int:
     recipe = load_recipe(args.recipe, args.overrides)
     gpus = args.gpus or recipe.distributed.num_processes or 1
-    result = plan_with_advice(recipe, gpus * args.nodes, args.gpu_memory)
+    result = plan_with_advice(recipe, gpus * args.nodes, args.gpu_memory, args.nodes, args.node_memory)
     print(json.dumps(result.as_dict(), indent=1) if args.json else render(result))
     return 0
 

@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 
 from launcher.memory import counts as memory
 from launcher.memory import zero as zero3
+from launcher.memory.host import HostPlan, host_plan
 from launcher.memory.inventory import Inventory, inventory, resolved_dtypes
 from launcher.recipe.schema import Recipe
 from launcher.distributed.strategies import strategy_for
@@ -134,6 +135,7 @@ class Plan:
     gpu_gib: float
     moments: dict[str, dict[str, int]]
     suggestions: list = field(default_factory=list)
+    host: HostPlan | None = None  # node 0's host memory
 
     @property
     def peak_moment(self) -> str:
@@ -174,12 +176,22 @@ class Plan:
                 "eval_peak_gib": None if evaluation is None else round(evaluation / GIB, 3),
                 "gpu_gib": self.gpu_gib, "usable_gib": round(HEADROOM * self.gpu_gib, 2), "world_size": self.world,
                 "setup": self.label, "components": gib(self.moments[self.peak_moment]),
-                "moments": {name: gib(parts) for name, parts in self.moments.items()}, "suggestions": self.suggestions}
+                "moments": {name: gib(parts) for name, parts in self.moments.items()}, "suggestions": self.suggestions,
+                **(self._host_dict(gib) if self.host else {})}
+
+    def _host_dict(self, gib) -> dict:
+        host = self.host
+        return {"host_gib_per_node": round(host.peak_gib, 3), "host_peak_moment": host.peak_moment,
+                "node_gib": host.node_gib, "host_fits": host.fits, "ranks_per_node": host.ranks_per_node,
+                "every_rank_loads": host.every_rank_loads,
+                "host_moments": {name: gib(parts) for name, parts in host.moments.items()}}
 
 
-def plan(recipe: Recipe, world: int | None = None, gpu_gib: float | None = None, device: str = "cuda") -> Plan:
+def plan(recipe: Recipe, world: int | None = None, gpu_gib: float | None = None, device: str = "cuda",
+         nodes: int = 1, node_gib: float | None = None, every_rank_loads: bool | None = None) -> Plan:
     """The recipe's per-rank memory on `world` processes with `gpu_gib` each (defaults: the recipe's), with dtypes
-    resolved as on `device` (cpu: for comparing with a CPU run)."""
+    resolved as on `device` (cpu: for comparing with a CPU run), and node 0's host memory over `nodes` nodes
+    against `node_gib` (default memory.node_gib; see launcher/memory/host.py)."""
     world = world or recipe.distributed.num_processes or 1
     inv = inventory(recipe, device)
     layout = strategy_for(recipe).memory_layout(world, inv.hidden)
@@ -212,7 +224,9 @@ def plan(recipe: Recipe, world: int | None = None, gpu_gib: float | None = None,
         del moments[EVALUATION]
     label = (f"{recipe.model.path} ({inv.params / 1e9:.2f}B parameters, {inv.trainable / 1e6:.1f}M trainable), "
              f"{recipe.method}, {layout.label}, {world} process{'es' * (world > 1)}")
-    return Plan(label, world, gpu_gib or recipe.memory.gpu_gib or DEFAULT_GPU_GIB, moments)
+    host = host_plan(recipe, inv, layout, world, max(world // max(nodes, 1), 1), node_gib or recipe.memory.node_gib,
+                     every_rank_loads)
+    return Plan(label, world, gpu_gib or recipe.memory.gpu_gib or DEFAULT_GPU_GIB, moments, host=host)
 
 
 def _trainable(recipe: Recipe, inv: Inventory) -> int:
