@@ -127,3 +127,14 @@ def test_zero3_offload_keeps_the_optimiser_partitions_in_host_memory_and_partiti
     assert host["training"]["offloaded state"] == pytest.approx((params * (4 + 8 + 2 + 4) + params * 2) / 2**30, rel=0.01)
     assert host["loading"]["weights loaded"] == pytest.approx(8 * 5e9 / 2**30, rel=0.01)
     assert host["export"]["export gather"] == pytest.approx(2 * params / 2**30, rel=0.01)
+
+
+def test_gpu_overheads_are_a_fixed_amount_per_process_plus_a_share_of_the_peak(tmp_path):
+    """The CUDA context on every process, NCCL's buffers only with several, fragmentation growing with the peak."""
+    recipe = Recipe.model_validate(reference_recipe("1b-full", tmp_path))
+    one, eight = planner.plan(recipe, 1, 80), planner.plan(recipe, 8, 80)
+    assert one.overheads_gib["NCCL buffers"] == 0 and eight.overheads_gib["NCCL buffers"] > 0
+    assert one.overheads_gib["allocator fragmentation"] == pytest.approx(planner.FRAGMENTATION * one.peak_gib)
+    at_limit = planner.usable_gib(80, 1)
+    assert at_limit + sum(planner.overheads_gib(at_limit, 1).values()) == pytest.approx(80)
+    assert planner.usable_gib(80, 8) < at_limit

@@ -16,7 +16,7 @@ from itertools import combinations
 from pydantic import ValidationError
 
 from launcher.memory import estimate as planner
-from launcher.memory.estimate import GIB, HEADROOM, Plan
+from launcher.memory.estimate import GIB, Plan
 from launcher.recipe.schema import Recipe
 from launcher.errors import UserError
 from launcher.recipe.files import apply_overrides, load_recipe
@@ -106,10 +106,11 @@ def plan_with_advice(recipe: Recipe, world: int | None = None, gpu_gib: float | 
 
 def render(result: Plan) -> str:
     """The plan as `launcher plan` prints it."""
-    usable = HEADROOM * result.gpu_gib
+    usable = result.usable_gib
+    kept = ", ".join(f"{name} {value:.2f}" for name, value in result.overheads_gib.items())
     lines = [f"plan: {result.label}",
-             f"GPU memory: {result.gpu_gib:g} GiB per process, {usable:.1f} GiB usable "
-             f"({100 - 100 * HEADROOM:.0f}% kept for the CUDA context, communication buffers and fragmentation)",
+             f"GPU memory: {result.gpu_gib:g} GiB per process, {usable:.1f} GiB usable for tensors "
+             f"(kept at this peak, GiB: {kept})",
              f"peak {result.peak_gib:.2f} GiB per process at the {result.peak_moment}: "
              + ("fits" if result.fits else f"does NOT fit ({result.peak_gib - usable:.2f} GiB over)"),
              binding_line(result), host_line(result)]
@@ -200,7 +201,7 @@ def check_before_loading(recipe: Recipe, world: int, device: str) -> MemoryCheck
     fix = (f"; cheapest fix: {top['change']} ({' '.join(top['overrides'])}: {top['peak_gib']:.2f} GiB)" if top and top["fits"]
            else "; no combination of up to three changes fits: use more GPUs")
     message = (f"memory plan: peak {check.plan.peak_gib:.2f} GiB per process at the {check.plan.peak_moment}, over the "
-               f"{HEADROOM * gpu_gib:.1f} GiB usable of {gpu_gib:g} GiB{fix}. `launcher plan` shows the breakdown; "
+               f"{check.plan.usable_gib:.1f} GiB usable of {gpu_gib:g} GiB{fix}. `launcher plan` shows the breakdown; "
                "memory.over_budget: warn trains anyway")
     if recipe.memory.over_budget == "refuse":
         raise UserError(message)

@@ -35,7 +35,17 @@ from launcher.recipe.schema import Recipe
 from launcher.distributed.strategies import strategy_for
 
 GIB = 2**30
-HEADROOM = 0.9  # share of GPU memory a plan may use: the rest is CUDA context, communication buffers, fragmentation
+# What a GPU holds beside the tensors a plan counts (the plan is torch.cuda.max_memory_allocated's figure):
+# a fixed amount per process and a fraction of the peak.
+CUDA_CONTEXT_GIB = 0.5  # the context torch creates, kernels loaded lazily (CUDA_MODULE_LOADING=LAZY, torch's default
+#                         since CUDA 11.7): about 0.5 GiB on Hopper as nvidia-smi shows it for a process that has only
+#                         initialised CUDA; a commonly reported figure, not measured here (no GPU)
+NCCL_GIB = 0.5  # with 2+ processes: NCCL_BUFFSIZE (4 MiB by default, NCCL's documentation) per channel, for sending and
+#                 receiving, up to 32 channels on NVLink: 256 MiB per communicator, and a run keeps two (the default
+#                 group and the one its strategy or gloo/NCCL barrier creates); an estimate from those defaults
+FRAGMENTATION = 0.05  # PyTorch's caching allocator rounds large blocks up to 2 MiB and keeps split segments cached, so
+#                       reserved exceeds allocated; 5 % of the peak is an assumption (the H200 reference peaks in
+#                       tests/data count allocated memory only), kept apart so it can be measured and replaced
 DEFAULT_GPU_GIB = 80.0
 EVALUATION = "evaluation"  # the one moment that is not part of a training step
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2, "fp32": 4, "bf16": 2, "fp16": 2}
@@ -164,8 +174,17 @@ class Plan:
         return self.peak_bytes / GIB
 
     @property
+    def overheads_gib(self) -> dict:
+        return overheads_gib(self.peak_gib, self.world)
+
+    @property
+    def usable_gib(self) -> float:
+        """The largest tensor peak that fits this GPU once the fixed overheads and fragmentation are set aside."""
+        return usable_gib(self.gpu_gib, self.world)
+
+    @property
     def fits(self) -> bool:
-        return self.peak_gib <= HEADROOM * self.gpu_gib
+        return self.peak_gib <= self.usable_gib
 
     def as_dict(self) -> dict:
         def gib(parts: dict) -> dict:
@@ -174,7 +193,8 @@ class Plan:
         return {"peak_gib": round(self.peak_gib, 3), "peak_moment": self.peak_moment, "fits": self.fits,
                 "train_peak_gib": round(self.train_peak_bytes / GIB, 3), "binding": self.binding,
                 "eval_peak_gib": None if evaluation is None else round(evaluation / GIB, 3),
-                "gpu_gib": self.gpu_gib, "usable_gib": round(HEADROOM * self.gpu_gib, 2), "world_size": self.world,
+                "gpu_gib": self.gpu_gib, "usable_gib": round(self.usable_gib, 2), "world_size": self.world,
+                "overheads_gib": {key: round(value, 3) for key, value in self.overheads_gib.items()},
                 "setup": self.label, "components": gib(self.moments[self.peak_moment]),
                 "moments": {name: gib(parts) for name, parts in self.moments.items()}, "suggestions": self.suggestions,
                 **(self._host_dict(gib) if self.host else {})}
@@ -185,6 +205,18 @@ class Plan:
                 "node_gib": host.node_gib, "host_fits": host.fits, "ranks_per_node": host.ranks_per_node,
                 "every_rank_loads": host.every_rank_loads,
                 "host_moments": {name: gib(parts) for name, parts in host.moments.items()}}
+
+
+def overheads_gib(peak_gib: float, world: int) -> dict:
+    """What the GPU holds beyond a plan's tensors at a peak of `peak_gib` (see CUDA_CONTEXT_GIB and the rest)."""
+    return {"CUDA context": CUDA_CONTEXT_GIB, "NCCL buffers": NCCL_GIB if world > 1 else 0.0,
+            "allocator fragmentation": FRAGMENTATION * peak_gib}
+
+
+def usable_gib(gpu_gib: float, world: int) -> float:
+    """The largest tensor peak whose overheads still fit `gpu_gib`."""
+    fixed = sum(overheads_gib(0.0, world).values())
+    return max(gpu_gib - fixed, 0.0) / (1 + FRAGMENTATION)
 
 
 def plan(recipe: Recipe, world: int | None = None, gpu_gib: float | None = None, device: str = "cuda",
