@@ -137,12 +137,11 @@ def binding_line(result: Plan) -> str:
 def host_line(result: Plan) -> str:
     """Node 0's host memory at its peak moment, and whether it fits the node's memory when that is known."""
     host = result.host
-    loading = "every rank loads the whole model" if host.every_rank_loads else "rank 0 loads the model"
     verdict = ("" if host.fits is None else f": fits {host.node_gib:g} GiB" if host.fits
                else f": does NOT fit {host.node_gib:g} GiB ({host.peak_gib - host.node_gib:.1f} GiB over)")
     parts = ", ".join(f"{name} {value / GIB:.1f}" for name, value in host.moments[host.peak_moment].items())
-    return (f"host memory {host.peak_gib:.1f} GiB per node at the {host.peak_moment} ({host.ranks_per_node} ranks, "
-            f"{loading}; {parts}){verdict}")
+    ranks = f"{host.ranks_per_node} rank{'s' * (host.ranks_per_node > 1)}"
+    return f"host memory {host.peak_gib:.1f} GiB per node at the {host.peak_moment} ({ranks}, {host.loading}; {parts}){verdict}"
 
 
 def add_options(parser) -> None:

@@ -203,7 +203,7 @@ class Plan:
         host = self.host
         return {"host_gib_per_node": round(host.peak_gib, 3), "host_peak_moment": host.peak_moment,
                 "node_gib": host.node_gib, "host_fits": host.fits, "ranks_per_node": host.ranks_per_node,
-                "every_rank_loads": host.every_rank_loads,
+                "every_rank_loads": host.every_rank_loads, "loading": host.loading,
                 "host_moments": {name: gib(parts) for name, parts in host.moments.items()}}
 
 

@@ -39,7 +39,14 @@ class HostPlan:
     node_gib: float | None
     ranks_per_node: int
     every_rank_loads: bool
+    partial_loading: bool  # ranks load a checkpoint file at a time (ZeRO-3 partitions, quantised weights on the GPU)
     moments: dict[str, dict[str, int]]
+
+    @property
+    def loading(self) -> str:
+        if self.partial_loading:
+            return "each rank holds one checkpoint file at a time while loading"
+        return "every rank loads the whole model" if self.every_rank_loads else "rank 0 alone loads the whole model"
 
     @property
     def peak_moment(self) -> str:
@@ -74,7 +81,7 @@ def host_plan(recipe: Recipe, inv: Inventory, layout: memory.Layout, world: int,
         "export": {"processes": processes, "offloaded state": offloaded,
                    "export gather": export_bytes(recipe, inv, layout, world, model_bytes)},
     }
-    return HostPlan(node_gib, ranks_per_node, every_rank_loads, moments)
+    return HostPlan(node_gib, ranks_per_node, every_rank_loads, partial, moments)
 
 
 def offloaded_bytes(recipe: Recipe, inv: Inventory, layout: memory.Layout, world: int) -> int:

@@ -32,6 +32,7 @@ class ZeroSettings:
     persistence_threshold: int
     max_live: int
     max_reuse: int
+    sub_group: int  # sub_group_size: the optimiser steps the partition in groups of this many elements
     contiguous_gradients: bool
     gather_on_save: bool
     grad_accum_bytes: int | None  # data_types.grad_accum_dtype; None: the model's dtype
@@ -52,7 +53,7 @@ def settings(recipe: Recipe, hidden: int) -> ZeroSettings | None:
             "stage3_param_persistence_threshold": 10 * hidden}  # accelerate/accelerator.py's fill-ins
     defaults = {"reduce_bucket_size": 500_000_000, "stage3_prefetch_bucket_size": 50_000_000,  # zero/config.py
                 "stage3_param_persistence_threshold": 100_000, "stage3_max_live_parameters": 1_000_000_000,
-                "stage3_max_reuse_distance": 1_000_000_000}
+                "stage3_max_reuse_distance": 1_000_000_000, "sub_group_size": 1_000_000_000}
 
     def value(key: str) -> int:
         given = zero.get(key, defaults[key])
@@ -63,7 +64,7 @@ def settings(recipe: Recipe, hidden: int) -> ZeroSettings | None:
     grad_dtype = (config.get("data_types") or {}).get("grad_accum_dtype")
     return ZeroSettings(value("reduce_bucket_size"), value("stage3_prefetch_bucket_size"),
                         value("stage3_param_persistence_threshold"), value("stage3_max_live_parameters"),
-                        value("stage3_max_reuse_distance"), bool(zero.get("contiguous_gradients", True)),
+                        value("stage3_max_reuse_distance"), value("sub_group_size"), bool(zero.get("contiguous_gradients", True)),
                         bool(zero.get("stage3_gather_16bit_weights_on_model_save", False)),
                         GRAD_DTYPE_BYTES.get(str(grad_dtype).lower()) if grad_dtype else None,
                         moved["offload_param"], moved["offload_optimizer"],
@@ -119,8 +120,11 @@ def zero3_bytes(zero: ZeroSettings, inv: Inventory, trainable: int, world: int, 
     gradient_partitions = 0 if zero.offload_optimizer else partition * grad_bytes
     # stage3.py: with contiguous_gradients an IPG bucket of reduce_bucket_size elements per communication dtype
     reduce_bucket = zero.reduce_bucket * compute if zero.contiguous_gradients else 0
-    # stage3.py `_prepare_fp32_grad_for_sub_group`: the step flattens the gradient partition and casts it to fp32
-    step = 0 if zero.offload_optimizer else partition * (grad_bytes + 4)
+    # stage3.py `step` walks the partition one sub group (`_create_fp16_sub_groups`: sub_group_size elements, closed
+    # once reached, so up to one weight's partition more) at a time; `_prepare_fp32_grad_for_sub_group` flattens its
+    # gradients (accumulation dtype) and casts them to fp32, both alive during the cast, freed by `_release_sub_group`
+    group = min(partition, zero.sub_group + max(lin.inputs * lin.outputs for lin in inv.linears) / world)
+    step = 0 if zero.offload_optimizer else group * (grad_bytes + 4)
     if world == 1:  # nothing is gathered (partition_parameters.py `_no_gather_coalesced`)
         return {"gradient partitions": int(gradient_partitions), "reduce bucket": int(reduce_bucket), "step": int(step),
                 "gathered forward": 0, "gathered backward": 0, "gathered eval": 0, "persistent": 0}
