@@ -10,6 +10,7 @@ from memory_reference import config_folder, recipe_for, reference_lines
 from support import write_recipe
 
 from launcher.cli import main
+from launcher.memory import advice
 from launcher.memory import estimate as planner
 from launcher.recipe.files import load_recipe
 from launcher.recipe.schema import Recipe
@@ -138,3 +139,11 @@ def test_gpu_overheads_are_a_fixed_amount_per_process_plus_a_share_of_the_peak(t
     at_limit = planner.usable_gib(80, 1)
     assert at_limit + sum(planner.overheads_gib(at_limit, 1).values()) == pytest.approx(80)
     assert planner.usable_gib(80, 8) < at_limit
+
+
+def test_suggestions_leave_out_changes_the_strategys_preflight_refuses():
+    """ZeRO-3 shards lm_head, so chunked cross-entropy is refused before a run starts: never offered as a fix."""
+    recipe = load_recipe(REPO / "recipes" / "llama-8b-zero3-full.yaml")
+    offered = advice.suggestions(recipe, 2, 80)
+    assert offered and all(item["fits"] for item in offered)
+    assert not [item for item in offered if "train.loss_chunk_tokens=1024" in item["overrides"]]

@@ -19,7 +19,7 @@ from launcher.memory.estimate import GIB, Plan
 from launcher.recipe.schema import Recipe
 from launcher.errors import UserError
 from launcher.recipe.files import apply_overrides, load_recipe
-from launcher.distributed.strategies import SHARDING_CHANGES
+from launcher.distributed.strategies import SHARDING_CHANGES, strategy_for
 
 MAX_COMBINED = 3  # changes tried together when no single one fits
 SHOWN = 5
@@ -61,12 +61,15 @@ def candidate_changes(recipe: Recipe, world: int) -> list[Change]:
 
 
 def _changed(recipe: Recipe, overrides: list[str]) -> Recipe | None:
-    """The recipe with these overrides, or None when validation refuses the combination."""
+    """The recipe with these overrides, or None when validation or the strategy's GPU preflight refuses the
+    combination (chunked cross-entropy with sharded weights, QLoRA under ZeRO-3)."""
     data = recipe.model_dump(mode="json")
     if any(o.startswith("distributed.strategy=") for o in overrides):  # the old strategy's own section goes with it
         data["distributed"] = {key: data["distributed"][key] for key in ("num_processes", "timeout_minutes")}
     try:
-        return Recipe.model_validate(apply_overrides(data, overrides))
+        changed = Recipe.model_validate(apply_overrides(data, overrides))
+        strategy_for(changed).preflight(on_gpu=True)
+        return changed
     except (ValidationError, UserError):
         return None
 
