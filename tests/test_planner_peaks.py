@@ -7,16 +7,22 @@ from pathlib import Path
 
 import pytest
 from memory_reference import config_folder, recipe_for, reference_lines
-from support import write_recipe
+from support import build_tiny_llama, launch, tiny_recipe, write_recipe
 
 from launcher.cli import main
 from launcher.memory import advice
 from launcher.memory import estimate as planner
+from launcher.memory.lengths import at_data_lengths, data_lengths
 from launcher.recipe.files import load_recipe
 from launcher.recipe.schema import Recipe
 from launcher.shipped import DS_CONFIGS
 
 REPO = Path(__file__).resolve().parents[1]
+
+
+def json_output(text: str) -> dict:
+    """`plan --json`'s object; deepspeed, imported on the way by the tokenizer's stack, logs a line to stdout first."""
+    return json.loads(text[text.index("\n{") + 1:] if not text.startswith("{") else text)
 
 
 def reference_recipe(label: str, root, **sections) -> dict:
@@ -147,3 +153,32 @@ def test_suggestions_leave_out_changes_the_strategys_preflight_refuses():
     offered = advice.suggestions(recipe, 2, 80)
     assert offered and all(item["fits"] for item in offered)
     assert not [item for item in offered if "train.loss_chunk_tokens=1024" in item["overrides"]]
+
+
+def test_plan_at_the_datas_longest_row_is_below_the_max_length_plan_and_matches_a_cpu_runs_growth(tmp_path, capsys):
+    """The Bible sample's longest tokenised row is far below max_length 512: planned at it, the logits shrink with it.
+    Read first from a tokenised sample, then from `launcher preprocess`'s cache; a CPU run over every row (so the
+    longest row is in some micro-batch) grows its peak resident memory by the plan's figure, within 15 %."""
+    model = build_tiny_llama(tmp_path / "model", hidden=64, layers=2)  # GPT-2's 50k vocabulary: logits dominate
+    data = tiny_recipe(model, tmp_path / "run", method="full", train={"max_steps": 4, "micro_batch_size": 8, "grad_accum": 1})
+    data["data"].update(max_length=512, max_train_rows=32, eval=None)
+    del data["lora"]
+    path = write_recipe(data, tmp_path / "r.yaml")
+    assert main(["plan", str(path), "--data-lengths", "--json"]) == 0
+    sampled = json_output(capsys.readouterr().out)
+    lengths = sampled["data_lengths"]
+    assert "tokenised sample" in lengths["source"] and lengths["planned_length"] == lengths["train_longest"] < 200
+    assert sampled["peak_gib"] < 0.5 * lengths["peak_gib_at_max_length"]
+    assert main(["preprocess", str(path)]) == 0
+    capsys.readouterr()
+    assert main(["plan", str(path), "--data-lengths", "--json"]) == 0
+    cached = json_output(capsys.readouterr().out)["data_lengths"]
+    assert "preprocessed" in cached["source"] and cached["train_longest"] == lengths["train_longest"]
+    recipe = load_recipe(path)
+    planned = planner.plan(at_data_lengths(recipe, data_lengths(recipe)), 1, device="cpu").peak_gib
+    result = launch([path])
+    assert result.returncode == 0, result.stderr
+    [memory] = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
+                if json.loads(line).get("kind") == "memory"]
+    assert abs(memory["measured_peak_gib"] / planned - 1) <= 0.15, (memory, planned)
+    assert memory["measured_peak_gib"] < 0.5 * planner.plan(recipe, 1, device="cpu").peak_gib

@@ -146,6 +146,7 @@ class Plan:
     moments: dict[str, dict[str, int]]
     suggestions: list = field(default_factory=list)
     host: HostPlan | None = None  # node 0's host memory
+    data_lengths: dict = field(default_factory=dict)  # planned at the data's longest row: what was read, and from where
 
     @property
     def peak_moment(self) -> str:
@@ -197,7 +198,7 @@ class Plan:
                 "overheads_gib": {key: round(value, 3) for key, value in self.overheads_gib.items()},
                 "setup": self.label, "components": gib(self.moments[self.peak_moment]),
                 "moments": {name: gib(parts) for name, parts in self.moments.items()}, "suggestions": self.suggestions,
-                **(self._host_dict(gib) if self.host else {})}
+                **(self._host_dict(gib) if self.host else {}), **({"data_lengths": self.data_lengths} if self.data_lengths else {})}
 
     def _host_dict(self, gib) -> dict:
         host = self.host
