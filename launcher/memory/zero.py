@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from launcher.distributed.strategies import deepspeed_config
+from launcher.distributed.strategies import DeepSpeed, deepspeed_config, strategy_for
 from launcher.memory.inventory import Inventory
 from launcher.recipe.schema import Recipe
 
@@ -43,7 +43,7 @@ class ZeroSettings:
 
 def settings(recipe: Recipe, hidden: int) -> ZeroSettings | None:
     """ZeRO-3's settings for this recipe, or None when it does not run DeepSpeed stage 3."""
-    if recipe.distributed.strategy != "deepspeed":
+    if not isinstance(strategy_for(recipe), DeepSpeed):
         return None
     config = deepspeed_config(recipe, None)
     zero = config["zero_optimization"]
