@@ -16,6 +16,7 @@ from launcher.recipe.schema import DataSection, Recipe
 
 from launcher.errors import UserError
 from launcher.recipe.files import load_run
+from launcher.rundir.paths import RunDir
 from launcher.data.sources import sources_of
 
 # The canonical field a user's prompt fills, per data format; the format's other required field is the (empty) target.
@@ -56,7 +57,7 @@ def answerer(run_dir: str | Path, checkpoint: str, max_new_tokens: int | None = 
         raise UserError("generate: a classification run predicts labels; use `launcher eval` instead")
     if max_new_tokens:
         recipe.eval.max_new_tokens = max_new_tokens
-    folder = run_dir / checkpoint
+    folder = run_dir if checkpoint == "base" else RunDir(run_dir).export(checkpoint)
     if checkpoint != "base" and not folder.is_dir():
         raise UserError(f"generate: {folder} does not exist (train to the end first, or pick --checkpoint final|best|base)")
     weights = modeling.resolve_weights(recipe)

@@ -37,6 +37,7 @@ from launcher.data.encode import Datasets, Tokenised, check_sources, load_datase
 from launcher.recipe.schema import Recipe
 from launcher.errors import UserError
 from launcher.data.rows import RowTally
+from launcher.rundir.paths import RunDir
 
 FINGERPRINT = "fingerprint.json"
 SUMMARY = "summary.json"
@@ -45,7 +46,7 @@ RUNTIME_KEYS = {"preprocessed_dir", "tokenise_timeout_minutes"}  # how data is f
 
 
 def folder(recipe: Recipe) -> Path:
-    return Path(recipe.data.preprocessed_dir or Path(recipe.output_dir) / "preprocessed")
+    return Path(recipe.data.preprocessed_dir or RunDir(recipe.output_dir).preprocessed)
 
 
 def _sha(*parts: str) -> str:
@@ -100,7 +101,7 @@ def preprocess(recipe: Recipe) -> Path:
     tokenizer = modeling.load_tokenizer(modeling.resolve_weights(recipe), recipe)
     found = load_datasets(recipe, tokenizer)
     target = folder(recipe)
-    staging = target.with_name(target.name + ".tmp")
+    staging = RunDir.staging(target)
     shutil.rmtree(staging, ignore_errors=True)
     found.train.dataset.save_to_disk(str(staging / "train"))
     if found.eval is not None:

@@ -24,10 +24,10 @@ from pathlib import Path
 from launcher.recipe.schema import Recipe
 
 from launcher.errors import UserError
+from launcher.rundir.paths import RunDir
 
 INIT = {"default": True, "gaussian": "gaussian", "pissa": "pissa", "olora": "olora", "loftq": True}
 RESIDUAL_INITS = ("pissa", "olora")  # they rewrite the base weights: converted to plain LoRA at export
-INITIAL_ADAPTER = "adapter-init"  # in the run directory: a PiSSA/OLoRA adapter before training
 
 
 @dataclass
@@ -103,7 +103,7 @@ def add_adapter(model, recipe: Recipe, where: Layout):
     from peft import get_peft_model
     peft_model = get_peft_model(model, lora_config(recipe, where))
     if recipe.lora.init in RESIDUAL_INITS and PartialState().is_main_process:
-        peft_model.save_pretrained(Path(recipe.output_dir) / INITIAL_ADAPTER)
+        peft_model.save_pretrained(RunDir(recipe.output_dir).adapter_init)
     if recipe.lora.init == "loftq":
         from peft import replace_lora_weights_loftq
         replace_lora_weights_loftq(peft_model)
@@ -117,7 +117,7 @@ def export_kwargs(model, run_dir: Path) -> dict:
     if config is None or str(config.init_lora_weights) not in RESIDUAL_INITS:
         return {}
     # peft reads the initial adapter through the state dict it is given: it must be the model's own (whole, unsharded).
-    return {"path_initial_model_for_weight_conversion": str(Path(run_dir) / INITIAL_ADAPTER), "state_dict": None}
+    return {"path_initial_model_for_weight_conversion": str(RunDir(run_dir).adapter_init), "state_dict": None}
 
 
 def loraplus_groups(model, groups: list[dict], lr: float, ratio: float | None) -> list[dict]:

@@ -15,6 +15,7 @@ from pydantic import ValidationError
 from launcher.recipe.schema import Recipe, unknown_key
 
 from launcher.errors import UserError
+from launcher.rundir.paths import RunDir
 
 
 def _section_fields(location: tuple) -> list[str]:
@@ -137,10 +138,10 @@ def load_recipe(path: str | os.PathLike, overrides: list[str] = ()) -> Recipe:
 
 def load_run(run_dir: str | os.PathLike, overrides: list[str] = ()) -> Recipe:
     """The resolved recipe a run wrote (RUN/recipe.yaml), its output_dir pointing at the run wherever it now is."""
-    run_dir = Path(run_dir)
-    if not (run_dir / "recipe.yaml").is_file():
-        raise UserError(f"{run_dir} is not a launcher run (no recipe.yaml); give a recipe file or the output_dir of a run")
-    return load_recipe(run_dir / "recipe.yaml", [*overrides, f"output_dir={run_dir}"])
+    run = RunDir(run_dir)
+    if not run.is_run():
+        raise UserError(f"{run.root} is not a launcher run (no {run.recipe.name}); give a recipe file or the output_dir of a run")
+    return load_recipe(run.recipe, [*overrides, f"output_dir={run.root}"])
 
 
 def check_paths(recipe: Recipe, path: Path) -> None:
