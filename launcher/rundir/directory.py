@@ -87,9 +87,9 @@ def plan(run_dir: Path, resolved: dict, overwrite: bool) -> RunDirPlan:
     if not run.is_run():
         _refuse_foreign(run)
         if has_something_to_lose(run_dir) and not overwrite:
-            raise UserError(f"output_dir {run_dir} holds a run's checkpoints or exports but no recipe.yaml to compare with; "
+            raise UserError(f"output_dir {run_dir} holds a run's checkpoints or exports but no {run.recipe.name} to compare with; "
                             f"choose another output_dir, or pass --overwrite to start fresh")
-        return RunDirPlan(None, [] if overwrite else _leftover_names(run), "no recipe.yaml")
+        return RunDirPlan(None, [] if overwrite else _leftover_names(run), f"no {run.recipe.name}")
     if overwrite:
         return RunDirPlan(None)
     import yaml
