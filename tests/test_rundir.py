@@ -14,7 +14,7 @@ from support import tiny_recipe, write_recipe
 
 from launcher.cli import main
 from launcher.errors import UserError
-from launcher.rundir.directory import plan, resumable_keys
+from launcher.rundir.directory import plan_run_dir, resumable_keys
 from launcher.rundir.paths import RunDir
 
 LOSS_ONLY = {"samples": 0, "generate_rows": 0, "metric": "loss"}  # evals without generation: seconds, not minutes
@@ -122,7 +122,7 @@ def test_clear_removes_every_launcher_file_and_keeps_the_users_and_the_launch_fi
     run = RunDir(tmp_path)
     make(tmp_path, {**LAUNCHER_FILES, **LAUNCH_FILES, **USER_FILES})
     assert sorted(str(p.relative_to(tmp_path)) for p in run.foreign()) == sorted(USER_FILES)
-    assert plan(tmp_path, {}, overwrite=True).resume_from is None  # a run, with the user's files in it: overwritable
+    assert plan_run_dir(tmp_path, {}, overwrite=True).resume_from is None  # a run, with the user's files in it: overwritable
     run.clear()
     assert sorted(files(tmp_path)) == sorted({**LAUNCH_FILES, **USER_FILES})
     make(tmp_path, {"logs/rank-0.jsonl": ""})
@@ -133,12 +133,12 @@ def test_clear_removes_every_launcher_file_and_keeps_the_users_and_the_launch_fi
 
 def test_a_folder_of_launch_files_alone_starts_fresh_and_one_with_results_but_no_recipe_needs_overwrite(tmp_path):
     make(tmp_path, {**LAUNCH_FILES, "logs/rank-0.jsonl": ""})
-    fresh = plan(tmp_path, {}, overwrite=False)
+    fresh = plan_run_dir(tmp_path, {}, overwrite=False)
     assert fresh.resume_from is None and fresh.replaced == [os.path.join("logs", "rank-0.jsonl")]
     make(tmp_path, {"final/adapter_config.json": "{}"})
     with pytest.raises(UserError, match="no recipe.yaml"):
-        plan(tmp_path, {}, overwrite=False)
-    assert plan(tmp_path, {}, overwrite=True).resume_from is None
+        plan_run_dir(tmp_path, {}, overwrite=False)
+    assert plan_run_dir(tmp_path, {}, overwrite=True).resume_from is None
 
 
 def test_a_folder_that_is_not_a_run_is_refused_even_with_overwrite(tmp_path, tiny_model, capsys):

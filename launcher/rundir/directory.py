@@ -19,6 +19,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import yaml
+
 from launcher.checkpoint import saves as ckpt
 from launcher.data.fingerprint import changed, file_fingerprint
 from launcher.errors import UserError
@@ -76,7 +78,7 @@ def _leftover_names(run: RunDir) -> list[str]:
     return [str(path.relative_to(run.root)) for path in run.leftovers()]
 
 
-def plan(run_dir: Path, resolved: dict, overwrite: bool) -> RunDirPlan:
+def plan_run_dir(run_dir: Path, resolved: dict, overwrite: bool) -> RunDirPlan:
     """Resume, start fresh, or refuse (a different recipe over a run with something to lose, a folder that is
     not a run); decided before any model loads. Starting fresh, the caller clears the launcher's files
     (`RunDir.clear`) under --overwrite or when `replaced` names some."""
@@ -92,7 +94,6 @@ def plan(run_dir: Path, resolved: dict, overwrite: bool) -> RunDirPlan:
         return RunDirPlan(None, [] if overwrite else _leftover_names(run), f"no {run.recipe.name}")
     if overwrite:
         return RunDirPlan(None)
-    import yaml
     allowed = resumable_keys()
     changed = [".".join(k) for k in _changed_keys(yaml.safe_load(run.recipe.read_text()) or {}, resolved)
                if ".".join(k) not in allowed]
@@ -236,7 +237,7 @@ def data_sources(recipe) -> dict[str, str]:
     return {key: path for key, path in named.items() if not path.startswith("hf:") and Path(path).exists()}
 
 
-def check_sources(recipe, state: dict | None, allow_change: bool) -> dict:
+def checked_fingerprints(recipe, state: dict | None, allow_change: bool) -> dict:
     """Fingerprints of the data now; refuses (exit 2) when a source differs from the one the checkpoint recorded."""
     now = {key: file_fingerprint(path) for key, path in data_sources(recipe).items()}
     recorded = (state or {}).get("data") or {}
