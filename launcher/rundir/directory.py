@@ -47,6 +47,14 @@ class RunDirPlan:
         return (f"output_dir {run_dir}: the earlier attempt there ({self.reason}) had no checkpoint yet; "
                 f"starting fresh, replacing its {', '.join(self.replaced)}")
 
+    def clear_earlier(self, run_dir: Path, overwrite: bool) -> None:
+        """Starting fresh: remove the launcher's files of an earlier attempt (under --overwrite, or the
+        `replaced` ones), and say what was replaced."""
+        if overwrite or self.replaced:
+            RunDir(run_dir).clear()
+        if self.replaced:
+            print(self.message(run_dir))
+
 
 def has_something_to_lose(run_dir: Path) -> bool:
     run = RunDir(run_dir)

@@ -19,10 +19,12 @@ import re
 import shutil
 from pathlib import Path
 
+from launcher.recipe.files import RESOLVED_RECIPE
+
 STAGING = ".tmp"  # a save is written under name + STAGING and renamed once complete
 EXPORTS = ("final", "best")  # exported models: a run that has one has something to lose
 OWN: dict[str, str | None] = {
-    "recipe.yaml": None, "metrics.jsonl": None, "report.md": None, "loss.png": None, "provenance.json": None,
+    re.escape(RESOLVED_RECIPE): None, "metrics.jsonl": None, "report.md": None, "loss.png": None, "provenance.json": None,
     "eval.json": None, "run.lock": None, r"run\.lock\.stale-\d+": None,
     "final": None, "best": None, "merged": None, r"(final|best|merged)\.tmp": None, "adapter-init": None,
     "tb": None, "mlruns": None, "wandb": None, "preprocessed": None, r"preprocessed\.tmp": None,
@@ -49,7 +51,7 @@ class RunDir:
 
     # ------------------------------------------------------------ files and folders a run writes
 
-    recipe = property(lambda self: self.root / "recipe.yaml", doc="the resolved recipe; its presence makes a folder a run")
+    recipe = property(lambda self: self.root / RESOLVED_RECIPE, doc="the resolved recipe; its presence makes a folder a run")
     metrics = property(lambda self: self.root / "metrics.jsonl", doc="one JSON line per train step, eval and memory record")
     report = property(lambda self: self.root / "report.md")
     loss_plot = property(lambda self: self.root / "loss.png")

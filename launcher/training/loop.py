@@ -148,10 +148,7 @@ def setup(recipe: Recipe, overwrite: bool = False, allow_data_change: bool = Fal
         print(change)
     if accelerator.is_main_process:
         rundir.take_live_lock(run_dir)  # before anything is written: a second live run is refused here
-        if overwrite or dir_plan.replaced:
-            RunDir(run_dir).clear()
-        if dir_plan.replaced:
-            print(dir_plan.message(run_dir))
+        dir_plan.clear_earlier(run_dir, overwrite)
         run_dir.mkdir(parents=True, exist_ok=True)
         RunDir(run_dir).recipe.write_text(resolved_yaml(recipe))
         write_provenance(run_dir, accelerator)
