@@ -14,7 +14,7 @@ mechanism, as PyTorch's autograd saves it, per token of a micro-batch:
   (log-softmax output, its incoming gradient, its input gradient); chunked CE: one chunk of them,
   beside the copied-out final hidden states and their gradient buffer (see `logits_bytes`);
 - autocast's low-precision copies of float32 weights, kept for backward;
-- the strategy's layout (launcher/strategies.py): what is sharded or offloaded, DeepSpeed's fp32 master
+- the strategy's layout (launcher/distributed/rules.py): what is sharded or offloaded, DeepSpeed's fp32 master
   copy and buckets, FSDP's gathered blocks, DDP's gradient buckets.
 
 The peak is the largest of these moments: the end of the forward pass, as the loss's backward starts
@@ -34,7 +34,7 @@ from launcher.memory import zero as zero3
 from launcher.memory.host import HostPlan, host_plan
 from launcher.memory.inventory import Inventory, inventory, resolved_dtypes
 from launcher.recipe.schema import Recipe
-from launcher.distributed.strategies import strategy_for
+from launcher.distributed.rules import rules_for
 
 GIB = 2**30
 # What a GPU holds beside the tensors a plan counts (the plan is torch.cuda.max_memory_allocated's figure):
@@ -65,7 +65,7 @@ class Sizes:
     autocast: bool
 
 
-def sizes(recipe: Recipe, layout: memory.Layout, device: str = "cuda") -> Sizes:
+def sizes(recipe: Recipe, layout: memory.StatePlacement, device: str = "cuda") -> Sizes:
     dtypes = resolved_dtypes(recipe, device)
     low = DTYPE_BYTES[dtypes["precision"]]
     stored = DTYPE_BYTES[dtypes["weight"]]
@@ -125,7 +125,7 @@ def block_backward_bytes(inv: Inventory, s: Sizes, tokens: int) -> int:
 
 def eval_bytes(inv: Inventory, s: Sizes, recipe: Recipe) -> dict:
     """Evaluation's transient memory: the loss forward's logits, or generation's KV cache and last-token logits."""
-    batch = recipe.train.eval_batch_size or recipe.train.micro_batch_size
+    batch = recipe.train.eval_batch()
     length = recipe.data.max_length
     # no_grad loss: the float32 logits and their log-softmax (the compute-dtype logits are freed by the cast)
     loss_pass = batch * length * (inv.vocab * 8 if recipe.model.task != "classification" else 0)
@@ -229,7 +229,7 @@ def plan(recipe: Recipe, world: int | None = None, gpu_gib: float | None = None,
     against `node_gib` (default memory.node_gib; see launcher/memory/host.py)."""
     world = world or recipe.distributed.num_processes or 1
     inv = inventory(recipe, device)
-    layout = strategy_for(recipe).memory_layout(world, inv.hidden)
+    layout = rules_for(recipe).memory_layout(world, inv.hidden)
     s = sizes(recipe, layout, device)
     state = _model_state(recipe, inv, layout, s, world)
     work = _step_work(recipe, inv, layout, s)
@@ -286,7 +286,7 @@ def _with_zero3(state: dict, work: dict, zero: dict) -> None:
         work[f"gathered {moment}"] = zero[f"gathered {moment}"]
 
 
-def _model_state(recipe: Recipe, inv: Inventory, layout: memory.Layout, s: Sizes, world: int) -> dict:
+def _model_state(recipe: Recipe, inv: Inventory, layout: memory.StatePlacement, s: Sizes, world: int) -> dict:
     """Weights, gradients, optimiser state and the strategy's buffers this rank holds."""
     blocks = inv.layers - min(recipe.freeze.first_n_blocks, inv.layers) if recipe.method == "full" else inv.layers
     trainable = _trainable(recipe, inv)
@@ -322,7 +322,7 @@ def _model_state(recipe: Recipe, inv: Inventory, layout: memory.Layout, s: Sizes
             "head gradients": int(outside), "persistent gradients": int(persistent), "step": int(step), "buffers": int(buffers)}
 
 
-def _step_work(recipe: Recipe, inv: Inventory, layout: memory.Layout, s: Sizes) -> dict:
+def _step_work(recipe: Recipe, inv: Inventory, layout: memory.StatePlacement, s: Sizes) -> dict:
     """Activations, logits and gathered weights of one micro-batch, at the end of forward and during backward."""
     train = recipe.train
     tokens = train.micro_batch_size * recipe.data.max_length

@@ -61,7 +61,7 @@ class HostPlan:
         return None if self.node_gib is None else self.peak_gib <= self.node_gib
 
 
-def host_plan(recipe: Recipe, inv: Inventory, layout: memory.Layout, world: int, ranks_per_node: int,
+def host_plan(recipe: Recipe, inv: Inventory, layout: memory.StatePlacement, world: int, ranks_per_node: int,
               node_gib: float | None, every_rank_loads: bool | None = None) -> HostPlan:
     """Node 0's host memory. `every_rank_loads` False plans loading on rank 0 only (the others build the model on
     the meta device and receive their shards); None, the launcher's loading today: each rank's from_pretrained
@@ -84,7 +84,7 @@ def host_plan(recipe: Recipe, inv: Inventory, layout: memory.Layout, world: int,
     return HostPlan(node_gib, ranks_per_node, every_rank_loads, partial, moments)
 
 
-def offloaded_bytes(recipe: Recipe, inv: Inventory, layout: memory.Layout, world: int) -> int:
+def offloaded_bytes(recipe: Recipe, inv: Inventory, layout: memory.StatePlacement, world: int) -> int:
     """One rank's share of what CPU offload keeps in host memory."""
     trainable = inv.trainable
     zero = zero3.settings(recipe, inv.hidden)
@@ -104,7 +104,7 @@ def offloaded_bytes(recipe: Recipe, inv: Inventory, layout: memory.Layout, world
     return int(total)
 
 
-def export_bytes(recipe: Recipe, inv: Inventory, layout: memory.Layout, world: int, model_bytes: int) -> int:
+def export_bytes(recipe: Recipe, inv: Inventory, layout: memory.StatePlacement, world: int, model_bytes: int) -> int:
     """Rank 0's host memory for the final save."""
     zero = zero3.settings(recipe, inv.hidden)
     if zero is not None:  # engine.py `_zero3_consolidated_16bit_state_dict`: every weight in 16 bits on rank 0's CPU

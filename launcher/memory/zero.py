@@ -17,7 +17,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from launcher.distributed.strategies import DeepSpeed, deepspeed_config, strategy_for
+from launcher.distributed.deepspeed_config import deepspeed_config
+from launcher.distributed.rules import DeepSpeedRules, rules_for
 from launcher.memory.inventory import Inventory
 from launcher.recipe.schema import Recipe
 
@@ -43,12 +44,11 @@ class ZeroSettings:
 
 def settings(recipe: Recipe, hidden: int) -> ZeroSettings | None:
     """ZeRO-3's settings for this recipe, or None when it does not run DeepSpeed stage 3."""
-    if not isinstance(strategy_for(recipe), DeepSpeed):
+    rules = rules_for(recipe)
+    if not isinstance(rules, DeepSpeedRules) or rules.stage != 3:
         return None
     config = deepspeed_config(recipe, None)
-    zero = config["zero_optimization"]
-    if zero.get("stage", 0) != 3:
-        return None
+    zero = rules.zero
     auto = {"reduce_bucket_size": hidden * hidden, "stage3_prefetch_bucket_size": int(0.9 * hidden * hidden),
             "stage3_param_persistence_threshold": 10 * hidden}  # accelerate/accelerator.py's fill-ins
     defaults = {"reduce_bucket_size": 500_000_000, "stage3_prefetch_bucket_size": 50_000_000,  # zero/config.py
