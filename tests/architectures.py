@@ -122,7 +122,7 @@ def reload(run: Trained, model_path: Path):
     import torch
     from peft import PeftModel
 
-    from launcher.model.loading import auto_class
+    from launcher.model.loading import auto_class, keep_4bit_training_layout
     final, task = run.run_dir / "final", run.recipe.model.task
     if not (final / "adapter_config.json").is_file():
         return auto_class(task).from_pretrained(final, dtype=torch.float32).eval()
@@ -135,4 +135,8 @@ def reload(run: Trained, model_path: Path):
             load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=torch.float32,
             llm_int8_skip_modules=adapter_placement(str(model_path), run.recipe, LABELS if task == CLASSIFY else None).unquantised)
     base = auto_class(task).from_pretrained(model_path, dtype=torch.float32, **kwargs)
+    if run.recipe.method == "qlora":
+        # bitsandbytes repacks 4-bit weights for AVX512-BF16 CPUs at the first no-grad forward, and that repack needs
+        # layers at least one 64-wide quantisation block across: these tiny shapes are narrower. Keep the stored layout.
+        keep_4bit_training_layout(base)
     return PeftModel.from_pretrained(base, final).eval()
