@@ -214,6 +214,7 @@ def comparable_recipe(model: Path, folder: Path, method: str, distributed: dict,
     recipe["lora"]["dropout"] = 0.0
     for key in ("eval", "max_eval_rows"):
         recipe["data"].pop(key)
+    folder.mkdir(parents=True, exist_ok=True)
     return write_recipe(recipe, folder / "recipe.yaml")
 
 

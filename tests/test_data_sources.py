@@ -1,13 +1,10 @@
 """Data sources and mixtures: local files of every kind, datasets folders, hub ids from a local
 datasets cache, and weighted mixtures that are exact, deterministic and the same for any process count."""
-import csv
 import json
 import shutil
 from collections import Counter
-from pathlib import Path
 
 import pytest
-import yaml
 
 from launcher.cli import main
 from launcher.data.encode import StepPlan, tokenise_train

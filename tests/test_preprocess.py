@@ -1,12 +1,10 @@
 """Tokenise once, train anywhere: `launcher preprocess`, its fingerprint, and tokenisation that
 outlasts the training collectives' timeout. Runs real processes (2 of them where it matters)."""
 import json
-import sys
 import time
 from pathlib import Path
 
 import pytest
-import yaml
 
 from launcher.cli import main
 from launcher.data.cache import inputs, load_preprocessed, stale

@@ -4,7 +4,6 @@ DeepSpeed ZeRO-1/2 replicate it and partition the adapters' optimiser state; ZeR
 Each 2-process run is compared with one 1-process QLoRA run on the same global batches (no eval data,
 so bitsandbytes never repacks its weights for inference: docs/platform.md).
 """
-import json
 
 import pytest
 from support import COMPARE_STEPS, build_tiny_llama, comparable_recipe, launch, launch_two, ok, rank_record, train_losses

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from support import build_tiny_llama, launch, launch_two, load_tensors, ok, rewind, tiny_recipe, train_losses, write_recipe
+from support import build_tiny_llama, comparable_recipe, launch, launch_two, load_tensors, ok, rewind, train_losses
 
 pytestmark = [pytest.mark.multiproc, pytest.mark.slow]
 
@@ -30,13 +30,7 @@ def model(tmp_path_factory):
 
 
 def recipe_for(model: Path, folder: Path, distributed: dict, grad_accum: int) -> Path:
-    recipe = tiny_recipe(model, folder / "run", method="lora", distributed=distributed,
-                         train={"max_steps": STEPS, "save_every": HALF, "keep_last": 3, "grad_accum": grad_accum})
-    folder.mkdir(parents=True, exist_ok=True)
-    recipe["lora"]["dropout"] = 0.0
-    for key in ("eval", "max_eval_rows"):
-        recipe["data"].pop(key)
-    return write_recipe(recipe, folder / "recipe.yaml")
+    return comparable_recipe(model, folder, "lora", distributed, max_steps=STEPS, save_every=HALF, grad_accum=grad_accum)
 
 
 def assert_continues_the_straight_run(run: Path, losses: dict, adapter: dict) -> None:
