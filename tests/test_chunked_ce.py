@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from launcher.data.encode import IGNORE
+from launcher.recipe.formats import IGNORE
 from launcher.model.loss import task_loss_sum
 from pydantic import ValidationError
 

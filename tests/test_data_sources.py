@@ -7,7 +7,8 @@ from collections import Counter
 import pytest
 
 from launcher.cli import main
-from launcher.data.encode import StepPlan, tokenise_train
+from launcher.data.batching import StepPlan
+from launcher.data.encode import tokenise_train
 from launcher.data.mixing import Share, pick_rows, row_counts
 from launcher.recipe.files import load_recipe
 from support import MIXTURE_WEIGHTS as WEIGHTS
@@ -113,7 +114,7 @@ def test_several_eval_sources_each_get_their_own_loss_in_the_metrics_and_the_rep
     import json
 
     from launcher.data.encode import tokenise_eval
-    from launcher.evaluation.evaluate import compare
+    from launcher.commands.eval import compare_checkpoints
     sources = write_sources(tmp_path / "data", sizes=(40, 30, 20))
     evals = [{key: value for key, value in source.items() if key != "weight"} for source in sources[:2]]
     recipe = mixture_recipe(tiny_model, tmp_path, sources[0]["path"],
@@ -133,7 +134,7 @@ def test_several_eval_sources_each_get_their_own_loss_in_the_metrics_and_the_rep
     for source, key in zip(evals, losses):  # each source alone, scored on the base model
         alone = mixture_recipe(tiny_model, tmp_path / key.split("/")[1], sources[0]["path"],
                                data={"eval": source, "max_eval_rows": 6})
-        assert compare(load_recipe(alone), checkpoint="base")["base"]["eval_loss"] == pytest.approx(losses[key], rel=1e-5)
+        assert compare_checkpoints(load_recipe(alone), checkpoint="base")["base"]["eval_loss"] == pytest.approx(losses[key], rel=1e-5)
 
 
 def test_task_metrics_are_scored_per_eval_source_when_the_sources_share_a_format():

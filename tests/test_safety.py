@@ -133,7 +133,7 @@ def poisoned_run(tmp_path, tiny_model):
     import torch
     from safetensors.torch import load_file, save_file
 
-    from launcher.data.encode import StepPlan
+    from launcher.data.batching import StepPlan
     from launcher.model.loading import load_tokenizer
     model = tmp_path / "poisoned"
     shutil.copytree(tiny_model, model)

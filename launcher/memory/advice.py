@@ -1,13 +1,12 @@
-"""`launcher plan`, the cheapest changes that make a recipe fit, and train's check before it loads weights.
+"""The cheapest recipe changes that make a memory plan fit (`launcher plan` shows them), and train's check before it loads weights.
 
-The numbers come from launcher/planner.py. A change is a list of recipe overrides; each candidate
+The numbers come from memory/estimate.py. A change is a list of recipe overrides; each candidate
 recipe is validated as a user's would be (so refused combinations are never suggested) and planned
 again. Step-time costs are rough, relative to the recipe as written: recomputing activations costs
 about a third of a step, sharding adds communication, offload moves state over PCIe each step.
 """
 from __future__ import annotations
 
-import json
 import resource
 import sys
 from dataclasses import dataclass
@@ -101,43 +100,6 @@ def plan_with_advice(recipe: Recipe, world: int | None = None, gpu_gib: float | 
     if not result.fits:
         result.suggestions = suggestions(recipe, result.world, result.gpu_gib)
     return result
-
-
-def render(result: Plan) -> str:
-    """The plan as `launcher plan` prints it."""
-    usable = HEADROOM * result.gpu_gib
-    lines = [f"plan: {result.label}",
-             f"GPU memory: {result.gpu_gib:g} GiB per process, {usable:.1f} GiB usable "
-             f"({100 - 100 * HEADROOM:.0f}% kept for the CUDA context, communication buffers and fragmentation)",
-             f"peak {result.peak_gib:.2f} GiB per process at the {result.peak_moment}: "
-             + ("fits" if result.fits else f"does NOT fit ({result.peak_gib - usable:.2f} GiB over)")]
-    for name, value in result.moments[result.peak_moment].items():
-        lines.append(f"  {name:<16} {value / GIB:8.2f} GiB")
-    lines.append("moments: " + "; ".join(f"{name} {sum(parts.values()) / GIB:.2f}" for name, parts in result.moments.items()))
-    if result.suggestions:
-        fitting = any(item["fits"] for item in result.suggestions)
-        lines.append("cheapest changes that fit:" if fitting else "no combination of up to three changes fits; closest:")
-        for rank, item in enumerate(result.suggestions, 1):
-            lines.append(f"  {rank}. {item['change']}: peak {item['peak_gib']:.2f} GiB, ~{item['relative_step_time']:.2f}x "
-                         f"step time  [{' '.join(item['overrides'])}]")
-    return "\n".join(lines)
-
-
-def add_options(parser) -> None:
-    """The `plan` verb's options (launcher/cli.py registers the verb)."""
-    parser.add_argument("--gpus", type=int, help="GPUs (processes) per node; default: distributed.num_processes or 1")
-    parser.add_argument("--nodes", type=int, default=1, help="nodes (default 1)")
-    parser.add_argument("--gpu-memory", type=float, metavar="GiB",
-                        help=f"memory per GPU; default: memory.gpu_gib, else {planner.DEFAULT_GPU_GIB:g}")
-    parser.add_argument("--json", action="store_true", help="print the plan as JSON")
-
-
-def cmd_plan(args) -> int:
-    recipe = load_recipe(args.recipe, args.overrides)
-    gpus = args.gpus or recipe.distributed.num_processes or 1
-    result = plan_with_advice(recipe, gpus * args.nodes, args.gpu_memory)
-    print(json.dumps(result.as_dict(), indent=1) if args.json else render(result))
-    return 0
 
 
 # ---------------------------------------------------------------- train's check, and the calibration point it leaves

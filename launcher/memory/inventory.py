@@ -16,6 +16,7 @@ from launcher.memory import counts as memory
 from launcher.preflight.locations import SHIPPED_CONFIGS
 from launcher.recipe.schema import Recipe
 from launcher.errors import UserError
+from launcher.model import loading as modeling
 
 OUTPUT_PROJECTIONS = ("o_proj", "down_proj", "out_proj", "wo", "w2", "fc2", "dense_4h_to_h", "c_proj")
 
@@ -30,9 +31,7 @@ def model_config(recipe: Recipe):
     """The transformers config of the recipe's model, found offline: a local or packaged folder, the shipped
     configs, or the hub cache."""
     from transformers import AutoConfig
-
-    from launcher.model.loading import weights_folder
-    path, gguf = weights_folder(recipe), recipe.model.gguf_file
+    path, gguf = modeling.weights_folder(recipe), recipe.model.gguf_file
     if not Path(path).is_dir() and shipped_config(path) is not None:
         path = str(shipped_config(path))
     try:
@@ -118,7 +117,6 @@ _INVENTORIES: dict[str, Inventory] = {}
 def _inventory(recipe: Recipe, dtypes: dict) -> Inventory:
     import torch
 
-    from launcher.model import loading as modeling
     config = model_config(recipe)
     layers = config.num_hidden_layers
     one = copy.deepcopy(config)

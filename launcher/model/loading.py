@@ -16,6 +16,7 @@ from pathlib import Path
 from launcher.model import adapters
 from launcher.recipe.schema import Recipe
 from launcher.errors import UserError
+from launcher.distributed.strategies import strategy_for
 
 
 def cache_root() -> Path:
@@ -124,7 +125,6 @@ def quantization_config(recipe: Recipe, on_gpu: bool, unquantised: list[str]):
     quant = recipe.quant
     if quant.bits == 8:
         return BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=unquantised)
-    from launcher.distributed.strategies import strategy_for
     compute = compute_dtype(recipe, on_gpu)
     storage = strategy_for(recipe).quant_storage(compute)  # FSDP2 shards 4-bit weights stored in the compute dtype
     return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=quant.type, bnb_4bit_use_double_quant=quant.double_quant,

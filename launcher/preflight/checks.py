@@ -14,11 +14,11 @@ import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
-from launcher.data import encode as data
-
-from launcher.preflight import locations
-from launcher.recipe.schema import Recipe
+from launcher.data.sources import check_sources
 from launcher.errors import UserError
+from launcher.preflight import locations
+from launcher.recipe.files import load_recipe, load_run
+from launcher.recipe.schema import Recipe
 from launcher.distributed.strategies import launch_hint, launched_world_size, mixed_precision, strategy_for
 
 BNB_OPTIMIZERS = ("adamw-8bit", "paged-adamw", "paged-adamw-8bit")
@@ -44,6 +44,19 @@ def detect_device() -> str:
     return "cuda" if listed.startswith("GPU ") else "cpu"
 
 
+def recipe_or_run(path: str, overrides: list[str]) -> Recipe:
+    """A recipe file, or a run directory (its resolved recipe.yaml)."""
+    return load_run(path, overrides) if Path(path).is_dir() else load_recipe(path, overrides)
+
+
+def checked_recipe(args, target: Target | None = None) -> Recipe:
+    """The command's recipe (or run directory's), validated and preflighted (every check that needs no torch),
+    before anything loads."""
+    recipe = recipe_or_run(args.recipe, args.overrides)
+    check(recipe, target)
+    return recipe
+
+
 def check(recipe: Recipe, target: Target | None = None) -> Target:
     """Refuse, with one message, anything the run would refuse later; returns the target it checked for."""
     target = target or Target(detect_device(), launched_world_size())
@@ -52,7 +65,7 @@ def check(recipe: Recipe, target: Target | None = None) -> Target:
     check_device_support(recipe, target.device)
     locations.check_output_dir(recipe)
     locations.check_model(recipe)
-    data.check_sources(recipe)  # every row of every file: the slow one, last
+    check_sources(recipe)  # every row of every file: the slow one, last
     return target
 
 

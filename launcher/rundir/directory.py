@@ -18,6 +18,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import yaml
+
 from launcher.checkpoint import saves as ckpt
 from launcher.data.fingerprint import changed, file_fingerprint
 from launcher.errors import UserError
@@ -90,7 +92,7 @@ def clear_run_dir(run_dir: Path) -> None:
             target.unlink()
 
 
-def plan(run_dir: Path, resolved: dict, overwrite: bool) -> RunDirPlan:
+def plan_run_dir(run_dir: Path, resolved: dict, overwrite: bool) -> RunDirPlan:
     """Resume, start fresh, or refuse (a different recipe over a run with something to lose); decided before any model loads."""
     if run_dir.is_dir():
         LiveLock(run_dir).refuse_if_held()  # a live run's folder is not this run's to judge or clear
@@ -101,7 +103,6 @@ def plan(run_dir: Path, resolved: dict, overwrite: bool) -> RunDirPlan:
     previous = run_dir / "recipe.yaml"
     if not previous.is_file():
         raise UserError(f"output_dir {run_dir} exists and is not a launcher run; choose another output_dir or pass --overwrite")
-    import yaml
     changed = [".".join(k) for k in _changed_keys(yaml.safe_load(previous.read_text()) or {}, resolved)
                if k not in RESUMABLE_CHANGES]
     if not has_something_to_lose(run_dir):
@@ -242,7 +243,7 @@ def data_sources(recipe) -> dict[str, str]:
     return {key: path for key, path in named.items() if not path.startswith("hf:") and Path(path).exists()}
 
 
-def check_sources(recipe, state: dict | None, allow_change: bool) -> dict:
+def checked_fingerprints(recipe, state: dict | None, allow_change: bool) -> dict:
     """Fingerprints of the data now; refuses (exit 2) when a source differs from the one the checkpoint recorded."""
     now = {key: file_fingerprint(path) for key, path in data_sources(recipe).items()}
     recorded = (state or {}).get("data") or {}
