@@ -53,7 +53,8 @@ def assert_adapter_only(checkpoint: Path, adapter: dict, base: Path) -> None:
     with_moments = 3 * adapter_bytes  # the weights and Adam's two moments, in fp32
     assert (checkpoint / "trainable.pt").stat().st_size <= 2 * with_moments, (held, adapter_bytes)
     assert held <= 3 * with_moments, f"checkpoint {held} bytes for an adapter of {adapter_bytes}"
-    assert held < base_bytes / 20, f"checkpoint {held} bytes against a base of {base_bytes}"
+    # the embedding and head are about 90% of the tiny base: a checkpoint holding either would pass a fifth of it
+    assert held < base_bytes / 5, f"checkpoint {held} bytes against a base of {base_bytes}"
 
 
 @pytest.mark.parametrize("name", list(CASES))
