@@ -15,6 +15,13 @@ from launcher.recipe.formats import FORMATS, LOWER_IS_BETTER, METRICS, TASKS, fo
 
 
 
+# bitsandbytes optimisers: they need its package, and they step whole local tensors (DDP only).
+BNB_OPTIMIZERS = ("adamw-8bit", "paged-adamw", "paged-adamw-8bit")
+# LoRA inits that move each weight's top directions into the adapter and leave the residual in the base weights,
+# so the adapter is converted to plain LoRA at export (it needs the whole model in one process then).
+RESIDUAL_INITS = ("pissa", "olora")
+
+
 class Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
@@ -46,7 +53,7 @@ class LoraSection(Section):
     dora: bool = Field(False, description="DoRA: each adapted weight is split into a trained magnitude per output row and a direction "
                        "that LoRA updates (peft use_dora).")
     rslora: bool = Field(False, description="rsLoRA: scale the update by alpha / sqrt(r) instead of alpha / r, so high ranks still learn.")
-    init: Literal["default", "gaussian", "pissa", "olora", "loftq"] = Field(
+    init: Literal[("default", "gaussian", *RESIDUAL_INITS, "loftq")] = Field(
         "default", description="Adapter initialisation: default (B = 0); gaussian; pissa (top singular directions of each weight, "
                                "the base keeps the residual); olora (QR of each weight, likewise); loftq (method qlora on a GPU: "
                                "adapters that offset the 4-bit rounding). pissa/olora adapters are saved converted to plain "
@@ -163,7 +170,7 @@ class TrainSection(Section):
     warmup_steps: int = Field(0, ge=0, description="Linear warmup steps.")
     decay_rate: float = Field(0.96, gt=0, le=1, description="exponential: lr_t = lr * decay_rate ** (t / decay_steps).")
     decay_steps: int = Field(100, ge=1, description="exponential: steps per factor of decay_rate.")
-    optimizer: Literal["adamw", "adamw-8bit", "paged-adamw", "paged-adamw-8bit", "adafactor", "sgd"] = Field(
+    optimizer: Literal[("adamw", *BNB_OPTIMIZERS, "adafactor", "sgd")] = Field(
         "adamw", description="adamw (torch, fused on GPU); adamw-8bit (bitsandbytes, 8-bit state); paged-adamw / paged-adamw-8bit "
                              "(state pages to CPU memory under GPU memory pressure; CUDA only); adafactor (factored state); sgd (momentum 0.9).")
     weight_decay: float = Field(0.0, ge=0, description="Decoupled weight decay (AdamW).")
@@ -184,6 +191,10 @@ class TrainSection(Section):
     log_every: int = Field(1, ge=1, description="Write a metrics line every N steps.")
     keep_last: int = Field(2, ge=1, description="Checkpoints kept on disk.")
     eval_batch_size: int | None = Field(None, ge=1, description="Default: micro_batch_size.")
+
+    def eval_batch(self) -> int:
+        """Rows per eval forward pass: eval_batch_size, else micro_batch_size (evaluation and the planner agree)."""
+        return self.eval_batch_size or self.micro_batch_size
 
 
 class EvalSection(Section):
@@ -237,8 +248,9 @@ class DistributedSection(Section):
     fsdp: FsdpSection | None = Field(None, description="strategy fsdp: FSDP2 options (default: full sharding).")
     timeout_minutes: float = Field(10, gt=0, description="How long a rank waits for the others in a collective before the launch fails.")
 
-    def rules(self, train: "TrainSection") -> None:
-        """Combinations that cannot work, refused before anything loads."""
+    def rules(self) -> None:
+        """Sections that contradict the chosen strategy. What a strategy itself cannot train is its own rules'
+        (launcher/distributed/rules.py), which preflight applies."""
         if self.deepspeed is not None and self.strategy != "deepspeed":
             raise ValueError(f"distributed.deepspeed is set but distributed.strategy is {self.strategy}; "
                              "set strategy: deepspeed, or remove distributed.deepspeed (FSDP and DeepSpeed are alternatives)")
@@ -251,9 +263,6 @@ class DistributedSection(Section):
         if self.strategy == "deepspeed" and not self.deepspeed.endswith(".json") and self.deepspeed not in DEEPSPEED_SHORTHANDS:
             raise ValueError(f"distributed.deepspeed '{self.deepspeed}' is neither a known stage "
                              f"({', '.join(DEEPSPEED_SHORTHANDS)}) nor a .json file")
-        if self.strategy == "fsdp" and train.l2_lambda:
-            raise ValueError("train.l2_lambda with strategy fsdp: each rank holds only a shard of the parameters, so the "
-                             "penalty would be wrong; use train.weight_decay, or strategy ddp / deepspeed zero1-2")
 
 
 class Recipe(Section):
@@ -282,7 +291,7 @@ class Recipe(Section):
         if task != "causal-lm" and (self.data.packing or self.train.loss_chunk_tokens):
             key = "data.packing" if self.data.packing else "train.loss_chunk_tokens"
             raise ValueError(f"{key} applies to model.task causal-lm only (got {task}); remove it")
-        self.distributed.rules(self.train)
+        self.distributed.rules()
         if self.data.eval and self.data.eval_fraction:
             raise ValueError("data.eval and data.eval_fraction both set: give one")
         if self.train.max_steps is None and self.train.epochs is None:
@@ -331,22 +340,14 @@ def _format_rules(recipe: Recipe) -> None:
 
 
 def _quant_rules(recipe: Recipe) -> None:
-    """QLoRA and 8-bit optimiser combinations, decided before anything loads (see the README's QLoRA notes)."""
-    quant, strategy, optimizer = recipe.quant, recipe.distributed.strategy, recipe.train.optimizer
+    """quant settings that mean nothing for this recipe (what a strategy cannot quantise is its rules')."""
+    quant = recipe.quant
     changed = {name for name in QuantSection.model_fields if getattr(quant, name) != getattr(QuantSection(), name)}
     if changed and recipe.method != "qlora":
         raise ValueError(f"quant: only applies to method: qlora (got method: {recipe.method}); remove it or set method: qlora")
     four_bit_only = changed & {"type", "double_quant", "compute_dtype"}
     if quant.bits == 8 and four_bit_only:
         raise ValueError(f"quant.{sorted(four_bit_only)[0]} applies to 4-bit weights only; remove it or set quant.bits: 4")
-    if recipe.method == "qlora" and strategy == "fsdp" and quant.bits == 8:
-        raise ValueError("method: qlora with quant.bits 8 and distributed.strategy: fsdp: 8-bit weights are int8 with per-row "
-                         "scales that FSDP would shard apart; use quant.bits 4 (stored in the compute dtype so FSDP2 can shard "
-                         "it), or strategy: ddp")
-    if optimizer in ("adamw-8bit", "paged-adamw", "paged-adamw-8bit") and strategy != "ddp":
-        raise ValueError(f"train.optimizer {optimizer} with distributed.strategy: {strategy}: bitsandbytes optimisers step "
-                         "whole local tensors, not DeepSpeed's flat partitions or FSDP's sharded DTensors; "
-                         "use train.optimizer: adamw (the strategy already shards its state), or strategy: ddp")
 
 
 # Names other fine-tuning tools use for a key, so `lora.rank=8` gets "did you mean 'lora.r'?".
@@ -364,14 +365,11 @@ def _adapter_rules(recipe: Recipe) -> None:
                 if getattr(lora, k) != default]
     if variants and method == "full":
         raise ValueError(f"{variants[0]} applies to method lora or qlora (got method: full); remove it or choose an adapter method")
-    if lora.init in ("pissa", "olora") and method == "qlora":
+    if lora.init in RESIDUAL_INITS and method == "qlora":
         raise ValueError(f"lora.init {lora.init} with method: qlora: it moves each weight's top directions into the adapter and "
                          "leaves the residual in the base, which 4-bit storage would round again, so the adapter would no longer "
                          "match its base; use method: lora with it, or lora.init: loftq for a 4-bit base")
-    if lora.init in ("pissa", "olora") and (recipe.distributed.strategy == "fsdp" or str(recipe.distributed.deepspeed).startswith("zero3")):
-        raise ValueError(f"lora.init {lora.init} with sharded parameters (fsdp, deepspeed zero3): converting the adapter to "
-                         "plain LoRA at export needs the whole model in one process; use strategy ddp or deepspeed zero1 / zero2")
-    if lora.init in ("pissa", "olora") and lora.dora:
+    if lora.init in RESIDUAL_INITS and lora.dora:
         raise ValueError(f"lora.init {lora.init} with lora.dora: the adapter is converted to plain LoRA at export, and DoRA's "
                          "magnitude vector cannot be; use one of them")
     if lora.init == "loftq" and (method != "qlora" or recipe.quant.bits != 4 or recipe.quant.type != "nf4"):

@@ -22,8 +22,8 @@ from launcher.data.batching import StepPlan
 from launcher.data.cache import datasets_for_run
 from launcher.data.encode import Datasets
 from launcher.data.mixing import mixture_line
-from launcher.distributed import slurm
-from launcher.distributed.strategies import Strategy, launched_world_size, strategy_for
+from launcher.distributed import launch, slurm
+from launcher.distributed.strategies import Strategy, strategy_for
 from launcher.errors import UserError
 from launcher.evaluation.evaluate import Best, Evaluation, eval_rows, evaluate, to_device
 from launcher.memory.advice import MemoryCheck, check_before_loading, predicted_and_measured
@@ -137,8 +137,8 @@ def setup(recipe: Recipe, overwrite: bool = False, allow_data_change: bool = Fal
     state = ckpt.load_state_file(resume_from) if resume_from is not None else None
     change = None
     if state is not None:  # on another process count: same global batch, or refused before anything loads
-        strategy_for(recipe).check_resume(state, launched_world_size())
-        recipe, change = hold_global_batch(recipe, state, launched_world_size())
+        strategy_for(recipe).rules.check_resume(state, launch.launched_world_size())
+        recipe, change = hold_global_batch(recipe, state, launch.launched_world_size())
     strategy = strategy_for(recipe)
     accelerator = strategy.make_accelerator()
     memory = check_before_loading(recipe, accelerator.num_processes, accelerator.device.type)  # refuses before weights load
