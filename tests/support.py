@@ -114,8 +114,9 @@ def write_recipe(recipe: dict, path: Path) -> Path:
     return path
 
 
-def launch(args: list[str], env: dict | None = None, timeout: int = 300, prefix: list[str] | None = None):
-    """Run the launcher in a fresh process (as users do); returns the CompletedProcess."""
+def launch(args: list[str], env: dict | None = None, timeout: int = 900, prefix: list[str] | None = None):
+    """Run the launcher in a fresh process (as users do); returns the CompletedProcess. The timeout only ends
+    a hung run: a busy machine may take many times an idle one's minute."""
     import os
     import subprocess
     import sys
@@ -150,7 +151,7 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def launch_two(args, timeout=400):
+def launch_two(args, timeout=1200):
     """The documented CPU launch: accelerate with ACCELERATE_USE_CPU=1 --multi_gpu (gloo), on a free port."""
     import sys
     prefix = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",

@@ -218,7 +218,7 @@ def test_unsynchronised_processes_are_refused():
     processes = [context.Process(target=_unsynchronised_rank, args=(rank, port, queue)) for rank in (0, 1)]
     for process in processes:
         process.start()
-    results = dict(queue.get(timeout=120) for _ in processes)
+    results = dict(queue.get(timeout=900) for _ in processes)
     for process in processes:
         process.join(timeout=60)
     for message in results.values():
