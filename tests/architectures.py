@@ -31,25 +31,6 @@ ARCHITECTURES = {
 LABELS = ["business", "entertainment", "politics", "sports", "tech"]
 
 
-def small_tokenizer(size: int = 1024):
-    """A byte-level BPE of `size` tokens learnt from the shipped samples in a second: GPT-2's 50k vocabulary
-    would make the embedding and the logits most of every tiny model's work."""
-    import json
-
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-    lines = []
-    for sample, fields in (("bible_en_es", ("en", "es")), ("bbc_news", ("text",))):
-        rows = (DATA / sample / "train.jsonl").read_text().splitlines()[:300]
-        lines += [json.loads(row)[f] for row in rows for f in fields]
-    bpe = Tokenizer(models.BPE())
-    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    bpe.decoder = decoders.ByteLevel()
-    bpe.train_from_iterator(lines, trainers.BpeTrainer(vocab_size=size, special_tokens=["<|endoftext|>"],
-                                                       initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
-    return PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token="<|endoftext|>", pad_token="<|endoftext|>")
-
-
 def build(name: str, folder: Path, tokenizer) -> Path:
     """save_pretrained a tiny random model of architecture `name` with `tokenizer` beside it."""
     import torch
