@@ -24,11 +24,11 @@ from pathlib import Path
 from launcher.recipe.schema import RESIDUAL_INITS, Recipe
 
 from launcher.errors import UserError
+from launcher.rundir.paths import RunDir
 
 # lora.init -> peft's init_lora_weights; the residual inits (PiSSA, OLoRA) rewrite the base weights, so their adapters are
 # converted to plain LoRA at export.
 INIT = {"default": True, "gaussian": "gaussian", **{name: name for name in RESIDUAL_INITS}, "loftq": True}
-INITIAL_ADAPTER = "adapter-init"  # in the run directory: a PiSSA/OLoRA adapter before training
 
 
 @dataclass
@@ -104,7 +104,7 @@ def add_adapter(model, recipe: Recipe, where: AdapterPlacement):
     from peft import get_peft_model
     peft_model = get_peft_model(model, lora_config(recipe, where))
     if recipe.lora.init in RESIDUAL_INITS and PartialState().is_main_process:
-        peft_model.save_pretrained(Path(recipe.output_dir) / INITIAL_ADAPTER)
+        peft_model.save_pretrained(RunDir(recipe.output_dir).adapter_init)
     if recipe.lora.init == "loftq":
         from peft import replace_lora_weights_loftq
         replace_lora_weights_loftq(peft_model)
@@ -118,7 +118,7 @@ def export_kwargs(model, run_dir: Path) -> dict:
     if config is None or str(config.init_lora_weights) not in RESIDUAL_INITS:
         return {}
     # peft reads the initial adapter through the state dict it is given: it must be the model's own (whole, unsharded).
-    return {"path_initial_model_for_weight_conversion": str(Path(run_dir) / INITIAL_ADAPTER), "state_dict": None}
+    return {"path_initial_model_for_weight_conversion": str(RunDir(run_dir).adapter_init), "state_dict": None}
 
 
 def loraplus_groups(model, groups: list[dict], lr: float, ratio: float | None) -> list[dict]:

@@ -223,9 +223,24 @@ def load_base(path: str, recipe: Recipe, on_gpu: bool, labels: list[str] | None 
         kwargs.update(num_labels=len(labels), id2label=dict(enumerate(labels)),
                       label2id={name: i for i, name in enumerate(labels)})
     model = auto_class(recipe.model.task).from_pretrained(path, **kwargs)
+    if quantization is not None:
+        keep_4bit_training_layout(model)
     if model.config.pad_token_id is None:  # decoder classifiers find each row's last token by the pad id
         model.config.pad_token_id = model.config.eos_token_id
     return model
+
+
+
+def keep_4bit_training_layout(model) -> None:
+    """One weight layout for eval and training on CPUs with AVX512-BF16.
+
+    bitsandbytes (0.50) repacks a 4-bit weight for that CPU kernel on the first no-grad forward in eval mode and does not
+    unpack it when training resumes: the training step after the before-training eval then fails on an in-place bias
+    add. Each layer's own switch (`support_avx512bf16_for_cpu`) keeps the layout both read.
+    """
+    for module in model.modules():
+        if hasattr(module, "support_avx512bf16_for_cpu"):
+            module.support_avx512bf16_for_cpu = False
 
 
 def load_trained(path: str, recipe: Recipe, on_gpu: bool, labels: list[str] | None = None):

@@ -20,6 +20,8 @@ BNB_OPTIMIZERS = ("adamw-8bit", "paged-adamw", "paged-adamw-8bit")
 # LoRA inits that move each weight's top directions into the adapter and leave the residual in the base weights,
 # so the adapter is converted to plain LoRA at export (it needs the whole model in one process then).
 RESIDUAL_INITS = ("pissa", "olora")
+# A key a resumed run may change without being refused as a different recipe (launcher/rundir/directory.py).
+RESUMABLE = {"resumable": True}
 
 
 class Section(BaseModel):
@@ -77,13 +79,14 @@ class MemorySection(Section):
     gpu_gib: float | None = Field(None, gt=0, description="GPU memory per process (GiB) that `train` checks the plan against "
                                   "before loading weights; default: the visible GPU's (no check without one). Set, it "
                                   "applies on any machine.")
+    node_gib: float | None = Field(None, gt=0, description="Host (CPU) memory per node (GiB) that `launcher plan` checks "
+                                   "node 0's host figure against: loading, offloaded state, the final export's gather.")
     over_budget: Literal["refuse", "warn"] = Field("refuse", description="When the plan does not fit: refuse to train "
                                                    "(exit 2, naming the plan's cheapest fix) or warn and train anyway.")
 
 
 # Written out so editors and type checkers see the names; `_agree_with_registry` holds it to launcher/formats.py.
-DataFormat = Literal["instruction", "chat", "translation", "completion", "text", "qa", "classification", "preference",
-                     "chat-preference"]
+DataFormat = Literal["instruction", "chat", "translation", "completion", "text", "qa", "classification", "preference", "chat-preference"]
 
 
 class SourceEntry(Section):
@@ -162,10 +165,10 @@ class DataSection(Section):
 
 
 class TrainSection(Section):
-    epochs: float | None = Field(1.0, gt=0, description="Passes over the training data (ignored when max_steps is set).")
-    max_steps: int | None = Field(None, ge=1, description="Optimiser steps to train; overrides epochs.")
-    micro_batch_size: int = Field(4, ge=1, description="Examples per process per forward pass.")
-    grad_accum: int = Field(1, ge=1, description="Micro-batches per optimiser step.")
+    epochs: float | None = Field(1.0, gt=0, description="Passes over the training data (ignored when max_steps is set).", json_schema_extra=RESUMABLE)
+    max_steps: int | None = Field(None, ge=1, description="Optimiser steps to train; overrides epochs.", json_schema_extra=RESUMABLE)
+    micro_batch_size: int = Field(4, ge=1, description="Examples per process per forward pass.", json_schema_extra=RESUMABLE)
+    grad_accum: int = Field(1, ge=1, description="Micro-batches per optimiser step.", json_schema_extra=RESUMABLE)
     lr: float = Field(2e-4, gt=0, le=1, description="Peak learning rate.")
     schedule: Literal["linear", "cosine", "constant", "exponential"] = Field("cosine", description="Learning-rate schedule after warmup.")
     warmup_steps: int = Field(0, ge=0, description="Linear warmup steps.")
@@ -178,7 +181,7 @@ class TrainSection(Section):
     l2_lambda: float = Field(0.0, ge=0, description="Explicit penalty lambda * ||theta||^2 on trainable parameters, added to the loss.")
     max_grad_norm: float | None = Field(1.0, gt=0, description="Clip the global gradient norm; null disables.")
     skip_nonfinite: int = Field(0, ge=0, description="Skip up to N optimiser steps whose gradient norm is NaN or inf "
-                                "(their update is not applied); 0: the run stops at the first one, naming the step.")
+                                "(their update is not applied); 0: the run stops at the first one, naming the step.", json_schema_extra=RESUMABLE)
     precision: Literal["auto", "fp32", "bf16", "fp16"] = Field("auto", description="Mixed precision: auto is bf16 on a capable GPU, fp32 on CPU.")
     gradient_checkpointing: bool = Field(False, description="Recompute activations in backward (non-reentrant) to save memory.")
     loss_chunk_tokens: int = Field(0, ge=0, description="causal-lm: compute lm_head + cross-entropy over chunks of this many "
@@ -187,10 +190,10 @@ class TrainSection(Section):
     compile: bool = Field(False, description="torch.compile the model (inductor): faster steps after a one-off compile per "
                           "shape; needs a C++ compiler on CPU and triton on GPU, checked before the model loads.")
     seed: int = Field(42, description="Drives init, data order and dropout.")
-    eval_every: int = Field(0, ge=0, description="Evaluate every N steps (0: only before and after training).")
-    save_every: int = Field(0, ge=0, description="Checkpoint every N steps (0: only at the end and on preemption).")
-    log_every: int = Field(1, ge=1, description="Write a metrics line every N steps.")
-    keep_last: int = Field(2, ge=1, description="Checkpoints kept on disk.")
+    eval_every: int = Field(0, ge=0, description="Evaluate every N steps (0: only before and after training).", json_schema_extra=RESUMABLE)
+    save_every: int = Field(0, ge=0, description="Checkpoint every N steps (0: only at the end and on preemption).", json_schema_extra=RESUMABLE)
+    log_every: int = Field(1, ge=1, description="Write a metrics line every N steps.", json_schema_extra=RESUMABLE)
+    keep_last: int = Field(2, ge=1, description="Checkpoints kept on disk.", json_schema_extra=RESUMABLE)
     eval_batch_size: int | None = Field(None, ge=1, description="Default: micro_batch_size.")
 
     def eval_batch(self) -> int:
@@ -199,7 +202,7 @@ class TrainSection(Section):
 
 
 class EvalSection(Section):
-    samples: int = Field(3, ge=0, description="Eval predictions shown before and after training in the report.")
+    samples: int = Field(3, ge=0, description="Eval predictions shown before and after training in the report.", json_schema_extra=RESUMABLE)
     max_new_tokens: int = Field(64, ge=1, description="Generation length for samples and generation metrics.")
     num_beams: int = Field(1, ge=1, description="1: greedy decoding; more: beam search.")
     no_repeat_ngram_size: int = Field(0, ge=0, description="Forbid any n-gram of this size twice in one output (0: off); stops the loops small models fall into.")
@@ -210,8 +213,7 @@ class EvalSection(Section):
     metric: Literal["auto", "loss", "ppl", "bleu", "chrf", "accuracy", "macro_f1", "exact_match", "f1", "preference_accuracy",
                     "reward_accuracy"] = Field(
         "auto", description="Picks the best checkpoint (saved to output_dir/best); auto: chrf for translation, "
-                            "exact_match for qa, macro_f1 for classification, preference_accuracy for preference pairs, "
-                            "loss otherwise.")
+                            "exact_match for qa, macro_f1 for classification, preference_accuracy for pairs, loss otherwise.")
     greater_is_better: bool | None = Field(None, description="Direction of eval.metric; default: false for loss and ppl, true otherwise.")
 
     def chosen(self, data_format: str | None) -> tuple[str, bool]:
@@ -230,7 +232,7 @@ class ReportSection(Section):
     trackers: list[Tracker] = Field(
         default_factory=list, description="Experiment trackers fed through accelerate's log_with: tensorboard (output_dir/tb/<project>), "
         "mlflow (MLFLOW_TRACKING_URI, else a local store in output_dir/mlruns), wandb (offline in output_dir/wandb "
-        "unless WANDB_MODE says otherwise). Credentials are read from the environment only, never from the recipe.")
+        "unless WANDB_MODE says otherwise). Credentials are read from the environment only, never from the recipe.", json_schema_extra=RESUMABLE)
     project: str | None = Field(None, description="Experiment / project name in the trackers; default: the name of output_dir.")
 
 
@@ -246,7 +248,7 @@ class FsdpSection(Section):
 
 class DistributedSection(Section):
     strategy: Literal["ddp", "deepspeed", "fsdp"] = Field("ddp", description="How the model is spread over processes.")
-    num_processes: int | None = Field(None, ge=1, description="Processes this run must see; any other count is refused (catches launches that silently start one).")
+    num_processes: int | None = Field(None, ge=1, description="Processes this run must see; any other count is refused (catches launches that silently start one).", json_schema_extra=RESUMABLE)
     deepspeed: str | None = Field(None, description="strategy deepspeed: zero1, zero2, zero3, zero3_offload (ds_configs/) or a DeepSpeed JSON file.")
     fsdp: FsdpSection | None = Field(None, description="strategy fsdp: FSDP2 options (default: full sharding).")
     timeout_minutes: float = Field(10, gt=0, description="How long a rank waits for the others in a collective before the launch fails.")
@@ -269,10 +271,8 @@ class DistributedSection(Section):
 
 
 class DpoSection(Section):
-    beta: float = Field(0.1, gt=0, description="How far the policy may move from the reference: the reward of a reply is "
-                        "beta x (its log-probability under the policy - under the reference).")
-    loss: Literal["sigmoid", "ipo"] = Field("sigmoid", description="sigmoid: DPO's -log sigmoid(reward margin); ipo: "
-                                            "(margin / beta - 1 / (2 beta))^2, which keeps the margin bounded.")
+    beta: float = Field(0.1, gt=0, description="A reply's reward is beta x (its log-probability under the policy - the reference's).")
+    loss: Literal["sigmoid", "ipo"] = Field("sigmoid", description="sigmoid: DPO's -log sigmoid(reward margin); ipo: (margin - 1/(2 beta))^2.")
 
 
 class Recipe(Section):
