@@ -246,4 +246,5 @@ def load_model(path: str, recipe: Recipe, on_gpu: bool, labels: list[str] | None
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if where is not None:
         model = adapters.add_adapter(model, recipe, where)
+        adapters.keep_trainable_fp32(model)
     return model

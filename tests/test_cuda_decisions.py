@@ -1,0 +1,114 @@
+"""The decisions the CUDA and cluster paths rest on, checked on CPU in-process (issue 25).
+
+No line of the CUDA path runs here: each test checks the function that decides what that path
+does, or drives the same code with the real component (a real GradScaler) where CPU allows it.
+bench/gpu_smoke.py exercises the GPU side; docs/gpu-checks.md says which is which.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+from support import DATA, tiny_recipe
+
+from launcher.checkpoint import layouts
+from launcher.errors import NonFiniteError
+from launcher.model.loading import load_model
+from launcher.recipe.schema import Recipe
+from launcher.training import guard
+from launcher.training.loop import setup, train_step
+
+
+# ---------------------------------------------------------------- 2: an fp16 overflow is a skipped step
+
+def scaled_session(tiny_model, tmp_path, skip_nonfinite: int):
+    """A one-process CPU run whose optimiser steps through a real GradScaler, as fp16 runs do on a GPU.
+    The initial scale (2^127) overflows fp32 at once, so the first step is a loss-scale overflow."""
+    recipe = tiny_recipe(tiny_model, tmp_path / "run", lora={"r": 4, "alpha": 8, "dropout": 0.0},
+                         train={"optimizer": "sgd", "max_grad_norm": 1.0, "skip_nonfinite": skip_nonfinite,
+                                "micro_batch_size": 2, "grad_accum": 2, "lr": 0.1})
+    recipe["data"].pop("eval")
+    session = setup(Recipe.model_validate(recipe))
+    accelerator = session.accelerator
+    accelerator.scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 127, growth_interval=1000)
+    session.optimizer = accelerator.prepare_optimizer(session.optimizer.optimizer, device_placement=False)
+    session.scheduler.optimizers = [session.optimizer]
+    return session
+
+
+@pytest.mark.parametrize("skip_nonfinite", [0, 2])
+def test_a_loss_scale_overflow_is_a_skipped_step_not_divergence(tiny_model, tmp_path, skip_nonfinite):
+    session = scaled_session(tiny_model, tmp_path, skip_nonfinite)
+    scaler = session.accelerator.scaler
+    before = {n: p.detach().clone() for n, p in session.model.named_parameters() if p.requires_grad}
+    first = train_step(session, session.micro_batches(0))
+    assert first.overflow and not first.skipped and not guard.finite(first.grad_norm)
+    assert guard.finite(first.loss), "the loss itself is finite: only the scaled gradients overflowed"
+    guard.check_step(1, first.loss, None if first.overflow else first.grad_norm, first.skipped, None)  # no stop
+    assert scaler.get_scale() == 2.0 ** 126, "the scaler's update ran: the scale halved"
+    assert session.totals.get("skipped", 0) == 0, "an overflow does not use up train.skip_nonfinite"
+    for name, param in session.model.named_parameters():
+        if param.requires_grad:
+            torch.testing.assert_close(param.detach(), before[name], rtol=0, atol=0)
+    second = train_step(session, session.micro_batches(0))  # the steps go on: unscale_ does not raise
+    assert scaler.get_scale() == (2.0 ** 125 if second.overflow else 2.0 ** 126)
+    scaler.update(2.0 ** 8)
+    applied = train_step(session, session.micro_batches(1))
+    assert not applied.overflow and guard.finite(applied.grad_norm)
+    assert any(not torch.equal(p.detach(), before[n]) for n, p in session.model.named_parameters() if p.requires_grad)
+
+
+def test_without_a_scaler_an_inf_gradient_norm_still_stops_or_is_skipped():
+    totals: dict = {}
+    assert guard.skip_update(float("inf"), False, totals, 1) and totals["skipped"] == 1
+    assert not guard.skip_update(float("inf"), False, totals, 1), "the limit is used up"
+    assert not guard.skip_update(float("inf"), True, {}, 0), "under a scaler its own step decides"
+    with pytest.raises(NonFiniteError):
+        guard.check_step(3, 1.0, float("inf"), False, None)
+
+
+# ---------------------------------------------------------------- 3: the optimiser's step counter after a ZeRO resume
+
+@pytest.mark.parametrize("fused", [False, True])
+def test_restored_step_counter_is_where_torchs_adamw_keeps_it(fused):
+    """Checked against torch's own AdamW on CPU, then the device rule on a parameter elsewhere (meta)."""
+    param = torch.nn.Parameter(torch.ones(3))
+    optimizer = torch.optim.AdamW([param], lr=0.1, fused=fused)
+    param.grad = torch.ones(3)
+    optimizer.step()
+    made = optimizer.state[param]["step"]
+    restored = layouts.step_tensor(7, param, optimizer.param_groups[0])
+    assert (restored.device, restored.dtype, restored.shape) == (made.device, made.dtype, made.shape)
+    assert restored.item() == 7
+    elsewhere = torch.nn.Parameter(torch.ones(3, device="meta"))
+    expected = "meta" if fused else "cpu"  # fused CUDA AdamW reads the counter on the parameter's device
+    assert layouts.step_tensor(7, elsewhere, optimizer.param_groups[0]).device.type == expected
+
+
+# ---------------------------------------------------------------- 8: CUDA RNG of this device only
+
+def test_cuda_rng_restores_on_a_process_that_sees_fewer_devices():
+    one = torch.arange(16, dtype=torch.uint8)
+    old_format = [torch.full((16,), i, dtype=torch.uint8) for i in range(8)]  # every visible device, as saved before
+    assert layouts.cuda_rng_for(one, 0) is one and layouts.cuda_rng_for(one, 3) is one
+    assert layouts.cuda_rng_for(old_format, 2) is old_format[2]
+    assert layouts.cuda_rng_for(old_format[:1], 5) is old_format[0], "a device the checkpoint never saw: no IndexError"
+    assert "cuda" not in layouts.capture_rng() or not isinstance(layouts.capture_rng()["cuda"], list)
+
+
+# ---------------------------------------------------------------- 9: every trainable parameter in float32
+
+def test_a_bf16_base_trains_its_new_head_and_adapters_in_fp32(tiny_model, tmp_path):
+    """A classifier on a bf16 base: peft upcasts the LoRA layers, the launcher the new head (modules_to_save)."""
+    recipe = tiny_recipe(tiny_model, tmp_path / "run",
+                         data={"train": str(DATA / "bbc_news" / "train.jsonl"), "eval": None, "format": "classification",
+                               "fields": {}, "max_length": 32})
+    recipe["model"].update(task="classification", dtype="bfloat16")
+    model = load_model(str(tiny_model), Recipe.model_validate(recipe), on_gpu=False, labels=["a", "b", "c"])
+    trainable = {n: p.dtype for n, p in model.named_parameters() if p.requires_grad}
+    assert any("modules_to_save" in n for n in trainable) and any("lora_" in n for n in trainable)
+    assert set(trainable.values()) == {torch.float32}, {n: d for n, d in trainable.items() if d != torch.float32}
+    assert any(p.dtype == torch.bfloat16 for p in model.parameters() if not p.requires_grad), "the base stays bf16"
+    ids = torch.tensor([[5, 6, 7, 8]])
+    out = model(input_ids=ids, attention_mask=torch.ones_like(ids), labels=torch.tensor([1]))  # no autocast on CPU
+    out.loss.backward()
+    assert all(p.grad is not None and p.grad.dtype == torch.float32 for p in model.parameters() if p.requires_grad)
