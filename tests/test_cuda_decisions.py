@@ -6,6 +6,9 @@ bench/gpu_smoke.py exercises the GPU side; docs/gpu-checks.md says which is whic
 """
 from __future__ import annotations
 
+import subprocess
+from datetime import timedelta
+
 import pytest
 import torch
 from support import DATA, tiny_recipe
@@ -13,7 +16,9 @@ from support import DATA, tiny_recipe
 from launcher.checkpoint import layouts
 from launcher.errors import NonFiniteError
 from launcher.model.loading import load_model
-from launcher.recipe.schema import Recipe
+from launcher.distributed import waiting
+from launcher.distributed.slurm import SlurmJob, sbatch_script
+from launcher.recipe.schema import DistributedSection, Recipe
 from launcher.training import guard
 from launcher.training.loop import setup, train_step
 
@@ -112,3 +117,38 @@ def test_a_bf16_base_trains_its_new_head_and_adapters_in_fp32(tiny_model, tmp_pa
     out = model(input_ids=ids, attention_mask=torch.ones_like(ids), labels=torch.tensor([1]))  # no autocast on CPU
     out.loss.backward()
     assert all(p.grad is not None and p.grad.dtype == torch.float32 for p in model.parameters() if p.requires_grad)
+
+
+# ---------------------------------------------------------------- 10: main-process I/O waited out on a group of its own
+
+def test_exports_and_checkpoints_wait_on_a_long_gloo_group_not_the_training_group():
+    options = waiting.wait_group_options(waiting.EXPORT_WAIT_MINUTES)
+    assert options["backend"] == "gloo", "a CPU barrier: NCCL's watchdog would abort a long wait"
+    assert options["timeout"] >= timedelta(hours=2) > timedelta(minutes=DistributedSection().timeout_minutes)
+    assert waiting.wait_group_options(120)["timeout"] == timedelta(minutes=120)
+
+
+# ---------------------------------------------------------------- 11: the Slurm job asks for CPUs and memory
+
+def sbatch_lines(tmp_path, **job) -> tuple[list[str], str]:
+    script = sbatch_script(tmp_path / "r.yaml", tmp_path / "run", SlurmJob(python="py", **job))
+    lines = script.splitlines()
+    return [line for line in lines if line.startswith("#SBATCH")], next(line for line in lines if line.startswith("srun "))
+
+
+def test_slurm_jobs_ask_for_whole_nodes_unless_told_otherwise(tmp_path):
+    sbatch, srun = sbatch_lines(tmp_path, gpus_per_node=8)
+    assert {"#SBATCH --gres=gpu:8", "#SBATCH --exclusive", "#SBATCH --mem=0"} <= set(sbatch)
+    assert '--cpus-per-task="${SLURM_CPUS_ON_NODE:-1}"' in srun, "the one task per node gets every CPU"
+    expanded = subprocess.run(["bash", "-c", f"echo {srun.split('--cpus-per-task=')[1].split()[0]}"], text=True,
+                              capture_output=True, env={"SLURM_CPUS_ON_NODE": "96", "PATH": "/usr/bin:/bin"}).stdout
+    assert expanded.strip() == "96"
+    _, two_tasks = sbatch_lines(tmp_path, gpus_per_node=8, tasks_per_node=2)
+    assert "--cpus-per-task=$(( ${SLURM_CPUS_ON_NODE:-2} / 2 ))" in two_tasks
+
+    sbatch, srun = sbatch_lines(tmp_path, gpus_per_node=8, cpus_per_task=12, extra_sbatch=["mem=500G"])
+    assert "#SBATCH --cpus-per-task=12" in sbatch and "--cpus-per-task=12" in srun
+    assert "#SBATCH --mem=500G" in sbatch and "#SBATCH --mem=0" not in sbatch and "#SBATCH --exclusive" in sbatch
+
+    sbatch, srun = sbatch_lines(tmp_path, gpus_per_node=4, resources="as-given")
+    assert sbatch.count("#SBATCH --exclusive") == 0 and "#SBATCH --mem=0" not in sbatch and "--cpus-per-task" not in srun
