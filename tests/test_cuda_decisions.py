@@ -11,11 +11,11 @@ from datetime import timedelta
 
 import pytest
 import torch
-from support import DATA, tiny_recipe
+from support import DATA, gpt2_tokenizer, tiny_recipe
 
 from launcher.checkpoint import layouts
 from launcher.errors import NonFiniteError
-from launcher.model.loading import load_model
+from launcher.model.loading import absent_linears, checkpoint_keys, load_model, skeleton
 from launcher.distributed import waiting
 from launcher.distributed.slurm import SlurmJob, sbatch_script
 from launcher.recipe.schema import DistributedSection, Recipe
@@ -152,3 +152,37 @@ def test_slurm_jobs_ask_for_whole_nodes_unless_told_otherwise(tmp_path):
 
     sbatch, srun = sbatch_lines(tmp_path, gpus_per_node=4, resources="as-given")
     assert sbatch.count("#SBATCH --exclusive") == 0 and "#SBATCH --mem=0" not in sbatch and "--cpus-per-task" not in srun
+
+
+# ---------------------------------------------------------------- 14: QLoRA leaves newly initialised modules unquantised
+
+@pytest.fixture(scope="module")
+def bert_without_pooler(tmp_path_factory):
+    """A tiny BERT saved as BertForMaskedLM saves it: no pooler, which a classifier creates new."""
+    from transformers import BertConfig, BertForMaskedLM
+    folder = tmp_path_factory.mktemp("mlm-bert")
+    tokenizer = gpt2_tokenizer(folder, chat=False)
+    config = BertConfig(vocab_size=len(tokenizer), hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+                        num_attention_heads=2, max_position_embeddings=128, pad_token_id=tokenizer.pad_token_id)
+    torch.manual_seed(0)
+    BertForMaskedLM(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+def test_qlora_keeps_modules_the_checkpoint_lacks_out_of_4bit(bert_without_pooler, tmp_path):
+    recipe = tiny_recipe(bert_without_pooler, tmp_path / "run", method="qlora",
+                         data={"train": str(DATA / "bbc_news" / "train.jsonl"), "eval": None, "format": "classification",
+                               "fields": {}, "max_length": 32})
+    recipe["model"]["task"] = "classification"
+    recipe = Recipe.model_validate(recipe)
+    keys = checkpoint_keys(str(bert_without_pooler))
+    assert keys and not any("pooler" in key for key in keys)
+    assert absent_linears(skeleton(str(bert_without_pooler), recipe, ["a", "b"]), keys) == ["bert.pooler.dense", "classifier"]
+    model = load_model(str(bert_without_pooler), recipe, on_gpu=False, labels=["a", "b"])
+    pooler = model.get_submodule("base_model.model.bert.pooler.dense")
+    assert getattr(pooler, "base_layer", pooler).weight.dtype == torch.float32, "the new pooler is a plain float layer"
+    quantised = [n for n, m in model.named_modules() if type(m).__name__ == "Linear4bit"]
+    assert any("attention" in n for n in quantised), "the layers the checkpoint holds are still 4-bit"
+    ids = torch.tensor([[5, 6, 7, 8]])
+    model(input_ids=ids, attention_mask=torch.ones_like(ids), labels=torch.tensor([1])).loss.backward()

@@ -199,13 +199,53 @@ def adapter_layout(path: str, recipe: Recipe, labels: list[str] | None = None) -
     return adapters.layout(skeleton(path, recipe, labels), recipe) if recipe.method != "full" else None
 
 
+def checkpoint_keys(path: str) -> set[str] | None:
+    """The tensor names a checkpoint holds (safetensors header or index, or a sharded .bin index), or None when not found."""
+    import json
+    folder = Path(path)
+    found = {name: folder / name if folder.is_dir() else _hub_file(path, name)
+             for name in ("model.safetensors.index.json", "model.safetensors", "pytorch_model.bin.index.json")}
+    for name, file in found.items():
+        if file is None or not Path(file).is_file():
+            continue
+        if name.endswith(".json"):
+            return set(json.loads(Path(file).read_text())["weight_map"])
+        from safetensors import safe_open
+        with safe_open(str(file), framework="pt") as handle:
+            return set(handle.keys())
+    return None
+
+
+def _hub_file(repo: str, name: str) -> str | None:
+    from transformers.utils import cached_file
+    return cached_file(repo, name, _raise_exceptions_for_missing_entries=False,
+                       _raise_exceptions_for_connection_errors=False)
+
+
+def absent_linears(model, keys: set[str] | None) -> list[str]:
+    """Linear layers whose weight the checkpoint lacks (a BERT saved without its pooler, loaded for classification):
+    transformers initialises them as plain float parameters, which inside a 4-bit layer break peft. They stay
+    unquantised. Names are compared with and without the base model's prefix; when most layers seem absent the
+    naming differs (a converted checkpoint) and nothing is claimed."""
+    if not keys:
+        return []
+    prefix = getattr(model, "base_model_prefix", "") + "."
+    held = keys | {k.removeprefix(prefix) for k in keys} | {prefix + k for k in keys}
+    linears = [name for name, module in model.named_modules() if adapters.is_linear(module) and name]
+    absent = [name for name in linears if name + ".weight" not in held]
+    return absent if len(absent) <= len(linears) // 2 else []
+
+
 def load_base(path: str, recipe: Recipe, on_gpu: bool, labels: list[str] | None = None):
     """The pretrained model with the task's head; a classifier gets a new head sized and named from `labels`."""
     kwargs = {"dtype": weight_dtype(recipe, on_gpu), "trust_remote_code": recipe.model.trust_remote_code}
     if recipe.model.attn_implementation:
         kwargs["attn_implementation"] = recipe.model.attn_implementation
-    where = adapter_layout(path, recipe, labels) if recipe.method == "qlora" else None
-    quantization = quantization_config(recipe, on_gpu, where.unquantised if where else [])
+    unquantised = []
+    if recipe.method == "qlora":  # heads, and what the checkpoint does not hold (newly initialised: no 4-bit weights)
+        model_tree = skeleton(path, recipe, labels)
+        unquantised = adapters.layout(model_tree, recipe).unquantised + absent_linears(model_tree, checkpoint_keys(path))
+    quantization = quantization_config(recipe, on_gpu, unquantised)
     if quantization is not None:
         from accelerate import PartialState
         # Quantised weights are placed at load; accelerate will not move them to this process's device later.
