@@ -14,6 +14,7 @@ import torch
 from support import DATA, gpt2_tokenizer, tiny_recipe
 
 from launcher.checkpoint import layouts
+from launcher.data.packing import VARLEN_KEYS, collate_packed, varlen_attention
 from launcher.errors import NonFiniteError
 from launcher.model.loading import absent_linears, checkpoint_keys, load_model, skeleton
 from launcher.distributed import waiting
@@ -186,3 +187,20 @@ def test_qlora_keeps_modules_the_checkpoint_lacks_out_of_4bit(bert_without_poole
     assert any("attention" in n for n in quantised), "the layers the checkpoint holds are still 4-bit"
     ids = torch.tensor([[5, 6, 7, 8]])
     model(input_ids=ids, attention_mask=torch.ones_like(ids), labels=torch.tensor([1])).loss.backward()
+
+
+# ---------------------------------------------------------------- 5: packed batches tell flash-attention their bounds
+
+def test_packed_batches_carry_varlen_bounds_for_flash_attention():
+    rows = [{"input_ids": [1, 2, 3, 4, 5], "labels": [-100, 2, 3, -100, 5], "lengths": [3, 2]},
+            {"input_ids": [6, 7, 8], "labels": [-100, 7, 8], "lengths": [3]}]
+    batch = collate_packed(rows, pad_id=0, varlen=True)
+    # row 0: examples of 3 and 2; row 1: one of 3, then its padding tail of 2; laid end to end
+    assert batch["cu_seq_lens_q"].tolist() == batch["cu_seq_lens_k"].tolist() == [0, 3, 5, 8, 10]
+    assert batch["cu_seq_lens_q"].dtype == torch.int32 and batch["cu_seq_lens_q"][-1] == batch["input_ids"].numel()
+    assert batch["max_length_q"] == batch["max_length_k"] == 3
+    assert batch["position_ids"].tolist() == [[0, 1, 2, 0, 1], [0, 1, 2, 0, 1]]
+    assert not set(VARLEN_KEYS) & set(collate_packed(rows, pad_id=0)), "sdpa and eager read position_ids alone"
+    assert varlen_attention("flash_attention_2") and varlen_attention("kernels-community/flash-attn3")
+    assert not varlen_attention("sdpa") and not varlen_attention(None)
+

@@ -30,7 +30,8 @@ class Evaluation:
 
 
 def to_device(batch: dict, device) -> dict:
-    return {k: v.to(device) for k, v in batch.items()}
+    """Tensors to `device`; plain numbers (a packed batch's max_length_*) as they are."""
+    return {k: v.to(device) if hasattr(v, "to") else v for k, v in batch.items()}
 
 
 def loss_pass(accelerator, model, dataset, batch_size: int, pad_id: int, task: str,

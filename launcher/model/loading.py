@@ -6,6 +6,7 @@ turning a GGUF file into a plain trainable folder once, and freezing by the reci
 from __future__ import annotations
 
 import hashlib
+import json
 import importlib.util
 import os
 import re
@@ -201,7 +202,6 @@ def adapter_layout(path: str, recipe: Recipe, labels: list[str] | None = None) -
 
 def checkpoint_keys(path: str) -> set[str] | None:
     """The tensor names a checkpoint holds (safetensors header or index, or a sharded .bin index), or None when not found."""
-    import json
     folder = Path(path)
     found = {name: folder / name if folder.is_dir() else _hub_file(path, name)
              for name in ("model.safetensors.index.json", "model.safetensors", "pytorch_model.bin.index.json")}
