@@ -130,9 +130,9 @@ def reload(run: Trained, model_path: Path):
     if run.recipe.method == "qlora":
         from transformers import BitsAndBytesConfig
 
-        from launcher.model.loading import adapter_layout
+        from launcher.model.loading import adapter_placement
         kwargs["quantization_config"] = BitsAndBytesConfig(
             load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=torch.float32,
-            llm_int8_skip_modules=adapter_layout(str(model_path), run.recipe, LABELS if task == CLASSIFY else None).unquantised)
+            llm_int8_skip_modules=adapter_placement(str(model_path), run.recipe, LABELS if task == CLASSIFY else None).unquantised)
     base = auto_class(task).from_pretrained(model_path, dtype=torch.float32, **kwargs)
     return PeftModel.from_pretrained(base, final).eval()
