@@ -15,11 +15,14 @@ from support import DATA, gpt2_tokenizer, tiny_recipe
 
 from launcher.checkpoint import layouts
 from launcher.data.packing import VARLEN_KEYS, collate_packed, varlen_attention
-from launcher.errors import NonFiniteError
+from launcher.errors import NonFiniteError, UserError
 from launcher.model.loading import absent_linears, checkpoint_keys, load_model, skeleton
 from launcher.distributed import waiting
+from launcher.distributed.launch import native_bf16
 from launcher.distributed.slurm import SlurmJob, sbatch_script
+from launcher.distributed.strategies import Fsdp2, fsdp_param_dtype, quant_storage_dtype
 from launcher.recipe.schema import DistributedSection, Recipe
+from launcher.evaluation.evaluate import main_process_metrics, synced_generation
 from launcher.training import guard
 from launcher.training.loop import setup, train_step
 
@@ -204,3 +207,52 @@ def test_packed_batches_carry_varlen_bounds_for_flash_attention():
     assert varlen_attention("flash_attention_2") and varlen_attention("kernels-community/flash-attn3")
     assert not varlen_attention("sdpa") and not varlen_attention(None)
 
+
+
+# ---------------------------------------------------------------- 1, 6, 7, 12, 13: the strategy's decisions
+
+def fsdp_recipe(tiny_model, tmp_path, **changes) -> Recipe:
+    recipe = tiny_recipe(tiny_model, tmp_path / "run", distributed={"strategy": "fsdp", **changes.pop("distributed", {})})
+    for section, values in changes.items():
+        recipe[section] = {**recipe.get(section, {}), **values} if isinstance(values, dict) else values
+    return Recipe.model_validate(recipe)
+
+
+def test_fsdp2_cpu_offload_gets_a_cpu_backend_beside_nccl(tiny_model, tmp_path):
+    offload = Fsdp2(fsdp_recipe(tiny_model, tmp_path, distributed={"fsdp": {"cpu_offload": True}}))
+    assert offload.backend(on_gpu=True, world=8) == "cpu:gloo,cuda:nccl"
+    plain = Fsdp2(fsdp_recipe(tiny_model, tmp_path))
+    assert plain.backend(on_gpu=True, world=8) is None, "accelerate's NCCL"
+    assert plain.backend(on_gpu=False, world=2) == offload.backend(on_gpu=False, world=2) == "gloo"
+
+
+def test_fsdp2_full_fine_tuning_reduce_scatters_every_micro_batch(tiny_model, tmp_path):
+    assert Fsdp2(fsdp_recipe(tiny_model, tmp_path, method="full")).reduces_every_micro_batch()
+    assert not Fsdp2(fsdp_recipe(tiny_model, tmp_path)).reduces_every_micro_batch(), "adapters: once per step"
+
+
+def test_qlora_under_fsdp2_refuses_a_param_dtype_that_would_cast_the_4bit_storage(tiny_model, tmp_path):
+    recipe = fsdp_recipe(tiny_model, tmp_path, method="qlora", quant={"compute_dtype": "bfloat16"})
+    storage = quant_storage_dtype(recipe, on_gpu=True)
+    assert storage == torch.bfloat16
+    assert fsdp_param_dtype("bf16", storage) == torch.bfloat16
+    assert fsdp_param_dtype("no", storage) is None, "no mixed precision: FSDP2 casts nothing"
+    with pytest.raises(UserError, match="train.precision fp16 .* packed as bfloat16"):
+        fsdp_param_dtype("fp16", storage)
+    assert quant_storage_dtype(fsdp_recipe(tiny_model, tmp_path), on_gpu=True) is None
+    assert fsdp_param_dtype("fp16", None) == torch.float16
+
+
+def test_generation_is_synced_when_weights_are_sharded_and_metrics_come_from_rank_0(tiny_model, tmp_path):
+    assert synced_generation(2, Fsdp2(fsdp_recipe(tiny_model, tmp_path)).rules.shards_parameters)
+    assert not synced_generation(1, True) and not synced_generation(4, False)
+
+    class One:  # a one-process accelerator: nothing to broadcast
+        num_processes = 1
+    metrics = {"eval_loss": 1.0}
+    assert main_process_metrics(One(), metrics) is metrics
+
+
+def test_auto_precision_takes_bf16_only_where_the_gpu_has_it_in_hardware():
+    assert native_bf16((8, 0)) and native_bf16((9, 0))
+    assert not native_bf16((7, 0)) and not native_bf16((7, 5)), "V100 and T4 only emulate bf16"

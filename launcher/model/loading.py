@@ -14,6 +14,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
+from launcher.distributed.launch import native_bf16, this_gpu_capability
 from launcher.distributed.rules import rules_for
 from launcher.model import adapters
 from launcher.recipe.schema import Recipe
@@ -119,12 +120,12 @@ def compute_dtype_name(recipe: Recipe, on_gpu: bool, gpu_has_bf16: bool) -> str:
 
 def weight_dtype(recipe: Recipe, on_gpu: bool):
     import torch
-    return getattr(torch, weight_dtype_name(recipe, on_gpu, on_gpu and torch.cuda.is_bf16_supported()))
+    return getattr(torch, weight_dtype_name(recipe, on_gpu, on_gpu and native_bf16(this_gpu_capability())))
 
 
 def compute_dtype(recipe: Recipe, on_gpu: bool):
     import torch
-    return getattr(torch, compute_dtype_name(recipe, on_gpu, on_gpu and torch.cuda.is_bf16_supported()))
+    return getattr(torch, compute_dtype_name(recipe, on_gpu, on_gpu and native_bf16(this_gpu_capability())))
 
 
 def quantization_config(recipe: Recipe, on_gpu: bool, unquantised: list[str]):

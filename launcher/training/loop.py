@@ -25,7 +25,7 @@ from launcher.data.mixing import mixture_line
 from launcher.distributed import launch, slurm
 from launcher.distributed.strategies import Strategy, strategy_for
 from launcher.errors import UserError
-from launcher.evaluation.evaluate import Best, Evaluation, eval_rows, evaluate, to_device
+from launcher.evaluation.evaluate import Best, Evaluation, eval_rows, evaluate, synced_generation, to_device
 from launcher.memory.advice import MemoryCheck, check_before_loading, predicted_and_measured
 from launcher.memory.counts import ParamCount, count_parameters, parameter_bytes
 from launcher.model import loading as modeling
@@ -317,8 +317,9 @@ def run_eval(session: Run, step: int) -> Evaluation | None:
         return None
     dataset, unwrap = session.data.eval.dataset, partial(session.strategy.unwrap, session.accelerator)
     with session.console.phase(f"evaluation (step {step})", eval_rows(dataset, session.recipe)) as phase:
+        synced = synced_generation(session.accelerator.num_processes, session.strategy.rules.shards_parameters)
         result = evaluate(session.accelerator, session.model, session.tokenizer, dataset, session.recipe,
-                          session.data.labels, unwrap, phase.advance)
+                          session.data.labels, unwrap, phase.advance, synced)
     extra = {"confusion": result.confusion} if result.confusion else {}
     if step == 0 and result.predictions:  # the "before" samples, read back by a resumed run's report
         extra["samples"] = result.predictions
