@@ -37,8 +37,10 @@ def _rank(rank: int, port: int, recipe_path: str, queue) -> None:
     close(session)
 
 
-@pytest.mark.parametrize("method,per_step", [("full", ACCUM), ("lora", 1)])
-def test_fsdp2_reduce_scatters_per_micro_batch_for_full_fine_tuning_once_per_step_for_adapters(tmp_path, method, per_step):
+# full: three units (two blocks and the root) at every micro-batch; LoRA: the two blocks that hold adapters (the
+# root's own parameters are frozen, so nothing to reduce) once per step
+@pytest.mark.parametrize("method,expected", [("full", 3 * STEPS * ACCUM), ("lora", 2 * STEPS)])
+def test_fsdp2_reduce_scatters_per_micro_batch_for_full_fine_tuning_once_per_step_for_adapters(tmp_path, method, expected):
     import torch.multiprocessing as mp
     model = build_tiny_llama(tmp_path / "model")
     recipe = tiny_recipe(model, tmp_path / "run", method=method, distributed={"strategy": "fsdp"},
@@ -55,5 +57,4 @@ def test_fsdp2_reduce_scatters_per_micro_batch_for_full_fine_tuning_once_per_ste
         process.join(timeout=120)
     for rank, units, scatters in results:
         assert units == 3, results  # two transformer blocks and the root
-        # one reduce-scatter per FSDP unit per step (adapters) or per micro-batch (full fine-tuning)
-        assert scatters == units * STEPS * per_step, results
+        assert scatters == expected, results
