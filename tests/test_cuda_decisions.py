@@ -256,3 +256,14 @@ def test_generation_is_synced_when_weights_are_sharded_and_metrics_come_from_ran
 def test_auto_precision_takes_bf16_only_where_the_gpu_has_it_in_hardware():
     assert native_bf16((8, 0)) and native_bf16((9, 0))
     assert not native_bf16((7, 0)) and not native_bf16((7, 5)), "V100 and T4 only emulate bf16"
+
+
+def test_fsdp2_on_one_process_computes_in_the_requested_precision(tiny_model, tmp_path):
+    recipe = tiny_recipe(tiny_model, tmp_path / "run", distributed={"strategy": "fsdp"}, train={"precision": "bf16"})
+    recipe["data"].pop("eval")
+    session = setup(Recipe.model_validate(recipe))
+    seen = []
+    block = next(m for m in session.model.modules() if type(m).__name__ == "LlamaMLP")
+    block.register_forward_hook(lambda module, inputs, output: seen.append(output.dtype))
+    train_step(session, session.micro_batches(0))
+    assert seen and set(seen) == {torch.bfloat16}, "train.precision bf16 must reach the forward"

@@ -226,7 +226,10 @@ class Fsdp2(Strategy):
 
     def prepare(self, accelerator, model, optimizer, scheduler):
         """FSDP2 models stay out of accelerator.prepare (accelerate would wrap them in DDP on CPU); the optimiser
-        gets accelerate's wrapper, which skips steps while accumulating and unscales fp16 gradients."""
+        gets accelerate's wrapper, which skips steps while accumulating and unscales fp16 gradients. One process
+        shards nothing and so has no MixedPrecisionPolicy: accelerate's own path applies train.precision there."""
+        if accelerator.num_processes == 1:
+            return super().prepare(accelerator, model, optimizer, scheduler)
         scheduler = accelerator.prepare(scheduler)
         scaler = self.gradient_scaler(accelerator)
         if scaler is not None:
