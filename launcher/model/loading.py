@@ -228,8 +228,11 @@ def checkpoint_keys(path: str) -> set[str] | None:
 
 def _hub_file(repo: str, name: str) -> str | None:
     from transformers.utils import cached_file
-    return cached_file(repo, name, _raise_exceptions_for_missing_entries=False,
-                       _raise_exceptions_for_connection_errors=False)
+    try:
+        return cached_file(repo, name, _raise_exceptions_for_missing_entries=False,
+                           _raise_exceptions_for_connection_errors=False)
+    except OSError:  # not a hub id transformers can resolve here: from_pretrained will say why
+        return None
 
 
 def absent_linears(model, keys: set[str] | None) -> list[str]:
