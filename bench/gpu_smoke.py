@@ -198,7 +198,7 @@ def reduce_every_micro_batch(work: Path) -> str:
     from launcher.recipe.schema import Recipe
     full = Fsdp2(Recipe.model_validate(recipe_dict(work / "model", work / "run6", method="full",
                                                    distributed={"strategy": "fsdp"})))
-    return "ok (decision; counted on 2 processes by tests/test_grad_sync.py)" if full.reduces_every_micro_batch() else "FAIL"
+    return "ok (decision; counted on 2 processes by tests/test_distributed_grad_sync.py)" if full.reduces_every_micro_batch() else "FAIL"
 
 
 @check("7", "QLoRA + FSDP2: 4-bit weights stored in bf16, sharded with param_dtype bf16, a finite forward")
