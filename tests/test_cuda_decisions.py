@@ -6,12 +6,14 @@ bench/gpu_smoke.py exercises the GPU side; docs/gpu-checks.md says which is whic
 """
 from __future__ import annotations
 
+import os
 import subprocess
+import sys
 from datetime import timedelta
 
 import pytest
 import torch
-from support import DATA, gpt2_tokenizer, tiny_recipe
+from support import DATA, REPO, gpt2_tokenizer, tiny_recipe, write_recipe
 
 from launcher.checkpoint import layouts
 from launcher.data.packing import VARLEN_KEYS, collate_packed, varlen_attention
@@ -258,12 +260,25 @@ def test_auto_precision_takes_bf16_only_where_the_gpu_has_it_in_hardware():
     assert not native_bf16((7, 0)) and not native_bf16((7, 5)), "V100 and T4 only emulate bf16"
 
 
+PRECISION_PROBE = """
+import sys, torch
+from launcher.recipe.files import load_recipe
+from launcher.training.loop import setup, train_step
+session = setup(load_recipe(sys.argv[1]))
+seen = []
+block = next(m for m in session.model.modules() if type(m).__name__ == "LlamaMLP")
+block.register_forward_hook(lambda module, inputs, output: seen.append(str(output.dtype)))
+train_step(session, session.micro_batches(0))
+print(sorted(set(seen)))
+"""
+
+
 def test_fsdp2_on_one_process_computes_in_the_requested_precision(tiny_model, tmp_path):
+    """In its own process: accelerate keeps one precision per process, and other tests here set up fp32 runs."""
     recipe = tiny_recipe(tiny_model, tmp_path / "run", distributed={"strategy": "fsdp"}, train={"precision": "bf16"})
     recipe["data"].pop("eval")
-    session = setup(Recipe.model_validate(recipe))
-    seen = []
-    block = next(m for m in session.model.modules() if type(m).__name__ == "LlamaMLP")
-    block.register_forward_hook(lambda module, inputs, output: seen.append(output.dtype))
-    train_step(session, session.micro_batches(0))
-    assert seen and set(seen) == {torch.bfloat16}, "train.precision bf16 must reach the forward"
+    path = write_recipe(recipe, tmp_path / "r.yaml")
+    done = subprocess.run([sys.executable, "-c", PRECISION_PROBE, str(path)], capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1"})
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip().splitlines()[-1] == "['torch.bfloat16']", "train.precision bf16 must reach the forward"
