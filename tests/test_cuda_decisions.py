@@ -93,6 +93,7 @@ def test_restored_step_counter_is_where_torchs_adamw_keeps_it(fused):
     elsewhere = torch.nn.Parameter(torch.ones(3, device="meta"))
     expected = "meta" if fused else "cpu"  # fused CUDA AdamW reads the counter on the parameter's device
     assert layouts.step_tensor(7, elsewhere, optimizer.param_groups[0]).device.type == expected
+    assert layouts.group_of(optimizer, elsewhere) is optimizer.param_groups[0], "a ZeRO-3 partition outside every group"
 
 
 # ---------------------------------------------------------------- 8: CUDA RNG of this device only

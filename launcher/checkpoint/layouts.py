@@ -119,6 +119,15 @@ def step_tensor(value: float, param, group: dict) -> torch.Tensor:
     return torch.tensor(float(value), dtype=dtype, device=param.device if on_device else "cpu")
 
 
+def group_of(optimizer, param) -> dict:
+    """The param group holding `param`, else the first (ZeRO-3 swaps its partitions in only during a step;
+    `fused` and `capturable` are set for the whole optimiser)."""
+    for group in optimizer.param_groups:
+        if any(p is param for p in group["params"]):
+            return group
+    return optimizer.param_groups[0] if optimizer.param_groups else {}
+
+
 def base_optimizer(optimizer):
     """The torch optimiser under accelerate's (and DeepSpeed's) wrappers."""
     while hasattr(optimizer, "optimizer"):
@@ -186,10 +195,9 @@ class ZeroTrainableLayout(TrainableLayout):
             for key, value in state["optimizer"]["state"][name].items():
                 safe_set_full_optimizer_state(param, value.to(param.device), key)
         base = base_optimizer(self.optimizer)
-        for group in base.param_groups:
-            for param in group["params"]:
-                if "step" in base.state.get(param, {}):
-                    base.state[param]["step"] = step_tensor(state["optimizer"]["step"], param, group)
+        for param, param_state in base.state.items():  # ZeRO-3's flat partitions join param_groups only during a step
+            if "step" in param_state:
+                param_state["step"] = step_tensor(state["optimizer"]["step"], param, group_of(base, param))
         if hasattr(engine_optimizer, "update_lp_params"):  # ZeRO-1/2: copy fp32 masters into the model's weights
             engine_optimizer.update_lp_params()
         else:  # ZeRO-3: the same, per parameter sub-group
@@ -202,10 +210,9 @@ class ZeroTrainableLayout(TrainableLayout):
         # ZeRO-3 hands its fp32 partitions to the torch optimiser only during a step
         flats = getattr(self.optimizer.optimizer, "fp32_partitioned_groups_flat", None) or \
             [p for group in base.param_groups for p in group["params"]]
-        groups = {id(p): group for group in base.param_groups for p in group["params"]}
         for flat in flats:
             if not base.state[flat]:
-                base.state[flat] = {"step": step_tensor(0, flat, groups.get(id(flat), {})),
+                base.state[flat] = {"step": step_tensor(0, flat, group_of(base, flat)),
                                     **{k: torch.zeros_like(flat) for k in keys}}
 
 
