@@ -287,7 +287,7 @@ def fit(session: Run, stop: StopRequest) -> bool:
         if step == start + 1:
             session.strategy.check_synchronised(session.accelerator, session.model)  # refuses independent processes
         _record(session, stats)
-        guard.check_step(step, stats.loss, stats.grad_norm, stats.skipped, ckpt.last_checkpoint(session.run_dir))
+        guard.check_step(step, stats.loss, stats.grad_norm, stats.skipped, partial(ckpt.last_checkpoint, session.run_dir))
         if not last and stop.agreed(session.accelerator):  # at the last step, finishing is the quickest way out
             save(session)
             _preempted(session.reporter, stop, step, session.total_steps)
