@@ -47,7 +47,7 @@ def measure(folder: Path) -> dict:
 
     from launcher.training import optim
     from launcher.model.loss import task_loss_sum
-    from launcher.memory.estimate import model_config
+    from launcher.memory.inventory import model_config
     from launcher.recipe.schema import Recipe
     recipe = Recipe.model_validate(recipe_data(folder))
     torch.manual_seed(0)

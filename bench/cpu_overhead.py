@@ -49,7 +49,8 @@ def plain_steps(model: Path, steps: int, micro: int, length: int) -> list[float]
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from launcher.data.encode import StepPlan, collate, tokenise
+    from launcher.data.batching import StepPlan, collate
+    from launcher.data.encode import tokenise
     from launcher.recipe.schema import DataSection
     torch.set_num_threads(2)
     tokenizer = AutoTokenizer.from_pretrained(model)
@@ -123,7 +124,8 @@ def preprocessing_table(chat_model: Path, length: int, work: Path) -> None:
     """Rows/s from the jsonl rows to trainable token rows (ids + masked labels), launcher vs TRL's SFT path."""
     from transformers import AutoTokenizer
 
-    from launcher.data.encode import load_table, tokenise
+    from launcher.data.encode import tokenise
+    from launcher.data.sources import load_table
     from launcher.recipe.schema import DataSection
     source = DATA / "bible_en_es" / "train.jsonl"
     tokenizer = AutoTokenizer.from_pretrained(chat_model)

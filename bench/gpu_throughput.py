@@ -38,7 +38,7 @@ def batches(lengths: list[int], micro: int, length: int, vocab: int, packing: bo
     import datasets
     import torch
 
-    from launcher.data.encode import collate
+    from launcher.data.batching import collate
     from launcher.data.packing import collate_packed, pack_dataset
     generator = torch.Generator().manual_seed(0)
     rows = [{"input_ids": (ids := torch.randint(3, vocab, (n,), generator=generator).tolist()), "labels": ids} for n in lengths]

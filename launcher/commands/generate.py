@@ -8,19 +8,39 @@ Interactive on a terminal, one prompt per line otherwise.
 """
 from __future__ import annotations
 
+import argparse
 import sys
 from pathlib import Path
 from typing import Callable
 
-from launcher.recipe.schema import DataSection, Recipe
-
-from launcher.errors import UserError
-from launcher.recipe.files import load_run
+from launcher.data.encode import Encoder
 from launcher.data.sources import sources_of
+from launcher.errors import UserError
+from launcher.evaluation.evaluate import generate
+from launcher.model import loading as modeling
+from launcher.recipe.files import load_run
+from launcher.recipe.formats import FORMATS
+from launcher.recipe.schema import DataSection, Recipe
+from launcher.rundir.paths import RunDir
 
 # The canonical field a user's prompt fills, per data format; the format's other required field is the (empty) target.
 PROMPT_FIELD = {"translation": "source", "qa": "question", "instruction": "instruction", "completion": "prompt",
                 "text": "text", "chat": "messages"}
+
+
+def add_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("run_dir", help="output_dir of a finished run")
+    given = parser.add_mutually_exclusive_group()
+    given.add_argument("--prompt", action="append", help="a prompt (repeatable); without --prompt or --file: interactive "
+                       "on a terminal, else one prompt per line of standard input")
+    given.add_argument("--file", help="a text file with one prompt per line")
+    parser.add_argument("--checkpoint", choices=["final", "best", "base"], default="final",
+                        help="which model answers: the run's final (default) or best, or the base model")
+    parser.add_argument("--max-new-tokens", type=int, help="default: the recipe's eval.max_new_tokens")
+
+
+def run(args: argparse.Namespace) -> int:
+    return answer_prompts(args.run_dir, args.checkpoint, args.prompt, args.file, args.max_new_tokens)
 
 
 def prompt_data(recipe: Recipe) -> DataSection:
@@ -35,7 +55,6 @@ def prompt_rows(prompts: list[str], data: DataSection) -> list[dict]:
         raise UserError(f"generate: data.format {fmt} is scored from logits, not generated; use `launcher eval` instead")
     if fmt == "chat":
         return [{col("messages"): [{"role": "user", "content": p}, {"role": "assistant", "content": ""}]} for p in prompts]
-    from launcher.recipe.formats import FORMATS
     target = [f for f in FORMATS[fmt].required if f != PROMPT_FIELD[fmt]]
     return [{col(PROMPT_FIELD[fmt]): p, **{col(t): "" for t in target}} for p in prompts]
 
@@ -46,17 +65,13 @@ def answerer(run_dir: str | Path, checkpoint: str, max_new_tokens: int | None = 
     import datasets
     import torch
     from accelerate import PartialState
-
-    from launcher.model import loading as modeling
-    from launcher.data.encode import Encoder
-    from launcher.evaluation.evaluate import generate
     run_dir = Path(run_dir)
     recipe = load_run(run_dir)
     if recipe.model.task == "classification":
         raise UserError("generate: a classification run predicts labels; use `launcher eval` instead")
     if max_new_tokens:
         recipe.eval.max_new_tokens = max_new_tokens
-    folder = run_dir / checkpoint
+    folder = run_dir if checkpoint == "base" else RunDir(run_dir).export(checkpoint)
     if checkpoint != "base" and not folder.is_dir():
         raise UserError(f"generate: {folder} does not exist (train to the end first, or pick --checkpoint final|best|base)")
     weights = modeling.resolve_weights(recipe)

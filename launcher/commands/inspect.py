@@ -1,15 +1,30 @@
-"""`launcher inspect`: see exactly what the model will be trained on, before training it.
-
-Named inspection, not inspect, so it never shadows the standard library's inspect module.
-"""
+"""`launcher inspect`: see exactly what the model will be trained on, before training it."""
 from __future__ import annotations
+
+import argparse
+import sys
 
 from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
+from launcher.data.encode import load_datasets
+from launcher.model import loading as modeling
+from launcher.preflight.checks import checked_recipe
 from launcher.recipe.formats import IGNORE
 from launcher.recipe.schema import Recipe
+
+
+def add_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("-n", "--examples", type=int, default=3, help="examples to show")
+    parser.add_argument("--plain", action="store_true",
+                        help="token ids, labels and pieces in columns (also whenever stdout is not a terminal)")
+
+
+def run(args: argparse.Namespace) -> int:
+    recipe = checked_recipe(args)
+    show(recipe, args.examples, plain=args.plain or not sys.stdout.isatty())
+    return 0
 
 
 def highlighted(tokenizer, ids: list[int], labels: list[int]) -> Text:
@@ -45,9 +60,6 @@ def show(recipe: Recipe, examples: int, console: Console | None = None, plain: b
     """Print the first `examples` tokenised train rows and the data's counts; returns the counts.
 
     plain: tokens in columns (token_columns) instead of highlighted text."""
-    from launcher.model import loading as modeling
-    from launcher.data.encode import load_datasets
-
     console = console or Console(highlight=False, soft_wrap=True)
     weights = modeling.resolve_weights(recipe)
     tokenizer = modeling.load_tokenizer(weights, recipe)

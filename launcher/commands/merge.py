@@ -7,21 +7,38 @@ the ones the adapter learnt against, and checking the saved folder, reloaded wit
 """
 from __future__ import annotations
 
+import argparse
+import json
 import shutil
 from pathlib import Path
 
 from launcher.checkpoint import verify
-from launcher.recipe.schema import Recipe
+from launcher.data.encode import class_labels
 from launcher.errors import UserError
+from launcher.model import loading as modeling
 from launcher.recipe.files import load_run
+from launcher.recipe.schema import Recipe
+from launcher.rundir.paths import RunDir
 
 DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
 # Largest |merged - adapter| logit difference accepted, relative to the largest |logit|: the merged
 # weight W + BA is rounded once to the saved dtype, where the adapter model adds BAx in float32.
 TOLERANCE = {"float32": 1e-4, "bfloat16": 5e-2, "float16": 1e-2}
-PROMPTS = ["The quick brown fox jumps over the lazy dog.",
+CHECK_PROMPTS = ["The quick brown fox jumps over the lazy dog.",
            "Translate from English to Spanish:\nIn the beginning God created the heaven and the earth.",
            "Question: What is the capital of France?\nAnswer:"]
+
+
+def add_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("run_dir", help="output_dir of a finished lora or qlora run")
+    parser.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], default="bf16", help="dtype of the merged weights (default bf16)")
+    parser.add_argument("--out", help="where to save (default RUN_DIR/merged)")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing merged folder")
+
+
+def run(args: argparse.Namespace) -> int:
+    merge(args.run_dir, args.dtype, args.out, args.overwrite)
+    return 0
 
 
 def load_dequantised_base(recipe: Recipe, dtype: str):
@@ -30,9 +47,6 @@ def load_dequantised_base(recipe: Recipe, dtype: str):
     Not modeling.load_base: that one loads a base for training, quantised when the recipe says so.
     """
     import torch
-
-    from launcher.model import loading as modeling
-    from launcher.data.encode import class_labels
     plain = recipe.model_copy(deep=True)
     plain.model.dtype = dtype
     on_gpu = torch.cuda.is_available()
@@ -72,7 +86,6 @@ def restore_conv1d(merged, skeleton) -> None:
 
 def check_mergeable(adapter: Path) -> None:
     """Refuse, before loading anything, adapters merge_and_unload cannot fold into plain weights."""
-    import json
     config = json.loads((adapter / "adapter_config.json").read_text())
     if config.get("peft_type") != "LORA":
         raise UserError(f"{adapter}: peft_type {config.get('peft_type')}; launcher merge folds LoRA adapters "
@@ -83,13 +96,10 @@ def write_merged(recipe: Recipe, adapter: Path, staging: Path, torch_dtype: str)
     """Merge into `staging` and reload it with plain from_pretrained; returns (max |logit difference|, adapter logits)."""
     import torch
     from peft import PeftModel
-
-    from launcher.model import loading as modeling
-    from launcher.data.encode import class_labels
     model = PeftModel.from_pretrained(load_dequantised_base(recipe, torch_dtype), adapter).eval()
     device = next(model.parameters()).device
     tokenizer = modeling.load_tokenizer(str(adapter), recipe)
-    batch = dict(tokenizer(PROMPTS, return_tensors="pt", padding=True))
+    batch = dict(tokenizer(CHECK_PROMPTS, return_tensors="pt", padding=True))
     expected = logits(model, batch)
     merged = model.merge_and_unload()
     restore_conv1d(merged, modeling.skeleton(modeling.resolve_weights(recipe), recipe, class_labels(recipe)))
@@ -106,17 +116,17 @@ def write_merged(recipe: Recipe, adapter: Path, staging: Path, torch_dtype: str)
 
 def merge(run_dir: str | Path, dtype: str = "bf16", out: str | Path | None = None, overwrite: bool = False) -> float:
     """Write the merged model; returns the verified max logit difference."""
-    run_dir = Path(run_dir)
-    recipe = load_run(run_dir)
-    adapter = run_dir / "final"
+    run = RunDir(run_dir)
+    recipe = load_run(run.root)
+    adapter = run.export("final")
     if not (adapter / "adapter_config.json").is_file():
         what = "a full model: nothing to merge" if (adapter / "config.json").is_file() else "not there: train to the end first"
         raise UserError(f"{adapter} is {what} (merge needs the adapter of a lora or qlora run)")
-    target = Path(out) if out else run_dir / "merged"  # beside final/, so uploading final/ uploads the adapter alone
+    target = Path(out) if out else run.merged  # beside final/, so uploading final/ uploads the adapter alone
     if target.exists() and not overwrite:
         raise UserError(f"{target} exists; pass --overwrite to replace it, or --out to write elsewhere")
     check_mergeable(adapter)
-    staging = target.with_name(target.name + ".tmp")
+    staging = RunDir.staging(target)
     try:
         difference, expected = write_merged(recipe, adapter, staging, DTYPES[dtype])
     except BaseException:
@@ -127,7 +137,7 @@ def merge(run_dir: str | Path, dtype: str = "bf16", out: str | Path | None = Non
     limit = TOLERANCE[torch_dtype] * scale
     verdict = "ok" if difference <= limit else "FAILED"
     print(f"merged {adapter} into {recipe.model.path} ({torch_dtype}); reloaded with from_pretrained: "
-          f"max |logit difference| vs the adapter model on {len(PROMPTS)} prompts = {difference:.3g} "
+          f"max |logit difference| vs the adapter model on {len(CHECK_PROMPTS)} prompts = {difference:.3g} "
           f"(tolerance {limit:.3g}) {verdict}")
     if difference > limit:
         shutil.rmtree(staging, ignore_errors=True)

@@ -23,29 +23,23 @@ from datetime import timedelta
 from pathlib import Path
 
 from launcher.data import encode as data
-
-from launcher.data import fingerprint
-
-from launcher.recipe import formats
-
-from launcher.data import mixing
-
-from launcher.data import packing
-
-from launcher.data import sources
-from launcher.data.encode import Datasets, Tokenised, check_sources, load_datasets, train_collate
-from launcher.recipe.schema import Recipe
-from launcher.errors import UserError
+from launcher.data import fingerprint, mixing, packing, sources
+from launcher.data.batching import train_collate
+from launcher.data.encode import Datasets, Tokenised, load_datasets
 from launcher.data.rows import RowTally
+from launcher.errors import UserError
+from launcher.model import loading as modeling
+from launcher.recipe import formats
+from launcher.recipe.schema import Recipe
+from launcher.rundir.paths import RunDir
 
 FINGERPRINT = "fingerprint.json"
 SUMMARY = "summary.json"
-__all__ = ["check_sources", "datasets_for_run", "folder", "inputs", "load_preprocessed", "main_first", "preprocess", "stale"]
 RUNTIME_KEYS = {"preprocessed_dir", "tokenise_timeout_minutes"}  # how data is found or waited for, not what it is
 
 
 def folder(recipe: Recipe) -> Path:
-    return Path(recipe.data.preprocessed_dir or Path(recipe.output_dir) / "preprocessed")
+    return Path(recipe.data.preprocessed_dir or RunDir(recipe.output_dir).preprocessed)
 
 
 def _sha(*parts: str) -> str:
@@ -96,11 +90,10 @@ def stale(old: dict, new: dict) -> str | None:
 
 def preprocess(recipe: Recipe) -> Path:
     """Tokenise (and pack, with data.packing) and save beside the fingerprint; returns the folder."""
-    from launcher.model import loading as modeling
     tokenizer = modeling.load_tokenizer(modeling.resolve_weights(recipe), recipe)
     found = load_datasets(recipe, tokenizer)
     target = folder(recipe)
-    staging = target.with_name(target.name + ".tmp")
+    staging = RunDir.staging(target)
     shutil.rmtree(staging, ignore_errors=True)
     found.train.dataset.save_to_disk(str(staging / "train"))
     if found.eval is not None:
@@ -158,7 +151,6 @@ def datasets_for_run(recipe: Recipe, accelerator, phase=lambda name: nullcontext
     """(weights, tokenizer, datasets, how the data was found) for `train`: preprocessed data when
     it is there and valid, else tokenised by the main process first (the others reuse its cache).
     `phase(name)` wraps the weights and the tokenisation steps (the console's progress lines)."""
-    from launcher.model import loading as modeling
     started = time.perf_counter()
     with main_first(accelerator, recipe.data.tokenise_timeout_minutes):
         with phase("weights"):

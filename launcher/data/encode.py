@@ -3,30 +3,28 @@
 `datasets` reads the files and caches the tokenised result (its fingerprint covers the
 tokenizer and the settings). What no library does for us is the part kept here: turning each
 format into trained and masked segments, so the label of every token is decided in one place.
-`load_datasets` is the one entry point: train, eval, class names and the train collate together.
+`load_datasets` is the one entry point: train, eval, class names and the train collate together
+(`load_eval_data`: eval rows alone, for `launcher eval`).
 """
 from __future__ import annotations
 
+import hashlib
 import json
-import math
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
-from typing import Any, Callable, Iterator
-
-from launcher.recipe import formats
+from typing import Any, Callable
 
 from launcher.data import mixing
-from launcher.recipe.formats import FORMATS, IGNORE
-from launcher.data.packing import collate_packed, pack_dataset
-from launcher.recipe.schema import DataSection, Recipe
-from launcher.errors import UserError
+from launcher.data.batching import train_collate
+from launcher.data.packing import pack_dataset
 from launcher.data.rows import RowTally, check_rows_of, judge
-from launcher.data.sources import Source, check_rows, check_sources, label_names, load_table, sources_of
+from launcher.data.sources import Source, label_names, load_table, sources_of
+from launcher.errors import UserError
+from launcher.recipe import formats
+from launcher.recipe.formats import FORMATS, IGNORE
+from launcher.recipe.schema import DataSection, Recipe
 
-__all__ = ["ALPACA_PROMPT", "IGNORE", "PROMPTS", "Datasets", "Encoder", "StepPlan", "Tokenised", "check_rows",
-           "check_sources", "class_labels", "collate", "eval_batches", "load_datasets", "load_table",
-           "split_eval", "to_segments", "tokenise", "tokenise_eval", "tokenise_train", "train_collate"]
 
 
 # ---------------------------------------------------------------- formats to segments
@@ -76,7 +74,7 @@ def _completion(row: dict, data: DataSection, use_chat: bool) -> Segments:
 
 # Format name -> (row, data settings, chat template applies) -> chat messages or (text, trained) segments.
 # Chat rows are already messages; plain text is trained whole, template or not.
-PROMPTS: dict[str, Callable[[dict, DataSection, bool], Segments]] = {
+PROMPT_BUILDERS: dict[str, Callable[[dict, DataSection, bool], Segments]] = {
     "instruction": _instruction,
     "chat": lambda row, data, use_chat: row[data.field("messages")],
     "translation": _translation,
@@ -88,7 +86,7 @@ PROMPTS: dict[str, Callable[[dict, DataSection, bool], Segments]] = {
 
 def to_segments(row: dict, data: DataSection, use_chat: bool) -> Segments:
     """A row as chat messages (when the chat template applies) or as (text, trained) segments."""
-    return PROMPTS[data.format](row, data, use_chat)
+    return PROMPT_BUILDERS[data.format](row, data, use_chat)
 
 
 def chat_segments(messages: list[dict], tokenizer) -> list[tuple[str, bool]]:
@@ -185,7 +183,6 @@ class Encoder:
         """The cache key of this encoding of one source. datasets would hash the Encoder itself with dill,
         which pickles the whole tokenizer: seconds per run. The tokenizer's JSON, the settings and this
         module's code say the same in milliseconds."""
-        import hashlib
         tok = self.tokenizer
         backend = tok.backend_tokenizer.to_str() if hasattr(tok, "backend_tokenizer") else repr(sorted(tok.get_vocab().items()))
         digest = hashlib.sha256()
@@ -343,83 +340,13 @@ def load_datasets(recipe: Recipe, tokenizer, pack: bool = True) -> Datasets:
     return Datasets(train, evaluation, labels, train_collate(recipe, tokenizer, pack))
 
 
-def train_collate(recipe: Recipe, tokenizer, pack: bool = True) -> Callable[[list[dict]], dict]:
-    """Packed rows carry position_ids; others are padded per task."""
-    if recipe.data.packing and pack:
-        return partial(collate_packed, pad_id=tokenizer.pad_token_id)
-    return partial(collate, pad_id=tokenizer.pad_token_id, task=recipe.model.task)
-
-
-# ---------------------------------------------------------------- batches
-
-def collate(rows: list[dict], pad_id: int, task: str = "causal-lm") -> dict:
-    """Right-pad to the longest row; padding is masked out of attention and loss.
-
-    For rows of one example each (eval rows always; train rows unless packed: `load_datasets` picks).
-    Labels are padded to their own width (seq2seq targets differ in length from the prompt);
-    a classification batch's labels are one class id per row.
-    """
-    import torch
-    width = max(len(row["input_ids"]) for row in rows)
-    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(rows), width), dtype=torch.long)
-    label_width = max(len(row["labels"]) for row in rows)
-    labels = torch.full((len(rows), label_width), IGNORE, dtype=torch.long)
-    for i, row in enumerate(rows):
-        n = len(row["input_ids"])
-        ids[i, :n] = torch.tensor(row["input_ids"])
-        labels[i, : len(row["labels"])] = torch.tensor(row["labels"])
-        mask[i, :n] = 1
-    if task == "classification":
-        labels = labels[:, 0]
-    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
-
-
-@dataclass
-class StepPlan:
-    """Which rows each rank reads at each optimiser step.
-
-    Step s of epoch e takes rows perm_e[s*G:(s+1)*G] with G = micro * accum * world; micro-batch a
-    of rank r is the slice starting at (a*world + r)*micro. So one process with micro*world rows
-    per micro-batch sees exactly the same global batches as `world` processes, and a resumed run
-    can jump straight to any step.
-    """
-
-    rows: int
-    micro: int
-    accum: int
-    world: int
-    rank: int
-    seed: int
-
-    @property
-    def global_batch(self) -> int:
-        return self.micro * self.accum * self.world
-
-    @property
-    def steps_per_epoch(self) -> int:
-        return self.rows // self.global_batch
-
-    def total_steps(self, epochs: float | None, max_steps: int | None) -> int:
-        return max_steps if max_steps is not None else max(1, math.ceil(epochs * self.steps_per_epoch))
-
-    def micro_batches(self, step: int) -> list[list[int]]:
-        import torch
-        epoch, within = divmod(step, self.steps_per_epoch)
-        order = torch.randperm(self.rows, generator=torch.Generator().manual_seed(self.seed + epoch)).tolist()
-        start = within * self.global_batch
-        return [order[start + (a * self.world + self.rank) * self.micro:][: self.micro] for a in range(self.accum)]
-
-
-def eval_batches(rows: int, size: int, world: int, rank: int) -> Iterator[tuple[list[int], bool]]:
-    """Eval rows in order, batch i going to rank i % world.
-
-    Every rank runs the same number of forward passes (sharded models need all ranks in each
-    one); a rank with no batch left repeats the first with `real` False, and its loss is ignored.
-    """
-    starts = list(range(0, rows, size))
-    for first in range(0, len(starts), world):
-        index = first + rank
-        real = index < len(starts)
-        start = starts[index] if real else starts[0]
-        yield list(range(start, min(start + size, rows))), real
+def load_eval_data(recipe: Recipe, tokenizer) -> tuple[Tokenised | None, list[str] | None]:
+    """The eval set and class names alone, for `launcher eval`: data.eval is tokenised and no train row is.
+    With data.eval_fraction the eval rows are a split of the tokenised train rows, so those are tokenised
+    to draw the same split as training did. A classifier's class names are read from the train file."""
+    labels = class_labels(recipe)
+    if recipe.data.eval:
+        return tokenise_eval(recipe, tokenizer, labels), labels
+    if recipe.data.eval_fraction:
+        return load_datasets(recipe, tokenizer, pack=False).eval, labels
+    return None, labels

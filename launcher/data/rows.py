@@ -103,13 +103,15 @@ def _txt_rows(path: Path) -> Iterator[tuple[int, Any]]:
                 yield number, {"text": line}
 
 
-READERS = {".jsonl": _jsonl_rows, ".json": _json_rows, ".csv": _csv_rows, ".parquet": _parquet_rows, ".txt": _txt_rows}
+# Every data file type the launcher reads, by suffix: the `datasets` builder that loads it as a table, and its row reader.
+FILE_TYPES = {".jsonl": ("json", _jsonl_rows), ".json": ("json", _json_rows), ".csv": ("csv", _csv_rows),
+              ".parquet": ("parquet", _parquet_rows), ".txt": ("text", _txt_rows)}
 
 
 def every_row(path: str | Path) -> Iterator[tuple[int, Any]]:
-    """(row number, row) for every row of a data file or datasets folder (launcher/sources.py says which types are read)."""
+    """(row number, row) for every row of a data file or datasets folder (FILE_TYPES says which types are read)."""
     path = Path(path)
-    return _folder_rows(path) if path.is_dir() else READERS[path.suffix.lower()](path)
+    return _folder_rows(path) if path.is_dir() else FILE_TYPES[path.suffix.lower()][1](path)
 
 
 # ---------------------------------------------------------------- one row

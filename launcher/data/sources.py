@@ -12,18 +12,17 @@ from pathlib import Path
 from launcher.recipe.schema import DataSection, Recipe
 
 from launcher.errors import UserError
-from launcher.data.rows import check_file, check_rows_of
+from launcher.data.rows import FILE_TYPES, check_file, check_rows_of
 
 
 def _kind(path: Path) -> str:
     if path.is_dir():
         return "folder"
     suffix = path.suffix.lower()
-    kinds = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet", ".txt": "text"}
-    if suffix not in kinds:
-        raise UserError(f"{path}: unsupported data file type '{suffix}' (use .jsonl, .json, .csv, .parquet, .txt, "
+    if suffix not in FILE_TYPES:
+        raise UserError(f"{path}: unsupported data file type '{suffix}' (use {', '.join(FILE_TYPES)}, "
                         "a datasets folder, or hf:org/name)")
-    return kinds[suffix]
+    return FILE_TYPES[suffix][0]
 
 
 @dataclass(frozen=True)

@@ -17,26 +17,24 @@ torch, so `launcher slurm render` is instant.
 
 from __future__ import annotations
 
-import argparse
 import os
 import re
 import shlex
 import shutil
 import subprocess
 import sys
-import typing
 from collections.abc import Sequence
 from dataclasses import field
 from pathlib import Path
 
-from pydantic import ConfigDict, ValidationError
+from pydantic import ConfigDict
 from pydantic.dataclasses import dataclass
 
-from launcher.errors import SlurmError, UserError
+from launcher.errors import SlurmError
+from launcher.rundir.paths import RunDir
 from launcher.shipped import TEMPLATES
 
 TEMPLATE_NAME = "job.sbatch.tmpl"
-LOG_NAME = "%x-%j.out"  # Slurm fills in job name and id
 PORT_PROBE = "import socket; s = socket.socket(); s.bind(('', 0)); print(s.getsockname()[1])"
 
 
@@ -134,41 +132,6 @@ def task_command(recipe_path: str | os.PathLike, spec: SlurmJob, overrides: Sequ
     return hello + "exec " + " ".join(argv + [q(str(a)) for a in program])
 
 
-NOT_ON_CLI = ("program", "command")  # hooks for Python callers and tests
-
-
-def add_cli_options(parser: argparse.ArgumentParser) -> None:
-    """One option per SlurmJob field, its help the field's docstring (`--gpus-per-node` for gpus_per_node)."""
-    for name, info in SlurmJob.__pydantic_fields__.items():
-        if name in NOT_ON_CLI:
-            continue
-        flag, text = "--" + name.replace("_", "-"), (info.description or "").replace("%", "%%")
-        kind = typing.get_origin(info.annotation) or info.annotation
-        if kind in (list, dict):
-            parser.add_argument(flag, action="append", metavar="KEY=VALUE" if kind is dict else "TEXT",
-                                help=f"{text} Repeat for more.")
-            continue
-        default = "" if info.default in (None, typing.Any) or info.default_factory else f" (default: {info.default})"
-        number = int in (typing.get_args(info.annotation) or (info.annotation,))
-        parser.add_argument(flag, type=int if number else str, metavar="N" if number else "TEXT", help=text + default)
-
-
-def job_from_cli(args: argparse.Namespace) -> SlurmJob:
-    """The SlurmJob the options in `args` describe; unset options keep SlurmJob's defaults."""
-    given = {name: getattr(args, name) for name in SlurmJob.__pydantic_fields__
-             if name not in NOT_ON_CLI and getattr(args, name, None) is not None}
-    if "env" in given:
-        pairs = [item.partition("=") for item in given["env"]]
-        if bad := [key for key, sep, _ in pairs if not sep or not key]:
-            raise SlurmError(f"--env takes KEY=VALUE, got {bad[0]!r}")
-        given["env"] = {key: value for key, _, value in pairs}
-    try:
-        return SlurmJob(**given)
-    except ValidationError as exc:
-        raise SlurmError("; ".join(f"{'--' + str(e['loc'][0]).replace('_', '-') + ': ' if e['loc'] else ''}"
-                                   f"{e['msg'].removeprefix('Value error, ')}" for e in exc.errors())) from None
-
-
 def _sbatch_line(option: str) -> str:
     option = option.strip().removeprefix("#SBATCH").strip()
     if not option.startswith("-"):
@@ -184,7 +147,7 @@ def _template_text(spec: SlurmJob) -> str:
     return path.read_text()
 
 
-def render(recipe_path: str | os.PathLike, run_dir: str | os.PathLike, spec: SlurmJob,
+def sbatch_script(recipe_path: str | os.PathLike, run_dir: str | os.PathLike, spec: SlurmJob,
            overrides: Sequence[str] = ()) -> str:
     """The sbatch script for `recipe_path`, logging to `run_dir`/slurm/."""
     run_dir = Path(run_dir).resolve()
@@ -213,7 +176,7 @@ def render(recipe_path: str | os.PathLike, run_dir: str | os.PathLike, spec: Slu
         "nodes": spec.nodes,
         "tasks_per_node": spec.tasks_per_node,
         "sbatch_options": "\n".join(map(_sbatch_line, options)) or "# (no other sbatch options)",
-        "log_file": run_dir / "slurm" / LOG_NAME,
+        "log_file": RunDir(run_dir).slurm_log(),  # Slurm fills in job name and id
         "signal_grace": spec.signal_grace,
         "setup": "\n".join(spec.setup) or "# (none)",
         "port": port,
@@ -233,8 +196,8 @@ def render(recipe_path: str | os.PathLike, run_dir: str | os.PathLike, spec: Slu
 def write_script(recipe_path: str | os.PathLike, run_dir: str | os.PathLike, spec: SlurmJob,
                  overrides: Sequence[str] = ()) -> Path:
     """Render into `run_dir`/slurm/job.sbatch (creating the folder Slurm logs into) and return it."""
-    text = render(recipe_path, run_dir, spec, overrides)
-    path = Path(run_dir).resolve() / "slurm" / "job.sbatch"
+    text = sbatch_script(recipe_path, run_dir, spec, overrides)
+    path = RunDir(Path(run_dir).resolve()).job_script
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(text)
     return path
@@ -242,7 +205,7 @@ def write_script(recipe_path: str | os.PathLike, run_dir: str | os.PathLike, spe
 
 def log_path(run_dir: str | os.PathLike, spec: SlurmJob, job_id: str = "%j") -> Path:
     """Where the job's log goes (the `%j` pattern, or the file once the id is known)."""
-    return Path(run_dir).resolve() / "slurm" / LOG_NAME.replace("%x", spec.job_name).replace("%j", str(job_id))
+    return RunDir(Path(run_dir).resolve()).slurm_log(spec.job_name, str(job_id))
 
 
 def submit(script_path: str | os.PathLike, cwd: str | os.PathLike | None = None) -> str:

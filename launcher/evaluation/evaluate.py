@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
 from launcher.evaluation import metrics
-from launcher.data.encode import collate, eval_batches
+from launcher.data.batching import collate, eval_batches
 from launcher.recipe.formats import FORMATS, IGNORE
 from launcher.model.loss import task_loss_sum
 from launcher.data.mixing import rows_by_source
@@ -176,7 +176,7 @@ def evaluate(accelerator, model, tokenizer, dataset, recipe: Recipe, labels: lis
     """Loss and task metrics on the eval set; the model is left in the mode it came in.
     `unwrap` gives the bare model of a prepared one (for generation); `progress` is told of rows done."""
     task, fmt = recipe.model.task, recipe.data.eval_format()
-    size = recipe.train.eval_batch_size or recipe.train.micro_batch_size
+    size = recipe.train.eval_batch()
     was_training = model.training
     model.eval()
     loss, predicted, by_source = loss_pass(accelerator, model, dataset, size, tokenizer.pad_token_id, task, progress)
@@ -223,60 +223,3 @@ class Best:
 
     def state(self) -> dict:
         return {"metric": self.key, "value": self.value, "step": self.step, "greater_is_better": self.greater}
-
-
-def compare(recipe: Recipe, checkpoint: str | None = None, console=None) -> dict[str, dict]:
-    """`launcher eval`: the same metrics for the base model and trained folders, side by side.
-
-    Without --checkpoint it scores the base model and output_dir/final, so before -> after is one
-    command; a classifier's base gets a fresh head seeded by train.seed (chance level, as at step 0).
-    """
-    import json
-    from pathlib import Path
-
-    from accelerate.utils import set_seed
-    from rich.console import Console
-    from rich.table import Table
-
-    from launcher.model import loading as modeling
-    from launcher.report.console import Console as Progress
-    from launcher.data.encode import load_datasets
-    from launcher.errors import UserError
-    from launcher.distributed.strategies import strategy_for
-
-    targets = [checkpoint] if checkpoint else ["base", str(Path(recipe.output_dir) / "final")]
-    for target in targets:
-        if target != "base" and not (Path(target) / "config.json").is_file() and not (Path(target) / "adapter_config.json").is_file():
-            raise UserError(f"--checkpoint {target}: not a saved model folder (give output_dir/final, output_dir/best or 'base')")
-    accelerator = strategy_for(recipe).make_accelerator()
-    on_gpu = accelerator.device.type == "cuda"
-    weights = modeling.resolve_weights(recipe)
-    tokenizer = modeling.load_tokenizer(weights, recipe)
-    found_data = load_datasets(recipe, tokenizer, pack=False)  # only eval rows are read, and those are never packed
-    eval_data, labels = found_data.eval, found_data.labels
-    if eval_data is None:
-        raise UserError("eval: the recipe has no eval data; set data.eval or data.eval_fraction")
-    results: dict[str, dict] = {}
-    shown = Progress(accelerator.is_main_process)
-    for target in targets:
-        set_seed(recipe.train.seed)
-        loader = modeling.load_base if target == "base" else modeling.load_trained
-        model = loader(weights if target == "base" else target, recipe, on_gpu, labels).to(accelerator.device)
-        with shown.phase(f"evaluation of {Path(target).name}", eval_rows(eval_data.dataset, recipe)) as phase:
-            found = evaluate(accelerator, model, tokenizer, eval_data.dataset, recipe, labels, progress=phase.advance)
-        results[target] = {**found.metrics, "predictions": found.predictions, "confusion": found.confusion}
-        del model
-    shown.close()
-    console = console or Console(highlight=False, soft_wrap=True)
-    table = Table(title=f"eval on {len(eval_data.dataset)} rows of {', '.join(entry.path for entry in recipe.data.entries('eval') or recipe.data.entries())}")
-    table.add_column("metric")
-    for target in targets:
-        table.add_column(Path(target).name)
-    for key in [k for k, v in results[targets[0]].items() if k.startswith("eval_")]:
-        table.add_row(key, *(f"{results[t][key]:.4f}" for t in targets))
-    if accelerator.is_main_process:
-        console.print(table)
-        run_dir = Path(recipe.output_dir)
-        if run_dir.is_dir():
-            (run_dir / "eval.json").write_text(json.dumps(results, indent=1))
-    return results

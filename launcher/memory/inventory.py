@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from launcher.memory import counts as memory
+from launcher.model import loading as modeling
 from launcher.preflight.locations import SHIPPED_CONFIGS
 from launcher.recipe.schema import Recipe
 from launcher.errors import UserError
@@ -30,9 +31,7 @@ def model_config(recipe: Recipe):
     """The transformers config of the recipe's model, found offline: a local or packaged folder, the shipped
     configs, or the hub cache."""
     from transformers import AutoConfig
-
-    from launcher.model.loading import weights_folder
-    path, gguf = weights_folder(recipe), recipe.model.gguf_file
+    path, gguf = modeling.weights_folder(recipe), recipe.model.gguf_file
     if not Path(path).is_dir() and shipped_config(path) is not None:
         path = str(shipped_config(path))
     try:
@@ -92,12 +91,11 @@ class Inventory:
 
 
 def resolved_dtypes(recipe: Recipe, device: str = "cuda") -> dict:
-    """Weight, compute and 4-bit compute dtypes as they resolve on `device` (launcher/modeling.py's rules; a GPU is
-    taken to have bf16, as every GPU the real-size recipes name does)."""
+    """Weight, compute and 4-bit compute dtypes as they resolve on `device` (launcher/model/loading.py's rules; a GPU
+    is taken to have bf16, as every GPU the real-size recipes name does)."""
     gpu = device == "cuda"
-    quant = recipe.quant.compute_dtype if recipe.quant.compute_dtype != "auto" else ("bfloat16" if gpu else "float32")
-    weight = recipe.model.dtype if recipe.model.dtype != "auto" else (
-        quant if recipe.method == "qlora" else "float32" if recipe.method == "full" or not gpu else "bfloat16")
+    quant = modeling.compute_dtype_name(recipe, gpu, gpu_has_bf16=True)
+    weight = modeling.weight_dtype_name(recipe, gpu, gpu_has_bf16=True)
     precision = recipe.train.precision if recipe.train.precision != "auto" else ("bf16" if gpu else "fp32")
     return {"weight": weight, "precision": precision, "quant_compute": quant}
 
@@ -118,7 +116,6 @@ _INVENTORIES: dict[str, Inventory] = {}
 def _inventory(recipe: Recipe, dtypes: dict) -> Inventory:
     import torch
 
-    from launcher.model import loading as modeling
     config = model_config(recipe)
     layers = config.num_hidden_layers
     one = copy.deepcopy(config)

@@ -8,7 +8,7 @@ by the model's own `prepare_decoder_input_ids_from_labels` instead.
 """
 from __future__ import annotations
 
-from launcher.data.encode import IGNORE
+from launcher.recipe.formats import IGNORE
 
 
 def target_count(labels, task: str):

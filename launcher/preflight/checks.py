@@ -14,14 +14,14 @@ import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
-from launcher.data import encode as data
-
-from launcher.preflight import locations
-from launcher.recipe.schema import Recipe
+from launcher.data.sources import check_sources
 from launcher.errors import UserError
-from launcher.distributed.strategies import launch_hint, launched_world_size, mixed_precision, strategy_for
+from launcher.preflight import locations
+from launcher.recipe.files import load_recipe, load_run
+from launcher.recipe.schema import BNB_OPTIMIZERS, Recipe
+from launcher.distributed.launch import launch_hint, launched_world_size, mixed_precision
+from launcher.distributed.rules import rules_for
 
-BNB_OPTIMIZERS = ("adamw-8bit", "paged-adamw", "paged-adamw-8bit")
 BNB_FIRST_CPU_VERSION = (0, 46)  # bitsandbytes gained its CPU backend (4-bit, 8-bit, 8-bit optimisers) in 0.46
 
 
@@ -44,6 +44,19 @@ def detect_device() -> str:
     return "cuda" if listed.startswith("GPU ") else "cpu"
 
 
+def recipe_or_run(path: str, overrides: list[str]) -> Recipe:
+    """A recipe file, or a run directory (its resolved recipe.yaml)."""
+    return load_run(path, overrides) if Path(path).is_dir() else load_recipe(path, overrides)
+
+
+def checked_recipe(args, target: Target | None = None) -> Recipe:
+    """The command's recipe (or run directory's), validated and preflighted (every check that needs no torch),
+    before anything loads."""
+    recipe = recipe_or_run(args.recipe, args.overrides)
+    check(recipe, target)
+    return recipe
+
+
 def check(recipe: Recipe, target: Target | None = None) -> Target:
     """Refuse, with one message, anything the run would refuse later; returns the target it checked for."""
     target = target or Target(detect_device(), launched_world_size())
@@ -52,20 +65,20 @@ def check(recipe: Recipe, target: Target | None = None) -> Target:
     check_device_support(recipe, target.device)
     locations.check_output_dir(recipe)
     locations.check_model(recipe)
-    data.check_sources(recipe)  # every row of every file: the slow one, last
+    check_sources(recipe)  # every row of every file: the slow one, last
     return target
 
 
 def check_launch(recipe: Recipe, target: Target) -> None:
-    """The process count the recipe demands, and the strategy's own needs (its JSON, its device, accelerate's config)."""
+    """The process count the recipe demands, and the strategy's own rules (its JSON, what it cannot train, its device,
+    accelerate's config)."""
     wanted = recipe.distributed.num_processes
     if wanted is not None and target.world != wanted:
         raise UserError(f"distributed.num_processes is {wanted} but {target.world} process{'es' * (target.world != 1)} "
                         f"started; launch with {launch_hint(wanted)}")
-    strategy_for(recipe).preflight(target.device == "cuda")
-    if recipe.train.skip_nonfinite and recipe.distributed.strategy == "deepspeed":
-        raise UserError("train.skip_nonfinite: DeepSpeed applies the optimiser step inside its backward, so a step cannot "
-                        "be skipped there; set it to 0 (the run then stops at the first non-finite step)")
+    rules = rules_for(recipe)
+    rules.refuse()
+    rules.refuse_launch(target.device == "cuda")
 
 
 def check_device_support(recipe: Recipe, device: str) -> None:

@@ -1,7 +1,7 @@
 """What each data format is: its fields, the tasks that can learn it, how its eval is scored.
 
 One registry entry per format, so a new format is one entry here plus its prompt builder
-(data.PROMPTS) and, when it is scored, its scorer (evaluate.SCORERS). The recipe schema,
+(data/encode.py's PROMPT_BUILDERS) and, when it is scored, its scorer (evaluate.SCORERS). The recipe schema,
 the row checks, the encoder and the evaluation all read these facts from here. A leaf
 module: no launcher imports and no torch, so `launcher validate` stays instant.
 """

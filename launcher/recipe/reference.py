@@ -1,8 +1,8 @@
 """The recipe reference table, generated from the schema: every key (nested sections included), its
 allowed values, default and meaning.
 
-README embeds it between markers; `launcher reference --readme README.md` rewrites that block and a
-test checks the README is current and lists every schema field, so documentation cannot drift from the schema.
+docs/reference.md holds it between markers; `launcher reference --readme docs/reference.md` rewrites that
+block, and tests check the page is current and lists every schema field, so the docs cannot drift from the schema.
 """
 from __future__ import annotations
 
@@ -79,7 +79,7 @@ REFERENCE_START, REFERENCE_END = "<!-- recipe-reference:start -->", "<!-- recipe
 
 
 def readme_with_reference(readme: str) -> str:
-    """README text with its generated recipe reference block replaced by the current schema's."""
+    """A markdown page (docs/reference.md) with its generated reference block replaced by the current schema's."""
     head, _, rest = readme.partition(REFERENCE_START)
     _, _, tail = rest.partition(REFERENCE_END)
     return f"{head}{REFERENCE_START}\n{reference_markdown()}\n{REFERENCE_END}{tail}"

@@ -15,6 +15,15 @@ from launcher.recipe.formats import FORMATS, LOWER_IS_BETTER, METRICS, TASKS, fo
 
 
 
+# bitsandbytes optimisers: they need its package, and they step whole local tensors (DDP only).
+BNB_OPTIMIZERS = ("adamw-8bit", "paged-adamw", "paged-adamw-8bit")
+# LoRA inits that move each weight's top directions into the adapter and leave the residual in the base weights,
+# so the adapter is converted to plain LoRA at export (it needs the whole model in one process then).
+RESIDUAL_INITS = ("pissa", "olora")
+# A key a resumed run may change without being refused as a different recipe (launcher/rundir/directory.py).
+RESUMABLE = {"resumable": True}
+
+
 class Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
@@ -46,7 +55,7 @@ class LoraSection(Section):
     dora: bool = Field(False, description="DoRA: each adapted weight is split into a trained magnitude per output row and a direction "
                        "that LoRA updates (peft use_dora).")
     rslora: bool = Field(False, description="rsLoRA: scale the update by alpha / sqrt(r) instead of alpha / r, so high ranks still learn.")
-    init: Literal["default", "gaussian", "pissa", "olora", "loftq"] = Field(
+    init: Literal[("default", "gaussian", *RESIDUAL_INITS, "loftq")] = Field(
         "default", description="Adapter initialisation: default (B = 0); gaussian; pissa (top singular directions of each weight, "
                                "the base keeps the residual); olora (QR of each weight, likewise); loftq (method qlora on a GPU: "
                                "adapters that offset the 4-bit rounding). pissa/olora adapters are saved converted to plain "
@@ -154,23 +163,23 @@ class DataSection(Section):
 
 
 class TrainSection(Section):
-    epochs: float | None = Field(1.0, gt=0, description="Passes over the training data (ignored when max_steps is set).")
-    max_steps: int | None = Field(None, ge=1, description="Optimiser steps to train; overrides epochs.")
-    micro_batch_size: int = Field(4, ge=1, description="Examples per process per forward pass.")
-    grad_accum: int = Field(1, ge=1, description="Micro-batches per optimiser step.")
+    epochs: float | None = Field(1.0, gt=0, description="Passes over the training data (ignored when max_steps is set).", json_schema_extra=RESUMABLE)
+    max_steps: int | None = Field(None, ge=1, description="Optimiser steps to train; overrides epochs.", json_schema_extra=RESUMABLE)
+    micro_batch_size: int = Field(4, ge=1, description="Examples per process per forward pass.", json_schema_extra=RESUMABLE)
+    grad_accum: int = Field(1, ge=1, description="Micro-batches per optimiser step.", json_schema_extra=RESUMABLE)
     lr: float = Field(2e-4, gt=0, le=1, description="Peak learning rate.")
     schedule: Literal["linear", "cosine", "constant", "exponential"] = Field("cosine", description="Learning-rate schedule after warmup.")
     warmup_steps: int = Field(0, ge=0, description="Linear warmup steps.")
     decay_rate: float = Field(0.96, gt=0, le=1, description="exponential: lr_t = lr * decay_rate ** (t / decay_steps).")
     decay_steps: int = Field(100, ge=1, description="exponential: steps per factor of decay_rate.")
-    optimizer: Literal["adamw", "adamw-8bit", "paged-adamw", "paged-adamw-8bit", "adafactor", "sgd"] = Field(
+    optimizer: Literal[("adamw", *BNB_OPTIMIZERS, "adafactor", "sgd")] = Field(
         "adamw", description="adamw (torch, fused on GPU); adamw-8bit (bitsandbytes, 8-bit state); paged-adamw / paged-adamw-8bit "
                              "(state pages to CPU memory under GPU memory pressure; CUDA only); adafactor (factored state); sgd (momentum 0.9).")
     weight_decay: float = Field(0.0, ge=0, description="Decoupled weight decay (AdamW).")
     l2_lambda: float = Field(0.0, ge=0, description="Explicit penalty lambda * ||theta||^2 on trainable parameters, added to the loss.")
     max_grad_norm: float | None = Field(1.0, gt=0, description="Clip the global gradient norm; null disables.")
     skip_nonfinite: int = Field(0, ge=0, description="Skip up to N optimiser steps whose gradient norm is NaN or inf "
-                                "(their update is not applied); 0: the run stops at the first one, naming the step.")
+                                "(their update is not applied); 0: the run stops at the first one, naming the step.", json_schema_extra=RESUMABLE)
     precision: Literal["auto", "fp32", "bf16", "fp16"] = Field("auto", description="Mixed precision: auto is bf16 on a capable GPU, fp32 on CPU.")
     gradient_checkpointing: bool = Field(False, description="Recompute activations in backward (non-reentrant) to save memory.")
     loss_chunk_tokens: int = Field(0, ge=0, description="causal-lm: compute lm_head + cross-entropy over chunks of this many "
@@ -179,15 +188,19 @@ class TrainSection(Section):
     compile: bool = Field(False, description="torch.compile the model (inductor): faster steps after a one-off compile per "
                           "shape; needs a C++ compiler on CPU and triton on GPU, checked before the model loads.")
     seed: int = Field(42, description="Drives init, data order and dropout.")
-    eval_every: int = Field(0, ge=0, description="Evaluate every N steps (0: only before and after training).")
-    save_every: int = Field(0, ge=0, description="Checkpoint every N steps (0: only at the end and on preemption).")
-    log_every: int = Field(1, ge=1, description="Write a metrics line every N steps.")
-    keep_last: int = Field(2, ge=1, description="Checkpoints kept on disk.")
+    eval_every: int = Field(0, ge=0, description="Evaluate every N steps (0: only before and after training).", json_schema_extra=RESUMABLE)
+    save_every: int = Field(0, ge=0, description="Checkpoint every N steps (0: only at the end and on preemption).", json_schema_extra=RESUMABLE)
+    log_every: int = Field(1, ge=1, description="Write a metrics line every N steps.", json_schema_extra=RESUMABLE)
+    keep_last: int = Field(2, ge=1, description="Checkpoints kept on disk.", json_schema_extra=RESUMABLE)
     eval_batch_size: int | None = Field(None, ge=1, description="Default: micro_batch_size.")
+
+    def eval_batch(self) -> int:
+        """Rows per eval forward pass: eval_batch_size, else micro_batch_size (evaluation and the planner agree)."""
+        return self.eval_batch_size or self.micro_batch_size
 
 
 class EvalSection(Section):
-    samples: int = Field(3, ge=0, description="Eval predictions shown before and after training in the report.")
+    samples: int = Field(3, ge=0, description="Eval predictions shown before and after training in the report.", json_schema_extra=RESUMABLE)
     max_new_tokens: int = Field(64, ge=1, description="Generation length for samples and generation metrics.")
     num_beams: int = Field(1, ge=1, description="1: greedy decoding; more: beam search.")
     no_repeat_ngram_size: int = Field(0, ge=0, description="Forbid any n-gram of this size twice in one output (0: off); stops the loops small models fall into.")
@@ -216,7 +229,7 @@ class ReportSection(Section):
     trackers: list[Tracker] = Field(
         default_factory=list, description="Experiment trackers fed through accelerate's log_with: tensorboard (output_dir/tb/<project>), "
         "mlflow (MLFLOW_TRACKING_URI, else a local store in output_dir/mlruns), wandb (offline in output_dir/wandb "
-        "unless WANDB_MODE says otherwise). Credentials are read from the environment only, never from the recipe.")
+        "unless WANDB_MODE says otherwise). Credentials are read from the environment only, never from the recipe.", json_schema_extra=RESUMABLE)
     project: str | None = Field(None, description="Experiment / project name in the trackers; default: the name of output_dir.")
 
 
@@ -232,13 +245,14 @@ class FsdpSection(Section):
 
 class DistributedSection(Section):
     strategy: Literal["ddp", "deepspeed", "fsdp"] = Field("ddp", description="How the model is spread over processes.")
-    num_processes: int | None = Field(None, ge=1, description="Processes this run must see; any other count is refused (catches launches that silently start one).")
+    num_processes: int | None = Field(None, ge=1, description="Processes this run must see; any other count is refused (catches launches that silently start one).", json_schema_extra=RESUMABLE)
     deepspeed: str | None = Field(None, description="strategy deepspeed: zero1, zero2, zero3, zero3_offload (ds_configs/) or a DeepSpeed JSON file.")
     fsdp: FsdpSection | None = Field(None, description="strategy fsdp: FSDP2 options (default: full sharding).")
     timeout_minutes: float = Field(10, gt=0, description="How long a rank waits for the others in a collective before the launch fails.")
 
-    def rules(self, train: "TrainSection") -> None:
-        """Combinations that cannot work, refused before anything loads."""
+    def rules(self) -> None:
+        """Sections that contradict the chosen strategy. What a strategy itself cannot train is its own rules'
+        (launcher/distributed/rules.py), which preflight applies."""
         if self.deepspeed is not None and self.strategy != "deepspeed":
             raise ValueError(f"distributed.deepspeed is set but distributed.strategy is {self.strategy}; "
                              "set strategy: deepspeed, or remove distributed.deepspeed (FSDP and DeepSpeed are alternatives)")
@@ -251,9 +265,6 @@ class DistributedSection(Section):
         if self.strategy == "deepspeed" and not self.deepspeed.endswith(".json") and self.deepspeed not in DEEPSPEED_SHORTHANDS:
             raise ValueError(f"distributed.deepspeed '{self.deepspeed}' is neither a known stage "
                              f"({', '.join(DEEPSPEED_SHORTHANDS)}) nor a .json file")
-        if self.strategy == "fsdp" and train.l2_lambda:
-            raise ValueError("train.l2_lambda with strategy fsdp: each rank holds only a shard of the parameters, so the "
-                             "penalty would be wrong; use train.weight_decay, or strategy ddp / deepspeed zero1-2")
 
 
 class Recipe(Section):
@@ -282,7 +293,7 @@ class Recipe(Section):
         if task != "causal-lm" and (self.data.packing or self.train.loss_chunk_tokens):
             key = "data.packing" if self.data.packing else "train.loss_chunk_tokens"
             raise ValueError(f"{key} applies to model.task causal-lm only (got {task}); remove it")
-        self.distributed.rules(self.train)
+        self.distributed.rules()
         if self.data.eval and self.data.eval_fraction:
             raise ValueError("data.eval and data.eval_fraction both set: give one")
         if self.train.max_steps is None and self.train.epochs is None:
@@ -331,22 +342,14 @@ def _format_rules(recipe: Recipe) -> None:
 
 
 def _quant_rules(recipe: Recipe) -> None:
-    """QLoRA and 8-bit optimiser combinations, decided before anything loads (see the README's QLoRA notes)."""
-    quant, strategy, optimizer = recipe.quant, recipe.distributed.strategy, recipe.train.optimizer
+    """quant settings that mean nothing for this recipe (what a strategy cannot quantise is its rules')."""
+    quant = recipe.quant
     changed = {name for name in QuantSection.model_fields if getattr(quant, name) != getattr(QuantSection(), name)}
     if changed and recipe.method != "qlora":
         raise ValueError(f"quant: only applies to method: qlora (got method: {recipe.method}); remove it or set method: qlora")
     four_bit_only = changed & {"type", "double_quant", "compute_dtype"}
     if quant.bits == 8 and four_bit_only:
         raise ValueError(f"quant.{sorted(four_bit_only)[0]} applies to 4-bit weights only; remove it or set quant.bits: 4")
-    if recipe.method == "qlora" and strategy == "fsdp" and quant.bits == 8:
-        raise ValueError("method: qlora with quant.bits 8 and distributed.strategy: fsdp: 8-bit weights are int8 with per-row "
-                         "scales that FSDP would shard apart; use quant.bits 4 (stored in the compute dtype so FSDP2 can shard "
-                         "it), or strategy: ddp")
-    if optimizer in ("adamw-8bit", "paged-adamw", "paged-adamw-8bit") and strategy != "ddp":
-        raise ValueError(f"train.optimizer {optimizer} with distributed.strategy: {strategy}: bitsandbytes optimisers step "
-                         "whole local tensors, not DeepSpeed's flat partitions or FSDP's sharded DTensors; "
-                         "use train.optimizer: adamw (the strategy already shards its state), or strategy: ddp")
 
 
 # Names other fine-tuning tools use for a key, so `lora.rank=8` gets "did you mean 'lora.r'?".
@@ -364,14 +367,11 @@ def _adapter_rules(recipe: Recipe) -> None:
                 if getattr(lora, k) != default]
     if variants and method == "full":
         raise ValueError(f"{variants[0]} applies to method lora or qlora (got method: full); remove it or choose an adapter method")
-    if lora.init in ("pissa", "olora") and method == "qlora":
+    if lora.init in RESIDUAL_INITS and method == "qlora":
         raise ValueError(f"lora.init {lora.init} with method: qlora: it moves each weight's top directions into the adapter and "
                          "leaves the residual in the base, which 4-bit storage would round again, so the adapter would no longer "
                          "match its base; use method: lora with it, or lora.init: loftq for a 4-bit base")
-    if lora.init in ("pissa", "olora") and (recipe.distributed.strategy == "fsdp" or str(recipe.distributed.deepspeed).startswith("zero3")):
-        raise ValueError(f"lora.init {lora.init} with sharded parameters (fsdp, deepspeed zero3): converting the adapter to "
-                         "plain LoRA at export needs the whole model in one process; use strategy ddp or deepspeed zero1 / zero2")
-    if lora.init in ("pissa", "olora") and lora.dora:
+    if lora.init in RESIDUAL_INITS and lora.dora:
         raise ValueError(f"lora.init {lora.init} with lora.dora: the adapter is converted to plain LoRA at export, and DoRA's "
                          "magnitude vector cannot be; use one of them")
     if lora.init == "loftq" and (method != "qlora" or recipe.quant.bits != 4 or recipe.quant.type != "nf4"):

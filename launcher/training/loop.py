@@ -4,7 +4,7 @@ The shape follows torchtune's recipe classes and LitGPT's `setup -> fit -> valid
 returns a `Run` holding everything the loop needs; `train_step` does one optimiser step and
 reports what it did (so it is tested in-process); `fit` makes the order of the stop check, eval
 and save explicit; `finish` does the final eval, export and report. Checks on the user's input
-ran before this module was imported (launcher/preflight.py); what is left here needs torch.
+ran before this module was imported (preflight/checks.py); what is left here needs torch.
 """
 from __future__ import annotations
 
@@ -16,26 +16,30 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
-from launcher.checkpoint import saves as ckpt
-from launcher.training import guard
-from launcher.rundir import directory as rundir
-from launcher.report import trackers
-from launcher.checkpoint import verify
-from launcher.report.console import Console, end_line, header_rows, quiet_libraries
+from launcher.checkpoint import saves as ckpt, verify
 from launcher.checkpoint.diskspace import run_bytes
-from launcher.rundir.provenance import write_provenance
-from launcher.data.encode import Datasets, StepPlan
-from launcher.evaluation.evaluate import Best, Evaluation, eval_rows, evaluate, to_device
-from launcher.model.loss import target_count, task_loss_sum
-from launcher.memory.counts import ParamCount, count_parameters, parameter_bytes
+from launcher.data.batching import StepPlan
+from launcher.data.cache import datasets_for_run
+from launcher.data.encode import Datasets
 from launcher.data.mixing import mixture_line
-from launcher.memory.advice import MemoryCheck, check_before_loading, predicted_and_measured
-from launcher.recipe.schema import Recipe
+from launcher.distributed import launch, slurm
+from launcher.distributed.strategies import Strategy, strategy_for
 from launcher.errors import UserError
+from launcher.evaluation.evaluate import Best, Evaluation, eval_rows, evaluate, to_device
+from launcher.memory.advice import MemoryCheck, check_before_loading, predicted_and_measured
+from launcher.memory.counts import ParamCount, count_parameters, parameter_bytes
+from launcher.model import loading as modeling
+from launcher.model.loss import target_count, task_loss_sum
 from launcher.recipe.files import resolved_yaml
+from launcher.recipe.schema import Recipe
+from launcher.report import trackers
+from launcher.report.console import Console, end_line, header_rows, quiet_libraries
 from launcher.report.records import Reporter, first_samples, read_metrics, write_rank_log, write_report
+from launcher.rundir import directory as rundir
+from launcher.rundir.paths import RunDir
+from launcher.rundir.provenance import write_provenance
+from launcher.training import guard, optim
 from launcher.training.rescale import hold_global_batch
-from launcher.distributed.strategies import Strategy, launched_world_size, strategy_for
 
 
 class StopRequest:
@@ -128,15 +132,14 @@ def setup(recipe: Recipe, overwrite: bool = False, allow_data_change: bool = Fal
     """Run directory, data, step plan, model, optimiser and resume state; None when nothing is left to train."""
     from accelerate.utils import set_seed
 
-    from launcher.training import optim
     run_dir = Path(recipe.output_dir)
-    dir_plan = rundir.plan(run_dir, recipe.model_dump(mode="json"), overwrite)
+    dir_plan = rundir.plan_run_dir(run_dir, recipe.model_dump(mode="json"), overwrite)
     resume_from = dir_plan.resume_from
     state = ckpt.load_state_file(resume_from) if resume_from is not None else None
     change = None
     if state is not None:  # on another process count: same global batch, or refused before anything loads
-        strategy_for(recipe).check_resume(state, launched_world_size())
-        recipe, change = hold_global_batch(recipe, state, launched_world_size())
+        strategy_for(recipe).rules.check_resume(state, launch.launched_world_size())
+        recipe, change = hold_global_batch(recipe, state, launch.launched_world_size())
     strategy = strategy_for(recipe)
     accelerator = strategy.make_accelerator()
     memory = check_before_loading(recipe, accelerator.num_processes, accelerator.device.type)  # refuses before weights load
@@ -145,19 +148,16 @@ def setup(recipe: Recipe, overwrite: bool = False, allow_data_change: bool = Fal
         print(change)
     if accelerator.is_main_process:
         rundir.take_live_lock(run_dir)  # before anything is written: a second live run is refused here
-        if overwrite or dir_plan.replaced:
-            rundir.clear_run_dir(run_dir)
-        if dir_plan.replaced:
-            print(dir_plan.message(run_dir))
+        dir_plan.clear_earlier(run_dir, overwrite)
         run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "recipe.yaml").write_text(resolved_yaml(recipe))
+        RunDir(run_dir).recipe.write_text(resolved_yaml(recipe))
         write_provenance(run_dir, accelerator)
-    sources = rundir.check_sources(recipe, state, allow_data_change)  # before tokenising: refuse changed data early
+    sources = rundir.checked_fingerprints(recipe, state, allow_data_change)  # before tokenising: refuse changed data early
     session = _load_data(recipe, strategy, accelerator, run_dir, console)
     session.sources, session.memory = sources, memory
     console.header(header_rows(session, resume_from, state["step"] if state else 0))
     if state is not None:
-        if state["step"] >= session.total_steps and (run_dir / "final").is_dir():  # no final/: stopped in export, redo it
+        if state["step"] >= session.total_steps and RunDir(run_dir).export("final").is_dir():  # no final/: stopped in export, redo it
             console.close()
             if session.main:
                 print(f"nothing left to train: {run_dir} already finished step {state['step']} of {session.total_steps}. "
@@ -180,7 +180,6 @@ def setup(recipe: Recipe, overwrite: bool = False, allow_data_change: bool = Fal
 
 def _load_data(recipe: Recipe, strategy: Strategy, accelerator, run_dir: Path, console: Console) -> Run:
     """Tokenizer and datasets (preprocessed, or tokenised by the main process first; launcher/preprocess.py) and the step plan."""
-    from launcher.data.cache import datasets_for_run
     weights, tokenizer, datasets, record = datasets_for_run(recipe, accelerator, console.phase)
     write_rank_log(run_dir, accelerator, record)
     cfg = recipe.train
@@ -195,8 +194,6 @@ def _load_data(recipe: Recipe, strategy: Strategy, accelerator, run_dir: Path, c
 
 def _build_model(session: Run) -> None:
     """Model (sharded by the strategy before the optimiser sees it), optimiser and schedule, prepared."""
-    from launcher.model import loading as modeling
-    from launcher.training import optim
     recipe, accelerator, strategy = session.recipe, session.accelerator, session.strategy
     model = modeling.load_model(session.weights, recipe, on_gpu=accelerator.device.type == "cuda", labels=session.data.labels)
     session.params = count_parameters(model, recipe.train.optimizer)
@@ -242,8 +239,6 @@ def train_step(session: Run, micro_batches: list[dict]) -> StepStats:
     (all micro-batches, all processes), so each target weighs the same however the batch is split.
     """
     import torch
-
-    from launcher.training.optim import l2_penalty
     accelerator, model, cfg, task = session.accelerator, session.model, session.recipe.train, session.recipe.model.task
     started, lr = time.perf_counter(), session.scheduler.get_last_lr()[0]  # the rate this step's update uses
     step_targets = accelerator.reduce(sum(target_count(b["labels"], task) for b in micro_batches).double(), "sum")
@@ -254,7 +249,7 @@ def train_step(session: Run, micro_batches: list[dict]) -> StepStats:
             session.strategy.sync_gradients(model, accelerator.sync_gradients)
             total = task_loss_sum(model, batch, task, cfg.loss_chunk_tokens)[0]  # its count is in step_targets already
             scale = accelerator.num_processes * cfg.grad_accum / step_targets
-            accelerator.backward(total * scale.float() + l2_penalty(model, cfg.l2_lambda))
+            accelerator.backward(total * scale.float() + optim.l2_penalty(model, cfg.l2_lambda))
             if accelerator.sync_gradients and (cfg.max_grad_norm or cfg.skip_nonfinite):  # measured to skip a bad step
                 grad_norm = accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm or float("inf"))
                 skipped = not guard.finite(grad_norm) and guard.may_skip(session.totals, cfg.skip_nonfinite)
@@ -365,13 +360,13 @@ def finish(session: Run) -> Path:
         summary["padding efficiency"] = f"{efficiency:.1%} ({'packed' if recipe.data.packing else 'padded'})"
     best = session.best
     if best.step is not None:
-        where = "" if not best.step else " (= final/)" if best.step == session.total_steps else f" ({run_dir / 'best'})"
+        where = "" if not best.step else " (= final/)" if best.step == session.total_steps else f" ({RunDir(run_dir).export('best')})"
         summary["best"] = f"{best.key} {best.value:.4f} at step {best.step}{where}"
         if best.step == session.total_steps:  # an earlier best/ is no longer the best; final/ is
             rundir.remove_results(run_dir, "best")
-    before = session.first_eval.predictions if session.first_eval else first_samples(read_metrics(run_dir / "metrics.jsonl"))
+    before = session.first_eval.predictions if session.first_eval else first_samples(read_metrics(RunDir(run_dir).metrics))
     write_report(run_dir, summary, paired_samples(before, last_eval), session.console)
-    session.reporter.print(f"saved {final}; report {run_dir / 'report.md'}")
+    session.reporter.print(f"saved {final}; report {RunDir(run_dir).report}")
     session.console.print(end_line(session.console.started, session.totals, accelerator.device))
     return final
 
@@ -385,7 +380,6 @@ def paired_samples(earlier: list[dict], after: Evaluation | None) -> list[dict]:
 
 
 def _preempted(reporter, stop: StopRequest, step: int, total: int) -> None:
-    from launcher.distributed import slurm
     name = signal.Signals(stop.signal).name if stop.signal else "a signal on another rank"
     reporter.print(f"stopped by {name} after step {step}/{total}; checkpoint written")
     requeued = slurm.requeue_self() if reporter.active else False  # Slurm ends this run soon after
@@ -396,8 +390,7 @@ def _preempted(reporter, stop: StopRequest, step: int, total: int) -> None:
 def close(session: Run) -> int:
     """Drop model and optimiser, then end the process group. Collecting them first avoids gloo's
     exit-time aborts on torch 2.13 (docs/platform.md)."""
-    accelerator = session.accelerator
-    session.model = session.optimizer = session.scheduler = None
+    accelerator, session.model, session.optimizer, session.scheduler = session.accelerator, None, None, None
     accelerator.free_memory()
     gc.collect()
     accelerator.wait_for_everyone()

@@ -183,7 +183,7 @@ def test_merge_reloads_with_plain_from_pretrained_and_matches_the_adapter(qlora_
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    from launcher.commands.merge import PROMPTS, load_dequantised_base, logits
+    from launcher.commands.merge import CHECK_PROMPTS, load_dequantised_base, logits
     from launcher.recipe.files import load_run
     run, _ = qlora_run
     result = launch(["merge", run, "--dtype", "fp32"])
@@ -197,7 +197,7 @@ def test_merge_reloads_with_plain_from_pretrained_and_matches_the_adapter(qlora_
     merged = AutoModelForCausalLM.from_pretrained(merged_dir, dtype=torch.float32).eval()
     adapter = PeftModel.from_pretrained(load_dequantised_base(recipe, "float32"), run / "final").eval()
     from launcher.model.loading import load_tokenizer
-    batch = dict(load_tokenizer(str(merged_dir), recipe)(PROMPTS, return_tensors="pt", padding=True))
+    batch = dict(load_tokenizer(str(merged_dir), recipe)(CHECK_PROMPTS, return_tensors="pt", padding=True))
     expected = logits(adapter, batch)
     with adapter.disable_adapter():
         base = logits(adapter, batch)

@@ -10,7 +10,9 @@ import pytest
 from support import DATA, gpt2_tokenizer, tiny_recipe, write_recipe
 
 from launcher.cli import main
-from launcher.data.encode import IGNORE, Encoder, collate
+from launcher.data.batching import collate
+from launcher.data.encode import Encoder
+from launcher.recipe.formats import IGNORE
 from launcher.recipe.schema import DataSection
 from launcher.recipe.files import load_recipe
 
@@ -147,8 +149,8 @@ def test_classifier_save_reload_predicts_the_same_labels(tmp_path, tiny_model, m
     from transformers import AutoConfig
     config = AutoConfig.from_pretrained(run / "final")
     assert config.id2label == dict(enumerate(names))
-    from launcher.evaluation.evaluate import compare
-    found = compare(load_recipe(path), str(run / "final"))[str(run / "final")]
+    from launcher.commands.eval import compare_checkpoints
+    found = compare_checkpoints(load_recipe(path), str(run / "final"))[str(run / "final")]
     assert found["confusion"]["matrix"] == last["confusion"]["matrix"]
     assert found["eval_accuracy"] == last["eval_accuracy"]
     if method == "lora":  # the new head is trained and saved with the adapter (peft's SEQ_CLS modules_to_save)

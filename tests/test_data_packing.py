@@ -3,7 +3,8 @@ import datasets
 import pytest
 import torch
 
-from launcher.data.encode import IGNORE, collate
+from launcher.data.batching import collate
+from launcher.recipe.formats import IGNORE
 from launcher.model.loss import task_loss_sum
 from launcher.data.packing import best_fit_decreasing, collate_packed, pack_dataset
 

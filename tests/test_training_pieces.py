@@ -4,7 +4,7 @@ import math
 import pytest
 import torch
 
-from launcher.data.encode import StepPlan, eval_batches
+from launcher.data.batching import StepPlan, eval_batches
 from launcher.training.optim import l2_penalty, lr_multiplier
 from launcher.recipe.schema import Recipe, TrainSection
 

@@ -17,9 +17,10 @@ from pathlib import Path
 import pytest
 
 from launcher import cli
-from launcher.rundir.directory import clear_run_dir, plan
+from launcher.rundir.directory import plan_run_dir
+from launcher.rundir.paths import RunDir
 from launcher.errors import UserError
-from launcher.distributed.slurm import SlurmJob, log_path, render, requeue_self, submit, task_command, write_script
+from launcher.distributed.slurm import SlurmJob, log_path, requeue_self, sbatch_script, submit, task_command, write_script
 from launcher.errors import SlurmError
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -104,7 +105,7 @@ def test_cpu_launch_commands(tmp_path):
     assert one.endswith(f"exec py -m launcher train {Path('r.yaml').resolve()}")
     two = SlurmJob(gpus_per_node=0, processes_per_node=2, python="py")
     assert "--multi_gpu --num_machines 1 --num_processes 2" in task_command("r.yaml", two)
-    script = render("r.yaml", tmp_path, two)
+    script = sbatch_script("r.yaml", tmp_path, two)
     assert "export ACCELERATE_USE_CPU=1" in script and "export OMP_NUM_THREADS=1" in script
     assert "--gres" not in script
     with pytest.raises(ValueError, match="nodes"):
@@ -127,12 +128,12 @@ def test_run_dir_holding_only_the_job_script_is_fresh_and_overwrite_keeps_it(tmp
     (run / "slurm" / "launcher-7.out").write_text("log\n")
     (run / "logs").mkdir()
     (run / "logs" / "rank-1.jsonl").write_text("{}\n")
-    assert plan(run, {}, overwrite=False).resume_from is None
+    assert plan_run_dir(run, {}, overwrite=False).resume_from is None
     (run / "notes.txt").write_text("not ours")
     with pytest.raises(UserError, match="not a launcher run"):
-        plan(run, {}, overwrite=False)
+        plan_run_dir(run, {}, overwrite=False)
     (run / "recipe.yaml").write_text("{}\n")
-    clear_run_dir(run)  # --overwrite inside the job must keep the job's own script and log
+    RunDir(run).clear()  # --overwrite inside the job must keep the job's own script and log
     assert sorted(p.name for p in (run / "slurm").iterdir()) == ["job.sbatch", "launcher-7.out"]
     assert not (run / "recipe.yaml").exists() and not (run / "logs").exists()
 

@@ -1,7 +1,8 @@
 """Labels: which tokens each data format trains on, position by position."""
 import pytest
 
-from launcher.data.encode import IGNORE, Encoder
+from launcher.data.encode import Encoder
+from launcher.recipe.formats import IGNORE
 from launcher.recipe.schema import DataSection
 
 

@@ -95,7 +95,7 @@ def test_generate_answers_with_the_trained_adapter_in_the_recipe_format(trained_
 
 
 def test_eval_and_generate_take_a_run_directory(trained_run, tmp_path, monkeypatch):
-    from launcher.cli import recipe_or_run
+    from launcher.preflight.checks import recipe_or_run
     moved = tmp_path / "moved"
     import shutil
     shutil.copytree(trained_run, moved)

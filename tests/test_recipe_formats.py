@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from pydantic import ValidationError
 
-from launcher.data.encode import PROMPTS, Encoder, load_datasets, to_segments
+from launcher.data.encode import PROMPT_BUILDERS, Encoder, load_datasets, to_segments
 from launcher.evaluation.evaluate import SCORERS
 from launcher.recipe.formats import FORMATS, IGNORE, LOWER_IS_BETTER, METRICS, TASKS, formats_for_task
 from launcher.recipe.schema import DataFormat, DataSection, Recipe
@@ -43,7 +43,7 @@ def test_every_format_is_a_recipe_choice_and_has_a_prompt_or_is_classified():
     assert DataFormat.__args__ == tuple(FORMATS)
     for name, spec in FORMATS.items():
         assert spec.name == name
-        assert (name in PROMPTS) == (spec.tasks != ("classification",)), name
+        assert (name in PROMPT_BUILDERS) == (spec.tasks != ("classification",)), name
 
 
 @pytest.mark.parametrize("fmt", FORMATS)
@@ -156,7 +156,7 @@ def test_the_train_collate_is_chosen_once_packed_or_padded(tmp_path, tiny_model,
 
 
 def test_check_sources_names_the_eval_file_that_lacks_a_field(tmp_path, tiny_model):
-    from launcher.data.encode import check_sources
+    from launcher.data.sources import check_sources
     bad = tmp_path / "eval.jsonl"
     bad.write_text('{"en": "hello"}\n')
     recipe = _tiny(tmp_path, tiny_model, eval=str(bad))

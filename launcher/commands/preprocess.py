@@ -1,0 +1,22 @@
+"""`launcher preprocess RECIPE`: tokenise (and pack) once, for train to reuse.
+
+Data checks only, not the whole preflight: a CPU job may preprocess for a GPU or multi-process recipe.
+"""
+from __future__ import annotations
+
+import argparse
+
+from launcher.data.cache import preprocess
+from launcher.data.sources import check_sources
+from launcher.recipe.files import load_recipe
+
+
+def add_options(parser: argparse.ArgumentParser) -> None:
+    """No options beyond the recipe and its overrides."""
+
+
+def run(args: argparse.Namespace) -> int:
+    recipe = load_recipe(args.recipe, args.overrides)
+    check_sources(recipe)
+    print(f"preprocessed data written to {preprocess(recipe)}")
+    return 0

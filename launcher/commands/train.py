@@ -1,0 +1,18 @@
+"""`launcher train RECIPE` (or `launcher RECIPE.yaml`): preflight, then the training loop."""
+from __future__ import annotations
+
+import argparse
+
+from launcher.preflight.checks import checked_recipe
+from launcher.training import loop
+
+
+def add_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--overwrite", action="store_true", help="discard a previous run in output_dir and start fresh")
+    parser.add_argument("--allow-data-change", action="store_true",
+                        help="resume even though a data file changed since the checkpoint (refused otherwise)")
+
+
+def run(args: argparse.Namespace) -> int:
+    recipe = checked_recipe(args)
+    return loop.run(recipe, overwrite=args.overwrite, allow_data_change=args.allow_data_change)
