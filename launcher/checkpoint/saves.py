@@ -14,6 +14,7 @@ from pathlib import Path
 from launcher.checkpoint import diskspace
 
 from launcher.checkpoint import verify
+from launcher.distributed import waiting
 from launcher.model.adapters import export_kwargs
 from launcher.rundir.paths import RunDir
 
@@ -40,20 +41,21 @@ def save_checkpoint(accelerator, layout, run_dir: Path, step: int, state: dict, 
         shutil.rmtree(staging, ignore_errors=True)
         staging.mkdir(parents=True)
     accelerator.wait_for_everyone()
-    layout.save(staging)
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        verify.checkpoint(staging)  # read back before it counts: a bad save never replaces a good one
-        with open(staging / STATE_FILE, "w") as handle:
-            json.dump(state, handle)
-            handle.flush()
-            os.fsync(handle.fileno())
-        if folder.exists():
-            shutil.rmtree(folder)
-        staging.rename(folder)
-        for _, old in checkpoints(run_dir)[:-keep_last]:
-            shutil.rmtree(old, ignore_errors=True)
-    accelerator.wait_for_everyone()
+    with waiting.wait_group(accelerator, waiting.EXPORT_WAIT_MINUTES) as group:  # main-process I/O outlasts NCCL's timeout
+        layout.save(staging)
+        waiting.meet(group)
+        if accelerator.is_main_process:
+            verify.checkpoint(staging)  # read back before it counts: a bad save never replaces a good one
+            with open(staging / STATE_FILE, "w") as handle:
+                json.dump(state, handle)
+                handle.flush()
+                os.fsync(handle.fileno())
+            if folder.exists():
+                shutil.rmtree(folder)
+            staging.rename(folder)
+            for _, old in checkpoints(run_dir)[:-keep_last]:
+                shutil.rmtree(old, ignore_errors=True)
+        waiting.meet(group)
     return folder
 
 
@@ -76,16 +78,17 @@ def export_final(accelerator, strategy, model, tokenizer, run_dir: Path, name: s
     target = RunDir(run_dir).export(name)  # final/, or best/ for the best eval so far
     diskspace.check_free_space(run_dir, needed_bytes, f"export to {target}")
     staging = RunDir.staging(target)
-    state_dict = strategy.export_state_dict(accelerator, model)
-    if accelerator.is_main_process:
-        shutil.rmtree(staging, ignore_errors=True)
-        unwrapped = strategy.unwrap(accelerator, model)  # PiSSA/OLoRA adapters are converted to plain LoRA on the original base
-        conversion = export_kwargs(unwrapped, run_dir)  # PiSSA/OLoRA: may replace state_dict with the model's own
-        expected = verify.before_export(unwrapped, state_dict, converted=bool(conversion))  # refuses non-finite weights
-        unwrapped.save_pretrained(staging, **{"state_dict": state_dict, "safe_serialization": True, **conversion})
-        tokenizer.save_pretrained(staging)
-        verify.after_export(staging, expected)
-        shutil.rmtree(target, ignore_errors=True)
-        staging.rename(target)
-    accelerator.wait_for_everyone()
+    with waiting.wait_group(accelerator, waiting.EXPORT_WAIT_MINUTES) as group:  # the others wait out the main's I/O
+        state_dict = strategy.export_state_dict(accelerator, model)
+        if accelerator.is_main_process:
+            shutil.rmtree(staging, ignore_errors=True)
+            unwrapped = strategy.unwrap(accelerator, model)  # PiSSA/OLoRA adapters are converted to plain LoRA on the original base
+            conversion = export_kwargs(unwrapped, run_dir)  # PiSSA/OLoRA: may replace state_dict with the model's own
+            expected = verify.before_export(unwrapped, state_dict, converted=bool(conversion))  # refuses non-finite weights
+            unwrapped.save_pretrained(staging, **{"state_dict": state_dict, "safe_serialization": True, **conversion})
+            tokenizer.save_pretrained(staging)
+            verify.after_export(staging, expected)
+            shutil.rmtree(target, ignore_errors=True)
+            staging.rename(target)
+        waiting.meet(group)
     return target

@@ -5,4 +5,5 @@ rules             what each strategy refuses, how it is recognised, what each ra
 deepspeed_config  the recipe's DeepSpeed JSON: found, checked against the recipe, "auto" filled; the ZeRO stage
 launch            what the process launcher set up: world size, launch hints, precision, accelerate's settings
 slurm             sbatch scripts rendered and submitted; requeue on preemption
+waiting           long waits (tokenising, exports) on a gloo group with its own timeout, not the training group's
 """
