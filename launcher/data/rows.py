@@ -81,15 +81,36 @@ def _json_rows(path: Path) -> Iterator[tuple[int, Any]]:
     yield from enumerate(data, start=1)
 
 
+class _Marked(dict):
+    """A parsed JSON object that had a key twice (`duplicate`), kept to find the row that holds it."""
+    duplicate: str | None = None
+
+
+def _marked(pairs: list[tuple[str, Any]]) -> dict:
+    found = _Marked(pairs)
+    if len(found) != len(pairs):
+        seen: set[str] = set()
+        found.duplicate = next(key for key, _ in pairs if key in seen or seen.add(key))
+    return found
+
+
+def _duplicate_in(value: Any) -> str | None:
+    if isinstance(value, list):
+        return next(filter(None, map(_duplicate_in, value)), None)
+    if isinstance(value, _Marked):
+        return value.duplicate or next(filter(None, map(_duplicate_in, value.values())), None)
+    return None
+
+
 def _json_rows_to_duplicate(path: Path, text: str, key: str) -> Iterator[tuple[int, Any]]:
     """The rows of a .json list up to the one holding a key twice, which is then named."""
-    data = json.loads(text)
+    data = json.loads(text, object_pairs_hook=_marked)
     for number, row in enumerate(data if isinstance(data, list) else [data], start=1):
-        try:
-            _parse_json(json.dumps(row))
-        except _DuplicateKey:
-            raise UserError(f"{path}:{number}: {key}: this key appears twice in one object; keep one") from None
+        found = _duplicate_in(row)
+        if found:
+            raise UserError(f"{path}:{number}: {found}: this key appears twice in one object; keep one")
         yield number, row
+    raise UserError(f"{path}: {key}: this key appears twice in one object; keep one")
 
 
 def _csv_rows(path: Path) -> Iterator[tuple[int, Any]]:

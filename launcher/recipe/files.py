@@ -54,7 +54,7 @@ def _describe(error: dict) -> str:
     if error["type"] == "missing":
         return f"missing key '{key}'"
     message = error["msg"].removeprefix("Value error, ")
-    if not loc:  # a cross-field rule
+    if not loc or (error["type"] == "value_error" and isinstance(error.get("input"), dict)):  # a rule between keys
         return message
     return f"key '{key}': {message} (got {error.get('input')!r})"
 
@@ -154,13 +154,18 @@ def _absolutise_paths(data: dict, folder: Path) -> None:
         value = node.get(key) if isinstance(node, dict) else None
         if section == "data" and isinstance(value, (list, dict)):  # source entries: each path is relative to this recipe
             for entry in value if isinstance(value, list) else [value]:
-                if isinstance(entry, dict) and isinstance(entry.get("path"), str) and not entry["path"].startswith(("hf:", "~")):
+                if isinstance(entry, dict) and _relative(entry.get("path")) and not entry["path"].startswith("pkg:"):
                     entry["path"] = os.path.normpath(folder / entry["path"])
             continue
-        if not isinstance(value, str) or os.path.isabs(value) or value.startswith(("pkg:", "hf:", "~")):
+        if not _relative(value) or value.startswith("pkg:"):
             continue
         if section == "data" or value.startswith(("./", "../")) or value.endswith(".json"):
             node[key] = os.path.normpath(folder / value)
+
+
+def _relative(value: Any) -> bool:
+    """A path written relative to its recipe (blank ones are left for the schema to refuse)."""
+    return isinstance(value, str) and bool(value.strip()) and not os.path.isabs(value) and not value.startswith(("hf:", "~"))
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:
