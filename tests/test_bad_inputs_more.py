@@ -422,3 +422,21 @@ def test_malformed_rows_validate_refuses_or_train_reads_the_same_rows(tmp_path):
         assert load_table(Source(str(path), data)).to_list() == checked, path.read_bytes()[:300]
         agreed += 1
     assert refused > 40 and agreed > 40, (refused, agreed)
+
+
+# ---------------------------------------------------------------- names that must match the model, checked where it is built
+
+@pytest.mark.parametrize("changes,expected", [
+    ({"lora": {"modules_to_save": ["lm_head", "scorer"]}},
+     "lora.modules_to_save: 'scorer' names no module of LlamaForCausalLM (its top-level modules: model, lm_head)"),
+    ({"method": "full", "freeze": {"patterns": ["embed_tokens", "layers\\.9\\."]}},
+     "freeze.patterns: 'layers\\\\.9\\\\.' matches no parameter of LlamaForCausalLM"),
+])
+def test_a_module_name_that_matches_nothing_is_refused_before_training(tmp_path, tiny_model, capsys, changes, expected):
+    (tmp_path / "t.jsonl").write_bytes(jsonl(pairs(8)))
+    recipe, output_dir = build(tmp_path, Case("names", "", data=TRANSLATION, recipe=changes))
+    recipe.write_text(recipe.read_text().replace(str(tmp_path / "model"), str(tiny_model)))
+    assert main(["train", str(recipe)]) == 2
+    err = capsys.readouterr().err  # transformers' weight-loading bar may come first (freezing needs the weights)
+    assert expected in err.splitlines()[-1] and err.count("error: ") == 1 and "Traceback" not in err
+    assert not (output_dir / "checkpoints").exists() and not (output_dir / "final").exists()

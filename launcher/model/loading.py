@@ -144,8 +144,10 @@ def freeze(model, recipe: Recipe) -> list[str]:
         if id(param) in chosen or any(p.search(name) for p in patterns):
             param.requires_grad_(False)
             frozen.append(name)
-    if rules.patterns and not any(any(p.search(n) for p in patterns) for n in frozen):
-        raise UserError(f"freeze.patterns {rules.patterns} match no parameter of this model")
+    unmatched = [p.pattern for p in patterns if not any(p.search(name) for name in frozen)]
+    if unmatched:
+        raise UserError(f"freeze.patterns: {unmatched[0]!r} matches no parameter of {type(model).__name__} "
+                        f"(e.g. {next(iter(dict(model.named_parameters())), '')}); fix or remove it")
     return frozen
 
 
