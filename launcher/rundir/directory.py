@@ -23,6 +23,7 @@ import yaml
 from launcher.checkpoint import saves as ckpt
 from launcher.data.fingerprint import changed, file_fingerprint
 from launcher.errors import UserError
+from launcher.recipe.schema import applicable
 
 LOCK_FILE = "run.lock"
 RESULTS = ("final", "best")  # exported folders: a run that has one has something to lose
@@ -103,7 +104,8 @@ def plan_run_dir(run_dir: Path, resolved: dict, overwrite: bool) -> RunDirPlan:
     previous = run_dir / "recipe.yaml"
     if not previous.is_file():
         raise UserError(f"output_dir {run_dir} exists and is not a launcher run; choose another output_dir or pass --overwrite")
-    changed = [".".join(k) for k in _changed_keys(yaml.safe_load(previous.read_text()) or {}, resolved)
+    # sections the method does not read are not part of a run's identity (recipe.yaml leaves them out)
+    changed = [".".join(k) for k in _changed_keys(applicable(yaml.safe_load(previous.read_text()) or {}), applicable(resolved))
                if k not in RESUMABLE_CHANGES]
     if not has_something_to_lose(run_dir):
         return RunDirPlan(None, _leftovers(run_dir), f"{', '.join(changed[:5])} changed" if changed else "same recipe")
