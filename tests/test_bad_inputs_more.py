@@ -440,3 +440,16 @@ def test_a_module_name_that_matches_nothing_is_refused_before_training(tmp_path,
     err = capsys.readouterr().err  # transformers' weight-loading bar may come first (freezing needs the weights)
     assert expected in err.splitlines()[-1] and err.count("error: ") == 1 and "Traceback" not in err
     assert not (output_dir / "checkpoints").exists() and not (output_dir / "final").exists()
+
+
+def test_the_gguf_conversion_cache_is_keyed_by_content(tmp_path):
+    from launcher.model.loading import gguf_cache_folder
+    source = tmp_path / "m.gguf"
+    source.write_bytes(b"GGUF" + b"\0" * 64)
+    before = gguf_cache_folder(source)
+    stat = source.stat()
+    source.write_bytes(b"GGUF" + b"\1" * 64)  # same size
+    os.utime(source, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    assert gguf_cache_folder(source) != before
+    shutil.copy2(source, tmp_path / "copy.gguf")
+    assert gguf_cache_folder(tmp_path / "copy.gguf").name == gguf_cache_folder(source).name.replace("m-", "copy-")

@@ -5,7 +5,6 @@ turning a GGUF file into a plain trainable folder once, and freezing by the reci
 """
 from __future__ import annotations
 
-import hashlib
 import importlib.util
 import os
 import re
@@ -13,6 +12,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
+from launcher.data.fingerprint import content_digest
 from launcher.model import adapters
 from launcher.recipe.schema import Recipe
 from launcher.errors import UserError
@@ -44,9 +44,9 @@ def weights_folder(recipe: Recipe) -> str:
 
 
 def gguf_cache_folder(source: Path) -> Path:
-    stat = source.stat()
-    key = hashlib.sha256(f"{source.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:12]
-    return cache_root() / "gguf" / f"{source.stem}-{key}"
+    """The converted folder of a GGUF file, keyed by its content (a file replaced under its old size and
+    modification time is converted again)."""
+    return cache_root() / "gguf" / f"{source.stem}-{content_digest(source)[:12]}"
 
 
 def convert_gguf(folder: str, gguf_file: str) -> Path:
