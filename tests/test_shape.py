@@ -12,10 +12,10 @@ PACKAGE = REPO / "launcher"
 MAX_FUNCTION_LINES = 60
 MAX_MODULE_LINES = 400
 STRATEGY_NAMES = {"ddp", "deepspeed", "fsdp"}
-# Where strategy names may appear: the schema (choices), its rules and its file reader (distributed.deepspeed is a
-# path relative to the recipe), the strategy objects, preflight's refusals.
-STRATEGY_HOMES = {"launcher.recipe.schema", "launcher.recipe.rules", "launcher.recipe.files", "launcher.distributed.strategies",
-                  "launcher.preflight.checks"}
+# Where strategy names may appear: the schema (choices) and its file reader (distributed.deepspeed is a path relative
+# to the recipe), each strategy's rules and its strategy object, preflight.
+STRATEGY_HOMES = {"launcher.recipe.schema", "launcher.recipe.files", "launcher.distributed.rules",
+                  "launcher.distributed.strategies", "launcher.preflight.checks"}
 # Heavy or optional third-party packages: the only imports allowed inside a function, so light commands stay light.
 LATE_IMPORTS = {"torch", "transformers", "peft", "accelerate", "datasets", "deepspeed", "bitsandbytes", "safetensors",
                 "gguf", "matplotlib", "numpy", "mlflow", "wandb", "tensorboard", "sacrebleu", "trl", "rich",

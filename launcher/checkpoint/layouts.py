@@ -52,7 +52,7 @@ def restore_rng(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-class Layout:
+class CheckpointLayout:
     """Schedule and per-rank RNG, common to the launcher's own layouts; subclasses add model and optimiser.
     `bytes_read`: model and optimiser bytes this rank read on load (the rank log records it)."""
 
@@ -107,7 +107,7 @@ def base_optimizer(optimizer):
     return optimizer
 
 
-class TrainableLayout(Layout):
+class TrainableLayout(CheckpointLayout):
     """Trainable parameters and their optimiser state, whole and keyed by name, through torch's
     distributed state-dict API (plain modules, DDP and FSDP2 alike); frozen parameters are skipped
     before anything is gathered."""
@@ -187,7 +187,7 @@ class ZeroTrainableLayout(TrainableLayout):
                 base.state[flat] = {"step": torch.tensor(0.0), **{k: torch.zeros_like(flat) for k in keys}}
 
 
-class ShardedLayout(Layout):
+class ShardedLayout(CheckpointLayout):
     """FSDP2 model and optimiser through torch.distributed.checkpoint: each rank writes its own shards
     (`dcp/__R_0.distcp`) and reads back only the slices its shards need, resharding when the process
     count changed."""

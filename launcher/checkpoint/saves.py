@@ -15,16 +15,12 @@ from launcher.checkpoint import diskspace
 
 from launcher.checkpoint import verify
 from launcher.model.adapters import export_kwargs
+from launcher.rundir.paths import RunDir
 
 STATE_FILE = "trainer_state.json"
 def checkpoints(run_dir: Path) -> list[tuple[int, Path]]:
     """Complete checkpoints, oldest first."""
-    found = []
-    for path in (run_dir / "checkpoints").glob("step-*"):
-        step = path.name.removeprefix("step-")
-        if step.isdigit() and (path / STATE_FILE).is_file():
-            found.append((int(step), path))
-    return sorted(found)
+    return [(step, path) for step, path in RunDir(run_dir).step_folders() if (path / STATE_FILE).is_file()]
 
 
 def last_checkpoint(run_dir: Path) -> Path | None:
@@ -36,10 +32,10 @@ def save_checkpoint(accelerator, layout, run_dir: Path, step: int, state: dict, 
     """Write checkpoints/step-N atomically and prune to the newest `keep_last`; `layout` (launcher/layouts.py)
     decides what goes inside. Refused before writing when the disk cannot hold it (`held_bytes`: the estimate
     when no checkpoint exists yet)."""
-    folder = run_dir / "checkpoints" / f"step-{step}"
+    folder = RunDir(run_dir).step_folder(step)
     diskspace.check_free_space(run_dir, diskspace.checkpoint_estimate(last_checkpoint(run_dir), held_bytes),
                                f"checkpoint of step {step}")
-    staging = folder.with_name(folder.name + ".tmp")
+    staging = RunDir.staging(folder)
     if accelerator.is_main_process:
         shutil.rmtree(staging, ignore_errors=True)
         staging.mkdir(parents=True)
@@ -77,9 +73,9 @@ def export_final(accelerator, strategy, model, tokenizer, run_dir: Path, name: s
     The state dict comes from the strategy, which gathers ZeRO-3 and FSDP shards; a PEFT model
     picks its adapter out of that full dict, so a sharded run never saves an empty adapter.
     """
-    target = run_dir / name  # final/, or best/ for the best eval so far
+    target = RunDir(run_dir).export(name)  # final/, or best/ for the best eval so far
     diskspace.check_free_space(run_dir, needed_bytes, f"export to {target}")
-    staging = target.with_name(f"{name}.tmp")
+    staging = RunDir.staging(target)
     state_dict = strategy.export_state_dict(accelerator, model)
     if accelerator.is_main_process:
         shutil.rmtree(staging, ignore_errors=True)

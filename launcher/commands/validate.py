@@ -13,7 +13,7 @@ from rich.console import Console
 from rich.text import Text
 
 from launcher.data.encode import load_datasets
-from launcher.distributed.strategies import launched_world_size
+from launcher.distributed.launch import launched_world_size
 from launcher.model import loading as modeling
 from launcher.preflight.checks import Target, checked_recipe
 from launcher.recipe.schema import Recipe

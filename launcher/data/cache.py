@@ -31,6 +31,7 @@ from launcher.errors import UserError
 from launcher.model import loading as modeling
 from launcher.recipe import formats
 from launcher.recipe.schema import Recipe
+from launcher.rundir.paths import RunDir
 
 FINGERPRINT = "fingerprint.json"
 SUMMARY = "summary.json"
@@ -38,7 +39,7 @@ RUNTIME_KEYS = {"preprocessed_dir", "tokenise_timeout_minutes"}  # how data is f
 
 
 def folder(recipe: Recipe) -> Path:
-    return Path(recipe.data.preprocessed_dir or Path(recipe.output_dir) / "preprocessed")
+    return Path(recipe.data.preprocessed_dir or RunDir(recipe.output_dir).preprocessed)
 
 
 def _sha(*parts: str) -> str:
@@ -92,7 +93,7 @@ def preprocess(recipe: Recipe) -> Path:
     tokenizer = modeling.load_tokenizer(modeling.resolve_weights(recipe), recipe)
     found = load_datasets(recipe, tokenizer)
     target = folder(recipe)
-    staging = target.with_name(target.name + ".tmp")
+    staging = RunDir.staging(target)
     shutil.rmtree(staging, ignore_errors=True)
     found.train.dataset.save_to_disk(str(staging / "train"))
     if found.eval is not None:

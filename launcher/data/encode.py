@@ -3,7 +3,8 @@
 `datasets` reads the files and caches the tokenised result (its fingerprint covers the
 tokenizer and the settings). What no library does for us is the part kept here: turning each
 format into trained and masked segments, so the label of every token is decided in one place.
-`load_datasets` is the one entry point: train, eval, class names and the train collate together.
+`load_datasets` is the one entry point: train, eval, class names and the train collate together
+(`load_eval_data`: eval rows alone, for `launcher eval`).
 """
 from __future__ import annotations
 
@@ -268,3 +269,15 @@ def load_datasets(recipe: Recipe, tokenizer, pack: bool = True) -> Datasets:
         packed = pack_dataset(train.dataset, data.max_length)
         train = Tokenised(packed, train.rows, train.tally, train.encoded, train.mixture, train.warnings)
     return Datasets(train, evaluation, labels, train_collate(recipe, tokenizer, pack))
+
+
+def load_eval_data(recipe: Recipe, tokenizer) -> tuple[Tokenised | None, list[str] | None]:
+    """The eval set and class names alone, for `launcher eval`: data.eval is tokenised and no train row is.
+    With data.eval_fraction the eval rows are a split of the tokenised train rows, so those are tokenised
+    to draw the same split as training did. A classifier's class names are read from the train file."""
+    labels = class_labels(recipe)
+    if recipe.data.eval:
+        return tokenise_eval(recipe, tokenizer, labels), labels
+    if recipe.data.eval_fraction:
+        return load_datasets(recipe, tokenizer, pack=False).eval, labels
+    return None, labels

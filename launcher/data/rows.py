@@ -173,13 +173,14 @@ def _txt_rows(path: Path) -> Iterator[tuple[int, Any]]:
                 yield number, {"text": line}
 
 
-READERS = {".jsonl": _jsonl_rows, ".json": _json_rows, ".csv": _csv_rows, ".parquet": _parquet_rows, ".txt": _txt_rows}
+# Every data file type the launcher reads, by suffix, and its row reader (validate's and train's alike).
+FILE_TYPES = {".jsonl": _jsonl_rows, ".json": _json_rows, ".csv": _csv_rows, ".parquet": _parquet_rows, ".txt": _txt_rows}
 
 
 def every_row(path: str | Path, split: str = "train") -> Iterator[tuple[int, Any]]:
-    """(row number, row) for every row of a data file or datasets folder (launcher/sources.py says which types are read)."""
+    """(row number, row) for every row of a data file or datasets folder (FILE_TYPES says which types are read)."""
     path = Path(path)
-    return _folder_rows(path, split) if path.is_dir() else READERS[path.suffix.lower()](path)
+    return _folder_rows(path, split) if path.is_dir() else FILE_TYPES[path.suffix.lower()](path)
 
 
 # ---------------------------------------------------------------- one row

@@ -14,20 +14,15 @@ from pathlib import Path
 from typing import Iterator
 
 from launcher.data import fingerprint, prompts, rows
-from launcher.data.rows import checked_rows, every_row, field_plan, file_rows
+from launcher.data.rows import FILE_TYPES, checked_rows, every_row, field_plan, file_rows
 from launcher.errors import UserError
 from launcher.recipe.schema import DataSection, Recipe
 
 
-def _kind(path: Path) -> str:
-    if path.is_dir():
-        return "folder"
-    suffix = path.suffix.lower()
-    kinds = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet", ".txt": "text"}
-    if suffix not in kinds:
-        raise UserError(f"{path}: unsupported data file type '{suffix}' (use .jsonl, .json, .csv, .parquet, .txt, "
+def _refuse_unreadable_type(path: Path) -> None:
+    if not path.is_dir() and path.suffix.lower() not in FILE_TYPES:
+        raise UserError(f"{path}: unsupported data file type '{path.suffix.lower()}' (use {', '.join(FILE_TYPES)}, "
                         "a datasets folder, or hf:org/name)")
-    return kinds[suffix]
 
 
 @dataclass(frozen=True)
@@ -74,7 +69,7 @@ def sources_of(recipe: Recipe, which: str = "train") -> list[Source]:
 
 def check_rows(path: str | Path, data: DataSection) -> None:
     """Every row of a data file of a type read here; the first malformed row fails, named."""
-    _kind(Path(path))  # an unsupported file type is refused before any row is read
+    _refuse_unreadable_type(Path(path))  # before any row is read
     rows.check_file(path, data)
 
 
@@ -82,7 +77,7 @@ def source_rows(source: Source) -> Iterator[tuple[int, dict]]:
     """(row number, table row) of every row of a source, each checked: what validate checks and train reads."""
     if source.local_path is None:
         return checked_rows(source.label, enumerate(load_table(source), start=1), source.data)
-    _kind(source.local_path)
+    _refuse_unreadable_type(source.local_path)
     return file_rows(source.path, source.data, source.split)
 
 
@@ -157,7 +152,7 @@ def load_table(source: Source | str | Path):
     if source.hub_id:
         return _load_hub(source)
     path = Path(source.path)
-    _kind(path)
+    _refuse_unreadable_type(path)
     datasets.disable_progress_bars()
     key = {"path": str(path), "split": source.split, "data": source.data.model_dump_json() if source.data else "",
            "content": fingerprint.content_digest(path), "reader": fingerprint.content_digest(Path(rows.__file__))}

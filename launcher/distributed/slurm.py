@@ -31,10 +31,10 @@ from pydantic import ConfigDict
 from pydantic.dataclasses import dataclass
 
 from launcher.errors import SlurmError
+from launcher.rundir.paths import RunDir
 from launcher.shipped import TEMPLATES
 
 TEMPLATE_NAME = "job.sbatch.tmpl"
-LOG_NAME = "%x-%j.out"  # Slurm fills in job name and id
 PORT_PROBE = "import socket; s = socket.socket(); s.bind(('', 0)); print(s.getsockname()[1])"
 
 
@@ -176,7 +176,7 @@ def sbatch_script(recipe_path: str | os.PathLike, run_dir: str | os.PathLike, sp
         "nodes": spec.nodes,
         "tasks_per_node": spec.tasks_per_node,
         "sbatch_options": "\n".join(map(_sbatch_line, options)) or "# (no other sbatch options)",
-        "log_file": run_dir / "slurm" / LOG_NAME,
+        "log_file": RunDir(run_dir).slurm_log(),  # Slurm fills in job name and id
         "signal_grace": spec.signal_grace,
         "setup": "\n".join(spec.setup) or "# (none)",
         "port": port,
@@ -197,7 +197,7 @@ def write_script(recipe_path: str | os.PathLike, run_dir: str | os.PathLike, spe
                  overrides: Sequence[str] = ()) -> Path:
     """Render into `run_dir`/slurm/job.sbatch (creating the folder Slurm logs into) and return it."""
     text = sbatch_script(recipe_path, run_dir, spec, overrides)
-    path = Path(run_dir).resolve() / "slurm" / "job.sbatch"
+    path = RunDir(Path(run_dir).resolve()).job_script
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(text)
     return path
@@ -205,7 +205,7 @@ def write_script(recipe_path: str | os.PathLike, run_dir: str | os.PathLike, spe
 
 def log_path(run_dir: str | os.PathLike, spec: SlurmJob, job_id: str = "%j") -> Path:
     """Where the job's log goes (the `%j` pattern, or the file once the id is known)."""
-    return Path(run_dir).resolve() / "slurm" / LOG_NAME.replace("%x", spec.job_name).replace("%j", str(job_id))
+    return RunDir(Path(run_dir).resolve()).slurm_log(spec.job_name, str(job_id))
 
 
 def submit(script_path: str | os.PathLike, cwd: str | os.PathLike | None = None) -> str:

@@ -176,7 +176,7 @@ def evaluate(accelerator, model, tokenizer, dataset, recipe: Recipe, labels: lis
     """Loss and task metrics on the eval set; the model is left in the mode it came in.
     `unwrap` gives the bare model of a prepared one (for generation); `progress` is told of rows done."""
     task, fmt = recipe.model.task, recipe.data.eval_format()
-    size = recipe.train.eval_batch_size or recipe.train.micro_batch_size
+    size = recipe.train.eval_batch()
     was_training = model.training
     model.eval()
     loss, predicted, by_source = loss_pass(accelerator, model, dataset, size, tokenizer.pad_token_id, task, progress)

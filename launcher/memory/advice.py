@@ -1,8 +1,8 @@
 """The cheapest recipe changes that make a memory plan fit (`launcher plan` shows them), and train's check before it loads weights.
 
 The numbers come from memory/estimate.py. A change is a list of recipe overrides; each candidate
-recipe is validated as a user's would be (so refused combinations are never suggested) and planned
-again. Step-time costs are rough, relative to the recipe as written: recomputing activations costs
+recipe is validated and held to its strategy's rules as a user's would be (so refused combinations
+are never suggested) and planned again. Step-time costs are rough, relative to the recipe as written: recomputing activations costs
 about a third of a step, sharding adds communication, offload moves state over PCIe each step.
 """
 from __future__ import annotations
@@ -19,10 +19,19 @@ from launcher.memory.estimate import GIB, HEADROOM, Plan
 from launcher.recipe.schema import Recipe, applicable
 from launcher.errors import UserError
 from launcher.recipe.files import apply_overrides, load_recipe
-from launcher.distributed.strategies import SHARDING_CHANGES
+from launcher.distributed.rules import rules_for
 
 MAX_COMBINED = 3  # changes tried together when no single one fits
 SHOWN = 5
+# Changes of strategy the planner may suggest: (what it does, recipe overrides, rough step time vs. unsharded,
+# whether it saves memory with one process: only offload does, and FSDP2 leaves one process unsharded).
+SHARDING_CHANGES = (
+    ("ZeRO-2: shard gradients and optimiser state", ("distributed.strategy=deepspeed", "distributed.deepspeed=zero2"), 1.05, False),
+    ("ZeRO-3: shard weights, gradients and optimiser state", ("distributed.strategy=deepspeed", "distributed.deepspeed=zero3"), 1.2, False),
+    ("FSDP2 full sharding", ("distributed.strategy=fsdp",), 1.15, False),
+    ("ZeRO-3 with weights and optimiser in CPU memory", ("distributed.strategy=deepspeed", "distributed.deepspeed=zero3_offload"), 3.0, True),
+    ("FSDP2 with CPU offload", ("distributed.strategy=fsdp", "distributed.fsdp.cpu_offload=true"), 3.0, False),
+)
 
 
 @dataclass(frozen=True)
@@ -43,7 +52,7 @@ def candidate_changes(recipe: Recipe, world: int) -> list[Change]:
             changes.append(Change(f"micro-batch 1 with grad_accum {train.grad_accum * train.micro_batch_size} (same global batch)",
                                   ("train.micro_batch_size=1", f"train.grad_accum={train.grad_accum * train.micro_batch_size}"), 1.25))
     evaluates = recipe.data.eval or recipe.data.eval_fraction
-    eval_batch = train.eval_batch_size or train.micro_batch_size
+    eval_batch = train.eval_batch()
     if evaluates and eval_batch > 1:
         changes.append(Change(f"eval batch {eval_batch // 2}", (f"train.eval_batch_size={eval_batch // 2}",), 1.0))
     if not train.gradient_checkpointing:
@@ -61,14 +70,16 @@ def candidate_changes(recipe: Recipe, world: int) -> list[Change]:
 
 
 def _changed(recipe: Recipe, overrides: list[str]) -> Recipe | None:
-    """The recipe with these overrides, or None when validation refuses the combination."""
+    """The recipe with these overrides, or None when validation or the strategy's rules refuse the combination."""
     data = recipe.model_dump(mode="json")
     if any(o.startswith("distributed.strategy=") for o in overrides):  # the old strategy's own section goes with it
         data["distributed"] = {key: data["distributed"][key] for key in ("num_processes", "timeout_minutes")}
     try:
-        return Recipe.model_validate(applicable(apply_overrides(data, overrides)))
+        changed = Recipe.model_validate(applicable(apply_overrides(data, overrides)))
+        rules_for(changed).refuse()
     except (ValidationError, UserError):
         return None
+    return changed
 
 
 def suggestions(recipe: Recipe, world: int, gpu_gib: float) -> list[dict]:
@@ -96,6 +107,8 @@ def suggestions(recipe: Recipe, world: int, gpu_gib: float) -> list[dict]:
 
 
 def plan_with_advice(recipe: Recipe, world: int | None = None, gpu_gib: float | None = None) -> Plan:
+    """The recipe's plan, with suggestions when it does not fit; a recipe its strategy cannot train is refused."""
+    rules_for(recipe).refuse()
     result = planner.plan(recipe, world, gpu_gib)
     if not result.fits:
         result.suggestions = suggestions(recipe, result.world, result.gpu_gib)

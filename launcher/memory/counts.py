@@ -15,8 +15,8 @@ BNB_BLOCK = 256  # values per float32 absmax in blockwise 8-bit state
 
 
 @dataclass
-class Layout:
-    """Where a strategy keeps model state on each rank, as the memory planner needs it (launcher/strategies.py fills it)."""
+class StatePlacement:
+    """Where a strategy keeps model state on each rank, as the memory planner needs it (launcher/distributed/rules.py fills it)."""
     label: str
     shard_weights: bool = False  # each rank holds 1/N of the weights (ZeRO-3, FSDP)
     shard_gradients: bool = False  # and of the gradients (ZeRO-2/3, FSDP)

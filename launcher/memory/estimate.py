@@ -13,7 +13,7 @@ mechanism, as PyTorch's autograd saves it, per token of a micro-batch:
 - plain cross-entropy: at the start of backward three float32 vocabulary-wide tensors per token
   (log-softmax output, its incoming gradient, its input gradient); chunked CE: one chunk of them;
 - autocast's low-precision copies of float32 weights, kept for backward;
-- the strategy's layout (launcher/strategies.py): what is sharded or offloaded, DeepSpeed's fp32 master
+- the strategy's layout (launcher/distributed/rules.py): what is sharded or offloaded, DeepSpeed's fp32 master
   copy and buckets, FSDP's gathered blocks, DDP's gradient buckets.
 
 The peak is the largest of four moments: the end of the forward pass (activations and logits alive,
@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from launcher.memory import counts as memory
 from launcher.memory.inventory import Inventory, inventory, resolved_dtypes
 from launcher.recipe.schema import Recipe
-from launcher.distributed.strategies import strategy_for
+from launcher.distributed.rules import rules_for
 
 GIB = 2**30
 HEADROOM = 0.9  # share of GPU memory a plan may use: the rest is CUDA context, communication buffers, fragmentation
@@ -47,7 +47,7 @@ class Sizes:
     autocast: bool
 
 
-def sizes(recipe: Recipe, layout: memory.Layout, device: str = "cuda") -> Sizes:
+def sizes(recipe: Recipe, layout: memory.StatePlacement, device: str = "cuda") -> Sizes:
     dtypes = resolved_dtypes(recipe, device)
     low = DTYPE_BYTES[dtypes["precision"]]
     stored = DTYPE_BYTES[dtypes["weight"]]
@@ -93,7 +93,7 @@ def logits_bytes(inv: Inventory, s: Sizes, recipe: Recipe, tokens: int) -> int:
 
 def eval_bytes(inv: Inventory, s: Sizes, recipe: Recipe) -> dict:
     """Evaluation's transient memory: the loss forward's logits, or generation's KV cache and last-token logits."""
-    batch = recipe.train.eval_batch_size or recipe.train.micro_batch_size
+    batch = recipe.train.eval_batch()
     length = recipe.data.max_length
     # no_grad loss: the float32 logits and their log-softmax (the compute-dtype logits are freed by the cast)
     loss_pass = batch * length * (inv.vocab * 8 if recipe.model.task != "classification" else 0)
@@ -146,7 +146,7 @@ def plan(recipe: Recipe, world: int | None = None, gpu_gib: float | None = None,
     resolved as on `device` (cpu: for comparing with a CPU run)."""
     world = world or recipe.distributed.num_processes or 1
     inv = inventory(recipe, device)
-    layout = strategy_for(recipe).memory_layout(world, inv.hidden)
+    layout = rules_for(recipe).memory_layout(world, inv.hidden)
     s = sizes(recipe, layout, device)
     state = _model_state(recipe, inv, layout, s, world)
     work = _step_work(recipe, inv, layout, s)
@@ -169,7 +169,7 @@ def plan(recipe: Recipe, world: int | None = None, gpu_gib: float | None = None,
     return Plan(label, world, gpu_gib or recipe.memory.gpu_gib or DEFAULT_GPU_GIB, moments)
 
 
-def _model_state(recipe: Recipe, inv: Inventory, layout: memory.Layout, s: Sizes, world: int) -> dict:
+def _model_state(recipe: Recipe, inv: Inventory, layout: memory.StatePlacement, s: Sizes, world: int) -> dict:
     """Weights, gradients, optimiser state and the strategy's buffers this rank holds."""
     blocks = inv.layers - min(recipe.freeze.first_n_blocks, inv.layers) if recipe.method == "full" else inv.layers
     trainable = blocks * inv.block_trainable + inv.rest_trainable
@@ -202,7 +202,7 @@ def _model_state(recipe: Recipe, inv: Inventory, layout: memory.Layout, s: Sizes
             "persistent gradients": int(persistent), "step": int(step), "buffers": int(buffers)}
 
 
-def _step_work(recipe: Recipe, inv: Inventory, layout: memory.Layout, s: Sizes) -> dict:
+def _step_work(recipe: Recipe, inv: Inventory, layout: memory.StatePlacement, s: Sizes) -> dict:
     """Activations, logits and gathered weights of one micro-batch, at the end of forward and during backward."""
     train = recipe.train
     tokens = train.micro_batch_size * recipe.data.max_length

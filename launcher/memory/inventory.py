@@ -13,10 +13,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from launcher.memory import counts as memory
+from launcher.model import loading as modeling
 from launcher.preflight.locations import SHIPPED_CONFIGS
 from launcher.recipe.schema import Recipe
 from launcher.errors import UserError
-from launcher.model import loading as modeling
 
 OUTPUT_PROJECTIONS = ("o_proj", "down_proj", "out_proj", "wo", "w2", "fc2", "dense_4h_to_h", "c_proj")
 
@@ -91,12 +91,11 @@ class Inventory:
 
 
 def resolved_dtypes(recipe: Recipe, device: str = "cuda") -> dict:
-    """Weight, compute and 4-bit compute dtypes as they resolve on `device` (launcher/modeling.py's rules; a GPU is
-    taken to have bf16, as every GPU the real-size recipes name does)."""
+    """Weight, compute and 4-bit compute dtypes as they resolve on `device` (launcher/model/loading.py's rules; a GPU
+    is taken to have bf16, as every GPU the real-size recipes name does)."""
     gpu = device == "cuda"
-    quant = recipe.quant.compute_dtype if recipe.quant.compute_dtype != "auto" else ("bfloat16" if gpu else "float32")
-    weight = recipe.model.dtype if recipe.model.dtype != "auto" else (
-        quant if recipe.method == "qlora" else "float32" if recipe.method == "full" or not gpu else "bfloat16")
+    quant = modeling.compute_dtype_name(recipe, gpu, gpu_has_bf16=True)
+    weight = modeling.weight_dtype_name(recipe, gpu, gpu_has_bf16=True)
     precision = recipe.train.precision if recipe.train.precision != "auto" else ("bf16" if gpu else "fp32")
     return {"weight": weight, "precision": precision, "quant_compute": quant}
 

@@ -1,7 +1,7 @@
 """Which modules an adapter run adapts, trains in full or keeps unquantised, and the LoRA variants.
 
 peft builds the adapters (LoRA, DoRA, rsLoRA, PiSSA / OLoRA / LoftQ initialisation); what is
-decided here is the layout, from a weightless skeleton of the model so it is known before any
+decided here is where they go (`AdapterPlacement`), from a weightless skeleton of the model so it is known before any
 weight loads:
 - a head is either trained in full (`modules_to_save`: a classifier's new head) or adapted,
   never both (peft refuses to fully train a module it has already wrapped);
@@ -21,17 +21,18 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from launcher.recipe.schema import Recipe
+from launcher.recipe.schema import RESIDUAL_INITS, Recipe
 
 from launcher.errors import UserError
+from launcher.rundir.paths import RunDir
 
-INIT = {"default": True, "gaussian": "gaussian", "pissa": "pissa", "olora": "olora", "loftq": True}
-RESIDUAL_INITS = ("pissa", "olora")  # they rewrite the base weights: converted to plain LoRA at export
-INITIAL_ADAPTER = "adapter-init"  # in the run directory: a PiSSA/OLoRA adapter before training
+# lora.init -> peft's init_lora_weights; the residual inits (PiSSA, OLoRA) rewrite the base weights, so their adapters are
+# converted to plain LoRA at export.
+INIT = {"default": True, "gaussian": "gaussian", **{name: name for name in RESIDUAL_INITS}, "loftq": True}
 
 
 @dataclass
-class Layout:
+class AdapterPlacement:
     """Where the adapter goes in one model, by module name (relative to the transformers model)."""
     targets: str  # regex peft full-matches against module names
     trained_in_full: list[str]  # modules_to_save
@@ -59,7 +60,7 @@ def _under(name: str, prefixes: list[str]) -> bool:
     return any(name == p or name.startswith(p + ".") for p in prefixes)
 
 
-def layout(model, recipe: Recipe) -> Layout:
+def placement(model, recipe: Recipe) -> AdapterPlacement:
     """Targets, fully trained heads and unquantised modules of `model` (a skeleton will do)."""
     lora = recipe.lora
     names = [name for name, _ in model.named_modules() if name]
@@ -87,10 +88,10 @@ def layout(model, recipe: Recipe) -> Layout:
     targets = f"^{negative}(?:.*\\.)?(?:{'|'.join(map(re.escape, leaves))})$"
     if not any(re.fullmatch(targets, name) for name in linears):
         raise UserError(f"lora.target_modules {leaves} match no linear layer of {type(model).__name__}")
-    return Layout(targets, heads, sorted(set(excluded)))
+    return AdapterPlacement(targets, heads, sorted(set(excluded)))
 
 
-def lora_config(recipe: Recipe, where: Layout):
+def lora_config(recipe: Recipe, where: AdapterPlacement):
     from peft import LoraConfig, TaskType
     task_type = {"causal-lm": TaskType.CAUSAL_LM, "seq2seq": TaskType.SEQ_2_SEQ_LM,
                  "classification": TaskType.SEQ_CLS}[recipe.model.task]
@@ -100,7 +101,7 @@ def lora_config(recipe: Recipe, where: Layout):
                       use_dora=lora.dora, use_rslora=lora.rslora, init_lora_weights=INIT[lora.init])
 
 
-def add_adapter(model, recipe: Recipe, where: Layout):
+def add_adapter(model, recipe: Recipe, where: AdapterPlacement):
     """The peft model. PiSSA/OLoRA save their adapter before training into the run directory (the main
     process; every rank computes the same one) for the conversion at export. LoftQ re-initialises the
     adapters of a 4-bit base from the original weights (CUDA only: preflight refuses it elsewhere)."""
@@ -108,7 +109,7 @@ def add_adapter(model, recipe: Recipe, where: Layout):
     from peft import get_peft_model
     peft_model = get_peft_model(model, lora_config(recipe, where))
     if recipe.lora.init in RESIDUAL_INITS and PartialState().is_main_process:
-        peft_model.save_pretrained(Path(recipe.output_dir) / INITIAL_ADAPTER)
+        peft_model.save_pretrained(RunDir(recipe.output_dir).adapter_init)
     if recipe.lora.init == "loftq":
         from peft import replace_lora_weights_loftq
         replace_lora_weights_loftq(peft_model)
@@ -122,7 +123,7 @@ def export_kwargs(model, run_dir: Path) -> dict:
     if config is None or str(config.init_lora_weights) not in RESIDUAL_INITS:
         return {}
     # peft reads the initial adapter through the state dict it is given: it must be the model's own (whole, unsharded).
-    return {"path_initial_model_for_weight_conversion": str(Path(run_dir) / INITIAL_ADAPTER), "state_dict": None}
+    return {"path_initial_model_for_weight_conversion": str(RunDir(run_dir).adapter_init), "state_dict": None}
 
 
 def loraplus_groups(model, groups: list[dict], lr: float, ratio: float | None) -> list[dict]:

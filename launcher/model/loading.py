@@ -13,10 +13,10 @@ import tempfile
 from pathlib import Path
 
 from launcher.data.fingerprint import content_digest
+from launcher.distributed.rules import rules_for
 from launcher.model import adapters
 from launcher.recipe.schema import Recipe
 from launcher.errors import UserError
-from launcher.distributed.strategies import strategy_for
 
 
 def cache_root() -> Path:
@@ -98,23 +98,32 @@ def load_tokenizer(path: str, recipe: Recipe):
     return tokenizer
 
 
+def weight_dtype_name(recipe: Recipe, on_gpu: bool, gpu_has_bf16: bool) -> str:
+    """The dtype the weights load in, as torch names it: the one home of this rule (the memory planner asks it too)."""
+    if recipe.model.dtype != "auto":
+        return recipe.model.dtype
+    if recipe.method == "qlora":  # what stays unquantised (embeddings, norms, head) computes in the 4-bit compute dtype
+        return compute_dtype_name(recipe, on_gpu, gpu_has_bf16)
+    return "bfloat16" if on_gpu and recipe.method != "full" else "float32"
+
+
+def compute_dtype_name(recipe: Recipe, on_gpu: bool, gpu_has_bf16: bool) -> str:
+    """What 4-bit layers dequantise to for their matmuls: bf16 where the GPU has it, float32 on CPU (exact, and as fast there)."""
+    if recipe.quant.compute_dtype != "auto":
+        return recipe.quant.compute_dtype
+    if not on_gpu:
+        return "float32"
+    return "bfloat16" if gpu_has_bf16 else "float16"
+
+
 def weight_dtype(recipe: Recipe, on_gpu: bool):
     import torch
-    if recipe.model.dtype != "auto":
-        return getattr(torch, recipe.model.dtype)
-    if recipe.method == "qlora":  # what stays unquantised (embeddings, norms, head) computes in the 4-bit compute dtype
-        return compute_dtype(recipe, on_gpu)
-    return torch.bfloat16 if on_gpu and recipe.method != "full" else torch.float32
+    return getattr(torch, weight_dtype_name(recipe, on_gpu, on_gpu and torch.cuda.is_bf16_supported()))
 
 
 def compute_dtype(recipe: Recipe, on_gpu: bool):
-    """What 4-bit layers dequantise to for their matmuls: bf16 where the GPU has it, float32 on CPU (exact, and as fast there)."""
     import torch
-    if recipe.quant.compute_dtype != "auto":
-        return getattr(torch, recipe.quant.compute_dtype)
-    if not on_gpu:
-        return torch.float32
-    return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return getattr(torch, compute_dtype_name(recipe, on_gpu, on_gpu and torch.cuda.is_bf16_supported()))
 
 
 def quantization_config(recipe: Recipe, on_gpu: bool, unquantised: list[str]):
@@ -126,7 +135,7 @@ def quantization_config(recipe: Recipe, on_gpu: bool, unquantised: list[str]):
     if quant.bits == 8:
         return BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=unquantised)
     compute = compute_dtype(recipe, on_gpu)
-    storage = strategy_for(recipe).quant_storage(compute)  # FSDP2 shards 4-bit weights stored in the compute dtype
+    storage = rules_for(recipe).quant_storage(compute)  # FSDP2 shards 4-bit weights stored in the compute dtype
     return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=quant.type, bnb_4bit_use_double_quant=quant.double_quant,
                               bnb_4bit_compute_dtype=compute, llm_int8_skip_modules=unquantised,
                               **({"bnb_4bit_quant_storage": storage} if storage is not None else {}))
@@ -179,7 +188,7 @@ def auto_class(task: str):
 
 
 def skeleton(path: str, recipe: Recipe, labels: list[str] | None = None):
-    """The model's module tree on the meta device (names and types, no weights): the adapter layout is read from it."""
+    """The model's module tree on the meta device (names and types, no weights): the adapter placement is read from it."""
     from accelerate import init_empty_weights
     from transformers import AutoConfig
     config = AutoConfig.from_pretrained(path, trust_remote_code=recipe.model.trust_remote_code)
@@ -191,14 +200,14 @@ def skeleton(path: str, recipe: Recipe, labels: list[str] | None = None):
 
 def unpartitioned_from_config(task: str, config, **kwargs):
     """A model from its config without ZeRO-3's partitioning at construction, which is a collective: meta
-    copies (the adapter layout, the memory plan) are built on one rank, and would wait there forever."""
+    copies (the adapter placement, the memory plan) are built on one rank, and would wait there forever."""
     from transformers.modeling_utils import set_zero3_state
     with set_zero3_state():
         return auto_class(task).from_config(config, **kwargs)
 
 
-def adapter_layout(path: str, recipe: Recipe, labels: list[str] | None = None) -> adapters.Layout | None:
-    return adapters.layout(skeleton(path, recipe, labels), recipe) if recipe.method != "full" else None
+def adapter_placement(path: str, recipe: Recipe, labels: list[str] | None = None) -> adapters.AdapterPlacement | None:
+    return adapters.placement(skeleton(path, recipe, labels), recipe) if recipe.method != "full" else None
 
 
 def load_base(path: str, recipe: Recipe, on_gpu: bool, labels: list[str] | None = None):
@@ -206,7 +215,7 @@ def load_base(path: str, recipe: Recipe, on_gpu: bool, labels: list[str] | None 
     kwargs = {"dtype": weight_dtype(recipe, on_gpu), "trust_remote_code": recipe.model.trust_remote_code}
     if recipe.model.attn_implementation:
         kwargs["attn_implementation"] = recipe.model.attn_implementation
-    where = adapter_layout(path, recipe, labels) if recipe.method == "qlora" else None
+    where = adapter_placement(path, recipe, labels) if recipe.method == "qlora" else None
     quantization = quantization_config(recipe, on_gpu, where.unquantised if where else [])
     if quantization is not None:
         from accelerate import PartialState
@@ -216,9 +225,24 @@ def load_base(path: str, recipe: Recipe, on_gpu: bool, labels: list[str] | None 
         kwargs.update(num_labels=len(labels), id2label=dict(enumerate(labels)),
                       label2id={name: i for i, name in enumerate(labels)})
     model = auto_class(recipe.model.task).from_pretrained(path, **kwargs)
+    if quantization is not None:
+        keep_4bit_training_layout(model)
     if model.config.pad_token_id is None:  # decoder classifiers find each row's last token by the pad id
         model.config.pad_token_id = model.config.eos_token_id
     return model
+
+
+
+def keep_4bit_training_layout(model) -> None:
+    """One weight layout for eval and training on CPUs with AVX512-BF16.
+
+    bitsandbytes (0.50) repacks a 4-bit weight for that CPU kernel on the first no-grad forward in eval mode and does not
+    unpack it when training resumes: the training step after the before-training eval then fails on an in-place bias
+    add. Each layer's own switch (`support_avx512bf16_for_cpu`) keeps the layout both read.
+    """
+    for module in model.modules():
+        if hasattr(module, "support_avx512bf16_for_cpu"):
+            module.support_avx512bf16_for_cpu = False
 
 
 def load_trained(path: str, recipe: Recipe, on_gpu: bool, labels: list[str] | None = None):
@@ -233,7 +257,7 @@ def load_trained(path: str, recipe: Recipe, on_gpu: bool, labels: list[str] | No
 
 def load_model(path: str, recipe: Recipe, on_gpu: bool, labels: list[str] | None = None):
     """The model the loop trains: loaded, frozen or adapted, and checkpointed as the recipe says."""
-    where = adapter_layout(path, recipe, labels)  # refuses a bad layout before any weight loads
+    where = adapter_placement(path, recipe, labels)  # refuses a bad placement before any weight loads
     model = load_base(path, recipe, on_gpu, labels)
     if recipe.method == "full":
         freeze(model, recipe)

@@ -18,10 +18,10 @@ from launcher.data.sources import check_sources
 from launcher.errors import UserError
 from launcher.preflight import locations
 from launcher.recipe.files import load_recipe, load_run
-from launcher.recipe.schema import Recipe
-from launcher.distributed.strategies import launch_hint, launched_world_size, mixed_precision, strategy_for
+from launcher.recipe.schema import BNB_OPTIMIZERS, Recipe
+from launcher.distributed.launch import launch_hint, launched_world_size, mixed_precision
+from launcher.distributed.rules import rules_for
 
-BNB_OPTIMIZERS = ("adamw-8bit", "paged-adamw", "paged-adamw-8bit")
 BNB_FIRST_CPU_VERSION = (0, 46)  # bitsandbytes gained its CPU backend (4-bit, 8-bit, 8-bit optimisers) in 0.46
 
 
@@ -70,15 +70,15 @@ def check(recipe: Recipe, target: Target | None = None) -> Target:
 
 
 def check_launch(recipe: Recipe, target: Target) -> None:
-    """The process count the recipe demands, and the strategy's own needs (its JSON, its device, accelerate's config)."""
+    """The process count the recipe demands, and the strategy's own rules (its JSON, what it cannot train, its device,
+    accelerate's config)."""
     wanted = recipe.distributed.num_processes
     if wanted is not None and target.world != wanted:
         raise UserError(f"distributed.num_processes is {wanted} but {target.world} process{'es' * (target.world != 1)} "
                         f"started; launch with {launch_hint(wanted)}")
-    strategy_for(recipe).preflight(target.device == "cuda")
-    if recipe.train.skip_nonfinite and recipe.distributed.strategy == "deepspeed":
-        raise UserError("train.skip_nonfinite: DeepSpeed applies the optimiser step inside its backward, so a step cannot "
-                        "be skipped there; set it to 0 (the run then stops at the first non-finite step)")
+    rules = rules_for(recipe)
+    rules.refuse()
+    rules.refuse_launch(target.device == "cuda")
 
 
 def check_device_support(recipe: Recipe, device: str) -> None:

@@ -17,6 +17,9 @@ from launcher.recipe.schema import Recipe, applicable, unknown_key
 
 from launcher.errors import UserError
 
+# The resolved recipe a run writes into its output_dir (launcher/rundir/paths.py places it; `load_run` reads it).
+RESOLVED_RECIPE = "recipe.yaml"
+
 
 def _section_fields(location: tuple) -> list[str]:
     """Field names allowed at a nested location of the recipe, for suggestions."""
@@ -212,9 +215,10 @@ def load_recipe(path: str | os.PathLike, overrides: list[str] = ()) -> Recipe:
 def load_run(run_dir: str | os.PathLike, overrides: list[str] = ()) -> Recipe:
     """The resolved recipe a run wrote (RUN/recipe.yaml), its output_dir pointing at the run wherever it now is."""
     run_dir = Path(run_dir)
-    if not (run_dir / "recipe.yaml").is_file():
-        raise UserError(f"{run_dir} is not a launcher run (no recipe.yaml); give a recipe file or the output_dir of a run")
-    return load_recipe(run_dir / "recipe.yaml", [*overrides, f"output_dir={run_dir}"])
+    resolved = run_dir / RESOLVED_RECIPE
+    if not resolved.is_file():
+        raise UserError(f"{run_dir} is not a launcher run (no {RESOLVED_RECIPE}); give a recipe file or the output_dir of a run")
+    return load_recipe(resolved, [*overrides, f"output_dir={run_dir}"])
 
 
 def check_paths(recipe: Recipe, path: Path) -> None:

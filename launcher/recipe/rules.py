@@ -10,6 +10,9 @@ import string
 
 from launcher.recipe.formats import FORMATS, LOWER_IS_BETTER, formats_for_task
 
+# LoRA inits that move each weight's top directions into the adapter and leave the residual in the base weights,
+# so the adapter is converted to plain LoRA at export (it needs the whole model in one process then).
+RESIDUAL_INITS = ("pissa", "olora")
 # What each prompt template may name (str.format placeholders).
 TEMPLATE_FIELDS = {"prompt_template": {"source_lang", "target_lang", "source"}, "qa_template": {"question", "context"}}
 
@@ -72,19 +75,11 @@ def format_rules(recipe) -> None:
 
 
 def quant_rules(recipe) -> None:
-    """QLoRA and 8-bit optimiser combinations, decided before anything loads (see the README's QLoRA notes)."""
-    quant, strategy, optimizer = recipe.quant, recipe.distributed.strategy, recipe.train.optimizer
+    """quant settings that mean nothing for this recipe (what a strategy cannot quantise is its rules')."""
+    quant = recipe.quant
     four_bit_only = quant.model_fields_set & {"type", "double_quant", "compute_dtype"}
     if quant.bits == 8 and four_bit_only:
         raise ValueError(f"quant.{sorted(four_bit_only)[0]} applies to 4-bit weights only; remove it or set quant.bits: 4")
-    if recipe.method == "qlora" and strategy == "fsdp" and quant.bits == 8:
-        raise ValueError("method: qlora with quant.bits 8 and distributed.strategy: fsdp: 8-bit weights are int8 with per-row "
-                         "scales that FSDP would shard apart; use quant.bits 4 (stored in the compute dtype so FSDP2 can shard "
-                         "it), or strategy: ddp")
-    if optimizer in ("adamw-8bit", "paged-adamw", "paged-adamw-8bit") and strategy != "ddp":
-        raise ValueError(f"train.optimizer {optimizer} with distributed.strategy: {strategy}: bitsandbytes optimisers step "
-                         "whole local tensors, not DeepSpeed's flat partitions or FSDP's sharded DTensors; "
-                         "use train.optimizer: adamw (the strategy already shards its state), or strategy: ddp")
 
 
 # Names other fine-tuning tools use for a key, so `lora.rank=8` gets "did you mean 'lora.r'?".
@@ -102,14 +97,11 @@ def adapter_rules(recipe) -> None:
                 if getattr(lora, k) != default]
     if variants and method == "full":
         raise ValueError(f"{variants[0]} applies to method lora or qlora (got method: full); remove it or choose an adapter method")
-    if lora.init in ("pissa", "olora") and method == "qlora":
+    if lora.init in RESIDUAL_INITS and method == "qlora":
         raise ValueError(f"lora.init {lora.init} with method: qlora: it moves each weight's top directions into the adapter and "
                          "leaves the residual in the base, which 4-bit storage would round again, so the adapter would no longer "
                          "match its base; use method: lora with it, or lora.init: loftq for a 4-bit base")
-    if lora.init in ("pissa", "olora") and (recipe.distributed.strategy == "fsdp" or str(recipe.distributed.deepspeed).startswith("zero3")):
-        raise ValueError(f"lora.init {lora.init} with sharded parameters (fsdp, deepspeed zero3): converting the adapter to "
-                         "plain LoRA at export needs the whole model in one process; use strategy ddp or deepspeed zero1 / zero2")
-    if lora.init in ("pissa", "olora") and lora.dora:
+    if lora.init in RESIDUAL_INITS and lora.dora:
         raise ValueError(f"lora.init {lora.init} with lora.dora: the adapter is converted to plain LoRA at export, and DoRA's "
                          "magnitude vector cannot be; use one of them")
     if lora.init == "loftq" and (method != "qlora" or recipe.quant.bits != 4 or recipe.quant.type != "nf4"):

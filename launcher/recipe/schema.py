@@ -14,8 +14,12 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validat
 
 from launcher.recipe import rules
 from launcher.recipe.formats import FORMATS, LOWER_IS_BETTER, METRICS, TASKS
-from launcher.recipe.rules import unknown_key  # noqa: F401  (files.py and the tests read it from here)
+from launcher.recipe.rules import RESIDUAL_INITS, unknown_key  # noqa: F401  (re-exported: files.py, model/, distributed/)
 
+# bitsandbytes optimisers: they need its package, and they step whole local tensors (DDP only).
+BNB_OPTIMIZERS = ("adamw-8bit", "paged-adamw", "paged-adamw-8bit")
+# A key a resumed run may change without being refused as a different recipe (launcher/rundir/directory.py).
+RESUMABLE = {"resumable": True}
 
 
 class Section(BaseModel):
@@ -69,7 +73,7 @@ class LoraSection(Section):
     dora: bool = Field(False, description="DoRA: each adapted weight is split into a trained magnitude per output row and a direction "
                        "that LoRA updates (peft use_dora).")
     rslora: bool = Field(False, description="rsLoRA: scale the update by alpha / sqrt(r) instead of alpha / r, so high ranks still learn.")
-    init: Literal["default", "gaussian", "pissa", "olora", "loftq"] = Field(
+    init: Literal[("default", "gaussian", *RESIDUAL_INITS, "loftq")] = Field(
         "default", description="Adapter initialisation: default (B = 0); gaussian; pissa (top singular directions of each weight, "
                                "the base keeps the residual); olora (QR of each weight, likewise); loftq (method qlora on a GPU: "
                                "adapters that offset the 4-bit rounding). pissa/olora adapters are saved converted to plain "
@@ -185,23 +189,23 @@ class DataSection(Section):
 
 
 class TrainSection(Section):
-    epochs: float | None = Field(1.0, gt=0, description="Passes over the training data (ignored when max_steps is set).")
-    max_steps: int | None = Field(None, ge=1, description="Optimiser steps to train; overrides epochs.")
-    micro_batch_size: int = Field(4, ge=1, description="Examples per process per forward pass.")
-    grad_accum: int = Field(1, ge=1, description="Micro-batches per optimiser step.")
+    epochs: float | None = Field(1.0, gt=0, description="Passes over the training data (ignored when max_steps is set).", json_schema_extra=RESUMABLE)
+    max_steps: int | None = Field(None, ge=1, description="Optimiser steps to train; overrides epochs.", json_schema_extra=RESUMABLE)
+    micro_batch_size: int = Field(4, ge=1, description="Examples per process per forward pass.", json_schema_extra=RESUMABLE)
+    grad_accum: int = Field(1, ge=1, description="Micro-batches per optimiser step.", json_schema_extra=RESUMABLE)
     lr: float = Field(2e-4, gt=0, le=1, description="Peak learning rate.")
     schedule: Literal["linear", "cosine", "constant", "exponential"] = Field("cosine", description="Learning-rate schedule after warmup.")
     warmup_steps: int = Field(0, ge=0, description="Linear warmup steps.")
     decay_rate: float = Field(0.96, gt=0, le=1, description="exponential: lr_t = lr * decay_rate ** (t / decay_steps).")
     decay_steps: int = Field(100, ge=1, description="exponential: steps per factor of decay_rate.")
-    optimizer: Literal["adamw", "adamw-8bit", "paged-adamw", "paged-adamw-8bit", "adafactor", "sgd"] = Field(
+    optimizer: Literal[("adamw", *BNB_OPTIMIZERS, "adafactor", "sgd")] = Field(
         "adamw", description="adamw (torch, fused on GPU); adamw-8bit (bitsandbytes, 8-bit state); paged-adamw / paged-adamw-8bit "
                              "(state pages to CPU memory under GPU memory pressure; CUDA only); adafactor (factored state); sgd (momentum 0.9).")
     weight_decay: float = Field(0.0, ge=0, description="Decoupled weight decay (AdamW).")
     l2_lambda: float = Field(0.0, ge=0, description="Explicit penalty lambda * ||theta||^2 on trainable parameters, added to the loss.")
     max_grad_norm: float | None = Field(1.0, gt=0, description="Clip the global gradient norm; null disables.")
     skip_nonfinite: int = Field(0, ge=0, description="Skip up to N optimiser steps whose gradient norm is NaN or inf "
-                                "(their update is not applied); 0: the run stops at the first one, naming the step.")
+                                "(their update is not applied); 0: the run stops at the first one, naming the step.", json_schema_extra=RESUMABLE)
     precision: Literal["auto", "fp32", "bf16", "fp16"] = Field("auto", description="Mixed precision: auto is bf16 on a capable GPU, fp32 on CPU.")
     gradient_checkpointing: bool = Field(False, description="Recompute activations in backward (non-reentrant) to save memory.")
     loss_chunk_tokens: int = Field(0, ge=0, description="causal-lm: compute lm_head + cross-entropy over chunks of this many "
@@ -210,15 +214,19 @@ class TrainSection(Section):
     compile: bool = Field(False, description="torch.compile the model (inductor): faster steps after a one-off compile per "
                           "shape; needs a C++ compiler on CPU and triton on GPU, checked before the model loads.")
     seed: int = Field(42, description="Drives init, data order and dropout.")
-    eval_every: int = Field(0, ge=0, description="Evaluate every N steps (0: only before and after training).")
-    save_every: int = Field(0, ge=0, description="Checkpoint every N steps (0: only at the end and on preemption).")
-    log_every: int = Field(1, ge=1, description="Write a metrics line every N steps.")
-    keep_last: int = Field(2, ge=1, description="Checkpoints kept on disk.")
+    eval_every: int = Field(0, ge=0, description="Evaluate every N steps (0: only before and after training).", json_schema_extra=RESUMABLE)
+    save_every: int = Field(0, ge=0, description="Checkpoint every N steps (0: only at the end and on preemption).", json_schema_extra=RESUMABLE)
+    log_every: int = Field(1, ge=1, description="Write a metrics line every N steps.", json_schema_extra=RESUMABLE)
+    keep_last: int = Field(2, ge=1, description="Checkpoints kept on disk.", json_schema_extra=RESUMABLE)
     eval_batch_size: int | None = Field(None, ge=1, description="Default: micro_batch_size.")
+
+    def eval_batch(self) -> int:
+        """Rows per eval forward pass: eval_batch_size, else micro_batch_size (evaluation and the planner agree)."""
+        return self.eval_batch_size or self.micro_batch_size
 
 
 class EvalSection(Section):
-    samples: int = Field(3, ge=0, description="Eval predictions shown before and after training in the report.")
+    samples: int = Field(3, ge=0, description="Eval predictions shown before and after training in the report.", json_schema_extra=RESUMABLE)
     max_new_tokens: int = Field(64, ge=1, description="Generation length for samples and generation metrics.")
     num_beams: int = Field(1, ge=1, description="1: greedy decoding; more: beam search.")
     no_repeat_ngram_size: int = Field(0, ge=0, description="Forbid any n-gram of this size twice in one output (0: off); stops the loops small models fall into.")
@@ -247,7 +255,7 @@ class ReportSection(Section):
     trackers: list[Tracker] = Field(
         default_factory=list, description="Experiment trackers fed through accelerate's log_with: tensorboard (output_dir/tb/<project>), "
         "mlflow (MLFLOW_TRACKING_URI, else a local store in output_dir/mlruns), wandb (offline in output_dir/wandb "
-        "unless WANDB_MODE says otherwise). Credentials are read from the environment only, never from the recipe.")
+        "unless WANDB_MODE says otherwise). Credentials are read from the environment only, never from the recipe.", json_schema_extra=RESUMABLE)
     project: str | None = Field(None, description="Experiment / project name in the trackers; default: the name of output_dir.")
 
 
@@ -263,13 +271,14 @@ class FsdpSection(Section):
 
 class DistributedSection(Section):
     strategy: Literal["ddp", "deepspeed", "fsdp"] = Field("ddp", description="How the model is spread over processes.")
-    num_processes: int | None = Field(None, ge=1, description="Processes this run must see; any other count is refused (catches launches that silently start one).")
+    num_processes: int | None = Field(None, ge=1, description="Processes this run must see; any other count is refused (catches launches that silently start one).", json_schema_extra=RESUMABLE)
     deepspeed: PathText | None = Field(None, description="strategy deepspeed: zero1, zero2, zero3, zero3_offload (ds_configs/) or a DeepSpeed JSON file.")
     fsdp: FsdpSection | None = Field(None, description="strategy fsdp: FSDP2 options (default: full sharding).")
     timeout_minutes: float = Field(10, gt=0, description="How long a rank waits for the others in a collective before the launch fails.")
 
-    def rules(self, train: "TrainSection") -> None:
-        """Combinations that cannot work, refused before anything loads."""
+    def rules(self) -> None:
+        """Sections that contradict the chosen strategy. What a strategy itself cannot train is its own rules'
+        (launcher/distributed/rules.py), which preflight applies."""
         if self.deepspeed is not None and self.strategy != "deepspeed":
             raise ValueError(f"distributed.deepspeed is set but distributed.strategy is {self.strategy}; "
                              "set strategy: deepspeed, or remove distributed.deepspeed (FSDP and DeepSpeed are alternatives)")
@@ -282,9 +291,6 @@ class DistributedSection(Section):
         if self.strategy == "deepspeed" and not self.deepspeed.endswith(".json") and self.deepspeed not in DEEPSPEED_SHORTHANDS:
             raise ValueError(f"distributed.deepspeed '{self.deepspeed}' is neither a known stage "
                              f"({', '.join(DEEPSPEED_SHORTHANDS)}) nor a .json file")
-        if self.strategy == "fsdp" and train.l2_lambda:
-            raise ValueError("train.l2_lambda with strategy fsdp: each rank holds only a shard of the parameters, so the "
-                             "penalty would be wrong; use train.weight_decay, or strategy ddp / deepspeed zero1-2")
 
 
 class Recipe(Section):
@@ -311,7 +317,7 @@ class Recipe(Section):
         if task != "causal-lm" and (self.data.packing or self.train.loss_chunk_tokens):
             key = "data.packing" if self.data.packing else "train.loss_chunk_tokens"
             raise ValueError(f"{key} applies to model.task causal-lm only (got {task}); remove it")
-        self.distributed.rules(self.train)
+        self.distributed.rules()
         if self.data.eval and self.data.eval_fraction:
             raise ValueError("data.eval and data.eval_fraction both set: give one")
         if self.train.max_steps is None and self.train.epochs is None:

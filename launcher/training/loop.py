@@ -22,8 +22,8 @@ from launcher.data.batching import StepPlan
 from launcher.data.cache import datasets_for_run
 from launcher.data.encode import Datasets
 from launcher.data.mixing import mixture_line
-from launcher.distributed import slurm
-from launcher.distributed.strategies import Strategy, launched_world_size, strategy_for
+from launcher.distributed import launch, slurm
+from launcher.distributed.strategies import Strategy, strategy_for
 from launcher.errors import UserError
 from launcher.evaluation.evaluate import Best, Evaluation, eval_rows, evaluate, to_device
 from launcher.memory.advice import MemoryCheck, check_before_loading, predicted_and_measured
@@ -36,6 +36,7 @@ from launcher.report import trackers
 from launcher.report.console import Console, end_line, header_rows, quiet_libraries
 from launcher.report.records import Reporter, first_samples, read_metrics, write_rank_log, write_report
 from launcher.rundir import directory as rundir
+from launcher.rundir.paths import RunDir
 from launcher.rundir.provenance import write_provenance
 from launcher.training import guard, optim
 from launcher.training.rescale import hold_global_batch
@@ -137,8 +138,8 @@ def setup(recipe: Recipe, overwrite: bool = False, allow_data_change: bool = Fal
     state = ckpt.load_state_file(resume_from) if resume_from is not None else None
     change = None
     if state is not None:  # on another process count: same global batch, or refused before anything loads
-        strategy_for(recipe).check_resume(state, launched_world_size())
-        recipe, change = hold_global_batch(recipe, state, launched_world_size())
+        strategy_for(recipe).rules.check_resume(state, launch.launched_world_size())
+        recipe, change = hold_global_batch(recipe, state, launch.launched_world_size())
     strategy = strategy_for(recipe)
     accelerator = strategy.make_accelerator()
     memory = check_before_loading(recipe, accelerator.num_processes, accelerator.device.type)  # refuses before weights load
@@ -147,19 +148,16 @@ def setup(recipe: Recipe, overwrite: bool = False, allow_data_change: bool = Fal
         print(change)
     if accelerator.is_main_process:
         rundir.take_live_lock(run_dir)  # before anything is written: a second live run is refused here
-        if overwrite or dir_plan.replaced:
-            rundir.clear_run_dir(run_dir)
-        if dir_plan.replaced:
-            print(dir_plan.message(run_dir))
+        dir_plan.clear_earlier(run_dir, overwrite)
         run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "recipe.yaml").write_text(resolved_yaml(recipe))
+        RunDir(run_dir).recipe.write_text(resolved_yaml(recipe))
         write_provenance(run_dir, accelerator)
     sources = rundir.checked_fingerprints(recipe, state, allow_data_change)  # before tokenising: refuse changed data early
     session = _load_data(recipe, strategy, accelerator, run_dir, console)
     session.sources, session.memory = sources, memory
     console.header(header_rows(session, resume_from, state["step"] if state else 0))
     if state is not None:
-        if state["step"] >= session.total_steps and (run_dir / "final").is_dir():  # no final/: stopped in export, redo it
+        if state["step"] >= session.total_steps and RunDir(run_dir).export("final").is_dir():  # no final/: stopped in export, redo it
             console.close()
             if session.main:
                 print(f"nothing left to train: {run_dir} already finished step {state['step']} of {session.total_steps}. "
@@ -362,13 +360,13 @@ def finish(session: Run) -> Path:
         summary["padding efficiency"] = f"{efficiency:.1%} ({'packed' if recipe.data.packing else 'padded'})"
     best = session.best
     if best.step is not None:
-        where = "" if not best.step else " (= final/)" if best.step == session.total_steps else f" ({run_dir / 'best'})"
+        where = "" if not best.step else " (= final/)" if best.step == session.total_steps else f" ({RunDir(run_dir).export('best')})"
         summary["best"] = f"{best.key} {best.value:.4f} at step {best.step}{where}"
         if best.step == session.total_steps:  # an earlier best/ is no longer the best; final/ is
             rundir.remove_results(run_dir, "best")
-    before = session.first_eval.predictions if session.first_eval else first_samples(read_metrics(run_dir / "metrics.jsonl"))
+    before = session.first_eval.predictions if session.first_eval else first_samples(read_metrics(RunDir(run_dir).metrics))
     write_report(run_dir, summary, paired_samples(before, last_eval), session.console)
-    session.reporter.print(f"saved {final}; report {run_dir / 'report.md'}")
+    session.reporter.print(f"saved {final}; report {RunDir(run_dir).report}")
     session.console.print(end_line(session.console.started, session.totals, accelerator.device))
     return final
 

@@ -2,7 +2,8 @@
 
 The four schedules are one multiplier function for LambdaLR: transformers has no exponential
 schedule, and keeping all four together keeps warmup identical across them. Optimisers come from
-torch and bitsandbytes; this module only picks one by name and says what its state will cost.
+torch and bitsandbytes; this module only picks one by name (what its state costs is counted in
+launcher/memory/counts.py).
 """
 from __future__ import annotations
 

@@ -384,11 +384,13 @@ def test_skipping_non_finite_steps_is_refused_under_deepspeed_before_anything_lo
 
 
 def test_a_requeued_slurm_job_takes_over_the_lock_its_killed_run_left_on_another_node(tmp_path, monkeypatch):
-    from launcher.rundir.directory import LOCK_FILE, LiveLock
-    tmp_path.joinpath(LOCK_FILE).write_text(json.dumps({"host": "node-07", "pid": 4242, "slurm_job": "981"}))
+    from launcher.rundir.directory import LiveLock
+    from launcher.rundir.paths import RunDir
+    lock = RunDir(tmp_path).lock
+    lock.write_text(json.dumps({"host": "node-07", "pid": 4242, "slurm_job": "981"}))
     monkeypatch.setenv("SLURM_JOB_ID", "982")  # another job: node-07 cannot be checked from here, so it is refused
     with pytest.raises(UserError, match="in use by a live run \\(host node-07, pid 4242.*delete"):
         LiveLock(tmp_path).acquire()
     monkeypatch.setenv("SLURM_JOB_ID", "981")  # the same job, requeued after a kill
     assert LiveLock(tmp_path).acquire().held
-    assert json.loads(tmp_path.joinpath(LOCK_FILE).read_text())["pid"] == os.getpid()
+    assert json.loads(lock.read_text())["pid"] == os.getpid()

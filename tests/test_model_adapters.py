@@ -4,8 +4,8 @@ import json
 import re
 
 import pytest
-from architectures import ARCHITECTURES, CLASSIFY, LABELS, Trained, batch, build, logits, recipe_for, small_tokenizer
-from support import build_tiny_llama, tiny_recipe, validate_refusal, write_recipe
+from architectures import ARCHITECTURES, CLASSIFY, LABELS, Trained, batch, build, logits, recipe_for
+from support import build_tiny_llama, small_tokenizer, tiny_recipe, validate_refusal, write_recipe
 
 from launcher.cli import main
 from launcher.recipe.schema import Recipe
@@ -38,11 +38,11 @@ def skeletons(tmp_path_factory):
 @pytest.mark.parametrize("arch", list(ARCHITECTURES))
 def test_every_linear_layer_but_the_heads_is_adapted_and_heads_are_trained_in_full(arch, skeletons, tmp_path):
     from launcher.model.adapters import is_linear
-    from launcher.model.loading import adapter_layout, skeleton
+    from launcher.model.loading import adapter_placement, skeleton
     task = ARCHITECTURES[arch][2]
     recipe = Recipe.model_validate(recipe_for(skeletons[arch], task, "qlora", tmp_path))
     labels = LABELS if task == CLASSIFY else None
-    where = adapter_layout(str(skeletons[arch]), recipe, labels)
+    where = adapter_placement(str(skeletons[arch]), recipe, labels)
     model = skeleton(str(skeletons[arch]), recipe, labels)
     output = [n for n, m in model.named_modules() if m is model.get_output_embeddings()]
     linears = [n for n, m in model.named_modules() if is_linear(m)]
@@ -55,11 +55,11 @@ def test_every_linear_layer_but_the_heads_is_adapted_and_heads_are_trained_in_fu
 
 
 def test_a_head_named_in_target_modules_and_trained_in_full_is_refused(skeletons, tmp_path):
-    from launcher.model.loading import adapter_layout
+    from launcher.model.loading import adapter_placement
     recipe = Recipe.model_validate(recipe_for(skeletons["distilbert"], CLASSIFY, "lora", tmp_path,
                                               target_modules=["q_lin", "classifier"]))
     with pytest.raises(UserError, match="adapted or trained in full, not both"):
-        adapter_layout(str(skeletons["distilbert"]), recipe, LABELS)
+        adapter_placement(str(skeletons["distilbert"]), recipe, LABELS)
 
 
 # ---------------------------------------------------------------- variants in effect

@@ -73,7 +73,7 @@ def test_chunked_ce_is_refused_with_sharded_parameters_whatever_the_deepspeed_js
     import json
 
     from launcher.errors import UserError
-    from launcher.distributed.strategies import strategy_for
+    from launcher.distributed.rules import rules_for
     custom = {stage: tmp_path / f"my-config-{stage}.json" for stage in (2, 3)}
     for stage, path in custom.items():
         path.write_text(json.dumps({"zero_optimization": {"stage": stage}}))
@@ -81,9 +81,8 @@ def test_chunked_ce_is_refused_with_sharded_parameters_whatever_the_deepspeed_js
     for distributed in ({"strategy": "fsdp"}, {"strategy": "deepspeed", "deepspeed": "zero3"},
                         {"strategy": "deepspeed", "deepspeed": str(custom[3])}):
         with pytest.raises(UserError, match="loss_chunk_tokens with sharded parameters"):
-            strategy_for(Recipe.model_validate({**base, "distributed": distributed})).preflight(on_gpu=False)
-    strategy_for(Recipe.model_validate({**base, "distributed": {"strategy": "deepspeed", "deepspeed": str(custom[2])}})
-                 ).preflight(on_gpu=False)
+            rules_for(Recipe.model_validate({**base, "distributed": distributed})).refuse()
+    rules_for(Recipe.model_validate({**base, "distributed": {"strategy": "deepspeed", "deepspeed": str(custom[2])}})).refuse()
 
 
 def test_chunked_ce_applies_the_models_final_logit_softcapping():
