@@ -229,7 +229,7 @@ def split_eval(train: Tokenised, fraction: float, seed: int) -> tuple[Tokenised,
 
 
 def class_labels(recipe: Recipe) -> list[str] | None:
-    """A classifier's class names, read from the train file (the model config saves them as id2label)."""
+    """A classifier's class names: data.labels, else read from the first train source (the model config saves them as id2label)."""
     if recipe.model.task != "classification":
         return None
     first = sources_of(recipe, "train")[0]
