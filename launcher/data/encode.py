@@ -174,10 +174,10 @@ def tokenise(source: Source, tokenizer, task: str = "causal-lm", labels: list[st
                         desc=f"tokenising {source.label}")
     tally = RowTally.count(encoded["drop"], encoded["cut"])
     kept = encoded.filter(lambda row: not row["drop"]) if tally.dropped else encoded
+    warning = judge(tally, source.label, source.data)  # refuses here under data.skipped_share_refuse
     if len(table) and not len(kept):  # a set of no rows would train nothing, or report an eval loss of 0.0
         raise UserError(f"{source.label}: all {len(table)} rows dropped, none left to use: {tally.line()}; "
                         "raise data.max_length or shorten those rows")
-    warning = judge(tally, source.label, source.data)  # refuses here under data.skipped_share_refuse
     return Tokenised(kept.remove_columns(["drop", "cut"]), len(table), tally, encoder.rows_encoded,
                      warnings=[warning] if warning else [])
 
