@@ -25,6 +25,7 @@ from launcher.checkpoint import saves as ckpt
 from launcher.data.fingerprint import changed, file_fingerprint
 from launcher.errors import UserError
 from launcher.recipe.reference import fields
+from launcher.recipe.schema import applicable
 from launcher.rundir.paths import EXPORTS, RunDir
 
 FOREIGN_SHOWN = 3  # foreign entries named in a refusal
@@ -103,7 +104,8 @@ def plan_run_dir(run_dir: Path, resolved: dict, overwrite: bool) -> RunDirPlan:
     if overwrite:
         return RunDirPlan(None)
     allowed = resumable_keys()
-    changed = [".".join(k) for k in _changed_keys(yaml.safe_load(run.recipe.read_text()) or {}, resolved)
+    # sections the method does not read are not part of a run's identity (recipe.yaml leaves them out)
+    changed = [".".join(k) for k in _changed_keys(applicable(yaml.safe_load(run.recipe.read_text()) or {}), applicable(resolved))
                if ".".join(k) not in allowed]
     if not has_something_to_lose(run_dir):
         return RunDirPlan(None, _leftover_names(run), f"{', '.join(changed[:5])} changed" if changed else "same recipe")
