@@ -2,5 +2,6 @@
 
 checks     a command's recipe (or run directory) against this machine (or a target): launch, device support,
            extras, data rows
+modelfolder the model folder as files: config.json, weights headers, tokenizer, position limit
 locations  the model's whereabouts and output_dir, checked before anything loads
 """
