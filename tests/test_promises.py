@@ -93,3 +93,83 @@ def test_a_truncated_safetensors_reaches_the_terminal_as_one_line(tmp_path, tiny
     result = launch([write_recipe(tiny_recipe(model, tmp_path / "run"), tmp_path / "r.yaml")])
     assert result.returncode == 2 and result.stderr.startswith("error: ") and result.stderr.count("\n") == 1, result.stderr
     assert "Traceback" not in result.stdout + result.stderr
+
+
+# ---------------------------------------------------------------- damaged checkpoints, moved runs, full disks, Ctrl-C
+
+STEPS = 6
+
+
+@pytest.fixture(scope="module")
+def straight(tmp_path_factory, tiny_model) -> Path:
+    """One short run with a checkpoint after every step (step-1 .. step-6) and no eval: the cases copy it."""
+    root = tmp_path_factory.mktemp("straight")
+    recipe = tiny_recipe(tiny_model, root / "run", data={"eval": None},
+                         train={"max_steps": STEPS, "save_every": 1, "keep_last": STEPS})
+    ok(launch([write_recipe(recipe, root / "r.yaml")]))
+    return root / "run"
+
+
+def copy_run(straight: Path, where: Path, keep_up_to: int) -> Path:
+    """A copy of the straight run (a moved run: its recipe.yaml names the old place) with checkpoints up to
+    `keep_up_to` and no final/, as if it had stopped there."""
+    run = Path(shutil.copytree(straight, where))
+    for folder in (run / "checkpoints").glob("step-*"):
+        if int(folder.name.removeprefix("step-")) > keep_up_to:
+            shutil.rmtree(folder)
+    shutil.rmtree(run / "final")
+    return run
+
+
+def step_files(run: Path) -> dict:
+    return {str(p.relative_to(run)): p.stat().st_size for p in sorted((run / "checkpoints").rglob("*"))}
+
+
+def _damage(run: Path) -> dict[int, str]:
+    """One kind of damage per checkpoint, newest first; step-2 stays intact. Returns step -> the reason expected."""
+    folder = run / "checkpoints"
+    (folder / "step-6" / "scheduler.pt").unlink()
+    _truncate(folder / "step-5" / "trainable.pt")  # the adapter's weights and optimiser state
+    (folder / "step-4" / "trainer_state.json").write_text("")
+    (folder / "step-3" / "rng-0.pt").unlink()
+    return {6: "scheduler.pt is missing", 5: "trainable.pt is", 4: "trainer_state.json is empty", 3: "rng-0.pt is missing"}
+
+
+def test_damaged_checkpoints_are_passed_over_for_the_newest_intact_one_in_a_moved_run(tmp_path, straight):
+    """Each damaged checkpoint is one line and the newest intact one resumes exactly; the copy is also a run
+    moved with `mv` (its recipe.yaml names the old output_dir), resumed by naming its new place."""
+    run = copy_run(straight, tmp_path / "elsewhere" / "moved", keep_up_to=STEPS)
+    expected_reasons = _damage(run)
+    result = ok(launch(["train", run]))
+    lines = [line for line in result.stdout.splitlines() if "is damaged" in line]
+    assert len(lines) == 4, result.stdout
+    for line, (step, reason) in zip(lines, sorted(expected_reasons.items(), reverse=True)):
+        assert f"step-{step} is damaged ({reason}" in line and "resuming from step-2, the newest intact checkpoint" in line
+    assert f"resuming from {run / 'checkpoints' / 'step-2'} at step 2" in result.stdout
+    losses, expected = train_losses(run), train_losses(straight)  # the straight run resumed from step-2 gives these
+    assert [losses[s] for s in range(3, STEPS + 1)] == [expected[s] for s in range(3, STEPS + 1)]
+    from launcher.checkpoint.saves import newest_intact
+    assert newest_intact(run) == (run / "checkpoints" / f"step-{STEPS}", [])  # each damaged one replaced by a good save
+    assert (run / "final").is_dir() and not (straight / "checkpoints" / f"step-{STEPS}.tmp").exists()
+
+
+def test_a_checksum_catches_a_changed_byte_of_the_same_size(tmp_path, straight):
+    from launcher.checkpoint.saves import damage
+    run = copy_run(straight, tmp_path / "run", keep_up_to=1)
+    weights = run / "checkpoints" / "step-1" / "trainable.pt"
+    assert damage(weights.parent) is None
+    data = bytearray(weights.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    weights.write_bytes(bytes(data))
+    assert damage(weights.parent) == "trainable.pt differs from what was saved (checksum)"
+
+
+def test_no_intact_checkpoint_is_one_line_and_nothing_is_deleted(tmp_path, straight):
+    run = copy_run(straight, tmp_path / "run", keep_up_to=2)
+    for step in (1, 2):
+        (run / "checkpoints" / f"step-{step}" / "rng-0.pt").unlink()
+    before = step_files(run)
+    result = launch(["train", run])
+    assert result.returncode == 2 and result.stderr.startswith("error: ") and result.stderr.count("\n") == 1, result.stderr
+    assert "no intact checkpoint to resume from (step-2: rng-0.pt is missing; step-1: rng-0.pt is missing)" in result.stderr
+    assert step_files(run) == before
