@@ -173,3 +173,96 @@ def test_no_intact_checkpoint_is_one_line_and_nothing_is_deleted(tmp_path, strai
     assert result.returncode == 2 and result.stderr.startswith("error: ") and result.stderr.count("\n") == 1, result.stderr
     assert "no intact checkpoint to resume from (step-2: rng-0.pt is missing; step-1: rng-0.pt is missing)" in result.stderr
     assert step_files(run) == before
+
+
+def _file_size_limit(limit: int):
+    """For preexec_fn: no file of the launched process may grow past `limit` bytes (a write past it fails with
+    EFBIG, as a full disk fails with ENOSPC), without the SIGXFSZ that would kill it first."""
+    def apply() -> None:
+        import resource
+        import signal
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+    return apply
+
+
+def test_a_refused_write_during_a_checkpoint_is_one_line_and_the_rerun_resumes(tmp_path, straight):
+    import os
+    import subprocess
+    import sys
+    from launcher.checkpoint.saves import damage
+    run = copy_run(straight, tmp_path / "run", keep_up_to=2)
+    trainable = (run / "checkpoints" / "step-2" / "trainable.pt").stat().st_size
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    full = subprocess.run([sys.executable, "-m", "launcher", "train", str(run)], capture_output=True, text=True, env=env,
+                          cwd=Path(__file__).resolve().parents[1], timeout=300, preexec_fn=_file_size_limit(trainable // 2))
+    errors = [line for line in full.stderr.splitlines() if line.startswith("error: ")]  # libraries' own notes may precede it
+    assert full.returncode == 2 and len(errors) == 1 and full.stderr.endswith(errors[0] + "\n"), full.stderr
+    step3 = run / "checkpoints" / "step-3"
+    assert f"checkpoint of step 3: writing {step3} failed: File too large; it needs about" in full.stderr
+    assert "checkpoint (step 3): done" not in full.stdout and "Traceback" not in full.stdout + full.stderr
+    assert not step3.exists() and not (run / "checkpoints" / "step-3.tmp").exists()
+    assert damage(run / "checkpoints" / "step-2") is None and damage(run / "checkpoints" / "step-1") is None
+
+    again = ok(launch(["train", run]))  # the space is back
+    assert f"resuming from {run / 'checkpoints' / 'step-2'} at step 2" in again.stdout
+    losses, expected = train_losses(run), train_losses(straight)
+    assert [losses[s] for s in range(3, STEPS + 1)] == [expected[s] for s in range(3, STEPS + 1)]
+
+
+def test_a_refused_write_is_named_with_its_errno_from_any_writer():
+    import errno
+    from launcher.checkpoint.diskspace import write_errno
+    assert write_errno(OSError(errno.ENOSPC, "No space left on device")) == errno.ENOSPC
+    assert write_errno(RuntimeError("Error while serializing: I/O error: Read-only file system (os error 30)")) == errno.EROFS
+    try:
+        try:
+            raise PermissionError(errno.EACCES, "Permission denied")
+        except OSError:
+            raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 704 vs 598")
+    except RuntimeError as chained:
+        assert write_errno(chained) == errno.EACCES
+    assert write_errno(RuntimeError("basic_ios::clear: iostream error")) == 0
+    assert write_errno(ValueError("not a write")) is None
+
+
+def _interrupted(tmp_path, tiny_model, presses: int):
+    """A long run sent Ctrl-C (SIGINT) `presses` times once it has logged a step; returns (exit status, output, run dir)."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+    run = tmp_path / "run"
+    recipe = tiny_recipe(tiny_model, run, data={"eval": None}, train={"max_steps": 100000, "log_every": 1})
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    with open(tmp_path / "out.log", "w") as out:
+        process = subprocess.Popen([sys.executable, "-m", "launcher", str(write_recipe(recipe, tmp_path / "r.yaml"))],
+                                   cwd=Path(__file__).resolve().parents[1], env=env, stdout=out, stderr=subprocess.STDOUT)
+        try:
+            deadline = time.monotonic() + 300
+            while not (run / "metrics.jsonl").exists() or '"kind": "train"' not in (run / "metrics.jsonl").read_text():
+                assert process.poll() is None and time.monotonic() < deadline, (tmp_path / "out.log").read_text()
+                time.sleep(0.05)
+            for _ in range(presses):
+                process.send_signal(signal.SIGINT)
+                time.sleep(0.01)
+            status = process.wait(timeout=120)
+        finally:
+            process.kill()
+    return status, (tmp_path / "out.log").read_text(), run
+
+
+def test_ctrl_c_writes_a_checkpoint_and_exits_130_without_a_traceback(tmp_path, tiny_model):
+    import re
+    from launcher.checkpoint.saves import damage
+    status, output, run = _interrupted(tmp_path, tiny_model, presses=1)
+    assert status == 130 and "Traceback" not in output and "KeyboardInterrupt" not in output, output
+    stopped = int(re.search(r"stopped by SIGINT after step (\d+)/100000; checkpoint written", output).group(1))
+    assert damage(run / "checkpoints" / f"step-{stopped}") is None
+
+
+def test_a_second_ctrl_c_stops_at_once_without_a_traceback(tmp_path, tiny_model):
+    status, output, _ = _interrupted(tmp_path, tiny_model, presses=2)
+    assert status == 130 and "Traceback" not in output, output
+    assert "stopped at once (a second Ctrl-C)" in output or "checkpoint written" in output
