@@ -4,7 +4,10 @@ A checkpoint is written under a temporary name and older ones are pruned only af
 complete (launcher/checkpoint.py), so refusing to start a write that cannot fit keeps every
 checkpoint already on disk. The estimate is the newest complete checkpoint's size when there is
 one (it measures the real layout), otherwise what the run holds: trainable weights and
-optimiser state for a checkpoint, the weights for an export.
+optimiser state for a checkpoint, the weights and the tokenizer's files for an export. When the
+filesystem still refuses a write midway (full, over quota or a size limit, read-only, no
+permission), `refused_writes` turns whatever the writer raised into one line naming the path and
+the bytes needed, and removes the partial save.
 """
 from __future__ import annotations
 
