@@ -68,7 +68,7 @@ BAD_RECIPES = [
 @pytest.mark.parametrize("case,key,value,expected", BAD_RECIPES, ids=[c[0] for c in BAD_RECIPES])
 def test_bad_recipe_names_the_key(tmp_path, capsys, case, key, value, expected):
     recipe = set_key(good_recipe(tmp_path), key, value)
-    if case == "qlora 8-bit with fsdp":  # 4-bit QLoRA shards under FSDP2 (tests/test_qlora_sharded.py); 8-bit cannot
+    if case == "qlora 8-bit with fsdp":  # 4-bit QLoRA shards under FSDP2 (tests/test_distributed_qlora.py); 8-bit cannot
         recipe["method"], recipe["distributed"] = "qlora", {"strategy": "fsdp"}
     if case == "eval twice":
         recipe["data"]["eval"] = recipe["data"]["train"]
