@@ -276,3 +276,28 @@ def test_a_second_ctrl_c_stops_at_once():
     finally:
         for number, handler in earlier.items():
             signal.signal(number, handler)
+
+
+def test_a_moved_run_named_by_its_recipe_and_a_new_output_dir_resumes(tmp_path, straight):
+    import yaml
+    from launcher.rundir.directory import plan_run_dir
+    run = copy_run(straight, tmp_path / "moved", keep_up_to=2)
+    resolved = {**yaml.safe_load((run / "recipe.yaml").read_text()), "output_dir": str(run)}
+    assert plan_run_dir(run, resolved, overwrite=False).resume_from == run / "checkpoints" / "step-2"
+
+
+def test_a_refused_write_during_an_export_removes_the_partial_folder_and_names_the_bytes(tmp_path):
+    from launcher.checkpoint.diskspace import refused_writes
+    from launcher.errors import UserError
+    target, staging = tmp_path / "final", tmp_path / "final.tmp"
+    staging.mkdir()
+    (staging / "adapter_model.safetensors").write_bytes(b"partial")
+    with pytest.raises(UserError) as refused:
+        with refused_writes(target, 2048, f"export to {target}", staging):
+            raise RuntimeError("Error while serializing: I/O error: No space left on device (os error 28)")
+    assert str(refused.value).startswith(f"export to {target}: writing {target} failed: No space left on device; "
+                                         f"it needs about 2.2 KB")
+    assert not staging.exists()
+    with pytest.raises(ValueError):  # not a write the filesystem refused: left as it was
+        with refused_writes(target, 2048, "export", None):
+            raise ValueError("a bug of ours")
