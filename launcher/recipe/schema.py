@@ -79,6 +79,8 @@ class MemorySection(Section):
     gpu_gib: float | None = Field(None, gt=0, description="GPU memory per process (GiB) that `train` checks the plan against "
                                   "before loading weights; default: the visible GPU's (no check without one). Set, it "
                                   "applies on any machine.")
+    node_gib: float | None = Field(None, gt=0, description="Host (CPU) memory per node (GiB) that `launcher plan` checks "
+                                   "node 0's host figure against: loading, offloaded state, the final export's gather.")
     over_budget: Literal["refuse", "warn"] = Field("refuse", description="When the plan does not fit: refuse to train "
                                                    "(exit 2, naming the plan's cheapest fix) or warn and train anyway.")
 
