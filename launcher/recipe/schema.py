@@ -307,7 +307,9 @@ class Recipe(Section):
     report: ReportSection = Field(default_factory=ReportSection)
     distributed: DistributedSection = Field(default_factory=DistributedSection)
     memory: MemorySection = Field(default_factory=MemorySection)
-    output_dir: PathText = Field(description="Run directory: resolved recipe, metrics, checkpoints, final model, report.")
+    output_dir: PathText = Field(description="Run directory: resolved recipe, metrics, checkpoints, final model, report. Where the "
+                                 "run is, not part of what it is: a run directory moved with mv resumes from its new place.",
+                                 json_schema_extra=RESUMABLE)
 
     @model_validator(mode="after")
     def _cross_field_rules(self) -> "Recipe":

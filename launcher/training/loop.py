@@ -39,26 +39,8 @@ from launcher.rundir import directory as rundir
 from launcher.rundir.paths import RunDir
 from launcher.rundir.provenance import write_provenance
 from launcher.training import guard, optim
+from launcher.training.stop import StopRequest
 from launcher.training.rescale import hold_global_batch
-
-
-class StopRequest:
-    """SIGUSR1/SIGTERM set a flag; every rank agrees on it at the next step boundary."""
-
-    SIGNALS = (signal.SIGUSR1, signal.SIGTERM)
-
-    def __init__(self) -> None:
-        self.signal: int | None = None
-        for number in self.SIGNALS:
-            signal.signal(number, self._handle)
-
-    def _handle(self, number, frame) -> None:
-        self.signal = number
-
-    def agreed(self, accelerator) -> bool:
-        import torch
-        flag = torch.tensor([1.0 if self.signal else 0.0], device=accelerator.device)
-        return bool(accelerator.reduce(flag, "max").item())
 
 
 @dataclass
@@ -124,7 +106,8 @@ def run(recipe: Recipe, overwrite: bool = False, allow_data_change: bool = False
             finish(session)
     finally:
         session.console.close()
-    return close(session)
+    status = close(session)
+    return stop.exit_status() if stopped else status
 
 
 # ---------------------------------------------------------------- setup
@@ -145,8 +128,9 @@ def setup(recipe: Recipe, overwrite: bool = False, allow_data_change: bool = Fal
     accelerator = strategy.make_accelerator()
     memory = check_before_loading(recipe, accelerator.num_processes, accelerator.device.type)  # refuses before weights load
     console = Console(accelerator.is_main_process)
-    if change and accelerator.is_main_process:
-        print(change)
+    if accelerator.is_main_process:
+        for line in ([change] if change else []) + dir_plan.damage_lines():
+            print(line)
     if accelerator.is_main_process:
         rundir.take_live_lock(run_dir)  # before anything is written: a second live run is refused here
         dir_plan.clear_earlier(run_dir, overwrite)
