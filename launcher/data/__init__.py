@@ -4,6 +4,7 @@ sources      where rows come from; every source checked (rows, prompts, classes)
 rows         the one reader of data files: every row parsed and checked once, and the tally of truncated or dropped rows
 prompts      each format's prompt builder and the chat template renderer, torch-free (validate and train share them)
 encode       rows -> token ids and labels for each format; the datasets a run trains and evaluates on
+preference   a preference pair as two sequences (chosen, rejected) encoded as SFT targets would be
 batching     tokenised rows -> padded batches, the rows each rank reads at each step, eval batches
 mixing       several sources as one table, in fixed shares
 packing      several examples per row with attention kept inside each

@@ -15,7 +15,7 @@ from functools import partial
 from pathlib import Path
 from typing import Any, Callable
 
-from launcher.data import mixing, prompts
+from launcher.data import mixing, preference, prompts
 from launcher.data.batching import train_collate
 from launcher.data.packing import pack_dataset
 from launcher.data.prompts import PROMPT_BUILDERS, ChatTemplate, RowError, to_segments  # noqa: F401  (re-exported)
@@ -45,8 +45,9 @@ class Encoder:
         self.template = ChatTemplate.of_tokenizer(self.tokenizer)
         has_template = self.template is not None
         self.use_chat = self.data.chat_template == "auto" and has_template and self.task == "causal-lm"
-        if self.data.format == "chat" and not has_template:
-            raise UserError("data.format chat needs a tokenizer with a chat template; this model's tokenizer has none")
+        if "messages" in FORMATS[self.data.format].fields and not has_template:
+            raise UserError(f"data.format {self.data.format} needs a tokenizer with a chat template; this model's tokenizer has none")
+        self.pairs = FORMATS[self.data.format].objective == "dpo"
         bos = self.tokenizer.bos_token_id
         probe = self.tokenizer("x")["input_ids"]
         self.bos = [bos] if bos is not None and probe and probe[0] == bos else []
@@ -55,7 +56,8 @@ class Encoder:
     def segments(self, row: dict) -> list[tuple[str, bool]]:
         parts = to_segments(row, self.data, self.use_chat)
         if isinstance(parts[0], dict):  # chat messages
-            return self.template.segments(parts)
+            segments = self.template.segments(parts)
+            return preference.last_reply_only(segments) if self.pairs else segments
         return [(text + self.eos, True) if trained else (text, False) for text, trained in parts]
 
     def __call__(self, row: dict) -> dict:
@@ -77,6 +79,12 @@ class Encoder:
         if self.task in ("classification", "seq2seq"):
             encoded = [self.classify(row) if self.task == "classification" else self.seq2seq(row) for row in rows]
             return {key: [row[key] for row in encoded] for key in ("input_ids", "labels", "prompt_len", "drop", "cut")}
+        if self.pairs:
+            rejected = self._encode_causal([preference.rejected_twin(row, self.data) for row in rows])
+            return preference.joined(self._encode_causal(rows), rejected)
+        return self._encode_causal(rows)
+
+    def _encode_causal(self, rows: list[dict]) -> dict[str, list]:
         segments = []
         for position, row in enumerate(rows):
             try:

@@ -72,6 +72,16 @@ def _completion(row: dict, data: DataSection, use_chat: bool) -> Segments:
     return _pair(row[data.field("prompt")], row[data.field("completion")], use_chat, data.system_prompt)
 
 
+def _preference(row: dict, data: DataSection, use_chat: bool) -> Segments:
+    """The prompt and its chosen reply (the rejected one goes through here as a twin row: data/preference.py)."""
+    col = data.field
+    system = row.get(col("system")) or data.system_prompt
+    prompt = row[col("prompt")]
+    if not use_chat and system:
+        prompt = f"{system}\n\n{prompt}"
+    return _pair(prompt, row[col("chosen")], use_chat, system)
+
+
 # Format name -> (row, data settings, chat template applies) -> chat messages or (text, trained) segments.
 # Chat rows are already messages; plain text is trained whole, template or not.
 PROMPT_BUILDERS: dict[str, Callable[[dict, DataSection, bool], Segments]] = {
@@ -81,6 +91,9 @@ PROMPT_BUILDERS: dict[str, Callable[[dict, DataSection, bool], Segments]] = {
     "completion": _completion,
     "text": lambda row, data, use_chat: [(row[data.field("text")], True)],
     "qa": _qa,
+    "preference": _preference,
+    "chat-preference": lambda row, data, use_chat: [*row[data.field("messages")],
+                                                   {"role": "assistant", "content": row[data.field("chosen")]}],
 }
 
 

@@ -219,8 +219,9 @@ def _label_problem(value: Any) -> str | None:
     return f"integer {value} is out of range for a label" if abs(value) >= 2**63 else None
 
 
-def _messages_problem(messages: Any) -> tuple[str, str] | None:
-    """(where, what) for a chat row's messages list, or None."""
+def _messages_problem(messages: Any, prompt_only: bool = False) -> tuple[str, str] | None:
+    """(where, what) for a chat row's messages list, or None. prompt_only: the conversation a preference
+    pair answers, so it ends on a user turn and needs no reply of its own."""
     if not isinstance(messages, list) or not messages:
         return "", f"expected a non-empty list of {{role, content}}, got {type(messages).__name__}"
     for turn, message in enumerate(messages):
@@ -236,7 +237,9 @@ def _messages_problem(messages: Any) -> tuple[str, str] | None:
             return f"[{turn}].content", problem
     if messages[0]["role"] == "assistant":
         return "[0].role", "the first turn is the assistant's: a reply needs a system or user turn before it"
-    if not any(m["role"] == "assistant" for m in messages):
+    if prompt_only and messages[-1]["role"] != "user":
+        return f"[{len(messages) - 1}].role", "the conversation must end on a user turn (chosen and rejected are the replies to it)"
+    if not prompt_only and not any(m["role"] == "assistant" for m in messages):
         return "", "no assistant turn to train on"
     return None
 
@@ -249,6 +252,7 @@ def field_plan(data: DataSection) -> list[tuple[str, str, bool]]:
 
 def row_problem(row: dict, data: DataSection, plan: list[tuple[str, str, bool]]) -> tuple[str, str] | None:
     """(column, what is wrong) for the first bad field of one row under the recipe's format, or None."""
+    spec = FORMATS[data.format]
     for canonical, column, required in plan:
         if column not in row:
             if not required:
@@ -258,13 +262,15 @@ def row_problem(row: dict, data: DataSection, plan: list[tuple[str, str, bool]])
                             f"{', '.join(map(str, row)) or 'no fields'}; map yours with data.fields.{canonical}")
         value = row[column]
         if canonical == "messages":
-            found = _messages_problem(value)
+            found = _messages_problem(value, prompt_only=spec.objective == "dpo")
             if found:
                 return column + found[0], found[1]
             continue
         what = _label_problem(value) if canonical == "label" else _text_problem(value, required)
         if what:
             return column, what
+    if spec.objective == "dpo" and row[data.field("chosen")].strip() == row[data.field("rejected")].strip():
+        return data.field("rejected"), "the same text as chosen; a pair must differ to say which reply is preferred"
     return None
 
 

@@ -13,7 +13,8 @@ from typing import Annotated, Literal, get_args
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
 
 from launcher.recipe import rules
-from launcher.recipe.formats import FORMATS, LOWER_IS_BETTER, METRICS, TASKS
+from launcher.recipe.formats import FORMATS, LOWER_IS_BETTER, METRICS, OBJECTIVES, TASKS
+from launcher.recipe.objective import objective_rules
 from launcher.recipe.rules import RESIDUAL_INITS, unknown_key  # noqa: F401  (re-exported: files.py, model/, distributed/)
 
 # bitsandbytes optimisers: they need its package, and they step whole local tensors (DDP only).
@@ -104,7 +105,7 @@ class MemorySection(Section):
 
 
 # Written out so editors and type checkers see the names; `_agree_with_registry` holds it to launcher/formats.py.
-DataFormat = Literal["instruction", "chat", "translation", "completion", "text", "qa", "classification"]
+DataFormat = Literal["instruction", "chat", "translation", "completion", "text", "qa", "classification", "preference", "chat-preference"]
 
 
 class SourceEntry(Section):
@@ -236,9 +237,10 @@ class EvalSection(Section):
     generate_rows: int = Field(48, ge=0, description="Eval rows generated and scored (BLEU/chrF, EM/F1) at each eval; 0 skips it.")
     generate_batch_size: int | None = Field(None, ge=1, description="Rows generated together (left-padded); default: "
                                             "train.eval_batch_size. Larger batches generate much faster on CPU.")
-    metric: Literal["auto", "loss", "ppl", "bleu", "chrf", "accuracy", "macro_f1", "exact_match", "f1"] = Field(
+    metric: Literal["auto", "loss", "ppl", "bleu", "chrf", "accuracy", "macro_f1", "exact_match", "f1", "preference_accuracy",
+                    "reward_accuracy"] = Field(
         "auto", description="Picks the best checkpoint (saved to output_dir/best); auto: chrf for translation, "
-                            "exact_match for qa, macro_f1 for classification, loss otherwise.")
+                            "exact_match for qa, macro_f1 for classification, preference_accuracy for pairs, loss otherwise.")
     greater_is_better: bool | None = Field(None, description="Direction of eval.metric; default: false for loss and ppl, true otherwise.")
 
     def chosen(self, data_format: str | None) -> tuple[str, bool]:
@@ -295,8 +297,16 @@ class DistributedSection(Section):
                              f"({', '.join(DEEPSPEED_SHORTHANDS)}) nor a .json file")
 
 
+class DpoSection(Section):
+    beta: float = Field(0.1, gt=0, description="A reply's reward is beta x (its log-probability under the policy - the reference's).")
+    loss: Literal["sigmoid", "ipo"] = Field("sigmoid", description="sigmoid: DPO's -log sigmoid(reward margin); ipo: (margin - 1/(2 beta))^2.")
+
+
 class Recipe(Section):
     model: ModelSection
+    objective: Literal[OBJECTIVES] | None = Field(None, description="sft: learn the targets; dpo: prefer each pair's chosen "
+                                                  "reply to its rejected one (preference formats); default: the format's.")
+    dpo: DpoSection = Field(default_factory=DpoSection)
     method: Literal["full", "lora", "qlora"] = Field("lora", description="full fine-tuning, LoRA, or QLoRA.")
     freeze: FreezeSection = Field(default_factory=FreezeSection)
     lora: LoraSection = Field(default_factory=LoraSection)
@@ -317,6 +327,7 @@ class Recipe(Section):
         rules.quant_rules(self)
         rules.adapter_rules(self)
         rules.format_rules(self)
+        objective_rules(self)
         task = self.model.task
         if task != "causal-lm" and (self.data.packing or self.train.loss_chunk_tokens):
             key = "data.packing" if self.data.packing else "train.loss_chunk_tokens"
