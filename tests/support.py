@@ -84,6 +84,18 @@ def build_tiny_llama(folder: Path, chat: bool = True, seed: int = 0, hidden: int
     return folder
 
 
+def header_only_model(folder: Path) -> Path:
+    """A model folder that passes preflight's file checks (config, a whole safetensors file, a vocabulary) and holds
+    no weights: for tests of what is refused before any model loads."""
+    import json
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "config.json").write_text(json.dumps({"model_type": "llama", "max_position_embeddings": 4096}))
+    header = b"{}"
+    (folder / "model.safetensors").write_bytes(len(header).to_bytes(8, "little") + header)
+    (folder / "vocab.json").write_text("{}")
+    return folder
+
+
 # ---------------------------------------------------------------- running the launcher for real
 
 def tiny_recipe(model: Path, output_dir: Path, **sections) -> dict:

@@ -33,6 +33,12 @@ SCHEDULER_FILE = "scheduler.pt"
 SHARDS_FOLDER = "dcp"
 
 
+def write(obj, path: Path) -> None:
+    """torch.save through a Python file, so a write the filesystem refuses keeps its errno (diskspace.refused_writes)."""
+    with open(path, "wb") as handle:
+        torch.save(obj, handle)
+
+
 def rng_file(rank: int) -> str:
     return f"rng-{rank}.pt"
 
@@ -75,8 +81,8 @@ class CheckpointLayout:
     def save(self, folder: Path) -> None:
         self.save_weights(folder)
         if self.accelerator.is_main_process:
-            torch.save(self.scheduler.state_dict(), folder / SCHEDULER_FILE)
-        torch.save(capture_rng(), folder / rng_file(self.accelerator.process_index))
+            write(self.scheduler.state_dict(), folder / SCHEDULER_FILE)
+        write(capture_rng(), folder / rng_file(self.accelerator.process_index))
 
     def load(self, folder: Path) -> None:
         self.load_weights(folder)
@@ -158,7 +164,7 @@ class TrainableLayout(CheckpointLayout):
     def save_weights(self, folder: Path) -> None:
         state = self.gather()  # every rank takes part; the main process writes
         if self.accelerator.is_main_process:
-            torch.save(state, folder / TRAINABLE_FILE)
+            write(state, folder / TRAINABLE_FILE)
             verify.trainable_file(folder / TRAINABLE_FILE, state["model"])  # read back before the checkpoint counts
 
     def load_weights(self, folder: Path) -> None:

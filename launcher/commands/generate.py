@@ -25,7 +25,7 @@ from launcher.rundir.paths import RunDir
 
 # The canonical field a user's prompt fills, per data format; the format's other required field is the (empty) target.
 PROMPT_FIELD = {"translation": "source", "qa": "question", "instruction": "instruction", "completion": "prompt",
-                "text": "text", "chat": "messages"}
+                "text": "text", "chat": "messages", "preference": "prompt"}
 
 
 def add_options(parser: argparse.ArgumentParser) -> None:

@@ -8,15 +8,18 @@ from functools import partial
 from typing import Callable, Iterator
 
 from launcher.data.packing import collate_packed, varlen_attention
+from launcher.data.preference import REJECTED
 from launcher.recipe.formats import IGNORE
 from launcher.recipe.schema import Recipe
 
 
 def train_collate(recipe: Recipe, tokenizer, pack: bool = True) -> Callable[[list[dict]], dict]:
-    """Packed rows carry position_ids; others are padded per task."""
+    """Packed rows carry position_ids; preference pairs are two sequences each; others are padded per task."""
     if recipe.data.packing and pack:
         return partial(collate_packed, pad_id=tokenizer.pad_token_id,
                        varlen=varlen_attention(recipe.model.attn_implementation))
+    if recipe.objective == "dpo":
+        return partial(collate_pairs, pad_id=tokenizer.pad_token_id)
     return partial(collate, pad_id=tokenizer.pad_token_id, task=recipe.model.task)
 
 
@@ -41,6 +44,14 @@ def collate(rows: list[dict], pad_id: int, task: str = "causal-lm") -> dict:
     if task == "classification":
         labels = labels[:, 0]
     return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+
+
+def collate_pairs(rows: list[dict], pad_id: int) -> dict:
+    """Preference pairs as one batch of 2n sequences: the n chosen, then the n rejected, padded together
+    so policy and reference each score a whole micro-batch in one forward pass."""
+    sequences = [{"input_ids": row[key + "input_ids"], "labels": row[key + "labels"]}
+                 for key in ("", REJECTED) for row in rows]
+    return collate(sequences, pad_id)
 
 
 @dataclass

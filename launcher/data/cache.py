@@ -22,7 +22,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 from launcher.data import encode as data
-from launcher.data import fingerprint, mixing, packing, sources
+from launcher.data import fingerprint, mixing, packing, prompts, rows, sources
 from launcher.data.batching import train_collate
 from launcher.data.encode import Datasets, Tokenised, load_datasets
 from launcher.data.rows import RowTally
@@ -59,7 +59,7 @@ def inputs(recipe: Recipe, tokenizer) -> dict:
     """Every input of the tokenised data, by name (what `stale` reports when one differs)."""
     backend = tokenizer.backend_tokenizer.to_str() if hasattr(tokenizer, "backend_tokenizer") else repr(sorted(tokenizer.get_vocab().items()))
     settings = recipe.data.model_dump(mode="json", exclude=RUNTIME_KEYS)
-    code = [Path(module.__file__).read_text() for module in (data, formats, mixing, packing, sources)] + [Path(__file__).read_text()]
+    code = [Path(module.__file__).read_text() for module in (data, formats, mixing, packing, prompts, rows, sources)] + [Path(__file__).read_text()]
     found = {"tokenizer": _sha(type(tokenizer).__name__, backend, json.dumps(tokenizer.special_tokens_map, sort_keys=True, default=str)),
              "the tokenizer's chat template": _sha(str(getattr(tokenizer, "chat_template", None))),
              **{f"data.{key}": value for key, value in settings.items()},

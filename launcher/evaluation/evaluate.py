@@ -13,9 +13,10 @@ from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
 from launcher.evaluation import metrics
-from launcher.data.batching import collate, eval_batches
+from launcher.data.batching import collate, collate_pairs, eval_batches
 from launcher.recipe.formats import FORMATS, IGNORE
 from launcher.model.loss import task_loss_sum
+from launcher.model.preference import PairTally, dpo_loss_sum
 from launcher.data.mixing import rows_by_source
 from launcher.recipe.schema import Recipe
 
@@ -77,6 +78,27 @@ def _summed(accelerator, model, dataset, group: list[int], batch_size: int, pad_
             count += part_count.double()
             progress(len(rows) * accelerator.num_processes)
     return total, count, predicted
+
+
+def pair_pass(accelerator, model, dataset, batch_size: int, pad_id: int, recipe: Recipe,
+              progress: Callable[[int], None] = lambda rows: None) -> dict:
+    """Objective dpo: the mean DPO loss of the eval pairs, and their rewards and accuracies (percentages,
+    as every task metric): preference_accuracy is the share of pairs whose chosen reply the model
+    finds likelier, reward_accuracy the share whose chosen reply earns the higher reward."""
+    import torch
+    device = accelerator.device
+    total = torch.zeros((), device=device, dtype=torch.float64)
+    pairs, tally = torch.zeros_like(total), PairTally()
+    with torch.no_grad():
+        for rows, real in eval_batches(len(dataset), batch_size, accelerator.num_processes, accelerator.process_index):
+            loss, count, sums = dpo_loss_sum(model, to_device(collate_pairs(dataset.select(rows), pad_id), device), recipe.dpo)
+            if real:
+                total, pairs = total + loss.double(), pairs + count.double()
+                tally.add(sums)
+                progress(len(rows) * accelerator.num_processes)
+    pairs = accelerator.reduce(pairs, "sum").clamp(min=1)
+    found = {"eval_loss": (accelerator.reduce(total, "sum") / pairs).item(), **tally.means(accelerator, pairs, "eval_")}
+    return {name: 100 * value if name.endswith("accuracy") else value for name, value in found.items()}
 
 
 def per_source(metric: str, name: str) -> str:
@@ -198,8 +220,11 @@ def evaluate(accelerator, model, tokenizer, dataset, recipe: Recipe, labels: lis
     size = recipe.train.eval_batch()
     was_training = model.training
     model.eval()
-    loss, predicted, by_source = loss_pass(accelerator, model, dataset, size, tokenizer.pad_token_id, task, progress)
-    result = Evaluation({"eval_loss": loss, **{per_source("eval_loss", name): value for name, value in by_source.items()}})
+    if recipe.objective == "dpo":
+        result = Evaluation(pair_pass(accelerator, model, dataset, size, tokenizer.pad_token_id, recipe, progress))
+    else:
+        loss, predicted, by_source = loss_pass(accelerator, model, dataset, size, tokenizer.pad_token_id, task, progress)
+        result = Evaluation({"eval_loss": loss, **{per_source("eval_loss", name): value for name, value in by_source.items()}})
     if task == "classification":
         gold = [labels[row["labels"][0]] for row in dataset]
         pred = [labels[index] for _, index in predicted]
@@ -208,7 +233,8 @@ def evaluate(accelerator, model, tokenizer, dataset, recipe: Recipe, labels: lis
         result.predictions = [{"prompt": tokenizer.decode(dataset[i]["input_ids"], skip_special_tokens=True)[:160],
                                "reference": gold[i], "output": pred[i]} for i in range(min(recipe.eval.samples, len(gold)))]
     else:
-        result.metrics["eval_ppl"] = metrics.perplexity(min(loss, 50.0))
+        if recipe.objective != "dpo":  # a DPO loss is no log-likelihood: no perplexity
+            result.metrics["eval_ppl"] = metrics.perplexity(min(loss, 50.0))
         rows, scored = generated_rows(recipe)
         if rows:
             generated = generate(accelerator, unwrap(model), tokenizer, dataset, rows, recipe,

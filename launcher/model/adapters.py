@@ -64,6 +64,11 @@ def _under(name: str, prefixes: list[str]) -> bool:
 def placement(model, recipe: Recipe) -> AdapterPlacement:
     """Targets, fully trained heads and unquantised modules of `model` (a skeleton will do)."""
     lora = recipe.lora
+    names = [name for name, _ in model.named_modules() if name]
+    for wanted in lora.modules_to_save:  # peft saves the modules whose name is this or ends in .this
+        if not any(name == wanted or name.endswith("." + wanted) for name in names):
+            raise UserError(f"lora.modules_to_save: {wanted!r} names no module of {type(model).__name__} (its top-level "
+                            f"modules: {', '.join(n for n in names if '.' not in n)}); fix or remove it")
     heads = sorted(set(new_heads(model, recipe.model.task)) | set(lora.modules_to_save))
     output = model.get_output_embeddings()
     output_names = [n for n, m in model.named_modules() if output is not None and m is output]

@@ -5,7 +5,6 @@ turning a GGUF file into a plain trainable folder once, and freezing by the reci
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import importlib.util
 import os
@@ -15,6 +14,7 @@ import tempfile
 from pathlib import Path
 
 from launcher.distributed.launch import native_bf16, this_gpu_capability
+from launcher.data.fingerprint import content_digest
 from launcher.distributed.rules import rules_for
 from launcher.model import adapters
 from launcher.recipe.schema import Recipe
@@ -46,9 +46,9 @@ def weights_folder(recipe: Recipe) -> str:
 
 
 def gguf_cache_folder(source: Path) -> Path:
-    stat = source.stat()
-    key = hashlib.sha256(f"{source.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:12]
-    return cache_root() / "gguf" / f"{source.stem}-{key}"
+    """The converted folder of a GGUF file, keyed by its content (a file replaced under its old size and
+    modification time is converted again)."""
+    return cache_root() / "gguf" / f"{source.stem}-{content_digest(source)[:12]}"
 
 
 def convert_gguf(folder: str, gguf_file: str) -> Path:
@@ -155,8 +155,10 @@ def freeze(model, recipe: Recipe) -> list[str]:
         if id(param) in chosen or any(p.search(name) for p in patterns):
             param.requires_grad_(False)
             frozen.append(name)
-    if rules.patterns and not any(any(p.search(n) for p in patterns) for n in frozen):
-        raise UserError(f"freeze.patterns {rules.patterns} match no parameter of this model")
+    unmatched = [p.pattern for p in patterns if not any(p.search(name) for name in frozen)]
+    if unmatched:
+        raise UserError(f"freeze.patterns: {unmatched[0]!r} matches no parameter of {type(model).__name__} "
+                        f"(e.g. {next(iter(dict(model.named_parameters())), '')}); fix or remove it")
     return frozen
 
 

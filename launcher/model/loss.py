@@ -9,7 +9,21 @@ by the model's own `prepare_decoder_input_ids_from_labels` instead.
 from __future__ import annotations
 
 from launcher.data.packing import VARLEN_KEYS
+from launcher.model import preference
 from launcher.recipe.formats import IGNORE
+from launcher.recipe.schema import Recipe
+
+
+def objective_count(labels, recipe: Recipe):
+    """What a step's loss is averaged over: pairs under DPO, the task's targets otherwise."""
+    return preference.pair_count(labels) if recipe.objective == "dpo" else target_count(labels, recipe.model.task)
+
+
+def objective_loss_sum(model, batch: dict, recipe: Recipe) -> tuple:
+    """(summed loss, count, summed pair metrics) of one training batch under the recipe's objective."""
+    if recipe.objective == "dpo":
+        return preference.dpo_loss_sum(model, batch, recipe.dpo)
+    return (*task_loss_sum(model, batch, recipe.model.task, recipe.train.loss_chunk_tokens), {})
 
 
 def target_count(labels, task: str):

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 IGNORE = -100  # label of a token the loss skips (prompt tokens, padding, class-less rows)
 TASKS = ("causal-lm", "seq2seq", "classification")
+OBJECTIVES = ("sft", "dpo")  # supervised targets, or preference pairs (Rafailov et al. 2023; IPO: Azar et al. 2023)
 LOWER_IS_BETTER = ("loss", "ppl")  # the metrics every format has; all others are better when higher
 
 
@@ -25,6 +26,7 @@ class Format:
     reference: str | None = None                   # field scored against generated text; None: not generation-scored
     metrics: tuple[str, ...] = ()                  # task metrics computed for it, besides loss and ppl
     default_metric: str = "loss"                   # what eval.metric auto picks the best checkpoint by
+    objective: str = "sft"                         # what a run on it trains: sft (targets' likelihood) or dpo (pairs)
 
     @property
     def fields(self) -> tuple[str, ...]:
@@ -35,6 +37,8 @@ class Format:
         """Every metric eval.metric may name for this format."""
         return LOWER_IS_BETTER + self.metrics
 
+
+PAIR_METRICS = ("preference_accuracy", "reward_accuracy")
 
 # An encoder-decoder needs a prompt and a target; a classifier needs labels.
 FORMATS: dict[str, Format] = {f.name: f for f in (
@@ -48,6 +52,12 @@ FORMATS: dict[str, Format] = {f.name: f for f in (
            metrics=("exact_match", "f1"), default_metric="exact_match"),
     Format("classification", ("text", "label"), ("text_pair",), tasks=("classification",),
            metrics=("accuracy", "macro_f1"), default_metric="macro_f1"),
+    # A prompt (text, or a conversation ending on a user turn) and two replies; judged by the share of
+    # held-out pairs whose chosen reply the model finds likelier, and whose DPO reward is higher.
+    Format("preference", ("prompt", "chosen", "rejected"), ("system",), metrics=PAIR_METRICS,
+           default_metric="preference_accuracy", objective="dpo"),
+    Format("chat-preference", ("messages", "chosen", "rejected"), metrics=PAIR_METRICS,
+           default_metric="preference_accuracy", objective="dpo"),
 )}
 
 # Every metric any format computes, in registry order (eval.metric's choices besides auto).
@@ -57,6 +67,11 @@ METRICS: tuple[str, ...] = LOWER_IS_BETTER + tuple(m for f in FORMATS.values() f
 def formats_for_task(task: str) -> tuple[str, ...]:
     """Names of the formats a model.task can learn, in registry order."""
     return tuple(name for name, spec in FORMATS.items() if task in spec.tasks)
+
+
+def formats_for_objective(objective: str) -> tuple[str, ...]:
+    """Names of the formats an objective trains on, in registry order."""
+    return tuple(name for name, spec in FORMATS.items() if spec.objective == objective)
 
 
 def generated_formats() -> tuple[str, ...]:

@@ -37,8 +37,11 @@ class Reporter:
             handle.write(json.dumps(json_safe(record), allow_nan=False) + "\n")
         trackers.log(self.accelerator, record)
 
-    def step(self, step: int, loss: float, lr: float, tokens_per_s: float, grad_norm: float | None) -> None:
+    def step(self, step: int, loss: float, lr: float, tokens_per_s: float, grad_norm: float | None,
+             pairs: dict | None = None) -> None:
         fields = {"loss": f"{loss:.4f}", "lr": f"{lr:.2e}"}
+        if pairs:  # objective dpo: the share of pairs whose chosen reply earns the higher reward, and by how much
+            fields.update({"reward acc": f"{pairs['reward_accuracy']:.2f}", "margin": f"{pairs['reward_margin']:.3f}"})
         if grad_norm is not None:
             fields["grad norm"] = f"{grad_norm:.3g}"
         fields["tok/s"] = f"{tokens_per_s:,.0f}"
@@ -73,6 +76,14 @@ def read_metrics(path: Path) -> list[dict]:
 def first_samples(records: list[dict]) -> list[dict]:
     """The step-0 eval's predictions (prompt, reference, output), kept in metrics.jsonl so a resumed run still has them."""
     return next((r.get("samples", []) for r in records if r.get("kind") == "eval" and r.get("step") == 0), [])
+
+
+def paired_samples(earlier: list[dict], after: list[dict] | None) -> list[dict]:
+    """Report rows: each eval prediction before training beside the same row after it (none without a final eval)."""
+    if after is None:
+        return []
+    return [{"prompt": row["prompt"], "reference": row["reference"], "after": row["output"],
+             "before": earlier[i]["output"] if i < len(earlier) else ""} for i, row in enumerate(after)]
 
 
 def plot_loss(records: list[dict], target: Path) -> bool:

@@ -10,6 +10,7 @@ written as a string.
 from __future__ import annotations
 
 import math
+from typing import Callable
 
 from launcher.errors import NonFiniteError
 
@@ -53,13 +54,18 @@ def skip_reason(skipped: bool, overflow: bool) -> str:
     return "non-finite loss" if overflow else "non-finite gradient norm"
 
 
-def check_step(step: int, loss: float, grad_norm: float | None, skipped: bool, last_good) -> None:
-    """After a step: raise NonFiniteError unless the loss and gradient norm are finite or the step was skipped."""
+def check_step(step: int, loss: float, grad_norm: float | None, skipped: bool, last_good: Callable[[], object]) -> None:
+    """After a step: raise NonFiniteError unless the loss and gradient norm are finite or the step was skipped.
+
+    `last_good` finds the newest checkpoint for the message; it runs only when the step failed, so a
+    healthy step does no file-system work here (issue #29).
+    """
     if skipped:
         return
     for what, value in (("loss", loss), ("gradient norm", grad_norm)):
         if not finite(value):
-            kept = f"the last good checkpoint {last_good} is kept" if last_good else "no checkpoint was written before it"
+            kept_path = last_good()
+            kept = f"the last good checkpoint {kept_path} is kept" if kept_path else "no checkpoint was written before it"
             raise NonFiniteError(f"step {step}: the {what} is {value}; stopped without saving this step or exporting "
                                  f"({kept}). Lower train.lr or set train.max_grad_norm (with --overwrite), "
                                  f"or rerun with train.skip_nonfinite=N to skip up to N such steps")

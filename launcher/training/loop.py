@@ -29,7 +29,8 @@ from launcher.evaluation.evaluate import Best, Evaluation, eval_rows, evaluate, 
 from launcher.memory.advice import MemoryCheck, check_before_loading, predicted_and_measured
 from launcher.memory.counts import ParamCount, count_parameters, parameter_bytes
 from launcher.model import loading as modeling
-from launcher.model.loss import target_count, task_loss_sum
+from launcher.model.loss import objective_count, objective_loss_sum
+from launcher.model.preference import PairTally
 from launcher.recipe.files import resolved_yaml
 from launcher.recipe.schema import Recipe
 from launcher.report import trackers
@@ -39,26 +40,8 @@ from launcher.rundir import directory as rundir
 from launcher.rundir.paths import RunDir
 from launcher.rundir.provenance import write_provenance
 from launcher.training import guard, optim
+from launcher.training.stop import StopRequest
 from launcher.training.rescale import hold_global_batch
-
-
-class StopRequest:
-    """SIGUSR1/SIGTERM set a flag; every rank agrees on it at the next step boundary."""
-
-    SIGNALS = (signal.SIGUSR1, signal.SIGTERM)
-
-    def __init__(self) -> None:
-        self.signal: int | None = None
-        for number in self.SIGNALS:
-            signal.signal(number, self._handle)
-
-    def _handle(self, number, frame) -> None:
-        self.signal = number
-
-    def agreed(self, accelerator) -> bool:
-        import torch
-        flag = torch.tensor([1.0 if self.signal else 0.0], device=accelerator.device)
-        return bool(accelerator.reduce(flag, "max").item())
 
 
 @dataclass
@@ -72,6 +55,7 @@ class StepStats:
     seconds: float
     skipped: bool = False  # a non-finite gradient norm under train.skip_nonfinite: the update was not applied
     overflow: bool = False  # fp16: the loss scaler found inf/NaN gradients, skipped the update and lowered its scale
+    pairs: dict = field(default_factory=dict)  # objective dpo: rewards and accuracies, means over the step's pairs
 
 
 @dataclass
@@ -124,7 +108,8 @@ def run(recipe: Recipe, overwrite: bool = False, allow_data_change: bool = False
             finish(session)
     finally:
         session.console.close()
-    return close(session)
+    status = close(session)
+    return stop.exit_status() if stopped else status
 
 
 # ---------------------------------------------------------------- setup
@@ -145,8 +130,9 @@ def setup(recipe: Recipe, overwrite: bool = False, allow_data_change: bool = Fal
     accelerator = strategy.make_accelerator()
     memory = check_before_loading(recipe, accelerator.num_processes, accelerator.device.type)  # refuses before weights load
     console = Console(accelerator.is_main_process)
-    if change and accelerator.is_main_process:
-        print(change)
+    if accelerator.is_main_process:
+        for line in ([change] if change else []) + dir_plan.damage_lines():
+            print(line)
     if accelerator.is_main_process:
         rundir.take_live_lock(run_dir)  # before anything is written: a second live run is refused here
         dir_plan.clear_earlier(run_dir, overwrite)
@@ -240,15 +226,17 @@ def train_step(session: Run, micro_batches: list[dict]) -> StepStats:
     (all micro-batches, all processes), so each target weighs the same however the batch is split.
     """
     import torch
-    accelerator, model, cfg, task = session.accelerator, session.model, session.recipe.train, session.recipe.model.task
+    accelerator, model, cfg, recipe = session.accelerator, session.model, session.recipe.train, session.recipe
     started, lr = time.perf_counter(), session.scheduler.get_last_lr()[0]  # the rate this step's update uses
-    step_targets = accelerator.reduce(sum(target_count(b["labels"], task) for b in micro_batches).double(), "sum")
+    step_targets = accelerator.reduce(sum(objective_count(b["labels"], recipe) for b in micro_batches).double(), "sum")
+    pairs = PairTally()
     loss_sum = torch.zeros((), device=accelerator.device, dtype=torch.float64)
     grad_norm, skipped, overflow, scaled = None, False, False, guard.loss_scaled(accelerator)
     for batch in micro_batches:
         with accelerator.accumulate(model):
             session.strategy.sync_gradients(model, accelerator.sync_gradients)
-            total = task_loss_sum(model, batch, task, cfg.loss_chunk_tokens)[0]  # its count is in step_targets already
+            total, _, pair_sums = objective_loss_sum(model, batch, recipe)  # its count is in step_targets already
+            pairs.add(pair_sums)
             scale = accelerator.num_processes * cfg.grad_accum / step_targets
             accelerator.backward(total * scale.float() + optim.l2_penalty(model, cfg.l2_lambda))
             if accelerator.sync_gradients and (cfg.max_grad_norm or cfg.skip_nonfinite):  # measured to skip a bad step
@@ -267,7 +255,7 @@ def train_step(session: Run, micro_batches: list[dict]) -> StepStats:
     tokens = accelerator.reduce(sum(b["attention_mask"].sum() for b in micro_batches), "sum").item()
     slots = sum(b["attention_mask"].numel() for b in micro_batches) * accelerator.num_processes
     return StepStats(loss, int(tokens), slots, float(grad_norm) if grad_norm is not None else None, lr,
-                     time.perf_counter() - started, skipped, overflow)
+                     time.perf_counter() - started, skipped, overflow, pairs.means(accelerator, step_targets))
 
 
 def fit(session: Run, stop: StopRequest) -> bool:
@@ -287,7 +275,7 @@ def fit(session: Run, stop: StopRequest) -> bool:
             session.strategy.check_synchronised(session.accelerator, session.model)  # refuses independent processes
         _record(session, stats)
         guard.check_step(step, stats.loss, None if stats.overflow else stats.grad_norm, stats.skipped,
-                         ckpt.last_checkpoint(session.run_dir))
+                         partial(ckpt.last_checkpoint, session.run_dir))
         if not last and stop.agreed(session.accelerator):  # at the last step, finishing is the quickest way out
             save(session)
             _preempted(session.reporter, stop, step, session.total_steps)
@@ -307,8 +295,8 @@ def _record(session: Run, stats: StepStats) -> None:
     if step % session.recipe.train.log_every == 0 or step == session.total_steps:
         session.reporter.log({"kind": "train", "step": step, "loss": stats.loss, "lr": stats.lr, "tokens": stats.tokens,
                               "grad_norm": stats.grad_norm, "step_seconds": round(stats.seconds, 4),
-                              **({"skipped": guard.skip_reason(stats.skipped, stats.overflow)} if stats.skipped or stats.overflow else {})})
-    session.reporter.step(step, stats.loss, stats.lr, stats.tokens / max(stats.seconds, 1e-9), stats.grad_norm)
+                              **({"skipped": guard.skip_reason(stats.skipped, stats.overflow)} if stats.skipped or stats.overflow else {}), **stats.pairs})
+    session.reporter.step(step, stats.loss, stats.lr, stats.tokens / max(stats.seconds, 1e-9), stats.grad_norm, stats.pairs)
 
 
 def run_eval(session: Run, step: int) -> Evaluation | None:
@@ -371,7 +359,7 @@ def finish(session: Run) -> Path:
         if best.step == session.total_steps:  # an earlier best/ is no longer the best; final/ is
             rundir.remove_results(run_dir, "best")
     before = session.first_eval.predictions if session.first_eval else first_samples(read_metrics(RunDir(run_dir).metrics))
-    write_report(run_dir, summary, paired_samples(before, last_eval), session.console)
+    write_report(run_dir, summary, paired_samples(before, last_eval.predictions if last_eval else None), session.console)
     session.reporter.print(f"saved {final}; report {RunDir(run_dir).report}")
     session.console.print(end_line(session.console.started, session.totals, accelerator.device))
     return final
