@@ -11,9 +11,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from launcher.distributed.rules import DeepSpeedRules, FsdpRules
 from launcher.errors import UserError
 from launcher.recipe.schema import Recipe
 
+FSDP, DEEPSPEED = FsdpRules.name, DeepSpeedRules.name
 CP_GPU_ONLY = ("distributed.context_parallel needs CUDA GPUs: torch's context parallelism has no sharding rule for the CPU "
                "attention kernel (aten._scaled_dot_product_flash_attention_for_cpu); set it to 1 on CPU")
 
@@ -47,19 +49,19 @@ def check_keys(recipe: Recipe, on_gpu: bool | None = None) -> None:
     dist, data = recipe.distributed, recipe.data
     sp, cp = dist.sequence_parallel, dist.context_parallel
     hybrid_keys = [key for key in ("replicate", "shard") if getattr(dist, key) is not None]
-    if hybrid_keys and dist.strategy != "fsdp":
+    if hybrid_keys and dist.strategy != FSDP:
         raise UserError(f"distributed.{hybrid_keys[0]}: hybrid sharding (HSDP) is FSDP2's; set distributed.strategy: fsdp, "
                         f"or remove distributed.{hybrid_keys[0]} (strategy {dist.strategy} keeps one group)")
     if sp > 1 and cp > 1:
         raise UserError(f"distributed.sequence_parallel {sp} with distributed.context_parallel {cp}: both split the sequence "
                         "over processes; use one (sequence_parallel with DeepSpeed, context_parallel with FSDP2 on GPUs)")
-    if sp > 1 and dist.strategy != "deepspeed":
+    if sp > 1 and dist.strategy != DEEPSPEED:
         raise UserError(f"distributed.sequence_parallel {sp}: Ulysses sequence parallelism runs under DeepSpeed; set "
                         "distributed.strategy: deepspeed (zero1-3), or use distributed.context_parallel with fsdp on GPUs")
     if sp > 1 and data.max_length % sp:
         raise UserError(f"data.max_length {data.max_length} is not divisible by distributed.sequence_parallel {sp}: each "
                         f"rank takes an equal share of every sequence; use a multiple of {sp}")
-    if cp > 1 and dist.strategy != "fsdp":
+    if cp > 1 and dist.strategy != FSDP:
         raise UserError(f"distributed.context_parallel {cp} needs distributed.strategy: fsdp (torch's context parallelism "
                         "shards over FSDP2's device mesh); or use sequence_parallel with deepspeed")
     if cp > 1 and recipe.model.attn_implementation not in (None, "sdpa"):
@@ -107,7 +109,7 @@ def hybrid_overrides(recipe: Recipe, nodes: int, per_node: int) -> list[str]:
     """Recipe overrides for a job of `nodes` x `per_node` processes: HSDP (shard inside a node, replicate across nodes)
     for FSDP2 on several nodes, unless the recipe already chose its mesh (replicate 1 keeps plain FSDP)."""
     dist = recipe.distributed
-    if nodes < 2 or dist.strategy != "fsdp" or dist.replicate is not None or dist.shard is not None:
+    if nodes < 2 or dist.strategy != FSDP or dist.replicate is not None or dist.shard is not None:
         return []
     if per_node % (dist.sequence_parallel * dist.context_parallel):
         return []  # the sequence split spans nodes: let the mesh check name the problem
