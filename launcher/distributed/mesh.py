@@ -114,3 +114,13 @@ def hybrid_overrides(recipe: Recipe, nodes: int, per_node: int) -> list[str]:
     if per_node % (dist.sequence_parallel * dist.context_parallel):
         return []  # the sequence split spans nodes: let the mesh check name the problem
     return [f"distributed.replicate={nodes}", f"distributed.shard={per_node // (dist.sequence_parallel * dist.context_parallel)}"]
+
+
+def device_mesh(recipe: Recipe, device_type: str, world: int):
+    """The torch device mesh FSDP2 shards over: 1-D (shard over every process), or 2-D (replicate, shard) for HSDP,
+    where fully_shard shards inside each group and all-reduces gradients across groups."""
+    from torch.distributed.device_mesh import init_device_mesh
+    shape = mesh_for(recipe, world)
+    if not shape.hybrid:
+        return init_device_mesh(device_type, (world,))
+    return init_device_mesh(device_type, (shape.replicate, shape.shard), mesh_dim_names=("replicate", "shard"))

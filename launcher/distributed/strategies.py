@@ -19,6 +19,7 @@ import os
 from datetime import timedelta
 
 from launcher.checkpoint import layouts, universal
+from launcher.distributed import mesh
 from launcher.distributed.deepspeed_config import deepspeed_config
 from launcher.distributed.launch import CPU_LAUNCH, free_port, launched_world_size, mixed_precision
 from launcher.distributed.rules import DdpRules, DeepSpeedRules, FsdpRules, StrategyRules
@@ -181,7 +182,8 @@ class DeepSpeed(Strategy):
 
 
 class Fsdp2(Strategy):
-    """torch's FSDP2 (`fully_shard`) on every transformer block and the root, over all processes.
+    """torch's FSDP2 (`fully_shard`) on every transformer block and the root, over all processes: sharded over all of
+    them, or (HSDP, distributed.replicate) sharded inside each group and replicated across groups.
 
     Checkpoints are sharded (launcher/checkpoint/layouts.py), so they resume on any number of processes.
     """
@@ -209,10 +211,9 @@ class Fsdp2(Strategy):
 
     def _shard_kwargs(self, accelerator) -> dict:
         import torch
-        from torch.distributed.device_mesh import init_device_mesh
         from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy
         options = self.recipe.distributed.fsdp
-        kwargs = {"mesh": init_device_mesh(accelerator.device.type, (accelerator.num_processes,)),
+        kwargs = {"mesh": mesh.device_mesh(self.recipe, accelerator.device.type, accelerator.num_processes),
                   "reshard_after_forward": options is None or options.sharding == "full"}
         if options is not None and options.cpu_offload:  # GPU only: preflight refused it on CPU
             kwargs["offload_policy"] = CPUOffloadPolicy()

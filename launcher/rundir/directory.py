@@ -31,7 +31,7 @@ RUN_FILES = ("checkpoints", "final", "best", "metrics.jsonl", "report.md", "loss
 # with their product times the process count unchanged: launcher/rescale.py checks that on resume).
 RESUMABLE_CHANGES = {("train", "micro_batch_size"), ("train", "grad_accum"),
                      ("train", "max_steps"), ("train", "epochs"), ("train", "eval_every"), ("train", "save_every"),
-                     ("distributed", "num_processes"), ("train", "log_every"), ("train", "keep_last"), ("eval", "samples"), ("report", "tensorboard"),
+                     ("distributed", "num_processes"), ("distributed", "replicate"), ("distributed", "shard"), ("train", "log_every"), ("train", "keep_last"), ("eval", "samples"), ("report", "tensorboard"),
                      ("train", "skip_nonfinite")}
 
 
