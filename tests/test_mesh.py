@@ -20,6 +20,8 @@ KEY_REFUSALS = [
     ("cp and max_length", {"distributed": {"strategy": "fsdp", "context_parallel": 3}},
      "not divisible by 2 x distributed.context_parallel = 6"),
     ("cp on cpu", {"distributed": {"strategy": "fsdp", "context_parallel": 2}}, "distributed.context_parallel needs CUDA GPUs"),
+    ("sp not trained yet", {"distributed": {"strategy": "deepspeed", "deepspeed": "zero2", "sequence_parallel": 2}},
+     "does not train with it yet; set distributed.sequence_parallel: 1"),
 ]
 
 
@@ -35,8 +37,6 @@ def recipe_with(tiny_model, tmp_path, **distributed) -> Recipe:
 COUNT_REFUSALS = [
     ({"strategy": "fsdp", "replicate": 2, "shard": 3}, 4, "distributed.replicate 2 x shard 3 = 6 processes, but 4 run"),
     ({"strategy": "fsdp", "replicate": 3}, 4, "distributed.replicate 3 does not divide the 4 data-parallel processes"),
-    ({"strategy": "deepspeed", "deepspeed": "zero2", "sequence_parallel": 4}, 6,
-     "distributed.sequence_parallel 4 does not divide the 6 processes"),
 ]
 
 
@@ -61,7 +61,9 @@ def test_mesh_filled_in_and_unknown_count_passes(tiny_model, tmp_path):
     assert mesh.mesh_for(recipe_with(tiny_model, tmp_path, strategy="fsdp", shard=2), 4) == mesh.Mesh(2, 2)
     assert mesh.mesh_for(recipe_with(tiny_model, tmp_path, strategy="fsdp"), 4) == mesh.Mesh(1, 4)
     ulysses = mesh.mesh_for(recipe_with(tiny_model, tmp_path, strategy="deepspeed", deepspeed="zero2", sequence_parallel=2), 8)
-    assert (ulysses.data_parallel, ulysses.world) == (4, 8)
+    assert (ulysses.replicate * ulysses.shard, ulysses.world) == (4, 8)
+    with pytest.raises(UserError, match="distributed.sequence_parallel 4 does not divide the 6 processes"):
+        mesh.mesh_for(recipe_with(tiny_model, tmp_path, strategy="deepspeed", deepspeed="zero2", sequence_parallel=4), 6)
 
 
 def test_slurm_chooses_hybrid_sharding_on_several_nodes(tiny_model, tmp_path):

@@ -2,10 +2,10 @@
 
 Torch-free, so `launcher validate` checks the mesh against the process count and the rest of
 the recipe in one line each, before any process group exists. The engines own the parallelism:
-FSDP2 builds a 2-D device mesh for HSDP (shard inside a group, usually a node; replicate across
-groups), DeepSpeed Ulysses splits the sequence (through accelerate's ParallelismConfig), torch's
-context parallelism needs FSDP2, SDPA attention and CUDA. A sequence-parallel group reads the
-same rows, so it counts once towards the data-parallel size that the global batch multiplies.
+FSDP2 shards over a 2-D device mesh for HSDP (shard inside a group, usually a node; replicate
+across groups). The sequence split is checked as its engines need it (DeepSpeed Ulysses: the
+length divides by the split; torch's context parallelism: FSDP2, SDPA attention, CUDA) but the
+loop does not train with it yet, so a split above 1 is refused last, after those checks.
 """
 from __future__ import annotations
 
@@ -32,11 +32,6 @@ class Mesh:
     @property
     def world(self) -> int:
         return self.replicate * self.shard * self.sequence * self.context
-
-    @property
-    def data_parallel(self) -> int:
-        """Processes that read different rows: sequence and context groups share theirs."""
-        return self.replicate * self.shard
 
     @property
     def hybrid(self) -> bool:
@@ -72,6 +67,11 @@ def check_keys(recipe: Recipe, on_gpu: bool | None = None) -> None:
                         f"the load-balanced split gives each rank two equal chunks; use a multiple of {2 * cp}")
     if cp > 1 and on_gpu is False:
         raise UserError(CP_GPU_ONLY)
+    if sp > 1 or cp > 1:  # the recipe is consistent, but the training loop does not split sequences yet
+        key = "sequence_parallel" if sp > 1 else "context_parallel"
+        raise UserError(f"distributed.{key} {max(sp, cp)}: the launcher checks the sequence split but does not train with "
+                        f"it yet; set distributed.{key}: 1 (for long contexts meanwhile: train.gradient_checkpointing, "
+                        "train.loss_chunk_tokens, or a ZeRO-3 / FSDP2 strategy)")
 
 
 def mesh_for(recipe: Recipe, world: int) -> Mesh:

@@ -70,9 +70,9 @@ class Strategy:
             raise RuntimeError(f"accelerate chose {accelerator.distributed_type} instead of {self.accelerate_type}")
         return accelerator
 
-    def plan_resume(self, state: dict, world: int) -> None:
-        """Told, before the accelerator is built, that the run resumes from a checkpoint with trainer `state` on
-        `world` processes. Only DeepSpeed full fine-tuning loads differently then."""
+    def plan_resume(self, state: dict | None, world: int) -> None:
+        """Told, before the accelerator is built, the trainer state of the checkpoint the run resumes from (None:
+        a fresh start) and the process count. Only DeepSpeed full fine-tuning loads differently then."""
 
     def shard(self, model, accelerator):
         """Spread the model before the optimiser sees its parameters (FSDP2 only)."""
@@ -142,8 +142,8 @@ class DeepSpeed(Strategy):
     accelerate_type = "DEEPSPEED"
     universal = False  # resuming full fine-tuning on another process count: load the universal conversion
 
-    def plan_resume(self, state: dict, world: int) -> None:
-        self.universal = self.recipe.method == "full" and state.get("world_size", 1) != world
+    def plan_resume(self, state: dict | None, world: int) -> None:
+        self.universal = state is not None and self.recipe.method == "full" and state.get("world_size", 1) != world
 
     def unwrap(self, accelerator, model):
         return accelerator.unwrap_model(model)

@@ -139,8 +139,7 @@ def setup(recipe: Recipe, overwrite: bool = False, allow_data_change: bool = Fal
     if state is not None:  # on another process count: same global batch, or refused before anything loads
         recipe, change = hold_global_batch(recipe, state, launch.launched_world_size())
     strategy = strategy_for(recipe)
-    if state is not None:
-        strategy.plan_resume(state, launch.launched_world_size())
+    strategy.plan_resume(state, launch.launched_world_size())
     accelerator = strategy.make_accelerator()
     memory = check_before_loading(recipe, accelerator.num_processes, accelerator.device.type)  # refuses before weights load
     console = Console(accelerator.is_main_process)
