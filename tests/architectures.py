@@ -31,25 +31,6 @@ ARCHITECTURES = {
 LABELS = ["business", "entertainment", "politics", "sports", "tech"]
 
 
-def small_tokenizer(size: int = 1024):
-    """A byte-level BPE of `size` tokens learnt from the shipped samples in a second: GPT-2's 50k vocabulary
-    would make the embedding and the logits most of every tiny model's work."""
-    import json
-
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-    lines = []
-    for sample, fields in (("bible_en_es", ("en", "es")), ("bbc_news", ("text",))):
-        rows = (DATA / sample / "train.jsonl").read_text().splitlines()[:300]
-        lines += [json.loads(row)[f] for row in rows for f in fields]
-    bpe = Tokenizer(models.BPE())
-    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    bpe.decoder = decoders.ByteLevel()
-    bpe.train_from_iterator(lines, trainers.BpeTrainer(vocab_size=size, special_tokens=["<|endoftext|>"],
-                                                       initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
-    return PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token="<|endoftext|>", pad_token="<|endoftext|>")
-
-
 def build(name: str, folder: Path, tokenizer) -> Path:
     """save_pretrained a tiny random model of architecture `name` with `tokenizer` beside it."""
     import torch
@@ -122,7 +103,7 @@ def reload(run: Trained, model_path: Path):
     import torch
     from peft import PeftModel
 
-    from launcher.model.loading import auto_class
+    from launcher.model.loading import auto_class, keep_4bit_training_layout
     final, task = run.run_dir / "final", run.recipe.model.task
     if not (final / "adapter_config.json").is_file():
         return auto_class(task).from_pretrained(final, dtype=torch.float32).eval()
@@ -135,4 +116,8 @@ def reload(run: Trained, model_path: Path):
             load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=torch.float32,
             llm_int8_skip_modules=adapter_placement(str(model_path), run.recipe, LABELS if task == CLASSIFY else None).unquantised)
     base = auto_class(task).from_pretrained(model_path, dtype=torch.float32, **kwargs)
+    if run.recipe.method == "qlora":
+        # bitsandbytes repacks 4-bit weights for AVX512-BF16 CPUs at the first no-grad forward, and that repack needs
+        # layers at least one 64-wide quantisation block across: these tiny shapes are narrower. Keep the stored layout.
+        keep_4bit_training_layout(base)
     return PeftModel.from_pretrained(base, final).eval()

@@ -23,6 +23,7 @@ import time
 from pathlib import Path
 
 import pytest
+from support import free_port
 
 APT_PACKAGES = ["slurmctld", "slurmd", "slurm-client", "munge"]
 TERMINAL = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "PREEMPTED", "BOOT_FAIL", "DEADLINE"}
@@ -48,12 +49,6 @@ def ensure_installed() -> None:
         r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
         if r.returncode != 0:
             raise SlurmUnavailable(f"{' '.join(cmd)} failed ({r.returncode}): {r.stderr.strip()[-500:]}")
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("", 0))
-        return s.getsockname()[1]
 
 
 def _munge_works() -> bool:
@@ -128,8 +123,8 @@ class SlurmCluster:
         self.conf.write_text(f"""\
 ClusterName=launchertest
 SlurmctldHost={self.host}
-SlurmctldPort={_free_port()}
-SlurmdPort={_free_port()}
+SlurmctldPort={free_port()}
+SlurmdPort={free_port()}
 SlurmUser=root
 SlurmdUser=root
 AuthType=auth/munge

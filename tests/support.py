@@ -1,9 +1,16 @@
-"""Helpers for the tests: tiny random models with a real GPT-2 tokenizer, and running the launcher as users do."""
+"""Helpers for the tests: tiny random models with a small trained tokenizer (GPT-2's where a test needs it),
+running the launcher as users do, and the recipes the tests share."""
 from __future__ import annotations
 
+import csv
+import functools
 import importlib.util
+import json
 import shutil
 from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+DATA = REPO / "recipes" / "data"
 
 CHATML = (
     "{% for message in messages %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n{% endfor %}"
@@ -19,18 +26,54 @@ def gpt2_tokenizer(folder: Path, chat: bool):
     shutil.copy(data / "encoder.json", folder / "vocab.json")
     shutil.copy(data / "vocab.bpe", folder / "merges.txt")
     tokenizer = GPT2TokenizerFast.from_pretrained(folder)
-    if chat:
-        tokenizer.add_special_tokens({"additional_special_tokens": ["<|im_start|>", "<|im_end|>"]})
-        tokenizer.chat_template = CHATML
-        tokenizer.eos_token = "<|im_end|>"
+    return with_chatml(tokenizer) if chat else _padded(tokenizer)
+
+
+@functools.lru_cache(maxsize=None)
+def _small_bpe_json(size: int) -> str:
+    """The trained BPE as JSON, learnt once per process (2-3 s) from every train row of two shipped samples."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    bible = [json.loads(row) for row in (DATA / "bible_en_es" / "train.jsonl").read_text().splitlines()]
+    news = [json.loads(row) for row in (DATA / "bbc_news" / "train.jsonl").read_text().splitlines()]
+    # as the tests' rows reach the model: ChatML roles and the translation prompt around each verse
+    lines = [f"user\nTranslate from English to Spanish:\n{row['en']}\nassistant\n{row['es']}\n" for row in bible]
+    lines += [row["text"] for row in news]
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    bpe.train_from_iterator(lines, trainers.BpeTrainer(vocab_size=size, special_tokens=["<|endoftext|>"],
+                                                       initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    return bpe.to_str()
+
+
+def small_tokenizer(size: int = 4096, chat: bool = False):
+    """A byte-level BPE of `size` tokens learnt from the shipped samples: GPT-2's 50k vocabulary would make
+    the embedding and the logits most of every tiny model's work. Any text still encodes (bytes)."""
+    from tokenizers import Tokenizer
+    from transformers import PreTrainedTokenizerFast
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=Tokenizer.from_str(_small_bpe_json(size)),
+                                        eos_token="<|endoftext|>", bos_token="<|endoftext|>", unk_token="<|endoftext|>")
+    return with_chatml(tokenizer) if chat else _padded(tokenizer)
+
+
+def _padded(tokenizer):
     tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
 
 
+def with_chatml(tokenizer):
+    """ChatML tags as special tokens, the ChatML template, and <|im_end|> as end and padding."""
+    tokenizer.add_special_tokens({"additional_special_tokens": ["<|im_start|>", "<|im_end|>"]})
+    tokenizer.chat_template = CHATML
+    tokenizer.eos_token = "<|im_end|>"
+    return _padded(tokenizer)
+
+
 def build_tiny_llama(folder: Path, chat: bool = True, seed: int = 0, hidden: int = 32, layers: int = 2) -> Path:
+    """A random Llama of `layers` x `hidden` with the small tokenizer (4,098 tokens with the ChatML tags: about as many tokens a row as GPT-2's)."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
-    tokenizer = gpt2_tokenizer(folder, chat)
+    tokenizer = small_tokenizer(chat=chat)
     torch.manual_seed(seed)
     config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=2 * hidden,
                          num_hidden_layers=layers, num_attention_heads=2, num_key_value_heads=2,
@@ -41,11 +84,19 @@ def build_tiny_llama(folder: Path, chat: bool = True, seed: int = 0, hidden: int
     return folder
 
 
+def header_only_model(folder: Path) -> Path:
+    """A model folder that passes preflight's file checks (config, a whole safetensors file, a vocabulary) and holds
+    no weights: for tests of what is refused before any model loads."""
+    import json
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "config.json").write_text(json.dumps({"model_type": "llama", "max_position_embeddings": 4096}))
+    header = b"{}"
+    (folder / "model.safetensors").write_bytes(len(header).to_bytes(8, "little") + header)
+    (folder / "vocab.json").write_text("{}")
+    return folder
+
+
 # ---------------------------------------------------------------- running the launcher for real
-
-REPO = Path(__file__).resolve().parents[1]
-DATA = REPO / "recipes" / "data"
-
 
 def tiny_recipe(model: Path, output_dir: Path, **sections) -> dict:
     """A translation LoRA recipe on the shipped Bible sample; sections override whole keys per section."""
@@ -75,8 +126,9 @@ def write_recipe(recipe: dict, path: Path) -> Path:
     return path
 
 
-def launch(args: list[str], env: dict | None = None, timeout: int = 300, prefix: list[str] | None = None):
-    """Run the launcher in a fresh process (as users do); returns the CompletedProcess."""
+def launch(args: list[str], env: dict | None = None, timeout: int = 900, prefix: list[str] | None = None):
+    """Run the launcher in a fresh process (as users do); returns the CompletedProcess. The timeout only ends
+    a hung run: a busy machine may take many times an idle one's minute."""
     import os
     import subprocess
     import sys
@@ -111,7 +163,7 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def launch_two(args, timeout=400):
+def launch_two(args, timeout=1200):
     """The documented CPU launch: accelerate with ACCELERATE_USE_CPU=1 --multi_gpu (gloo), on a free port."""
     return launch_processes(args, 2, timeout)
 
@@ -165,3 +217,50 @@ def validate_refusal(model, tmp_path, capsys, changes: dict) -> str:
     err = capsys.readouterr().err
     assert err.count("\n") == 1, err
     return err
+
+
+# ---------------------------------------------------------------- recipes several test modules share
+
+COMPARE_STEPS = 4
+
+
+def comparable_recipe(model: Path, folder: Path, method: str, distributed: dict, **train) -> Path:
+    """COMPARE_STEPS steps with no eval data and no dropout, so runs on any number of processes compare exactly
+    and nothing but training costs time; written to folder/recipe.yaml, the run in folder/run."""
+    recipe = tiny_recipe(model, folder / "run", method=method, distributed=distributed,
+                         train={"max_steps": COMPARE_STEPS, "save_every": 2, "keep_last": 3, **train})
+    recipe["lora"]["dropout"] = 0.0
+    for key in ("eval", "max_eval_rows"):
+        recipe["data"].pop(key)
+    folder.mkdir(parents=True, exist_ok=True)
+    return write_recipe(recipe, folder / "recipe.yaml")
+
+
+MIXTURE_WEIGHTS = (0.5, 0.3, 0.2)
+
+
+def write_sources(folder: Path, sizes=(1200, 800, 500)) -> list[dict]:
+    """Three sources in three formats and file types: instruction .jsonl, completion .csv (mapped fields), text .txt."""
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "alpaca.jsonl").write_text("".join(json.dumps({"instruction": f"count to {i}", "output": f"{i}"}) + "\n"
+                                                 for i in range(sizes[0])))
+    with (folder / "pairs.csv").open("w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["q", "a"])
+        writer.writerows([f"two times {i}", f"{2 * i}"] for i in range(sizes[1]))
+    (folder / "notes.txt").write_text("".join(f"note number {i} says hello\n\n" for i in range(sizes[2])))
+    return [{"path": str(folder / "alpaca.jsonl"), "format": "instruction", "weight": MIXTURE_WEIGHTS[0]},
+            {"path": str(folder / "pairs.csv"), "format": "completion", "fields": {"prompt": "q", "completion": "a"},
+             "weight": MIXTURE_WEIGHTS[1]},
+            {"path": str(folder / "notes.txt"), "format": "text", "weight": MIXTURE_WEIGHTS[2]}]
+
+
+def mixture_recipe(model: Path, folder: Path, sources: list, **extra) -> Path:
+    """A LoRA recipe over `sources` (a list of data sources or one path), written to folder/recipe.yaml."""
+    recipe = {"model": {"path": str(model)}, "method": "lora", "lora": {"r": 4, "alpha": 8, "dropout": 0.0},
+              "data": {"train": sources, "max_length": 32, **extra.pop("data", {})},
+              "train": {"max_steps": 4, "micro_batch_size": 4, "lr": 5e-3, "schedule": "constant", "seed": 5,
+                        "save_every": 2, "keep_last": 3, **extra.pop("train", {})},
+              "eval": {"samples": 0}, "output_dir": str(folder / "run"), **extra}
+    folder.mkdir(parents=True, exist_ok=True)
+    return write_recipe(recipe, folder / "recipe.yaml")

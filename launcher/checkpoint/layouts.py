@@ -34,15 +34,31 @@ SCHEDULER_FILE = "scheduler.pt"
 SHARDS_FOLDER = "dcp"
 
 
+def write(obj, path: Path) -> None:
+    """torch.save through a Python file, so a write the filesystem refuses keeps its errno (diskspace.refused_writes)."""
+    with open(path, "wb") as handle:
+        torch.save(obj, handle)
+
+
 def rng_file(rank: int) -> str:
     return f"rng-{rank}.pt"
 
 
 def capture_rng() -> dict:
+    """This process's generators; of CUDA's only its own device's (every device's would not restore on a
+    process that sees fewer devices)."""
     state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
     if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
+        state["cuda"] = torch.cuda.get_rng_state()
     return state
+
+
+def cuda_rng_for(saved, device_index: int):
+    """The saved CUDA generator state to restore on device `device_index`: the one saved tensor, or from a
+    checkpoint that saved every visible device, that device's entry when it exists, else the first."""
+    if isinstance(saved, (list, tuple)):
+        return saved[device_index] if device_index < len(saved) else saved[0]
+    return saved
 
 
 def restore_rng(state: dict) -> None:
@@ -50,7 +66,7 @@ def restore_rng(state: dict) -> None:
     np.random.set_state(state["numpy"])
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+        torch.cuda.set_rng_state(cuda_rng_for(state["cuda"], torch.cuda.current_device()))
 
 
 class CheckpointLayout:
@@ -66,8 +82,8 @@ class CheckpointLayout:
     def save(self, folder: Path) -> None:
         self.save_weights(folder)
         if self.accelerator.is_main_process:
-            torch.save(self.scheduler.state_dict(), folder / SCHEDULER_FILE)
-        torch.save(capture_rng(), folder / rng_file(self.accelerator.process_index))
+            write(self.scheduler.state_dict(), folder / SCHEDULER_FILE)
+        write(capture_rng(), folder / rng_file(self.accelerator.process_index))
 
     def load(self, folder: Path) -> None:
         self.load_weights(folder)
@@ -104,6 +120,15 @@ class AccelerateLayout:
         self.accelerator.step = 0
 
 
+def step_tensor(value: float, param, group: dict) -> torch.Tensor:
+    """An Adam/AdamW `step` counter as torch keeps it: on the parameter's device in a fused or capturable
+    group (the fused CUDA kernel reads it there), a CPU scalar otherwise; float32 unless the default
+    dtype is float64. torch's own load_state_dict follows the same rule; the ZeRO path sets state by hand."""
+    on_device = group.get("fused") or group.get("capturable")
+    dtype = torch.float64 if torch.get_default_dtype() == torch.float64 else torch.float32
+    return torch.tensor(float(value), dtype=dtype, device=param.device if on_device else "cpu")
+
+
 def base_optimizer(optimizer):
     """The torch optimiser under accelerate's (and DeepSpeed's) wrappers."""
     while hasattr(optimizer, "optimizer"):
@@ -134,7 +159,7 @@ class TrainableLayout(CheckpointLayout):
     def save_weights(self, folder: Path) -> None:
         state = self.gather()  # every rank takes part; the main process writes
         if self.accelerator.is_main_process:
-            torch.save(state, folder / TRAINABLE_FILE)
+            write(state, folder / TRAINABLE_FILE)
             verify.trainable_file(folder / TRAINABLE_FILE, state["model"])  # read back before the checkpoint counts
 
     def load_weights(self, folder: Path) -> None:
@@ -170,15 +195,16 @@ class ZeroTrainableLayout(TrainableLayout):
             safe_set_full_fp32_param(param, state["model"][name].to(param.device))
             for key, value in state["optimizer"]["state"][name].items():
                 safe_set_full_optimizer_state(param, value.to(param.device), key)
-        for param_state in base_optimizer(self.optimizer).state.values():
-            if "step" in param_state:
-                param_state["step"] = torch.full_like(torch.as_tensor(param_state["step"]), state["optimizer"]["step"])
+        base = base_optimizer(self.optimizer)
+        for group in base.param_groups:
+            for param in group["params"]:
+                if "step" in base.state.get(param, {}):
+                    base.state[param]["step"] = step_tensor(state["optimizer"]["step"], param, group)
         if hasattr(engine_optimizer, "update_lp_params"):  # ZeRO-1/2: copy fp32 masters into the model's weights
             engine_optimizer.update_lp_params()
         else:  # ZeRO-3: the same, per parameter sub-group
             for group in range(len(engine_optimizer.fp16_groups)):
                 engine_optimizer._reassign_or_swap_out_partitioned_parameters(group)
-
 
     def create_state(self, keys) -> None:
         """Zeroed optimiser state where the optimiser creates it only at its first step (ZeRO-3), to be overwritten."""
@@ -186,9 +212,11 @@ class ZeroTrainableLayout(TrainableLayout):
         # ZeRO-3 hands its fp32 partitions to the torch optimiser only during a step
         flats = getattr(self.optimizer.optimizer, "fp32_partitioned_groups_flat", None) or \
             [p for group in base.param_groups for p in group["params"]]
+        groups = {id(p): group for group in base.param_groups for p in group["params"]}
         for flat in flats:
             if not base.state[flat]:
-                base.state[flat] = {"step": torch.tensor(0.0), **{k: torch.zeros_like(flat) for k in keys}}
+                base.state[flat] = {"step": step_tensor(0, flat, groups.get(id(flat), {})),
+                                    **{k: torch.zeros_like(flat) for k in keys}}
 
 
 class ShardedLayout(CheckpointLayout):

@@ -9,7 +9,7 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
-from launcher.data.encode import load_datasets
+from launcher.data.encode import load_eval_data
 from launcher.distributed.strategies import strategy_for
 from launcher.errors import UserError
 from launcher.evaluation.evaluate import eval_rows, evaluate
@@ -17,6 +17,7 @@ from launcher.model import loading as modeling
 from launcher.preflight.checks import checked_recipe
 from launcher.recipe.schema import Recipe
 from launcher.report.console import Console as Progress
+from launcher.rundir.paths import RunDir
 
 
 def add_options(parser: argparse.ArgumentParser) -> None:
@@ -37,7 +38,7 @@ def compare_checkpoints(recipe: Recipe, checkpoint: str | None = None, console=N
     """
     from accelerate.utils import set_seed
 
-    targets = [checkpoint] if checkpoint else ["base", str(Path(recipe.output_dir) / "final")]
+    targets = [checkpoint] if checkpoint else ["base", str(RunDir(recipe.output_dir).export("final"))]
     for target in targets:
         if target != "base" and not (Path(target) / "config.json").is_file() and not (Path(target) / "adapter_config.json").is_file():
             raise UserError(f"--checkpoint {target}: not a saved model folder (give output_dir/final, output_dir/best or 'base')")
@@ -45,8 +46,7 @@ def compare_checkpoints(recipe: Recipe, checkpoint: str | None = None, console=N
     on_gpu = accelerator.device.type == "cuda"
     weights = modeling.resolve_weights(recipe)
     tokenizer = modeling.load_tokenizer(weights, recipe)
-    found_data = load_datasets(recipe, tokenizer, pack=False)  # only eval rows are read, and those are never packed
-    eval_data, labels = found_data.eval, found_data.labels
+    eval_data, labels = load_eval_data(recipe, tokenizer)  # no train row is tokenised (unless eval_fraction splits them)
     if eval_data is None:
         raise UserError("eval: the recipe has no eval data; set data.eval or data.eval_fraction")
     results: dict[str, dict] = {}
@@ -69,7 +69,7 @@ def compare_checkpoints(recipe: Recipe, checkpoint: str | None = None, console=N
         table.add_row(key, *(f"{results[t][key]:.4f}" for t in targets))
     if accelerator.is_main_process:
         console.print(table)
-        run_dir = Path(recipe.output_dir)
-        if run_dir.is_dir():
-            (run_dir / "eval.json").write_text(json.dumps(results, indent=1))
+        run = RunDir(recipe.output_dir)
+        if run.root.is_dir():
+            run.eval_results.write_text(json.dumps(results, indent=1))
     return results

@@ -21,6 +21,7 @@ from launcher.model import loading as modeling
 from launcher.recipe.files import load_run
 from launcher.recipe.formats import FORMATS
 from launcher.recipe.schema import DataSection, Recipe
+from launcher.rundir.paths import RunDir
 
 # The canonical field a user's prompt fills, per data format; the format's other required field is the (empty) target.
 PROMPT_FIELD = {"translation": "source", "qa": "question", "instruction": "instruction", "completion": "prompt",
@@ -70,7 +71,7 @@ def answerer(run_dir: str | Path, checkpoint: str, max_new_tokens: int | None = 
         raise UserError("generate: a classification run predicts labels; use `launcher eval` instead")
     if max_new_tokens:
         recipe.eval.max_new_tokens = max_new_tokens
-    folder = run_dir / checkpoint
+    folder = run_dir if checkpoint == "base" else RunDir(run_dir).export(checkpoint)
     if checkpoint != "base" and not folder.is_dir():
         raise UserError(f"generate: {folder} does not exist (train to the end first, or pick --checkpoint final|best|base)")
     weights = modeling.resolve_weights(recipe)

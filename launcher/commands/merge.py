@@ -18,6 +18,7 @@ from launcher.errors import UserError
 from launcher.model import loading as modeling
 from launcher.recipe.files import load_run
 from launcher.recipe.schema import Recipe
+from launcher.rundir.paths import RunDir
 
 DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
 # Largest |merged - adapter| logit difference accepted, relative to the largest |logit|: the merged
@@ -115,17 +116,17 @@ def write_merged(recipe: Recipe, adapter: Path, staging: Path, torch_dtype: str)
 
 def merge(run_dir: str | Path, dtype: str = "bf16", out: str | Path | None = None, overwrite: bool = False) -> float:
     """Write the merged model; returns the verified max logit difference."""
-    run_dir = Path(run_dir)
-    recipe = load_run(run_dir)
-    adapter = run_dir / "final"
+    run = RunDir(run_dir)
+    recipe = load_run(run.root)
+    adapter = run.export("final")
     if not (adapter / "adapter_config.json").is_file():
         what = "a full model: nothing to merge" if (adapter / "config.json").is_file() else "not there: train to the end first"
         raise UserError(f"{adapter} is {what} (merge needs the adapter of a lora or qlora run)")
-    target = Path(out) if out else run_dir / "merged"  # beside final/, so uploading final/ uploads the adapter alone
+    target = Path(out) if out else run.merged  # beside final/, so uploading final/ uploads the adapter alone
     if target.exists() and not overwrite:
         raise UserError(f"{target} exists; pass --overwrite to replace it, or --out to write elsewhere")
     check_mergeable(adapter)
-    staging = target.with_name(target.name + ".tmp")
+    staging = RunDir.staging(target)
     try:
         difference, expected = write_merged(recipe, adapter, staging, DTYPES[dtype])
     except BaseException:

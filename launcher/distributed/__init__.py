@@ -6,4 +6,5 @@ deepspeed_config  the recipe's DeepSpeed JSON: found, checked against the recipe
 launch            what the process launcher set up: world size, launch hints, precision, accelerate's settings
 mesh              the process mesh a recipe asks for (HSDP replicate x shard, sequence or context split), checked torch-free
 slurm             sbatch scripts rendered and submitted; requeue on preemption
+waiting           long waits (tokenising, exports) on a gloo group with its own timeout, not the training group's
 """

@@ -22,8 +22,9 @@ from launcher.checkpoint import layouts, universal
 from launcher.distributed import mesh
 from launcher.distributed.deepspeed_config import deepspeed_config
 from launcher.distributed.launch import CPU_LAUNCH, free_port, launched_world_size, mixed_precision
-from launcher.distributed.rules import DdpRules, DeepSpeedRules, FsdpRules, StrategyRules
+from launcher.distributed.rules import DdpRules, DeepSpeedRules, FsdpRules, StrategyRules, rules_for
 from launcher.errors import UserError
+from launcher.model.loading import compute_dtype
 from launcher.recipe.schema import Recipe
 from launcher.report import trackers
 
@@ -190,6 +191,21 @@ class Fsdp2(Strategy):
 
     rules_class = FsdpRules
 
+    def backend(self, on_gpu: bool, world: int) -> str | None:
+        """With cpu_offload the shards, their gradients and the optimiser step live in CPU memory: clipping
+        reduces over CPU DTensors, which an NCCL-only group cannot ("No backend type associated with device
+        type cpu"). accelerate adds gloo for CPU only under its own FSDP settings, so it is named here."""
+        options = self.recipe.distributed.fsdp
+        if on_gpu and world > 1 and options is not None and options.cpu_offload:
+            return "cpu:gloo,cuda:nccl"
+        return super().backend(on_gpu, world)
+
+    def reduces_every_micro_batch(self) -> bool:
+        """Full fine-tuning reduce-scatters gradients at every micro-batch: skipping it would accumulate whole,
+        unsharded fp32 gradients on every rank (8B: 32 GB more per rank than the plan, which counts sharded
+        ones), for less traffic. Adapter gradients are small: those sync once per optimiser step."""
+        return self.recipe.method == "full"
+
     def shard(self, model, accelerator):
         options = self.recipe.distributed.fsdp
         if options is not None and options.activation_checkpointing:
@@ -217,14 +233,18 @@ class Fsdp2(Strategy):
                   "reshard_after_forward": options is None or options.sharding == "full"}
         if options is not None and options.cpu_offload:  # GPU only: preflight refused it on CPU
             kwargs["offload_policy"] = CPUOffloadPolicy()
-        low = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(accelerator.mixed_precision)
+        storage = quant_storage_dtype(self.recipe, accelerator.device.type == "cuda")
+        low = fsdp_param_dtype(accelerator.mixed_precision, storage)
         if low is not None:
             kwargs["mp_policy"] = MixedPrecisionPolicy(param_dtype=low, reduce_dtype=torch.float32)
         return kwargs
 
     def prepare(self, accelerator, model, optimizer, scheduler):
         """FSDP2 models stay out of accelerator.prepare (accelerate would wrap them in DDP on CPU); the optimiser
-        gets accelerate's wrapper, which skips steps while accumulating and unscales fp16 gradients."""
+        gets accelerate's wrapper, which skips steps while accumulating and unscales fp16 gradients. One process
+        shards nothing and so has no MixedPrecisionPolicy: accelerate's own path applies train.precision there."""
+        if accelerator.num_processes == 1:
+            return super().prepare(accelerator, model, optimizer, scheduler)
         scheduler = accelerator.prepare(scheduler)
         scaler = self.gradient_scaler(accelerator)
         if scaler is not None:
@@ -247,7 +267,7 @@ class Fsdp2(Strategy):
         micro-batches (accelerate's no_sync does this only for models it wrapped itself)."""
         from torch.distributed.fsdp import FSDPModule
         if isinstance(model, FSDPModule):
-            model.set_requires_gradient_sync(now)
+            model.set_requires_gradient_sync(now or self.reduces_every_micro_batch())
 
     def checkpoint_layout(self, accelerator, model, optimizer, scheduler):
         """Adapters: the trainable part by name; full fine-tuning: torch.distributed.checkpoint shards, each
@@ -262,6 +282,26 @@ class Fsdp2(Strategy):
         if not isinstance(model, FSDPModule):  # one process: nothing was sharded
             return model.state_dict()
         return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
+def quant_storage_dtype(recipe: Recipe, on_gpu: bool):
+    """The float dtype QLoRA's 4-bit weights are packed into under this strategy; None when they are not."""
+    if recipe.method != "qlora" or recipe.quant.bits != 4:
+        return None
+    return rules_for(recipe).quant_storage(compute_dtype(recipe, on_gpu))
+
+
+def fsdp_param_dtype(precision: str, storage):
+    """FSDP2's param_dtype for accelerate's precision name. FSDP2 casts every float parameter of another dtype
+    value by value, which would scramble 4-bit weights packed into `storage` (QLoRA): they must agree."""
+    import torch
+    low = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
+    if storage is not None and low is not None and low != storage:
+        stored = str(storage).removeprefix("torch.")
+        raise UserError(f"method qlora under strategy fsdp: train.precision {precision} would make FSDP2 cast the 4-bit "
+                        f"weights, packed as {stored} (quant.compute_dtype), value by value and corrupt them; set "
+                        f"train.precision and quant.compute_dtype to the same dtype")
+    return low
 
 
 STRATEGIES: dict[str, type[Strategy]] = {cls.rules_class.name: cls for cls in (Ddp, DeepSpeed, Fsdp2)}

@@ -15,8 +15,8 @@ from itertools import combinations
 from pydantic import ValidationError
 
 from launcher.memory import estimate as planner
-from launcher.memory.estimate import GIB, HEADROOM, Plan
-from launcher.recipe.schema import Recipe
+from launcher.memory.estimate import GIB, Plan
+from launcher.recipe.schema import Recipe, applicable
 from launcher.errors import UserError
 from launcher.recipe.files import apply_overrides, load_recipe
 from launcher.distributed.rules import rules_for
@@ -75,7 +75,7 @@ def _changed(recipe: Recipe, overrides: list[str]) -> Recipe | None:
     if any(o.startswith("distributed.strategy=") for o in overrides):  # the old strategy's own section goes with it
         data["distributed"] = {key: data["distributed"][key] for key in ("num_processes", "timeout_minutes")}
     try:
-        changed = Recipe.model_validate(apply_overrides(data, overrides))
+        changed = Recipe.model_validate(applicable(apply_overrides(data, overrides)))
         rules_for(changed).refuse()
     except (ValidationError, UserError):
         return None
@@ -106,10 +106,11 @@ def suggestions(recipe: Recipe, world: int, gpu_gib: float) -> list[dict]:
     return fitting[:SHOWN] or sorted(found, key=lambda i: i["peak_gib"])[:3]
 
 
-def plan_with_advice(recipe: Recipe, world: int | None = None, gpu_gib: float | None = None) -> Plan:
+def plan_with_advice(recipe: Recipe, world: int | None = None, gpu_gib: float | None = None, nodes: int = 1,
+                     node_gib: float | None = None) -> Plan:
     """The recipe's plan, with suggestions when it does not fit; a recipe its strategy cannot train is refused."""
     rules_for(recipe).refuse()
-    result = planner.plan(recipe, world, gpu_gib)
+    result = planner.plan(recipe, world, gpu_gib, nodes=nodes, node_gib=node_gib)
     if not result.fits:
         result.suggestions = suggestions(recipe, result.world, result.gpu_gib)
     return result
@@ -152,7 +153,7 @@ def check_before_loading(recipe: Recipe, world: int, device: str) -> MemoryCheck
     fix = (f"; cheapest fix: {top['change']} ({' '.join(top['overrides'])}: {top['peak_gib']:.2f} GiB)" if top and top["fits"]
            else "; no combination of up to three changes fits: use more GPUs")
     message = (f"memory plan: peak {check.plan.peak_gib:.2f} GiB per process at the {check.plan.peak_moment}, over the "
-               f"{HEADROOM * gpu_gib:.1f} GiB usable of {gpu_gib:g} GiB{fix}. `launcher plan` shows the breakdown; "
+               f"{check.plan.usable_gib:.1f} GiB usable of {gpu_gib:g} GiB{fix}. `launcher plan` shows the breakdown; "
                "memory.over_budget: warn trains anyway")
     if recipe.memory.over_budget == "refuse":
         raise UserError(message)

@@ -11,27 +11,45 @@ mechanism, as PyTorch's autograd saves it, per token of a micro-batch:
   activation and up outputs; with gradient checkpointing only each block's input, plus one block
   recomputed in backward;
 - plain cross-entropy: at the start of backward three float32 vocabulary-wide tensors per token
-  (log-softmax output, its incoming gradient, its input gradient); chunked CE: one chunk of them;
+  (log-softmax output, its incoming gradient, its input gradient); chunked CE: one chunk of them,
+  beside the copied-out final hidden states and their gradient buffer (see `logits_bytes`);
 - autocast's low-precision copies of float32 weights, kept for backward;
 - the strategy's layout (launcher/distributed/rules.py): what is sharded or offloaded, DeepSpeed's fp32 master
   copy and buckets, FSDP's gathered blocks, DDP's gradient buckets.
 
-The peak is the largest of four moments: the end of the forward pass (activations and logits alive,
-gradients not yet), the end of backward (all gradients), the optimiser step, and evaluation
-(generation's KV cache). `auto` dtypes resolve as on a bf16-capable GPU, whatever runs the plan.
+The peak is the largest of these moments: the end of the forward pass, as the loss's backward starts
+(activations and the loss's tensors alive, gradients not yet); with gradient checkpointing the last
+block's backward (every block's input still kept, that block recomputed, its backward's transients);
+the end of backward (all gradients); the optimiser step; and evaluation (generation's KV cache), which
+is reported apart from the training step's peak. DeepSpeed ZeRO-3's own allocations come from
+launcher/memory/zero.py, node 0's host memory from launcher/memory/host.py. `auto` dtypes resolve as on
+a bf16-capable GPU, whatever runs the plan.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
 from launcher.memory import counts as memory
+from launcher.memory import zero as zero3
+from launcher.memory.host import HostPlan, host_plan
 from launcher.memory.inventory import Inventory, inventory, resolved_dtypes
 from launcher.recipe.schema import Recipe
 from launcher.distributed.rules import rules_for
 
 GIB = 2**30
-HEADROOM = 0.9  # share of GPU memory a plan may use: the rest is CUDA context, communication buffers, fragmentation
+# What a GPU holds beside the tensors a plan counts (the plan is torch.cuda.max_memory_allocated's figure):
+# a fixed amount per process and a fraction of the peak.
+CUDA_CONTEXT_GIB = 0.5  # the context torch creates, kernels loaded lazily (CUDA_MODULE_LOADING=LAZY, torch's default
+#                         since CUDA 11.7): about 0.5 GiB on Hopper as nvidia-smi shows it for a process that has only
+#                         initialised CUDA; a commonly reported figure, not measured here (no GPU)
+NCCL_GIB = 0.5  # with 2+ processes: NCCL_BUFFSIZE (4 MiB by default, NCCL's documentation) per channel, for sending and
+#                 receiving, up to 32 channels on NVLink: 256 MiB per communicator, and a run keeps two (the default
+#                 group and the one its strategy or gloo/NCCL barrier creates); an estimate from those defaults
+FRAGMENTATION = 0.05  # PyTorch's caching allocator rounds large blocks up to 2 MiB and keeps split segments cached, so
+#                       reserved exceeds allocated; 5 % of the peak is an assumption (the H200 reference peaks in
+#                       tests/data count allocated memory only), kept apart so it can be measured and replaced
 DEFAULT_GPU_GIB = 80.0
+EVALUATION = "evaluation"  # the one moment that is not part of a training step
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2, "fp32": 4, "bf16": 2, "fp16": 2}
 
 
@@ -82,13 +100,27 @@ def block_bytes_per_token(inv: Inventory, s: Sizes, recipe: Recipe, masked: bool
 
 
 def logits_bytes(inv: Inventory, s: Sizes, recipe: Recipe, tokens: int) -> int:
-    """The loss: three float32 vocabulary-wide tensors per token at the start of backward, or one chunk's worth."""
+    """The loss at its peak, in backward: log_softmax's saved float32 output, the gradient coming into it and the
+    gradient it returns (12 bytes per token and vocabulary entry), for every token or for one chunk.
+
+    Chunked (launcher/model/loss.py, chunked_causal_ce): the final hidden states of the target positions are copied
+    out (`hidden[keep]`) and each chunk's inputs, views of that copy, are what the non-reentrant checkpoint keeps, so
+    the copy lives through the loss backward; each chunk's slice gradient is added into one gradient buffer of the
+    copy's size. While one chunk is recomputed and its log_softmax backward runs, the copy, its gradient buffer and
+    that chunk's three float32 tensors are alive; the compute-dtype logits are freed by the `.float()` cast."""
     if recipe.model.task == "classification":
         return 12 * tokens // recipe.data.max_length * 2
     chunk = recipe.train.loss_chunk_tokens
     if chunk and recipe.model.task == "causal-lm":
-        return min(chunk, tokens) * inv.vocab * (s.compute + 12) + tokens * inv.hidden * s.residual
+        return 12 * min(chunk, tokens) * inv.vocab + 2 * tokens * inv.hidden * s.residual
     return 12 * tokens * inv.vocab
+
+
+def block_backward_bytes(inv: Inventory, s: Sizes, tokens: int) -> int:
+    """Transients of one block's backward on top of what it saved: the gradient arriving at its output and the one
+    summed for its input (residual stream), and in the MLP two intermediate-wide gradients at once (the gradient of
+    the activation's output, then of the gate and up projections while it is still alive)."""
+    return tokens * (2 * inv.hidden * s.residual + 2 * inv.intermediate * s.compute)
 
 
 def eval_bytes(inv: Inventory, s: Sizes, recipe: Recipe) -> dict:
@@ -115,10 +147,26 @@ class Plan:
     gpu_gib: float
     moments: dict[str, dict[str, int]]
     suggestions: list = field(default_factory=list)
+    host: HostPlan | None = None  # node 0's host memory
+    data_lengths: dict = field(default_factory=dict)  # planned at the data's longest row: what was read, and from where
 
     @property
     def peak_moment(self) -> str:
         return max(self.moments, key=lambda name: sum(self.moments[name].values()))
+
+    @property
+    def train_peak_bytes(self) -> int:
+        """The training step's peak: evaluation runs at another batch size with full-vocabulary logits, so it is apart."""
+        return max(sum(parts.values()) for name, parts in self.moments.items() if name != EVALUATION)
+
+    @property
+    def eval_peak_bytes(self) -> int | None:
+        return sum(self.moments[EVALUATION].values()) if EVALUATION in self.moments else None
+
+    @property
+    def binding(self) -> str:
+        """Which pass sets the peak the GPU must hold: "training" or "evaluation"."""
+        return "evaluation" if (self.eval_peak_bytes or 0) > self.train_peak_bytes else "training"
 
     @property
     def peak_bytes(self) -> int:
@@ -129,50 +177,119 @@ class Plan:
         return self.peak_bytes / GIB
 
     @property
+    def overheads_gib(self) -> dict:
+        return overheads_gib(self.peak_gib, self.world)
+
+    @property
+    def usable_gib(self) -> float:
+        """The largest tensor peak that fits this GPU once the fixed overheads and fragmentation are set aside."""
+        return usable_gib(self.gpu_gib, self.world)
+
+    @property
     def fits(self) -> bool:
-        return self.peak_gib <= HEADROOM * self.gpu_gib
+        return self.peak_gib <= self.usable_gib
 
     def as_dict(self) -> dict:
         def gib(parts: dict) -> dict:
             return {key: round(value / GIB, 3) for key, value in parts.items()}
+        evaluation = self.eval_peak_bytes
         return {"peak_gib": round(self.peak_gib, 3), "peak_moment": self.peak_moment, "fits": self.fits,
-                "gpu_gib": self.gpu_gib, "usable_gib": round(HEADROOM * self.gpu_gib, 2), "world_size": self.world,
+                "train_peak_gib": round(self.train_peak_bytes / GIB, 3), "binding": self.binding,
+                "eval_peak_gib": None if evaluation is None else round(evaluation / GIB, 3),
+                "gpu_gib": self.gpu_gib, "usable_gib": round(self.usable_gib, 2), "world_size": self.world,
+                "overheads_gib": {key: round(value, 3) for key, value in self.overheads_gib.items()},
                 "setup": self.label, "components": gib(self.moments[self.peak_moment]),
-                "moments": {name: gib(parts) for name, parts in self.moments.items()}, "suggestions": self.suggestions}
+                "moments": {name: gib(parts) for name, parts in self.moments.items()}, "suggestions": self.suggestions,
+                **(self._host_dict(gib) if self.host else {}), **({"data_lengths": self.data_lengths} if self.data_lengths else {})}
+
+    def _host_dict(self, gib) -> dict:
+        host = self.host
+        return {"host_gib_per_node": round(host.peak_gib, 3), "host_peak_moment": host.peak_moment,
+                "node_gib": host.node_gib, "host_fits": host.fits, "ranks_per_node": host.ranks_per_node,
+                "every_rank_loads": host.every_rank_loads, "loading": host.loading,
+                "host_moments": {name: gib(parts) for name, parts in host.moments.items()}}
 
 
-def plan(recipe: Recipe, world: int | None = None, gpu_gib: float | None = None, device: str = "cuda") -> Plan:
+def overheads_gib(peak_gib: float, world: int) -> dict:
+    """What the GPU holds beyond a plan's tensors at a peak of `peak_gib` (see CUDA_CONTEXT_GIB and the rest)."""
+    return {"CUDA context": CUDA_CONTEXT_GIB, "NCCL buffers": NCCL_GIB if world > 1 else 0.0,
+            "allocator fragmentation": FRAGMENTATION * peak_gib}
+
+
+def usable_gib(gpu_gib: float, world: int) -> float:
+    """The largest tensor peak whose overheads still fit `gpu_gib`."""
+    fixed = sum(overheads_gib(0.0, world).values())
+    return max(gpu_gib - fixed, 0.0) / (1 + FRAGMENTATION)
+
+
+def plan(recipe: Recipe, world: int | None = None, gpu_gib: float | None = None, device: str = "cuda",
+         nodes: int = 1, node_gib: float | None = None, every_rank_loads: bool | None = None) -> Plan:
     """The recipe's per-rank memory on `world` processes with `gpu_gib` each (defaults: the recipe's), with dtypes
-    resolved as on `device` (cpu: for comparing with a CPU run)."""
+    resolved as on `device` (cpu: for comparing with a CPU run), and node 0's host memory over `nodes` nodes
+    against `node_gib` (default memory.node_gib; see launcher/memory/host.py)."""
     world = world or recipe.distributed.num_processes or 1
     inv = inventory(recipe, device)
     layout = rules_for(recipe).memory_layout(world, inv.hidden)
     s = sizes(recipe, layout, device)
     state = _model_state(recipe, inv, layout, s, world)
     work = _step_work(recipe, inv, layout, s)
+    zero = zero3.settings(recipe, inv.hidden)
+    if zero is not None:
+        _with_zero3(state, work, zero3.zero3_bytes(zero, inv, _trainable(recipe, inv), world, s.compute,
+                                                    checkpointing(recipe)))
     resident = {"weights": state["weights"], "optimizer state": state["optimizer state"],
                 "gradients": state["persistent gradients"], "buffers": state["buffers"]}
     evaluation = eval_bytes(inv, s, recipe)
     moments = {
         "end of forward": {**resident, "activations": work["saved"], "logits/loss": work["logits"],
                            "buffers": state["buffers"] + work["gathered forward"]},
+        # checkpointed: the last block is recomputed while every block's input is still kept, few gradients exist yet
+        "last block's backward": {**resident, "gradients": state["persistent gradients"] + state["head gradients"],
+                                  "activations": work["block inputs"] + work["recomputed"],
+                                  "buffers": state["buffers"] + max(work["gathered forward"], work["gathered backward"])},
         "end of backward": {**resident, "gradients": state["persistent gradients"] + state["gradients"],
                             "activations": work["recomputed"], "buffers": state["buffers"] + work["gathered backward"]},
         "optimiser step": {**resident, "gradients": state["persistent gradients"] + state["gradients"],
                            "buffers": state["buffers"] + state["step"]},
-        "evaluation": {**resident, "eval": max(evaluation.values()), "buffers": state["buffers"] + work["gathered eval"]},
+        EVALUATION: {**resident, "eval": max(evaluation.values()), "buffers": state["buffers"] + work["gathered eval"]},
     }
+    if not work["block inputs"]:
+        del moments["last block's backward"]
     if not (recipe.data.eval or recipe.data.eval_fraction):
-        del moments["evaluation"]
+        del moments[EVALUATION]
     label = (f"{recipe.model.path} ({inv.params / 1e9:.2f}B parameters, {inv.trainable / 1e6:.1f}M trainable), "
              f"{recipe.method}, {layout.label}, {world} process{'es' * (world > 1)}")
-    return Plan(label, world, gpu_gib or recipe.memory.gpu_gib or DEFAULT_GPU_GIB, moments)
+    host = host_plan(recipe, inv, layout, world, max(world // max(nodes, 1), 1), node_gib or recipe.memory.node_gib,
+                     every_rank_loads)
+    return Plan(label, world, gpu_gib or recipe.memory.gpu_gib or DEFAULT_GPU_GIB, moments, host=host)
+
+
+def _trainable(recipe: Recipe, inv: Inventory) -> int:
+    """Trainable values, the first blocks frozen by freeze.first_n_blocks left out."""
+    blocks = inv.layers - min(recipe.freeze.first_n_blocks, inv.layers) if recipe.method == "full" else inv.layers
+    return blocks * inv.block_trainable + inv.rest_trainable
+
+
+def checkpointing(recipe: Recipe) -> bool:
+    """Whether blocks recompute their activations in backward (gradient checkpointing, or FSDP's own)."""
+    return recipe.train.gradient_checkpointing or (recipe.distributed.fsdp is not None
+                                                   and recipe.distributed.fsdp.activation_checkpointing)
+
+
+def _with_zero3(state: dict, work: dict, zero: dict) -> None:
+    """ZeRO-3's own allocations (launcher/memory/zero.py) in place of the layout's generic buckets and gathered
+    blocks."""
+    state["persistent gradients"] = zero["gradient partitions"]
+    state["step"] = zero["step"]
+    state["buffers"] = zero["reduce bucket"] + zero["persistent"]
+    for moment in ("forward", "backward", "eval"):
+        work[f"gathered {moment}"] = zero[f"gathered {moment}"]
 
 
 def _model_state(recipe: Recipe, inv: Inventory, layout: memory.StatePlacement, s: Sizes, world: int) -> dict:
     """Weights, gradients, optimiser state and the strategy's buffers this rank holds."""
     blocks = inv.layers - min(recipe.freeze.first_n_blocks, inv.layers) if recipe.method == "full" else inv.layers
-    trainable = blocks * inv.block_trainable + inv.rest_trainable
+    trainable = _trainable(recipe, inv)
     grad_size = inv.trainable_bytes / max(inv.trainable, 1)  # bytes per trainable value in its own dtype
     state_bytes = blocks * inv.block_state_bytes + inv.rest_state_bytes
     weights = inv.layers * inv.block_weight_bytes + inv.rest_weight_bytes
@@ -198,8 +315,11 @@ def _model_state(recipe: Recipe, inv: Inventory, layout: memory.StatePlacement, 
     buffers = 2 * layout.bucket_elements * s.compute + (trainable * grad_size if layout.bucket_grads else 0)
     if recipe.method == "qlora":  # one dequantised weight at a time, in the compute dtype
         buffers += inv.hidden * inv.intermediate * s.compute
+    # before the first block's backward only the parts outside the blocks have gradients (the embedding's, which
+    # comes last, is counted with them: at most its size too much)
+    outside = gradients * inv.rest_trainable / max(trainable, 1)
     return {"weights": int(weights), "optimizer state": int(state_bytes), "gradients": int(gradients),
-            "persistent gradients": int(persistent), "step": int(step), "buffers": int(buffers)}
+            "head gradients": int(outside), "persistent gradients": int(persistent), "step": int(step), "buffers": int(buffers)}
 
 
 def _step_work(recipe: Recipe, inv: Inventory, layout: memory.StatePlacement, s: Sizes) -> dict:
@@ -208,22 +328,22 @@ def _step_work(recipe: Recipe, inv: Inventory, layout: memory.StatePlacement, s:
     tokens = train.micro_batch_size * recipe.data.max_length
     masked = recipe.data.packing  # packed rows attend inside each example: a block-diagonal mask
     per_block = block_bytes_per_token(inv, s, recipe, masked) * tokens
-    checkpointing = train.gradient_checkpointing or (recipe.distributed.fsdp is not None
-                                                     and recipe.distributed.fsdp.activation_checkpointing)
     copies = inv.autocast_block_params * s.compute if s.autocast else 0  # autocast's low-precision weight copies
     rest_copies = inv.autocast_rest_params * s.compute if s.autocast else 0
     head = (4 * inv.hidden + (s.residual * inv.hidden if inv.final_norm_trainable else 0)
             + (s.compute * inv.hidden if inv.head_trainable and s.residual != s.compute else 0)) * tokens
     mask = train.micro_batch_size * recipe.data.max_length ** 2 if masked else 0
-    if checkpointing:
-        saved = inv.layers * s.residual * inv.hidden * tokens + head + rest_copies + mask
-        recomputed = per_block + copies + mask
+    if checkpointing(recipe):  # each block keeps its input; backward recomputes one block at a time (non-reentrant)
+        inputs = inv.layers * s.residual * inv.hidden * tokens
+        saved = inputs + head + rest_copies + mask
+        recomputed = per_block + copies + mask + block_backward_bytes(inv, s, tokens)
     else:
+        inputs = 0
         saved = inv.layers * (per_block + copies) + head + rest_copies + mask
         recomputed = 0
     block = inv.block_params * s.compute
     gathered = layout.gathered_blocks * block + (inv.rest_params * s.compute if layout.root_gathered else 0)
     forward = inv.layers * block if layout.keep_gathered else gathered
     backward = gathered + (4 * inv.block_trainable if layout.gathered_blocks else 0)
-    return {"saved": int(saved), "recomputed": int(recomputed), "logits": int(logits_bytes(inv, s, recipe, tokens)),
+    return {"saved": int(saved), "recomputed": int(recomputed), "block inputs": int(inputs), "logits": int(logits_bytes(inv, s, recipe, tokens)),
             "gathered forward": int(forward), "gathered backward": int(backward), "gathered eval": int(gathered)}

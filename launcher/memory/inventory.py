@@ -47,6 +47,7 @@ def model_config(recipe: Recipe):
 class Linear:
     name: str
     inputs: int
+    outputs: int
     own_input: bool  # its input is not the preceding norm's output (an output projection)
     trainable: bool  # the base weight gets gradients
     adapted: bool  # a LoRA adapter sits beside it
@@ -169,7 +170,7 @@ def _linears(model, prefix: str, recipe: Recipe, adapted: set[str]) -> tuple[Lin
             continue
         leaf = name.rsplit(".", 1)[-1]
         own = leaf in OUTPUT_PROJECTIONS or ".output." in f".{name[len(prefix):]}."
-        found.append(Linear(name, module.in_features, own, module.weight.requires_grad, name in adapted,
+        found.append(Linear(name, module.in_features, module.out_features, own, module.weight.requires_grad, name in adapted,
                             recipe.method == "qlora"))
     return tuple(found)
 

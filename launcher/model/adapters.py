@@ -19,16 +19,17 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 from launcher.recipe.schema import RESIDUAL_INITS, Recipe
 
 from launcher.errors import UserError
+from launcher.rundir.paths import RunDir
 
 # lora.init -> peft's init_lora_weights; the residual inits (PiSSA, OLoRA) rewrite the base weights, so their adapters are
 # converted to plain LoRA at export.
 INIT = {"default": True, "gaussian": "gaussian", **{name: name for name in RESIDUAL_INITS}, "loftq": True}
-INITIAL_ADAPTER = "adapter-init"  # in the run directory: a PiSSA/OLoRA adapter before training
 
 
 @dataclass
@@ -63,6 +64,11 @@ def _under(name: str, prefixes: list[str]) -> bool:
 def placement(model, recipe: Recipe) -> AdapterPlacement:
     """Targets, fully trained heads and unquantised modules of `model` (a skeleton will do)."""
     lora = recipe.lora
+    names = [name for name, _ in model.named_modules() if name]
+    for wanted in lora.modules_to_save:  # peft saves the modules whose name is this or ends in .this
+        if not any(name == wanted or name.endswith("." + wanted) for name in names):
+            raise UserError(f"lora.modules_to_save: {wanted!r} names no module of {type(model).__name__} (its top-level "
+                            f"modules: {', '.join(n for n in names if '.' not in n)}); fix or remove it")
     heads = sorted(set(new_heads(model, recipe.model.task)) | set(lora.modules_to_save))
     output = model.get_output_embeddings()
     output_names = [n for n, m in model.named_modules() if output is not None and m is output]
@@ -104,11 +110,45 @@ def add_adapter(model, recipe: Recipe, where: AdapterPlacement):
     from peft import get_peft_model
     peft_model = get_peft_model(model, lora_config(recipe, where))
     if recipe.lora.init in RESIDUAL_INITS and PartialState().is_main_process:
-        peft_model.save_pretrained(Path(recipe.output_dir) / INITIAL_ADAPTER)
+        peft_model.save_pretrained(RunDir(recipe.output_dir).adapter_init)
     if recipe.lora.init == "loftq":
         from peft import replace_lora_weights_loftq
         replace_lora_weights_loftq(peft_model)
     return peft_model
+
+
+def low_precision_trainable(model) -> list[str]:
+    """Trainable parameters held below float32 (peft upcasts LoRA layers on a bf16 base, not `modules_to_save`)."""
+    import torch
+    return [name for name, p in model.named_parameters()
+            if p.requires_grad and p.is_floating_point() and p.dtype != torch.float32]
+
+
+def keep_trainable_fp32(model) -> list[str]:
+    """Every trainable parameter in float32, so AdamW updates a full-precision copy (a bf16 head would lose small
+    updates to rounding). Each upcast module computes on inputs cast to its weights' dtype and hands back
+    outputs in the dtype it had, so the bf16 layers around it see what they saw before. Returns the names."""
+    import torch
+    names = low_precision_trainable(model)
+    owners = {name.rpartition(".")[0] for name in names}
+    for owner in owners:
+        module = model.get_submodule(owner)
+        before = next(p.dtype for p in module.parameters(recurse=False) if p.is_floating_point())
+        module.to(torch.float32)
+        module.register_forward_pre_hook(partial(_cast_floats, to=None))
+        module.register_forward_hook(partial(_cast_output, to=before))
+    return names
+
+
+def _cast_floats(module, inputs, to=None):
+    """Floating inputs to the module's weight dtype (float32 here; what DeepSpeed may later cast it to)."""
+    import torch
+    dtype = to or next(p.dtype for p in module.parameters(recurse=False) if p.is_floating_point())
+    return tuple(x.to(dtype) if isinstance(x, torch.Tensor) and x.is_floating_point() else x for x in inputs)
+
+
+def _cast_output(module, inputs, output, to=None):
+    return _cast_floats(module, (output,), to)[0] if not isinstance(output, tuple) else _cast_floats(module, output, to)
 
 
 def export_kwargs(model, run_dir: Path) -> dict:
@@ -118,7 +158,7 @@ def export_kwargs(model, run_dir: Path) -> dict:
     if config is None or str(config.init_lora_weights) not in RESIDUAL_INITS:
         return {}
     # peft reads the initial adapter through the state dict it is given: it must be the model's own (whole, unsharded).
-    return {"path_initial_model_for_weight_conversion": str(Path(run_dir) / INITIAL_ADAPTER), "state_dict": None}
+    return {"path_initial_model_for_weight_conversion": str(RunDir(run_dir).adapter_init), "state_dict": None}
 
 
 def loraplus_groups(model, groups: list[dict], lr: float, ratio: float | None) -> list[dict]:

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from launcher.data.sources import check_sources
 from launcher.errors import UserError
-from launcher.preflight import locations
+from launcher.preflight import locations, modelfolder
 from launcher.recipe.files import load_recipe, load_run
 from launcher.recipe.schema import BNB_OPTIMIZERS, Recipe
 from launcher.distributed import mesh
@@ -66,7 +66,8 @@ def check(recipe: Recipe, target: Target | None = None) -> Target:
     check_device_support(recipe, target.device)
     locations.check_output_dir(recipe)
     locations.check_model(recipe)
-    check_sources(recipe)  # every row of every file: the slow one, last
+    check_sources(recipe)  # every row of every file: the slow one
+    modelfolder.check_model_folder(recipe)  # headers only, before any loader sees a damaged file
     return target
 
 

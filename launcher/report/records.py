@@ -12,6 +12,7 @@ from rich.table import Table
 
 from launcher.report import trackers
 from launcher.report.console import Console
+from launcher.rundir.paths import RunDir
 from launcher.training.guard import json_safe
 
 
@@ -21,7 +22,7 @@ class Reporter:
     def __init__(self, run_dir: Path, accelerator, console: Console):
         self.run_dir, self.accelerator, self.console = run_dir, accelerator, console
         self.active = accelerator.is_main_process
-        self.metrics_path = run_dir / "metrics.jsonl"
+        self.metrics_path = RunDir(run_dir).metrics
         self.log_every = 1
 
     def print(self, *parts) -> None:
@@ -57,9 +58,9 @@ def peak_memory(device) -> str | None:
 
 def write_rank_log(run_dir: Path, accelerator, record: dict) -> None:
     """Every process may log to its own file (logs/rank-R.jsonl); only the main one prints."""
-    folder = Path(run_dir) / "logs"
-    folder.mkdir(parents=True, exist_ok=True)
-    with open(folder / f"rank-{accelerator.process_index}.jsonl", "a") as handle:
+    path = RunDir(run_dir).rank_log(accelerator.process_index)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as handle:
         handle.write(json.dumps({"rank": accelerator.process_index, **record}) + "\n")
 
 
@@ -117,9 +118,10 @@ def confusion_markdown(confusion: dict) -> list[str]:
 
 def write_report(run_dir: Path, summary: dict, samples: list[dict], console: Console | None = None) -> None:
     """report.md, loss.png and a console table of every eval metric before and after."""
-    records = read_metrics(run_dir / "metrics.jsonl")
+    run = RunDir(run_dir)
+    records = read_metrics(run.metrics)
     rows = before_after(records)
-    has_plot = plot_loss(records, run_dir / "loss.png")
+    has_plot = plot_loss(records, run.loss_plot)
     lines = [f"# Run report: {run_dir.name}", ""]
     lines += [f"- {key}: {value}" for key, value in summary.items()]
     lines += ["", "| metric | before | after |", "|---|---|---|"]
@@ -128,13 +130,13 @@ def write_report(run_dir: Path, summary: dict, samples: list[dict], console: Con
     if confusion:
         lines += ["", "## Confusion matrix (last eval)", ""] + confusion_markdown(confusion)
     if has_plot:
-        lines += ["", "![loss](loss.png)"]
+        lines += ["", f"![loss]({run.loss_plot.name})"]
     if samples:
         lines += ["", "## Samples", ""]
         for sample in samples:
             lines += [f"**Prompt:** {sample['prompt']!r}", "", f"- reference: {sample['reference']!r}",
                       f"- before: {sample.get('before', '')!r}", f"- after: {sample.get('after', '')!r}", ""]
-    (run_dir / "report.md").write_text("\n".join(lines) + "\n")
+    run.report.write_text("\n".join(lines) + "\n")
     if console is None:
         return
     table = Table(title="eval before -> after")
@@ -146,3 +148,11 @@ def write_report(run_dir: Path, summary: dict, samples: list[dict], console: Con
     for sample in samples:
         console.print(f"[bold]prompt[/] {sample['prompt'][-120:]!r}\n  reference {sample['reference']!r}\n"
                       f"  before    {sample.get('before', '')!r}\n  after     {sample.get('after', '')!r}")
+
+
+def paired_samples(earlier: list[dict], after) -> list[dict]:
+    """Report rows: each eval prediction before training beside the same row after it (`after`: an Evaluation or None)."""
+    if after is None:
+        return []
+    return [{"prompt": row["prompt"], "reference": row["reference"], "after": row["output"],
+             "before": earlier[i]["output"] if i < len(earlier) else ""} for i, row in enumerate(after.predictions)]

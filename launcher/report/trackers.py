@@ -16,6 +16,7 @@ import os
 from pathlib import Path
 
 from launcher.recipe.schema import Recipe
+from launcher.rundir.paths import RunDir
 
 def accelerator_kwargs(recipe: Recipe) -> dict:
     """What the Accelerator needs to carry the recipe's trackers (nothing when there are none)."""
@@ -23,7 +24,7 @@ def accelerator_kwargs(recipe: Recipe) -> dict:
         return {}
     from accelerate.utils import ProjectConfiguration
     return {"log_with": list(recipe.report.trackers),
-            "project_config": ProjectConfiguration(project_dir=recipe.output_dir, logging_dir=str(Path(recipe.output_dir) / "tb"))}
+            "project_config": ProjectConfiguration(project_dir=recipe.output_dir, logging_dir=str(RunDir(recipe.output_dir).tensorboard))}
 
 
 def flat_config(values: dict, prefix: str = "") -> dict:
@@ -42,7 +43,8 @@ def start(accelerator, recipe: Recipe, resume_step: int) -> None:
     trackers = recipe.report.trackers
     if not trackers:
         return
-    run_dir = Path(recipe.output_dir).resolve()
+    run = RunDir(Path(recipe.output_dir).resolve())
+    run_dir = run.root
     name = recipe.report.project or run_dir.name
     init: dict = {}
     if "tensorboard" in trackers:
@@ -50,11 +52,11 @@ def start(accelerator, recipe: Recipe, resume_step: int) -> None:
     if "mlflow" in trackers and accelerator.is_main_process and not os.environ.get("MLFLOW_TRACKING_URI"):
         import mlflow
         os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")  # MLflow 3 keeps the file store for offline use behind this
-        mlflow.set_tracking_uri((run_dir / "mlruns").as_uri())
+        mlflow.set_tracking_uri(run.mlflow.as_uri())
     if "wandb" in trackers:
         os.environ.setdefault("WANDB_MODE", "offline")
         os.environ.setdefault("WANDB_SILENT", "true")
-        init["wandb"] = {"dir": str(run_dir), "name": run_dir.name}
+        init["wandb"] = {"dir": str(run.wandb.parent), "name": run_dir.name}  # wandb writes into dir/wandb
     if "mlflow" in trackers:
         init["mlflow"] = {"run_name": run_dir.name}
     accelerator.init_trackers(name, init_kwargs=init)  # TensorBoard: output_dir/tb/<name>; MLflow experiment; W&B project

@@ -5,7 +5,8 @@ holds once the run has something to lose: a checkpoint, `final/` or `best/`. Bef
 rerun with a corrected recipe clears what the failed attempt left and says so. The live lock
 (`run.lock`: host, pid and start time of the process training there) keeps a second process out
 while the first is alive; a lock whose process is gone from this host is taken over. Under
-several processes only the main one takes it. Imports no torch.
+several processes only the main one takes it. Which files are the launcher's, and so what
+`--overwrite` removes, is `RunDir`'s rule (launcher/rundir/paths.py). Imports no torch.
 """
 from __future__ import annotations
 
@@ -23,16 +24,17 @@ import yaml
 from launcher.checkpoint import saves as ckpt
 from launcher.data.fingerprint import changed, file_fingerprint
 from launcher.errors import UserError
+from launcher.recipe.reference import fields
+from launcher.recipe.schema import applicable
+from launcher.rundir.paths import EXPORTS, RunDir
 
-LOCK_FILE = "run.lock"
-RESULTS = ("final", "best")  # exported folders: a run that has one has something to lose
-RUN_FILES = ("checkpoints", "final", "best", "metrics.jsonl", "report.md", "loss.png", "recipe.yaml", "tb", "logs")  # what a run writes
-# Keys of the recipe that may change between a run and its resumption (micro_batch_size and grad_accum only
-# with their product times the process count unchanged: launcher/rescale.py checks that on resume).
-RESUMABLE_CHANGES = {("train", "micro_batch_size"), ("train", "grad_accum"),
-                     ("train", "max_steps"), ("train", "epochs"), ("train", "eval_every"), ("train", "save_every"),
-                     ("distributed", "num_processes"), ("distributed", "replicate"), ("distributed", "shard"), ("train", "log_every"), ("train", "keep_last"), ("eval", "samples"), ("report", "tensorboard"),
-                     ("train", "skip_nonfinite")}
+FOREIGN_SHOWN = 3  # foreign entries named in a refusal
+
+
+def resumable_keys() -> set[str]:
+    """Recipe keys a resumed run may change: the schema fields marked `resumable` (micro_batch_size and
+    grad_accum only with the global batch unchanged: launcher/training/rescale.py checks that on resume)."""
+    return {key for key, found in fields() if (found.json_schema_extra or {}).get("resumable")}
 
 
 @dataclass
@@ -41,19 +43,30 @@ class RunDirPlan:
     resume_from: Path | None
     replaced: list[str] = field(default_factory=list)
     reason: str = ""
+    passed_over: list[tuple[Path, str]] = field(default_factory=list)  # newer, damaged checkpoints, with why
+
+    def damage_lines(self) -> list[str]:
+        """One line per damaged checkpoint passed over: which, why, and which one the run resumes from instead."""
+        return [f"warning: {folder} is damaged ({reason}); resuming from {self.resume_from.name}, "
+                f"the newest intact checkpoint, instead (the damaged one is replaced when training reaches its step)"
+                for folder, reason in self.passed_over]
 
     def message(self, run_dir: Path) -> str:
         return (f"output_dir {run_dir}: the earlier attempt there ({self.reason}) had no checkpoint yet; "
                 f"starting fresh, replacing its {', '.join(self.replaced)}")
 
+    def clear_earlier(self, run_dir: Path, overwrite: bool) -> None:
+        """Starting fresh: remove the launcher's files of an earlier attempt (under --overwrite, or the
+        `replaced` ones), and say what was replaced."""
+        if overwrite or self.replaced:
+            RunDir(run_dir).clear()
+        if self.replaced:
+            print(self.message(run_dir))
+
 
 def has_something_to_lose(run_dir: Path) -> bool:
-    return ckpt.last_checkpoint(run_dir) is not None or any((run_dir / name).is_dir() for name in RESULTS)
-
-
-def _leftovers(run_dir: Path) -> list[str]:
-    """The launcher's own files an earlier attempt wrote (clear_run_dir removes exactly these)."""
-    return [name for name in RUN_FILES if (run_dir / name).exists()]
+    run = RunDir(run_dir)
+    return bool(run.step_folders()) or any(run.export(name).is_dir() for name in EXPORTS)
 
 
 def _changed_keys(old: dict, new: dict, prefix: tuple = ()) -> list[tuple]:
@@ -67,50 +80,57 @@ def _changed_keys(old: dict, new: dict, prefix: tuple = ()) -> list[tuple]:
     return changed
 
 
-def _holds_only_launch_files(run_dir: Path) -> bool:
-    """True for what exists before a run's first recipe.yaml: the job script and Slurm log that
-    `launcher slurm submit` writes to slurm/, and per-rank logs/."""
-    for entry in run_dir.iterdir():
-        if entry.name == "slurm" and (entry / "job.sbatch").is_file():
-            continue
-        if entry.name == "preprocessed" and (entry / "fingerprint.json").is_file():  # written by `launcher preprocess`
-            continue
-        if entry.name == "logs" and entry.is_dir() and all(f.name.startswith("rank-") for f in entry.iterdir()):
-            continue
-        return False
-    return True
+def _refuse_foreign(run: RunDir) -> None:
+    """A folder that is not a run and holds files the launcher did not write is never used: --overwrite
+    removes only the launcher's files, so it could not make the folder a clean run."""
+    foreign = [str(path.relative_to(run.root)) for path in run.foreign()]
+    if foreign:
+        shown = ", ".join(foreign[:FOREIGN_SHOWN]) + (f" and {len(foreign) - FOREIGN_SHOWN} more" if len(foreign) > FOREIGN_SHOWN else "")
+        raise UserError(f"output_dir {run.root} exists and is not a launcher run (it holds {shown}, which the launcher "
+                        f"did not write and never deletes, --overwrite or not); choose another output_dir")
 
 
-def clear_run_dir(run_dir: Path) -> None:
-    """--overwrite: remove what a previous run wrote (only the launcher's own files, and never slurm/:
-    the running job's script and log are there)."""
-    for name in RUN_FILES:
-        target = run_dir / name
-        if target.is_dir():
-            shutil.rmtree(target)
-        elif target.exists():
-            target.unlink()
+def _leftover_names(run: RunDir) -> list[str]:
+    return [str(path.relative_to(run.root)) for path in run.leftovers()]
 
 
 def plan_run_dir(run_dir: Path, resolved: dict, overwrite: bool) -> RunDirPlan:
-    """Resume, start fresh, or refuse (a different recipe over a run with something to lose); decided before any model loads."""
-    if run_dir.is_dir():
-        LiveLock(run_dir).refuse_if_held()  # a live run's folder is not this run's to judge or clear
-        if {entry.name for entry in run_dir.iterdir()} <= {LOCK_FILE}:
-            return RunDirPlan(None)
-    if (overwrite and run_dir.exists()) or not run_dir.exists() or _holds_only_launch_files(run_dir):
+    """Resume, start fresh, or refuse (a different recipe over a run with something to lose, a folder that is
+    not a run); decided before any model loads. Starting fresh, the caller clears the launcher's files
+    (`RunDir.clear`) under --overwrite or when `replaced` names some."""
+    run = RunDir(run_dir)
+    if not run.root.exists():
         return RunDirPlan(None)
-    previous = run_dir / "recipe.yaml"
-    if not previous.is_file():
-        raise UserError(f"output_dir {run_dir} exists and is not a launcher run; choose another output_dir or pass --overwrite")
-    changed = [".".join(k) for k in _changed_keys(yaml.safe_load(previous.read_text()) or {}, resolved)
-               if k not in RESUMABLE_CHANGES]
+    LiveLock(run_dir).refuse_if_held()  # a live run's folder is not this run's to judge or clear
+    if not run.is_run():
+        _refuse_foreign(run)
+        if has_something_to_lose(run_dir) and not overwrite:
+            raise UserError(f"output_dir {run_dir} holds a run's checkpoints or exports but no {run.recipe.name} to compare with; "
+                            f"choose another output_dir, or pass --overwrite to start fresh")
+        return RunDirPlan(None, [] if overwrite else _leftover_names(run), f"no {run.recipe.name}")
+    if overwrite:
+        return RunDirPlan(None)
+    allowed = resumable_keys()
+    # sections the method does not read are not part of a run's identity (recipe.yaml leaves them out)
+    changed = [".".join(k) for k in _changed_keys(applicable(yaml.safe_load(run.recipe.read_text()) or {}), applicable(resolved))
+               if ".".join(k) not in allowed]
     if not has_something_to_lose(run_dir):
-        return RunDirPlan(None, _leftovers(run_dir), f"{', '.join(changed[:5])} changed" if changed else "same recipe")
+        return RunDirPlan(None, _leftover_names(run), f"{', '.join(changed[:5])} changed" if changed else "same recipe")
     if changed:
         raise UserError(f"output_dir {run_dir} holds a run with a different recipe ({', '.join(changed[:5])} changed); "
                         f"resume with the same recipe, choose another output_dir, or pass --overwrite to start fresh")
-    return RunDirPlan(ckpt.last_checkpoint(run_dir))
+    return _resume_plan(run_dir)
+
+
+def _resume_plan(run_dir: Path) -> RunDirPlan:
+    """Resume from the newest checkpoint whose files are those saved; refuse, deleting nothing, when none is."""
+    intact, passed_over = ckpt.newest_intact(run_dir)
+    if intact is None and passed_over:
+        named = "; ".join(f"{folder.name}: {reason}" for folder, reason in passed_over[:3])
+        raise UserError(f"output_dir {run_dir}: no intact checkpoint to resume from ({named}"
+                        f"{' ...' if len(passed_over) > 3 else ''}); nothing was deleted. Restore the damaged files, "
+                        f"or pass --overwrite to start fresh")
+    return RunDirPlan(intact, passed_over=passed_over)
 
 
 # ---------------------------------------------------------------- the live-run lock
@@ -141,7 +161,8 @@ class LiveLock:
     """`output_dir/run.lock`, created exclusively; released on exit, taken over when its process is gone."""
 
     def __init__(self, run_dir: Path) -> None:
-        self.path = Path(run_dir) / LOCK_FILE
+        self.run = RunDir(run_dir)
+        self.path = self.run.lock
         self.held = False
 
     def me(self) -> dict:
@@ -197,7 +218,7 @@ class LiveLock:
             old = {}
         if old.get("pid") != os.getpid():
             print(f"taking over {self.path}: its process {old.get('pid')} on {old.get('host')} is gone")
-        stale = self.path.with_name(f"{LOCK_FILE}.stale-{os.getpid()}")
+        stale = self.run.stale_lock(os.getpid())
         try:
             os.rename(self.path, stale)  # atomic: of two processes taking over, one renames, the other retries
             stale.unlink()
@@ -228,7 +249,8 @@ def take_live_lock(run_dir: Path) -> LiveLock:
 
 
 def remove_results(run_dir: Path, name: str) -> None:
-    shutil.rmtree(run_dir / name, ignore_errors=True)
+    """Drop an export (best/ once final/ is the best)."""
+    shutil.rmtree(RunDir(run_dir).export(name), ignore_errors=True)
 
 
 # ---------------------------------------------------------------- data changed under a resumable run

@@ -14,7 +14,9 @@ import sys
 import time
 from importlib import metadata
 from pathlib import Path
+from launcher.rundir.paths import RunDir
 from launcher.shipped import PACKAGE
+
 
 def versions() -> dict[str, str | None]:
     """The launcher's version and that of each package it requires (extras included; None: not installed)."""
@@ -60,7 +62,7 @@ def write_provenance(run_dir: Path, accelerator) -> dict:
               "python": platform.python_version(), "packages": versions(), "git_commit": git_commit(),
               "world_size": accelerator.num_processes, "mixed_precision": str(accelerator.mixed_precision),
               "device_type": accelerator.device.type, "devices": devices(accelerator), "host": platform.node()}
-    path = Path(run_dir) / "provenance.json"
+    path = RunDir(run_dir).provenance
     earlier = json.loads(path.read_text()) if path.is_file() else []
     path.write_text(json.dumps([*earlier, record], indent=1) + "\n")
     return record

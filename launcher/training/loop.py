@@ -25,7 +25,7 @@ from launcher.data.mixing import mixture_line
 from launcher.distributed import launch, slurm
 from launcher.distributed.strategies import Strategy, strategy_for
 from launcher.errors import UserError
-from launcher.evaluation.evaluate import Best, Evaluation, eval_rows, evaluate, to_device
+from launcher.evaluation.evaluate import Best, Evaluation, eval_rows, evaluate, synced_generation, to_device
 from launcher.memory.advice import MemoryCheck, check_before_loading, predicted_and_measured
 from launcher.memory.counts import ParamCount, count_parameters, parameter_bytes
 from launcher.model import loading as modeling
@@ -34,30 +34,13 @@ from launcher.recipe.files import resolved_yaml
 from launcher.recipe.schema import Recipe
 from launcher.report import trackers
 from launcher.report.console import Console, end_line, header_rows, quiet_libraries
-from launcher.report.records import Reporter, first_samples, read_metrics, write_rank_log, write_report
+from launcher.report.records import Reporter, first_samples, paired_samples, read_metrics, write_rank_log, write_report
 from launcher.rundir import directory as rundir
+from launcher.rundir.paths import RunDir
 from launcher.rundir.provenance import write_provenance
 from launcher.training import guard, optim
+from launcher.training.stop import StopRequest
 from launcher.training.rescale import hold_global_batch
-
-
-class StopRequest:
-    """SIGUSR1/SIGTERM set a flag; every rank agrees on it at the next step boundary."""
-
-    SIGNALS = (signal.SIGUSR1, signal.SIGTERM)
-
-    def __init__(self) -> None:
-        self.signal: int | None = None
-        for number in self.SIGNALS:
-            signal.signal(number, self._handle)
-
-    def _handle(self, number, frame) -> None:
-        self.signal = number
-
-    def agreed(self, accelerator) -> bool:
-        import torch
-        flag = torch.tensor([1.0 if self.signal else 0.0], device=accelerator.device)
-        return bool(accelerator.reduce(flag, "max").item())
 
 
 @dataclass
@@ -70,6 +53,7 @@ class StepStats:
     lr: float              # the learning rate this step's update used
     seconds: float
     skipped: bool = False  # a non-finite gradient norm under train.skip_nonfinite: the update was not applied
+    overflow: bool = False  # fp16: the loss scaler found inf/NaN gradients, skipped the update and lowered its scale
 
 
 @dataclass
@@ -122,7 +106,8 @@ def run(recipe: Recipe, overwrite: bool = False, allow_data_change: bool = False
             finish(session)
     finally:
         session.console.close()
-    return close(session)
+    status = close(session)
+    return stop.exit_status() if stopped else status
 
 
 # ---------------------------------------------------------------- setup
@@ -143,23 +128,21 @@ def setup(recipe: Recipe, overwrite: bool = False, allow_data_change: bool = Fal
     accelerator = strategy.make_accelerator()
     memory = check_before_loading(recipe, accelerator.num_processes, accelerator.device.type)  # refuses before weights load
     console = Console(accelerator.is_main_process)
-    if change and accelerator.is_main_process:
-        print(change)
+    if accelerator.is_main_process:
+        for line in ([change] if change else []) + dir_plan.damage_lines():
+            print(line)
     if accelerator.is_main_process:
         rundir.take_live_lock(run_dir)  # before anything is written: a second live run is refused here
-        if overwrite or dir_plan.replaced:
-            rundir.clear_run_dir(run_dir)
-        if dir_plan.replaced:
-            print(dir_plan.message(run_dir))
+        dir_plan.clear_earlier(run_dir, overwrite)
         run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "recipe.yaml").write_text(resolved_yaml(recipe))
+        RunDir(run_dir).recipe.write_text(resolved_yaml(recipe))
         write_provenance(run_dir, accelerator)
     sources = rundir.checked_fingerprints(recipe, state, allow_data_change)  # before tokenising: refuse changed data early
     session = _load_data(recipe, strategy, accelerator, run_dir, console)
     session.sources, session.memory = sources, memory
     console.header(header_rows(session, resume_from, state["step"] if state else 0))
     if state is not None:
-        if state["step"] >= session.total_steps and (run_dir / "final").is_dir():  # no final/: stopped in export, redo it
+        if state["step"] >= session.total_steps and RunDir(run_dir).export("final").is_dir():  # no final/: stopped in export, redo it
             console.close()
             if session.main:
                 print(f"nothing left to train: {run_dir} already finished step {state['step']} of {session.total_steps}. "
@@ -245,7 +228,7 @@ def train_step(session: Run, micro_batches: list[dict]) -> StepStats:
     started, lr = time.perf_counter(), session.scheduler.get_last_lr()[0]  # the rate this step's update uses
     step_targets = accelerator.reduce(sum(target_count(b["labels"], task) for b in micro_batches).double(), "sum")
     loss_sum = torch.zeros((), device=accelerator.device, dtype=torch.float64)
-    grad_norm, skipped = None, False
+    grad_norm, skipped, overflow, scaled = None, False, False, guard.loss_scaled(accelerator)
     for batch in micro_batches:
         with accelerator.accumulate(model):
             session.strategy.sync_gradients(model, accelerator.sync_gradients)
@@ -254,18 +237,21 @@ def train_step(session: Run, micro_batches: list[dict]) -> StepStats:
             accelerator.backward(total * scale.float() + optim.l2_penalty(model, cfg.l2_lambda))
             if accelerator.sync_gradients and (cfg.max_grad_norm or cfg.skip_nonfinite):  # measured to skip a bad step
                 grad_norm = accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm or float("inf"))
-                skipped = not guard.finite(grad_norm) and guard.may_skip(session.totals, cfg.skip_nonfinite)
+                skipped = guard.skip_update(grad_norm, scaled, session.totals, cfg.skip_nonfinite)
             if not skipped:
-                session.optimizer.step()
+                session.optimizer.step()  # under fp16 the scaler's step: it skips an overflow and updates its scale
+                overflow = accelerator.sync_gradients and scaled and session.optimizer.step_was_skipped
             if accelerator.sync_gradients:
                 session.scheduler.step()
             session.optimizer.zero_grad()
         loss_sum += total.detach().double()
     loss = (accelerator.reduce(loss_sum, "sum") / step_targets).item()
+    if overflow and not guard.finite(loss):  # a non-finite loss is divergence, not a scale too high
+        skipped = guard.may_skip(session.totals, cfg.skip_nonfinite)
     tokens = accelerator.reduce(sum(b["attention_mask"].sum() for b in micro_batches), "sum").item()
     slots = sum(b["attention_mask"].numel() for b in micro_batches) * accelerator.num_processes
     return StepStats(loss, int(tokens), slots, float(grad_norm) if grad_norm is not None else None, lr,
-                     time.perf_counter() - started, skipped)
+                     time.perf_counter() - started, skipped, overflow)
 
 
 def fit(session: Run, stop: StopRequest) -> bool:
@@ -284,7 +270,8 @@ def fit(session: Run, stop: StopRequest) -> bool:
         if step == start + 1:
             session.strategy.check_synchronised(session.accelerator, session.model)  # refuses independent processes
         _record(session, stats)
-        guard.check_step(step, stats.loss, stats.grad_norm, stats.skipped, ckpt.last_checkpoint(session.run_dir))
+        guard.check_step(step, stats.loss, None if stats.overflow else stats.grad_norm, stats.skipped,
+                         partial(ckpt.last_checkpoint, session.run_dir))
         if not last and stop.agreed(session.accelerator):  # at the last step, finishing is the quickest way out
             save(session)
             _preempted(session.reporter, stop, step, session.total_steps)
@@ -304,7 +291,7 @@ def _record(session: Run, stats: StepStats) -> None:
     if step % session.recipe.train.log_every == 0 or step == session.total_steps:
         session.reporter.log({"kind": "train", "step": step, "loss": stats.loss, "lr": stats.lr, "tokens": stats.tokens,
                               "grad_norm": stats.grad_norm, "step_seconds": round(stats.seconds, 4),
-                              **({"skipped": "non-finite gradient norm"} if stats.skipped else {})})
+                              **({"skipped": guard.skip_reason(stats.skipped, stats.overflow)} if stats.skipped or stats.overflow else {})})
     session.reporter.step(step, stats.loss, stats.lr, stats.tokens / max(stats.seconds, 1e-9), stats.grad_norm)
 
 
@@ -314,8 +301,9 @@ def run_eval(session: Run, step: int) -> Evaluation | None:
         return None
     dataset, unwrap = session.data.eval.dataset, partial(session.strategy.unwrap, session.accelerator)
     with session.console.phase(f"evaluation (step {step})", eval_rows(dataset, session.recipe)) as phase:
+        synced = synced_generation(session.accelerator.num_processes, session.strategy.rules.shards_parameters)
         result = evaluate(session.accelerator, session.model, session.tokenizer, dataset, session.recipe,
-                          session.data.labels, unwrap, phase.advance)
+                          session.data.labels, unwrap, phase.advance, synced)
     extra = {"confusion": result.confusion} if result.confusion else {}
     if step == 0 and result.predictions:  # the "before" samples, read back by a resumed run's report
         extra["samples"] = result.predictions
@@ -362,23 +350,15 @@ def finish(session: Run) -> Path:
         summary["padding efficiency"] = f"{efficiency:.1%} ({'packed' if recipe.data.packing else 'padded'})"
     best = session.best
     if best.step is not None:
-        where = "" if not best.step else " (= final/)" if best.step == session.total_steps else f" ({run_dir / 'best'})"
+        where = "" if not best.step else " (= final/)" if best.step == session.total_steps else f" ({RunDir(run_dir).export('best')})"
         summary["best"] = f"{best.key} {best.value:.4f} at step {best.step}{where}"
         if best.step == session.total_steps:  # an earlier best/ is no longer the best; final/ is
             rundir.remove_results(run_dir, "best")
-    before = session.first_eval.predictions if session.first_eval else first_samples(read_metrics(run_dir / "metrics.jsonl"))
+    before = session.first_eval.predictions if session.first_eval else first_samples(read_metrics(RunDir(run_dir).metrics))
     write_report(run_dir, summary, paired_samples(before, last_eval), session.console)
-    session.reporter.print(f"saved {final}; report {run_dir / 'report.md'}")
+    session.reporter.print(f"saved {final}; report {RunDir(run_dir).report}")
     session.console.print(end_line(session.console.started, session.totals, accelerator.device))
     return final
-
-
-def paired_samples(earlier: list[dict], after: Evaluation | None) -> list[dict]:
-    """Report rows: each eval prediction before training beside the same row after it."""
-    if after is None:
-        return []
-    return [{"prompt": row["prompt"], "reference": row["reference"], "after": row["output"],
-             "before": earlier[i]["output"] if i < len(earlier) else ""} for i, row in enumerate(after.predictions)]
 
 
 def _preempted(reporter, stop: StopRequest, step: int, total: int) -> None:

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from support import build_tiny_llama, launch, launch_two, load_tensors, ok, rewind, tiny_recipe, train_losses, write_recipe
+from support import build_tiny_llama, comparable_recipe, launch, launch_two, load_tensors, ok, rewind, train_losses
 
 pytestmark = [pytest.mark.multiproc, pytest.mark.slow]
 
@@ -30,13 +30,7 @@ def model(tmp_path_factory):
 
 
 def recipe_for(model: Path, folder: Path, distributed: dict, grad_accum: int) -> Path:
-    recipe = tiny_recipe(model, folder / "run", method="lora", distributed=distributed,
-                         train={"max_steps": STEPS, "save_every": HALF, "keep_last": 3, "grad_accum": grad_accum})
-    folder.mkdir(parents=True, exist_ok=True)
-    recipe["lora"]["dropout"] = 0.0
-    for key in ("eval", "max_eval_rows"):
-        recipe["data"].pop(key)
-    return write_recipe(recipe, folder / "recipe.yaml")
+    return comparable_recipe(model, folder, "lora", distributed, max_steps=STEPS, save_every=HALF, grad_accum=grad_accum)
 
 
 def assert_continues_the_straight_run(run: Path, losses: dict, adapter: dict) -> None:
@@ -59,7 +53,8 @@ def assert_adapter_only(checkpoint: Path, adapter: dict, base: Path) -> None:
     with_moments = 3 * adapter_bytes  # the weights and Adam's two moments, in fp32
     assert (checkpoint / "trainable.pt").stat().st_size <= 2 * with_moments, (held, adapter_bytes)
     assert held <= 3 * with_moments, f"checkpoint {held} bytes for an adapter of {adapter_bytes}"
-    assert held < base_bytes / 20, f"checkpoint {held} bytes against a base of {base_bytes}"
+    # the embedding and head are about 90% of the tiny base: a checkpoint holding either would pass a fifth of it
+    assert held < base_bytes / 5, f"checkpoint {held} bytes against a base of {base_bytes}"
 
 
 @pytest.mark.parametrize("name", list(CASES))

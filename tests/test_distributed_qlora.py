@@ -4,11 +4,9 @@ DeepSpeed ZeRO-1/2 replicate it and partition the adapters' optimiser state; ZeR
 Each 2-process run is compared with one 1-process QLoRA run on the same global batches (no eval data,
 so bitsandbytes never repacks its weights for inference: docs/platform.md).
 """
-import json
 
 import pytest
-from support import build_tiny_llama, launch, rank_record, train_losses
-from test_distributed import STEPS, launch_two, ok, recipe_for
+from support import COMPARE_STEPS, build_tiny_llama, comparable_recipe, launch, launch_two, ok, rank_record, train_losses
 
 from launcher.cli import main
 
@@ -25,7 +23,7 @@ def llama(tmp_path_factory):
 @pytest.fixture(scope="module")
 def one_process(llama, tmp_path_factory):
     folder = tmp_path_factory.mktemp("qlora-1")
-    ok(launch([recipe_for(llama, folder, "qlora", {}, micro_batch_size=4)]))
+    ok(launch([comparable_recipe(llama, folder, "qlora", {}, micro_batch_size=4)]))
     return folder / "run"
 
 
@@ -37,10 +35,10 @@ SHARDED = [({"strategy": "fsdp"}, 0.5),  # FSDP2: each rank stores half of every
 def test_two_process_qlora_matches_one_process_and_stores_its_share(distributed, share, llama, one_process, tmp_path):
     import torch
     from safetensors.torch import load_file
-    ok(launch_two([recipe_for(llama, tmp_path, "qlora", distributed)]))
+    ok(launch_two([comparable_recipe(llama, tmp_path, "qlora", distributed)]))
     run = tmp_path / "run"
     seen, expected = train_losses(run), train_losses(one_process)
-    assert sorted(seen) == list(range(1, STEPS + 1))
+    assert sorted(seen) == list(range(1, COMPARE_STEPS + 1))
     for step in expected:
         assert seen[step] == pytest.approx(expected[step], rel=LOSS_RTOL), (seen, expected)
     got, want = (load_file(r / "final" / "adapter_model.safetensors") for r in (run, one_process))

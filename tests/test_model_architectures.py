@@ -9,7 +9,7 @@ import math
 
 import pytest
 from architectures import ARCHITECTURES, CLASSIFY, Trained, batch, build, logits, recipe_for, reload
-from support import train_losses
+from support import small_tokenizer, train_losses
 
 from launcher.errors import UserError
 
@@ -22,7 +22,6 @@ CASES = [pytest.param(arch, method, id=f"{arch}-{method}", marks=[pytest.mark.sl
 @pytest.fixture(scope="module")
 def models(tmp_path_factory):
     """Each architecture built once per module, on first use."""
-    from architectures import small_tokenizer
     built, tokenizer = {}, small_tokenizer()
 
     def get(name):

@@ -17,7 +17,8 @@ from pathlib import Path
 import pytest
 
 from launcher import cli
-from launcher.rundir.directory import clear_run_dir, plan_run_dir
+from launcher.rundir.directory import plan_run_dir
+from launcher.rundir.paths import RunDir
 from launcher.errors import UserError
 from launcher.distributed.slurm import SlurmJob, log_path, requeue_self, sbatch_script, submit, task_command, write_script
 from launcher.errors import SlurmError
@@ -132,7 +133,7 @@ def test_run_dir_holding_only_the_job_script_is_fresh_and_overwrite_keeps_it(tmp
     with pytest.raises(UserError, match="not a launcher run"):
         plan_run_dir(run, {}, overwrite=False)
     (run / "recipe.yaml").write_text("{}\n")
-    clear_run_dir(run)  # --overwrite inside the job must keep the job's own script and log
+    RunDir(run).clear()  # --overwrite inside the job must keep the job's own script and log
     assert sorted(p.name for p in (run / "slurm").iterdir()) == ["job.sbatch", "launcher-7.out"]
     assert not (run / "recipe.yaml").exists() and not (run / "logs").exists()
 

@@ -4,8 +4,8 @@ import json
 import re
 
 import pytest
-from architectures import ARCHITECTURES, CLASSIFY, LABELS, Trained, batch, build, logits, recipe_for, small_tokenizer
-from support import build_tiny_llama, tiny_recipe, validate_refusal, write_recipe
+from architectures import ARCHITECTURES, CLASSIFY, LABELS, Trained, batch, build, logits, recipe_for
+from support import build_tiny_llama, small_tokenizer, tiny_recipe, validate_refusal, write_recipe
 
 from launcher.cli import main
 from launcher.recipe.schema import Recipe

@@ -127,7 +127,7 @@ def test_a_data_file_changed_under_a_resumable_run_is_refused_unless_allowed(tmp
 # ---------------------------------------------------------------- the NaN guard
 
 def poisoned_run(tmp_path, tiny_model):
-    """A copy of the tiny model whose embedding of ' Zuckerberg' is NaN, and data where only step 3 reads that word."""
+    """A copy of the tiny model whose embedding of ' Microsoft' is NaN, and data where only step 3 reads that word."""
     import shutil
 
     import torch
@@ -139,13 +139,13 @@ def poisoned_run(tmp_path, tiny_model):
     shutil.copytree(tiny_model, model)
     recipe = recipe_on(model, tmp_path, tmp_path / "train.jsonl", train={"max_steps": 4, "micro_batch_size": 2,
                                                                         "grad_accum": 1, "save_every": 1, "seed": 3})
-    token = load_tokenizer(str(model), Recipe.model_validate(recipe)).encode(" Zuckerberg")
+    token = load_tokenizer(str(model), Recipe.model_validate(recipe)).encode(" Microsoft")
     assert len(token) == 1
     weights = load_file(model / "model.safetensors")
     weights["model.embed_tokens.weight"][token[0]] = float("nan")
     save_file(weights, model / "model.safetensors", metadata={"format": "pt"})
     third_step_rows = StepPlan(len(PAIRS), 2, 1, 1, 0, 3).micro_batches(2)[0]
-    pairs = [(en + " Zuckerberg" if i == third_step_rows[0] else en, es) for i, (en, es) in enumerate(PAIRS)]
+    pairs = [(en + " Microsoft" if i == third_step_rows[0] else en, es) for i, (en, es) in enumerate(PAIRS)]
     write_pairs(tmp_path / "train.jsonl", pairs)
     assert torch.isnan(weights["model.embed_tokens.weight"]).any()
     return recipe
@@ -384,11 +384,13 @@ def test_skipping_non_finite_steps_is_refused_under_deepspeed_before_anything_lo
 
 
 def test_a_requeued_slurm_job_takes_over_the_lock_its_killed_run_left_on_another_node(tmp_path, monkeypatch):
-    from launcher.rundir.directory import LOCK_FILE, LiveLock
-    tmp_path.joinpath(LOCK_FILE).write_text(json.dumps({"host": "node-07", "pid": 4242, "slurm_job": "981"}))
+    from launcher.rundir.directory import LiveLock
+    from launcher.rundir.paths import RunDir
+    lock = RunDir(tmp_path).lock
+    lock.write_text(json.dumps({"host": "node-07", "pid": 4242, "slurm_job": "981"}))
     monkeypatch.setenv("SLURM_JOB_ID", "982")  # another job: node-07 cannot be checked from here, so it is refused
     with pytest.raises(UserError, match="in use by a live run \\(host node-07, pid 4242.*delete"):
         LiveLock(tmp_path).acquire()
     monkeypatch.setenv("SLURM_JOB_ID", "981")  # the same job, requeued after a kill
     assert LiveLock(tmp_path).acquire().held
-    assert json.loads(tmp_path.joinpath(LOCK_FILE).read_text())["pid"] == os.getpid()
+    assert json.loads(lock.read_text())["pid"] == os.getpid()

@@ -13,24 +13,13 @@ from pathlib import Path
 
 import pytest
 
-from support import (build_tiny_llama, free_port, launch, launch_two, load_tensors, ok, rank_record, rewind, tiny_recipe, train_losses,
+from support import (COMPARE_STEPS, build_tiny_llama, comparable_recipe, free_port, launch, launch_two, load_tensors, ok, rank_record, rewind, tiny_recipe, train_losses,
                      write_recipe)
 
 pytestmark = [pytest.mark.multiproc, pytest.mark.slow]
 
-STEPS = 4
 LOSS_RTOL = 1e-5   # fp32 on CPU: reduction order differs between 1 and 2 processes, nothing else
 WEIGHT_ATOL = 1e-5
-
-
-def recipe_for(model: Path, folder: Path, method: str, distributed: dict, **train) -> Path:
-    """No eval data and no dropout: runs compare exactly, and nothing but training costs time."""
-    recipe = tiny_recipe(model, folder / "run", method=method, distributed=distributed,
-                         train={"max_steps": STEPS, "save_every": 2, "keep_last": 3, **train})
-    recipe["lora"]["dropout"] = 0.0
-    for key in ("eval", "max_eval_rows"):
-        recipe["data"].pop(key)
-    return write_recipe(recipe, folder / "recipe.yaml")
 
 
 @pytest.fixture(scope="module")
@@ -46,7 +35,7 @@ def reference(model, tmp_path_factory):
     def get(method: str) -> Path:
         if method not in runs:
             folder = tmp_path_factory.mktemp(f"ref-{method}")
-            ok(launch([recipe_for(model, folder, method, {}, micro_batch_size=4)]))
+            ok(launch([comparable_recipe(model, folder, method, {}, micro_batch_size=4)]))
             runs[method] = folder / "run"
         return runs[method]
     return get
@@ -72,7 +61,7 @@ def two_process(model, tmp_path_factory):
         if name not in runs:
             method, distributed = CASES[name]
             folder = tmp_path_factory.mktemp(name)
-            recipe = recipe_for(model, folder, method, distributed)
+            recipe = comparable_recipe(model, folder, method, distributed)
             started = time.time()
             ok(launch_two([recipe]))
             print(f"{name}: 2-process run {time.time() - started:.0f} s")
@@ -88,7 +77,7 @@ def test_two_processes_match_one_process(name, two_process, reference):
     _, run = two_process(name)
     ref = reference(method)
     seen, expected = train_losses(run), train_losses(ref)
-    assert sorted(seen) == list(range(1, STEPS + 1))
+    assert sorted(seen) == list(range(1, COMPARE_STEPS + 1))
     for step in expected:
         assert seen[step] == pytest.approx(expected[step], rel=LOSS_RTOL), f"{name} step {step}: {seen} vs {expected}"
     got, want = load_tensors(run / "final"), load_tensors(ref / "final")
@@ -135,7 +124,7 @@ def test_resume_two_to_two_is_exact_and_two_to_one_holds_the_global_batch(name, 
     for line in ("resuming from", "finished in", "eval before -> after"):  # printed once, by rank 0, not once per rank
         assert resumed.stdout.count(line) == 1, (line, resumed.stdout[-3000:])
     again = train_losses(run)  # later lines for steps 3-4 win
-    assert [again[s] for s in range(1, STEPS + 1)] == [straight[s] for s in range(1, STEPS + 1)]  # bitwise
+    assert [again[s] for s in range(1, COMPARE_STEPS + 1)] == [straight[s] for s in range(1, COMPARE_STEPS + 1)]  # bitwise
     if name == "fsdp":  # each rank wrote, and read back, only its own shards: about half of the checkpoint each
         files = {f.name: f.stat().st_size for f in (run / "checkpoints" / "step-2" / "dcp").glob("*.distcp")}
         stored = sum(files.values())
@@ -191,7 +180,7 @@ def test_failing_rank_ends_the_launch_with_its_error(tmp_path, model):
     config = json.loads((boom / "config.json").read_text())
     config["auto_map"] = {"AutoModelForCausalLM": "boom.BoomForCausalLM"}
     (boom / "config.json").write_text(json.dumps(config))
-    recipe = tiny_recipe(boom, tmp_path / "run", method="full", train={"max_steps": STEPS}, distributed={"timeout_minutes": 1})
+    recipe = tiny_recipe(boom, tmp_path / "run", method="full", train={"max_steps": COMPARE_STEPS}, distributed={"timeout_minutes": 1})
     recipe["model"]["trust_remote_code"] = True
     recipe["data"].pop("eval")
     started = time.time()
@@ -242,7 +231,7 @@ def test_unsynchronised_processes_are_refused():
     processes = [context.Process(target=_unsynchronised_rank, args=(rank, port, queue)) for rank in (0, 1)]
     for process in processes:
         process.start()
-    results = dict(queue.get(timeout=120) for _ in processes)
+    results = dict(queue.get(timeout=900) for _ in processes)
     for process in processes:
         process.join(timeout=60)
     for message in results.values():
