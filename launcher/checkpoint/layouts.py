@@ -4,7 +4,8 @@ Three layouts, chosen by the strategy object (`Strategy.checkpoint_layout`):
 
 - `AccelerateLayout`: accelerate's save_state/load_state. DDP full fine-tuning (every rank holds
   the whole model, so it resumes on any process count) and DeepSpeed full fine-tuning (DeepSpeed's
-  own per-rank shards, so it resumes on the process count that wrote it).
+  own per-rank shards; on another process count they load through their universal conversion,
+  launcher/checkpoint/universal.py).
 - `TrainableLayout`: adapter runs (LoRA, QLoRA) under every strategy. Only the trainable
   parameters and their optimiser state, keyed by parameter name and gathered whole into
   `trainable.pt`; the frozen base is never written. An adapter is a small fraction of the model,
@@ -114,6 +115,9 @@ class AccelerateLayout:
 
     def load(self, folder: Path) -> None:
         self.accelerator.load_state(str(folder), **self.load_kwargs)
+        # load_state restores accelerate's micro-batch count, which places the accumulation boundary; a run resumes
+        # at an optimiser-step boundary, and on another process count grad_accum may have changed, so count afresh
+        self.accelerator.step = 0
 
 
 def step_tensor(value: float, param, group: dict) -> torch.Tensor:
