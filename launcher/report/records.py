@@ -160,10 +160,3 @@ def write_report(run_dir: Path, summary: dict, samples: list[dict], console: Con
         console.print(f"[bold]prompt[/] {sample['prompt'][-120:]!r}\n  reference {sample['reference']!r}\n"
                       f"  before    {sample.get('before', '')!r}\n  after     {sample.get('after', '')!r}")
 
-
-def paired_samples(earlier: list[dict], after) -> list[dict]:
-    """Report rows: each eval prediction before training beside the same row after it (`after`: an Evaluation or None)."""
-    if after is None:
-        return []
-    return [{"prompt": row["prompt"], "reference": row["reference"], "after": row["output"],
-             "before": earlier[i]["output"] if i < len(earlier) else ""} for i, row in enumerate(after.predictions)]
