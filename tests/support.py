@@ -165,8 +165,13 @@ def free_port() -> int:
 
 def launch_two(args, timeout=1200):
     """The documented CPU launch: accelerate with ACCELERATE_USE_CPU=1 --multi_gpu (gloo), on a free port."""
+    return launch_processes(args, 2, timeout)
+
+
+def launch_processes(args, processes: int, timeout=400):
+    """The documented CPU launch with `processes` gloo processes."""
     import sys
-    prefix = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+    prefix = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(processes),
               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
               "--main_process_port", str(free_port()), "-m", "launcher"]
     return launch(args, env={"ACCELERATE_USE_CPU": "1"}, timeout=timeout, prefix=prefix)

@@ -54,7 +54,7 @@ def test_a_loss_scale_overflow_is_a_skipped_step_not_divergence(tiny_model, tmp_
     first = train_step(session, session.micro_batches(0))
     assert first.overflow and not first.skipped and not guard.finite(first.grad_norm)
     assert guard.finite(first.loss), "the loss itself is finite: only the scaled gradients overflowed"
-    guard.check_step(1, first.loss, None if first.overflow else first.grad_norm, first.skipped, None)  # no stop
+    guard.check_step(1, first.loss, None if first.overflow else first.grad_norm, first.skipped, lambda: None)  # no stop
     assert scaler.get_scale() == 2.0 ** 126, "the scaler's update ran: the scale halved"
     assert session.totals.get("skipped", 0) == 0, "an overflow does not use up train.skip_nonfinite"
     for name, param in session.model.named_parameters():
@@ -74,7 +74,7 @@ def test_without_a_scaler_an_inf_gradient_norm_still_stops_or_is_skipped():
     assert not guard.skip_update(float("inf"), False, totals, 1), "the limit is used up"
     assert not guard.skip_update(float("inf"), True, {}, 0), "under a scaler its own step decides"
     with pytest.raises(NonFiniteError):
-        guard.check_step(3, 1.0, float("inf"), False, None)
+        guard.check_step(3, 1.0, float("inf"), False, lambda: None)
 
 
 # ---------------------------------------------------------------- 3: the optimiser's step counter after a ZeRO resume
@@ -93,6 +93,7 @@ def test_restored_step_counter_is_where_torchs_adamw_keeps_it(fused):
     elsewhere = torch.nn.Parameter(torch.ones(3, device="meta"))
     expected = "meta" if fused else "cpu"  # fused CUDA AdamW reads the counter on the parameter's device
     assert layouts.step_tensor(7, elsewhere, optimizer.param_groups[0]).device.type == expected
+    assert layouts.group_of(optimizer, elsewhere) is optimizer.param_groups[0], "a ZeRO-3 partition outside every group"
 
 
 # ---------------------------------------------------------------- 8: CUDA RNG of this device only

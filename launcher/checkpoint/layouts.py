@@ -4,7 +4,8 @@ Three layouts, chosen by the strategy object (`Strategy.checkpoint_layout`):
 
 - `AccelerateLayout`: accelerate's save_state/load_state. DDP full fine-tuning (every rank holds
   the whole model, so it resumes on any process count) and DeepSpeed full fine-tuning (DeepSpeed's
-  own per-rank shards, so it resumes on the process count that wrote it).
+  own per-rank shards; on another process count they load through their universal conversion,
+  launcher/checkpoint/universal.py).
 - `TrainableLayout`: adapter runs (LoRA, QLoRA) under every strategy. Only the trainable
   parameters and their optimiser state, keyed by parameter name and gathered whole into
   `trainable.pt`; the frozen base is never written. An adapter is a small fraction of the model,
@@ -114,6 +115,9 @@ class AccelerateLayout:
 
     def load(self, folder: Path) -> None:
         self.accelerator.load_state(str(folder), **self.load_kwargs)
+        # load_state restores accelerate's micro-batch count, which places the accumulation boundary; a run resumes
+        # at an optimiser-step boundary, and on another process count grad_accum may have changed, so count afresh
+        self.accelerator.step = 0
 
 
 def step_tensor(value: float, param, group: dict) -> torch.Tensor:
@@ -123,6 +127,15 @@ def step_tensor(value: float, param, group: dict) -> torch.Tensor:
     on_device = group.get("fused") or group.get("capturable")
     dtype = torch.float64 if torch.get_default_dtype() == torch.float64 else torch.float32
     return torch.tensor(float(value), dtype=dtype, device=param.device if on_device else "cpu")
+
+
+def group_of(optimizer, param) -> dict:
+    """The param group holding `param`, else the first (ZeRO-3 swaps its partitions in only during a step;
+    `fused` and `capturable` are set for the whole optimiser)."""
+    for group in optimizer.param_groups:
+        if any(p is param for p in group["params"]):
+            return group
+    return optimizer.param_groups[0] if optimizer.param_groups else {}
 
 
 def base_optimizer(optimizer):
@@ -192,10 +205,9 @@ class ZeroTrainableLayout(TrainableLayout):
             for key, value in state["optimizer"]["state"][name].items():
                 safe_set_full_optimizer_state(param, value.to(param.device), key)
         base = base_optimizer(self.optimizer)
-        for group in base.param_groups:
-            for param in group["params"]:
-                if "step" in base.state.get(param, {}):
-                    base.state[param]["step"] = step_tensor(state["optimizer"]["step"], param, group)
+        for param, param_state in base.state.items():  # ZeRO-3's flat partitions join param_groups only during a step
+            if "step" in param_state:
+                param_state["step"] = step_tensor(state["optimizer"]["step"], param, group_of(base, param))
         if hasattr(engine_optimizer, "update_lp_params"):  # ZeRO-1/2: copy fp32 masters into the model's weights
             engine_optimizer.update_lp_params()
         else:  # ZeRO-3: the same, per parameter sub-group
@@ -208,10 +220,9 @@ class ZeroTrainableLayout(TrainableLayout):
         # ZeRO-3 hands its fp32 partitions to the torch optimiser only during a step
         flats = getattr(self.optimizer.optimizer, "fp32_partitioned_groups_flat", None) or \
             [p for group in base.param_groups for p in group["params"]]
-        groups = {id(p): group for group in base.param_groups for p in group["params"]}
         for flat in flats:
             if not base.state[flat]:
-                base.state[flat] = {"step": step_tensor(0, flat, groups.get(id(flat), {})),
+                base.state[flat] = {"step": step_tensor(0, flat, group_of(base, flat)),
                                     **{k: torch.zeros_like(flat) for k in keys}}
 
 

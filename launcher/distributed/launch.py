@@ -22,6 +22,11 @@ def launched_world_size() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
 
 
+def launched() -> bool:
+    """True when a process launcher set the world size (else `launched_world_size` only assumes one process)."""
+    return "WORLD_SIZE" in os.environ
+
+
 def launch_hint(world: int) -> str:
     return CPU_LAUNCH.replace(" N ", f" {world} ")
 

@@ -18,7 +18,8 @@ from __future__ import annotations
 import os
 from datetime import timedelta
 
-from launcher.checkpoint import layouts
+from launcher.checkpoint import layouts, universal
+from launcher.distributed import mesh
 from launcher.distributed.deepspeed_config import deepspeed_config
 from launcher.distributed.launch import CPU_LAUNCH, free_port, launched_world_size, mixed_precision
 from launcher.distributed.rules import DdpRules, DeepSpeedRules, FsdpRules, StrategyRules, rules_for
@@ -69,6 +70,10 @@ class Strategy:
         if self.accelerate_type and accelerator.distributed_type != self.accelerate_type:
             raise RuntimeError(f"accelerate chose {accelerator.distributed_type} instead of {self.accelerate_type}")
         return accelerator
+
+    def plan_resume(self, state: dict | None, world: int) -> None:
+        """Told, before the accelerator is built, the trainer state of the checkpoint the run resumes from (None:
+        a fresh start) and the process count. Only DeepSpeed full fine-tuning loads differently then."""
 
     def shard(self, model, accelerator):
         """Spread the model before the optimiser sees its parameters (FSDP2 only)."""
@@ -136,6 +141,10 @@ class DeepSpeed(Strategy):
 
     rules_class = DeepSpeedRules
     accelerate_type = "DEEPSPEED"
+    universal = False  # resuming full fine-tuning on another process count: load the universal conversion
+
+    def plan_resume(self, state: dict | None, world: int) -> None:
+        self.universal = state is not None and self.recipe.method == "full" and state.get("world_size", 1) != world
 
     def unwrap(self, accelerator, model):
         return accelerator.unwrap_model(model)
@@ -154,21 +163,28 @@ class DeepSpeed(Strategy):
         if "RANK" not in os.environ:  # `python -m launcher R`: a one-process group, as `accelerate launch` would set up
             os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
         os.environ.setdefault("DS_ACCELERATOR", "cuda" if on_gpu else "cpu")
-        return {"cpu": False, "deepspeed_plugin": DeepSpeedPlugin(hf_ds_config=deepspeed_config(self.recipe, world, precision))}
+        config = deepspeed_config(self.recipe, world, precision)
+        if self.universal:  # read when the engine loads a checkpoint: per-parameter files, sliced for this count
+            config["checkpoint"] = {**config.get("checkpoint", {}), "load_universal": True}
+        return {"cpu": False, "deepspeed_plugin": DeepSpeedPlugin(hf_ds_config=config)}
 
     def load_state_kwargs(self) -> dict:
         return {}  # a DeepSpeed engine loads its whole module itself and takes no `strict`
 
     def checkpoint_layout(self, accelerator, model, optimizer, scheduler):
         """Adapters: the trainable part assembled from ZeRO's partitions by name (any process count);
-        full fine-tuning: DeepSpeed's own per-rank shards (the process count that wrote them)."""
+        full fine-tuning: DeepSpeed's own per-rank shards, loaded through their universal conversion when the
+        process count changed (launcher/checkpoint/universal.py)."""
         if self.recipe.method != "full":
             return layouts.ZeroTrainableLayout(accelerator, model, optimizer, scheduler, self.unwrap(accelerator, model))
+        if self.universal:
+            return universal.UniversalLayout(accelerator, self.load_state_kwargs())
         return super().checkpoint_layout(accelerator, model, optimizer, scheduler)
 
 
 class Fsdp2(Strategy):
-    """torch's FSDP2 (`fully_shard`) on every transformer block and the root, over all processes.
+    """torch's FSDP2 (`fully_shard`) on every transformer block and the root, over all processes: sharded over all of
+    them, or (HSDP, distributed.replicate) sharded inside each group and replicated across groups.
 
     Checkpoints are sharded (launcher/checkpoint/layouts.py), so they resume on any number of processes.
     """
@@ -211,10 +227,9 @@ class Fsdp2(Strategy):
 
     def _shard_kwargs(self, accelerator) -> dict:
         import torch
-        from torch.distributed.device_mesh import init_device_mesh
         from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy
         options = self.recipe.distributed.fsdp
-        kwargs = {"mesh": init_device_mesh(accelerator.device.type, (accelerator.num_processes,)),
+        kwargs = {"mesh": mesh.device_mesh(self.recipe, accelerator.device.type, accelerator.num_processes),
                   "reshard_after_forward": options is None or options.sharding == "full"}
         if options is not None and options.cpu_offload:  # GPU only: preflight refused it on CPU
             kwargs["offload_policy"] = CPUOffloadPolicy()

@@ -279,6 +279,18 @@ class DistributedSection(Section):
     deepspeed: PathText | None = Field(None, description="strategy deepspeed: zero1, zero2, zero3, zero3_offload (ds_configs/) or a DeepSpeed JSON file.")
     fsdp: FsdpSection | None = Field(None, description="strategy fsdp: FSDP2 options (default: full sharding).")
     timeout_minutes: float = Field(10, gt=0, description="How long a rank waits for the others in a collective before the launch fails.")
+    replicate: int | None = Field(None, ge=1, description="strategy fsdp: hybrid sharding (HSDP): groups holding a full replica each "
+                                  "(usually nodes); weights are sharded inside a group and gradients all-reduced across groups. "
+                                  "Default: 1 (plain FSDP2), or the node count under `launcher slurm` with several nodes.",
+                                  json_schema_extra=RESUMABLE)
+    shard: int | None = Field(None, ge=1, description="strategy fsdp: processes each replica is sharded over (usually GPUs per node); "
+                              "replicate x shard x sequence split = processes. Default: what is left.", json_schema_extra=RESUMABLE)
+    sequence_parallel: int = Field(1, ge=1, description="strategy deepspeed: split each sequence over this many processes "
+                                   "(DeepSpeed Ulysses) for long contexts; data.max_length must divide by it. Checked, not yet trained: "
+                                   "values above 1 are refused.")
+    context_parallel: int = Field(1, ge=1, description="strategy fsdp on CUDA GPUs: torch's context parallelism over this many "
+                                  "processes (SDPA attention; data.max_length divisible by 2x it). Checked, not yet trained: values "
+                                  "above 1 are refused.")
 
     def rules(self) -> None:
         """Sections that contradict the chosen strategy. What a strategy itself cannot train is its own rules'

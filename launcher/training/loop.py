@@ -124,9 +124,9 @@ def setup(recipe: Recipe, overwrite: bool = False, allow_data_change: bool = Fal
     state = ckpt.load_state_file(resume_from) if resume_from is not None else None
     change = None
     if state is not None:  # on another process count: same global batch, or refused before anything loads
-        strategy_for(recipe).rules.check_resume(state, launch.launched_world_size())
         recipe, change = hold_global_batch(recipe, state, launch.launched_world_size())
     strategy = strategy_for(recipe)
+    strategy.plan_resume(state, launch.launched_world_size())
     accelerator = strategy.make_accelerator()
     memory = check_before_loading(recipe, accelerator.num_processes, accelerator.device.type)  # refuses before weights load
     console = Console(accelerator.is_main_process)
