@@ -235,6 +235,11 @@ def test_the_new_corpus_covers_every_class():
 
 # ---------------------------------------------------------------- accepted by both, with one meaning
 
+def use_model(recipe: Path, tmp_path: Path, model: Path) -> None:
+    """A recipe that validate accepts needs a real model folder (config, weights, tokenizer)."""
+    recipe.write_text(recipe.read_text().replace(str(tmp_path / "model"), str(model)))
+
+
 def train_rows(recipe_path: Path) -> list[dict]:
     """The rows of the first train source as train's table holds them."""
     return load_table(sources_of(load_recipe(recipe_path))[0]).to_list()
@@ -250,27 +255,28 @@ def validated_rows(recipe_path: Path) -> list[dict]:
     ("short.csv", b"en,es,note\nhola,hello\nadios,bye,x\n"),  # a short row: its missing optional cells are null
     ("extra.jsonl", b'{"en": "hola", "es": "hello", "id": 1}\n{"en": "adios", "es": "bye", "id": "x"}\n'),
 ])
-def test_what_one_reader_accepts_the_other_reads_the_same(tmp_path, capsys, name, content):
+def test_what_one_reader_accepts_the_other_reads_the_same(tmp_path, tiny_model, capsys, name, content):
     """A spreadsheet's byte-order mark, pandas' index column, and a column of mixed types the format does not read."""
     (tmp_path / name).write_bytes(content)
     recipe, _ = build(tmp_path, Case(name, "", data={**TRANSLATION, "train": name}))
+    use_model(recipe, tmp_path, tiny_model)
     assert main(["validate", str(recipe)]) == 0
     assert train_rows(recipe) == validated_rows(recipe) == [{"en": "hola", "es": "hello"}, {"en": "adios", "es": "bye"}]
 
 
-def test_an_eval_label_listed_in_data_labels_keeps_its_class(tmp_path, capsys):
+def test_an_eval_label_listed_in_data_labels_keeps_its_class(tmp_path, tiny_model, capsys):
     from launcher.data.encode import class_labels
     files = {"l.jsonl": labelled(["good", "bad"] * 3), "e.jsonl": labelled(["good", "meh"])}
     recipe, _ = build(tmp_path, Case("listed", "", files, {**CLASSIFY, "eval": "e.jsonl", "labels": ["good", "bad", "meh"]},
                                      {"model": {"task": "classification"}, "method": "full"}))
+    use_model(recipe, tmp_path, tiny_model)
     assert main(["validate", str(recipe)]) == 0
     assert class_labels(load_recipe(recipe)) == ["good", "bad", "meh"]  # id i is labels[i], as listed
 
 
-def test_home_is_expanded_in_data_paths_and_output_dir(tmp_path):
+def test_home_is_expanded_in_data_paths_and_output_dir(tmp_path, tiny_model):
     (tmp_path / "t.jsonl").write_bytes(jsonl(pairs()))
-    (tmp_path / "model").mkdir()
-    recipe = {"model": {"path": str(tmp_path / "model")}, "data": {"train": "~/t.jsonl", **TRANSLATION},
+    recipe = {"model": {"path": str(tiny_model)}, "data": {"train": "~/t.jsonl", **TRANSLATION},
               "train": {"max_steps": 1}, "output_dir": "~/run"}
     (tmp_path / "r.yaml").write_text(yaml.safe_dump(recipe))
     env = {**os.environ, "HOME": str(tmp_path), "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1"}

@@ -13,7 +13,7 @@ from typing import Any
 import yaml
 from pydantic import ValidationError
 
-from launcher.recipe.schema import Recipe, applicable, unknown_key
+from launcher.recipe.schema import Recipe, unknown_key
 
 from launcher.errors import UserError
 
@@ -234,4 +234,4 @@ def check_paths(recipe: Recipe, path: Path) -> None:
 
 def resolved_yaml(recipe: Recipe) -> str:
     """The fully resolved recipe, as written into the run directory."""
-    return yaml.safe_dump(applicable(recipe.model_dump(mode="json")), sort_keys=False)
+    return yaml.safe_dump(recipe.model_dump(mode="json"), sort_keys=False)

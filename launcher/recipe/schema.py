@@ -333,6 +333,10 @@ class Recipe(Section):
                                  "run is, not part of what it is: a run directory moved with mv resumes from its new place.",
                                  json_schema_extra=RESUMABLE)
 
+    def model_dump(self, **kwargs) -> dict:
+        """Without the sections the method does not read (`applicable`), so a dump validates again as a recipe."""
+        return applicable(super().model_dump(**kwargs))
+
     @model_validator(mode="after")
     def _cross_field_rules(self) -> "Recipe":
         rules.method_sections(self)
