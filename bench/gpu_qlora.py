@@ -12,7 +12,8 @@ Timing skips --warmup steps. The launcher arm is `launcher.cli.main([recipe])`, 
     python bench/gpu_qlora.py --dry               # tiny shape, CPU is fine: checks the plumbing
 
 Peak memory is torch.cuda.max_memory_allocated on GPU and peak RSS (ru_maxrss) on CPU.
-Reference (plain loop, H200, docs/platform.md): about 6.3k tokens/s and 22 GiB.
+Reference (plain loop, H200, docs/platform.md): about 6.3k tokens/s and 22 GiB, measured while that arm still
+upcast embeddings, norms and head to fp32 (issue 25): rerun before comparing.
 """
 from __future__ import annotations
 
@@ -81,7 +82,7 @@ def peak_memory_gib() -> float:
 def arm_plain(args, folder: Path) -> dict:
     """What a user writes by hand: the same settings, no launcher."""
     import torch
-    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+    from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
     cuda = torch.cuda.is_available()
@@ -92,8 +93,10 @@ def arm_plain(args, folder: Path) -> dict:
     model = AutoModelForCausalLM.from_pretrained(folder, quantization_config=quant, dtype=compute, device_map={"": device},
                                                  attn_implementation="sdpa")
     model.config.use_cache = False
-    model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=True,
-                                            gradient_checkpointing_kwargs={"use_reentrant": False})
+    # as the launcher arm does by default (quant.fp32_non_quantised off): embeddings, norms and head stay in the compute
+    # dtype; prepare_model_for_kbit_training would upcast them to fp32 and bias the memory ratio against this arm
+    model.enable_input_require_grads()
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model = get_peft_model(model, LoraConfig(r=LORA["r"], lora_alpha=LORA["alpha"], lora_dropout=LORA["dropout"],
                                              target_modules="all-linear", task_type="CAUSAL_LM"))
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=LR, fused=cuda or None)

@@ -16,7 +16,9 @@ import sys
 
 from launcher import __version__
 from launcher.commands import add_recipe_args
+from launcher.checkpoint.diskspace import write_errno
 from launcher.errors import UserError
+from launcher.training.stop import INTERRUPTED
 from launcher.report.console import quiet_libraries
 
 # verb -> (module in launcher/commands/, help line, takes `recipe [key=value ...]`); a new verb is a module and a line.
@@ -70,6 +72,14 @@ def parse(argv: list[str]) -> argparse.Namespace:
     return args
 
 
+def refused(message: str) -> int:
+    """One `error:` line (prefixed by the rank under several processes); exit status 2."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    prefix = f"[rank {os.environ.get('RANK', '0')}] " if world > 1 else ""
+    print(f"{prefix}error: {message}", file=sys.stderr)
+    return 2
+
+
 def main(argv: list[str] | None = None) -> int:
     quiet_libraries()
     args = parse(sys.argv[1:] if argv is None else argv)
@@ -78,10 +88,15 @@ def main(argv: list[str] | None = None) -> int:
         sys.stdout.flush()  # inside the try: a reader that left early surfaces here
         return status
     except UserError as exc:
-        world = int(os.environ.get("WORLD_SIZE", "1"))
-        prefix = f"[rank {os.environ.get('RANK', '0')}] " if world > 1 else ""
-        print(f"{prefix}error: {exc}", file=sys.stderr)
-        return 2
+        return refused(str(exc))
+    except OSError as exc:  # a report or log the filesystem would not take (full, read-only, no permission)
+        if write_errno(exc) is None or not exc.filename:
+            raise
+        return refused(f"writing {exc.filename} failed: {exc.strerror}; free space or make it writable, "
+                       f"then run the same command again (the last good checkpoint is kept)")
+    except KeyboardInterrupt:  # Ctrl-C before training started (training turns it into a checkpoint and exit)
+        print("\ninterrupted", file=sys.stderr)
+        return INTERRUPTED
     except BrokenPipeError:  # `launcher reference | head`: the reader left; say nothing more
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0

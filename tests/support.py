@@ -84,6 +84,18 @@ def build_tiny_llama(folder: Path, chat: bool = True, seed: int = 0, hidden: int
     return folder
 
 
+def header_only_model(folder: Path) -> Path:
+    """A model folder that passes preflight's file checks (config, a whole safetensors file, a vocabulary) and holds
+    no weights: for tests of what is refused before any model loads."""
+    import json
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "config.json").write_text(json.dumps({"model_type": "llama", "max_position_embeddings": 4096}))
+    header = b"{}"
+    (folder / "model.safetensors").write_bytes(len(header).to_bytes(8, "little") + header)
+    (folder / "vocab.json").write_text("{}")
+    return folder
+
+
 # ---------------------------------------------------------------- running the launcher for real
 
 def tiny_recipe(model: Path, output_dir: Path, **sections) -> dict:
@@ -153,8 +165,13 @@ def free_port() -> int:
 
 def launch_two(args, timeout=1200):
     """The documented CPU launch: accelerate with ACCELERATE_USE_CPU=1 --multi_gpu (gloo), on a free port."""
+    return launch_processes(args, 2, timeout)
+
+
+def launch_processes(args, processes: int, timeout=400):
+    """The documented CPU launch with `processes` gloo processes."""
     import sys
-    prefix = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+    prefix = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(processes),
               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
               "--main_process_port", str(free_port()), "-m", "launcher"]
     return launch(args, env={"ACCELERATE_USE_CPU": "1"}, timeout=timeout, prefix=prefix)

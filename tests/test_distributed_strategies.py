@@ -144,14 +144,27 @@ def test_resume_two_to_two_is_exact_and_two_to_one_holds_the_global_batch(name, 
         torch.testing.assert_close(value.float(), weights[key].float(), atol=WEIGHT_ATOL, rtol=0, msg=key)
 
 
-def test_zero_full_fine_tuning_refuses_another_process_count(two_process):
-    """Full fine-tuning under ZeRO keeps DeepSpeed's per-rank shards: refused before loading, saying what to do."""
-    recipe, run = two_process("zero2")
+@pytest.mark.parametrize("name", ["zero1", "zero2"])
+def test_zero_full_fine_tuning_resumes_on_one_process_through_a_universal_checkpoint(name, two_process, reference):
+    """ZeRO's per-rank shards are converted once to a DeepSpeed universal checkpoint (launcher/checkpoint/universal.py),
+    which loads on one process with the global batch held; a second resume reuses the conversion."""
+    recipe, run = two_process(name)
+    expected = train_losses(reference("full"))
     rewind(run, 2)
-    one = launch([recipe])
-    assert one.returncode == 2, one.stderr[-3000:]
-    assert "written by 2 processes under DeepSpeed ZeRO full fine-tuning" in one.stderr and "--num_processes 2" in one.stderr
-    assert "Traceback" not in one.stderr
+    one = ok(launch([recipe]))
+    assert "train.grad_accum 2 -> 4" in one.stdout and "converted " in one.stdout and "DeepSpeed universal checkpoint" in one.stdout
+    for step in (3, 4):
+        assert train_losses(run)[step] == pytest.approx(expected[step], rel=LOSS_RTOL), (train_losses(run), expected)
+    converted = run / "checkpoints" / "step-2" / "universal"
+    assert converted.is_dir() and not converted.with_name("universal.tmp").exists()
+    if name != "zero2":
+        return
+    written = (converted / "pytorch_model" / "zero" / "optimizer_state.pt").stat().st_mtime_ns
+    rewind(run, 2)
+    again = ok(launch([recipe]))
+    assert "reusing the conversion of" in again.stdout and "converted " not in again.stdout
+    assert (converted / "pytorch_model" / "zero" / "optimizer_state.pt").stat().st_mtime_ns == written
+    assert train_losses(run)[4] == pytest.approx(expected[4], rel=LOSS_RTOL)
 
 
 def test_failing_rank_ends_the_launch_with_its_error(tmp_path, model):

@@ -2,7 +2,7 @@
 file, row and field (or the key), no traceback, and the output directory left as it was.
 
 Each case runs in-process through the CLI's `main`, as `validate` and as `train` (the model folder
-is empty, so a case that got as far as loading a model would fail differently). A few run in a
+holds no weights, so a case that got as far as loading a model would fail differently). A few run in a
 fresh process to show that no traceback reaches the terminal.
 """
 from __future__ import annotations
@@ -20,6 +20,7 @@ import pytest
 import yaml
 
 from launcher.cli import main
+from support import header_only_model
 
 REPO = Path(__file__).resolve().parents[1]
 ROWS = 1000   # rows in each data file
@@ -216,8 +217,7 @@ CORPUS = row_cases() + raw_cases() + format_cases() + recipe_cases()
 
 def build(tmp_path: Path, case: Case) -> tuple[str, Path]:
     """Write the case's files and recipe; returns the recipe path and output_dir."""
-    model = tmp_path / "model"
-    model.mkdir()
+    model = header_only_model(tmp_path / "model")
     for name, content in case.files.items():
         (tmp_path / name).write_bytes(content)
     data_file = next((name for name in case.files if name.startswith(("t.", "c.", "l.", "i.", "q."))), "t.jsonl")

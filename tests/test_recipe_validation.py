@@ -9,6 +9,7 @@ import pytest
 import yaml
 
 from launcher.cli import main
+from support import header_only_model
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -16,8 +17,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def good_recipe(tmp_path) -> dict:
     data = tmp_path / "train.jsonl"
     data.write_text("".join(json.dumps({"en": f"verse {i}", "es": f"verso {i}"}) + "\n" for i in range(8)))
-    model = tmp_path / "model"
-    model.mkdir(exist_ok=True)
+    model = header_only_model(tmp_path / "model")
     return {"model": {"path": str(model)}, "method": "lora",
             "data": {"train": str(data), "format": "translation", "fields": {"source": "en", "target": "es"}},
             "train": {"max_steps": 2, "micro_batch_size": 2, "lr": 1e-3}, "output_dir": str(tmp_path / "run")}

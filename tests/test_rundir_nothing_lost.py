@@ -127,7 +127,7 @@ def test_a_data_file_changed_under_a_resumable_run_is_refused_unless_allowed(tmp
 # ---------------------------------------------------------------- the NaN guard
 
 def poisoned_run(tmp_path, tiny_model):
-    """A copy of the tiny model whose embedding of ' Zuckerberg' is NaN, and data where only step 3 reads that word."""
+    """A copy of the tiny model whose embedding of ' Microsoft' is NaN, and data where only step 3 reads that word."""
     import shutil
 
     import torch
@@ -139,13 +139,13 @@ def poisoned_run(tmp_path, tiny_model):
     shutil.copytree(tiny_model, model)
     recipe = recipe_on(model, tmp_path, tmp_path / "train.jsonl", train={"max_steps": 4, "micro_batch_size": 2,
                                                                         "grad_accum": 1, "save_every": 1, "seed": 3})
-    token = load_tokenizer(str(model), Recipe.model_validate(recipe)).encode(" Zuckerberg")
+    token = load_tokenizer(str(model), Recipe.model_validate(recipe)).encode(" Microsoft")
     assert len(token) == 1
     weights = load_file(model / "model.safetensors")
     weights["model.embed_tokens.weight"][token[0]] = float("nan")
     save_file(weights, model / "model.safetensors", metadata={"format": "pt"})
     third_step_rows = StepPlan(len(PAIRS), 2, 1, 1, 0, 3).micro_batches(2)[0]
-    pairs = [(en + " Zuckerberg" if i == third_step_rows[0] else en, es) for i, (en, es) in enumerate(PAIRS)]
+    pairs = [(en + " Microsoft" if i == third_step_rows[0] else en, es) for i, (en, es) in enumerate(PAIRS)]
     write_pairs(tmp_path / "train.jsonl", pairs)
     assert torch.isnan(weights["model.embed_tokens.weight"]).any()
     return recipe

@@ -1,6 +1,8 @@
 """One optimiser step, in-process: what `train_step` computes and what it reports."""
 from __future__ import annotations
 
+import threading
+
 import pytest
 import torch
 from support import tiny_recipe
@@ -90,3 +92,19 @@ def test_a_whole_run_in_process_exports_a_config_that_generates_with_its_cache(t
     assert json.loads((final / "config.json").read_text()).get("use_cache") is not False
     records = list(map(json.loads, (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()))
     assert [r["step"] for r in records if r["kind"] == "train"] == [1, 2]
+
+
+def test_an_unpadded_step_takes_the_causal_attention_kernel_and_starts_no_thread(tiny_model, tmp_path):
+    """Issue #29: a batch without padding must reach SDPA with no explicit mask and is_causal set (the fast
+    causal kernel), and a training step must not start a thread that competes with torch's for the cores."""
+    session = session_for(tiny_model, tmp_path, micro_batch_size=1, grad_accum=1)
+    batches = session.micro_batches(0)
+    assert bool(batches[0]["attention_mask"].all()), "one row per micro-batch: nothing to pad"
+    threads = set(threading.enumerate())
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], record_shapes=True) as profiled:
+        train_step(session, batches)
+    assert set(threading.enumerate()) == threads
+    calls = [e for e in profiled.events() if e.name == "aten::scaled_dot_product_attention"]
+    assert len(calls) == session.model.config.num_hidden_layers  # one forward call per layer
+    for call in calls:  # inputs: query, key, value, attn_mask, dropout_p, is_causal, ...
+        assert call.input_shapes[3] == [] and call.concrete_inputs[5] is True

@@ -4,16 +4,28 @@ A checkpoint is written under a temporary name and older ones are pruned only af
 complete (launcher/checkpoint.py), so refusing to start a write that cannot fit keeps every
 checkpoint already on disk. The estimate is the newest complete checkpoint's size when there is
 one (it measures the real layout), otherwise what the run holds: trainable weights and
-optimiser state for a checkpoint, the weights for an export.
+optimiser state for a checkpoint, the weights and the tokenizer's files for an export. When the
+filesystem still refuses a write midway (full, over quota or a size limit, read-only, no
+permission), `refused_writes` turns whatever the writer raised into one line naming the path and
+the bytes needed, and removes the partial save.
 """
 from __future__ import annotations
 
+import errno
+import os
+import re
 import shutil
+from contextlib import contextmanager
 from pathlib import Path
 
 from launcher.errors import UserError
 
-MARGIN = 1.1  # a little over the estimate: file headers, the tokenizer, the state files
+MARGIN = 1.1  # a little over the estimate: file headers and the state files
+WRITE_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EACCES, errno.EPERM, errno.EROFS)
+# Writers in C++ or Rust lose the errno: safetensors keeps it in its message, torch's stream writer does not.
+ERRNO_IN_MESSAGE = re.compile(r"\(os error (\d+)\)")
+UNNUMBERED_WRITE_FAILURE = re.compile(r"file write failed|iostream error|unexpected pos \d+ vs \d+")
+TOKENIZER_FILES = re.compile(r"(tokenizer.*|vocab\..*|merges\.txt|special_tokens_map\.json|.*\.model|chat_template\..*|added_tokens\.json)")
 
 
 def folder_bytes(folder: Path) -> int:
@@ -56,3 +68,53 @@ def run_bytes(params, full: bool, with_optimizer: bool) -> int:
     """What a run writes: all weights (full fine-tuning) or the fp32 trainable ones, and optionally the optimiser state."""
     weights = params.weight_bytes if full else 4 * params.trainable
     return weights + (params.optimizer_bytes if with_optimizer else 0)
+
+
+def tokenizer_bytes(tokenizer) -> int:
+    """What save_pretrained writes for the tokenizer, measured by the files it was loaded from."""
+    source = Path(getattr(tokenizer, "name_or_path", "") or ".")
+    if not source.is_dir():
+        return 0
+    return sum(path.stat().st_size for path in source.iterdir() if path.is_file() and TOKENIZER_FILES.fullmatch(path.name))
+
+
+def write_errno(exc: BaseException) -> int | None:
+    """The errno of a write that the filesystem refused (full, over quota or a size limit, not writable), found
+    in the exception, its context or its message; 0 for a write failure that carries no number; None otherwise."""
+    seen: BaseException | None = exc
+    while seen is not None:
+        if isinstance(seen, OSError) and seen.errno in WRITE_ERRNOS:
+            return seen.errno
+        numbered = ERRNO_IN_MESSAGE.search(str(seen))
+        if numbered and int(numbered.group(1)) in WRITE_ERRNOS:
+            return int(numbered.group(1))
+        seen = seen.__cause__ or seen.__context__
+    return 0 if UNNUMBERED_WRITE_FAILURE.search(str(exc)) else None
+
+
+def failure_message(number: int, path: Path, needed: int, what: str) -> str:
+    """One line: what failed, where, the bytes it needed, and what to do."""
+    where = existing_ancestor(path)
+    reason = os.strerror(number) if number else "the write failed"
+    if number in (errno.EACCES, errno.EPERM, errno.EROFS):
+        fix = f"make {where} writable (or move the run elsewhere)"
+    else:
+        fix = f"free space there{' (or lower train.keep_last)' if 'checkpoint' in what else ''}"
+    return (f"{what}: writing {path} failed: {reason}; it needs about {human(needed * MARGIN)}, "
+            f"{human(shutil.disk_usage(where).free)} are free in {where}. Nothing earlier was overwritten: the last good "
+            f"checkpoint is kept. {fix[0].upper()}{fix[1:]} and run the same command to resume")
+
+
+@contextmanager
+def refused_writes(path: Path, needed: int, what: str, staging: Path | None = None):
+    """A write the filesystem refuses, inside the block, becomes one UserError naming `path` and the bytes
+    needed; the partial `staging` folder is removed so it holds no space."""
+    try:
+        yield
+    except Exception as exc:
+        number = write_errno(exc)
+        if number is None:
+            raise
+        if staging is not None:
+            shutil.rmtree(staging, ignore_errors=True)
+        raise UserError(failure_message(number, Path(getattr(exc, "filename", None) or path), needed, what)) from None

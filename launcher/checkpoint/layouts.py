@@ -4,7 +4,8 @@ Three layouts, chosen by the strategy object (`Strategy.checkpoint_layout`):
 
 - `AccelerateLayout`: accelerate's save_state/load_state. DDP full fine-tuning (every rank holds
   the whole model, so it resumes on any process count) and DeepSpeed full fine-tuning (DeepSpeed's
-  own per-rank shards, so it resumes on the process count that wrote it).
+  own per-rank shards; on another process count they load through their universal conversion,
+  launcher/checkpoint/universal.py).
 - `TrainableLayout`: adapter runs (LoRA, QLoRA) under every strategy. Only the trainable
   parameters and their optimiser state, keyed by parameter name and gathered whole into
   `trainable.pt`; the frozen base is never written. An adapter is a small fraction of the model,
@@ -33,15 +34,31 @@ SCHEDULER_FILE = "scheduler.pt"
 SHARDS_FOLDER = "dcp"
 
 
+def write(obj, path: Path) -> None:
+    """torch.save through a Python file, so a write the filesystem refuses keeps its errno (diskspace.refused_writes)."""
+    with open(path, "wb") as handle:
+        torch.save(obj, handle)
+
+
 def rng_file(rank: int) -> str:
     return f"rng-{rank}.pt"
 
 
 def capture_rng() -> dict:
+    """This process's generators; of CUDA's only its own device's (every device's would not restore on a
+    process that sees fewer devices)."""
     state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
     if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
+        state["cuda"] = torch.cuda.get_rng_state()
     return state
+
+
+def cuda_rng_for(saved, device_index: int):
+    """The saved CUDA generator state to restore on device `device_index`: the one saved tensor, or from a
+    checkpoint that saved every visible device, that device's entry when it exists, else the first."""
+    if isinstance(saved, (list, tuple)):
+        return saved[device_index] if device_index < len(saved) else saved[0]
+    return saved
 
 
 def restore_rng(state: dict) -> None:
@@ -49,7 +66,7 @@ def restore_rng(state: dict) -> None:
     np.random.set_state(state["numpy"])
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+        torch.cuda.set_rng_state(cuda_rng_for(state["cuda"], torch.cuda.current_device()))
 
 
 class CheckpointLayout:
@@ -65,8 +82,8 @@ class CheckpointLayout:
     def save(self, folder: Path) -> None:
         self.save_weights(folder)
         if self.accelerator.is_main_process:
-            torch.save(self.scheduler.state_dict(), folder / SCHEDULER_FILE)
-        torch.save(capture_rng(), folder / rng_file(self.accelerator.process_index))
+            write(self.scheduler.state_dict(), folder / SCHEDULER_FILE)
+        write(capture_rng(), folder / rng_file(self.accelerator.process_index))
 
     def load(self, folder: Path) -> None:
         self.load_weights(folder)
@@ -98,6 +115,27 @@ class AccelerateLayout:
 
     def load(self, folder: Path) -> None:
         self.accelerator.load_state(str(folder), **self.load_kwargs)
+        # load_state restores accelerate's micro-batch count, which places the accumulation boundary; a run resumes
+        # at an optimiser-step boundary, and on another process count grad_accum may have changed, so count afresh
+        self.accelerator.step = 0
+
+
+def step_tensor(value: float, param, group: dict) -> torch.Tensor:
+    """An Adam/AdamW `step` counter as torch keeps it: on the parameter's device in a fused or capturable
+    group (the fused CUDA kernel reads it there), a CPU scalar otherwise; float32 unless the default
+    dtype is float64. torch's own load_state_dict follows the same rule; the ZeRO path sets state by hand."""
+    on_device = group.get("fused") or group.get("capturable")
+    dtype = torch.float64 if torch.get_default_dtype() == torch.float64 else torch.float32
+    return torch.tensor(float(value), dtype=dtype, device=param.device if on_device else "cpu")
+
+
+def group_of(optimizer, param) -> dict:
+    """The param group holding `param`, else the first (ZeRO-3 swaps its partitions in only during a step;
+    `fused` and `capturable` are set for the whole optimiser)."""
+    for group in optimizer.param_groups:
+        if any(p is param for p in group["params"]):
+            return group
+    return optimizer.param_groups[0] if optimizer.param_groups else {}
 
 
 def base_optimizer(optimizer):
@@ -130,7 +168,7 @@ class TrainableLayout(CheckpointLayout):
     def save_weights(self, folder: Path) -> None:
         state = self.gather()  # every rank takes part; the main process writes
         if self.accelerator.is_main_process:
-            torch.save(state, folder / TRAINABLE_FILE)
+            write(state, folder / TRAINABLE_FILE)
             verify.trainable_file(folder / TRAINABLE_FILE, state["model"])  # read back before the checkpoint counts
 
     def load_weights(self, folder: Path) -> None:
@@ -166,15 +204,15 @@ class ZeroTrainableLayout(TrainableLayout):
             safe_set_full_fp32_param(param, state["model"][name].to(param.device))
             for key, value in state["optimizer"]["state"][name].items():
                 safe_set_full_optimizer_state(param, value.to(param.device), key)
-        for param_state in base_optimizer(self.optimizer).state.values():
+        base = base_optimizer(self.optimizer)
+        for param, param_state in base.state.items():  # ZeRO-3's flat partitions join param_groups only during a step
             if "step" in param_state:
-                param_state["step"] = torch.full_like(torch.as_tensor(param_state["step"]), state["optimizer"]["step"])
+                param_state["step"] = step_tensor(state["optimizer"]["step"], param, group_of(base, param))
         if hasattr(engine_optimizer, "update_lp_params"):  # ZeRO-1/2: copy fp32 masters into the model's weights
             engine_optimizer.update_lp_params()
         else:  # ZeRO-3: the same, per parameter sub-group
             for group in range(len(engine_optimizer.fp16_groups)):
                 engine_optimizer._reassign_or_swap_out_partitioned_parameters(group)
-
 
     def create_state(self, keys) -> None:
         """Zeroed optimiser state where the optimiser creates it only at its first step (ZeRO-3), to be overwritten."""
@@ -184,7 +222,8 @@ class ZeroTrainableLayout(TrainableLayout):
             [p for group in base.param_groups for p in group["params"]]
         for flat in flats:
             if not base.state[flat]:
-                base.state[flat] = {"step": torch.tensor(0.0), **{k: torch.zeros_like(flat) for k in keys}}
+                base.state[flat] = {"step": step_tensor(0, flat, group_of(base, flat)),
+                                    **{k: torch.zeros_like(flat) for k in keys}}
 
 
 class ShardedLayout(CheckpointLayout):

@@ -174,3 +174,41 @@ def check_adapter(path: Path, saved: dict | None, shapes: dict, converted: bool 
                                         f"(one process's shard saved?)")
     compare({k: (checksum(v), tuple(v.shape)) for k, v in saved.items()},
             {k: (checksum(v), tuple(v.shape)) for k, v in found.items()}, path)
+
+
+# ---------------------------------------------------------------- what a checkpoint held when saved, checked on resume
+
+CHUNK = 1 << 20
+
+
+def file_crc(path: Path) -> int:
+    value = 0
+    with open(path, "rb") as handle:
+        while block := handle.read(CHUNK):
+            value = zlib.crc32(block, value)
+    return value
+
+
+def file_record(folder: Path, leave_out: str) -> dict:
+    """relative path -> [bytes, crc32] of every file in a checkpoint folder but `leave_out` (the state file that holds this)."""
+    folder = Path(folder)
+    return {str(path.relative_to(folder)): [path.stat().st_size, file_crc(path)]
+            for path in sorted(folder.rglob("*")) if path.is_file() and path.name != leave_out}
+
+
+def damage(folder: Path, recorded: dict) -> str | None:
+    """Why a checkpoint's files are not those recorded at save (missing, another size, another checksum); None when whole."""
+    folder = Path(folder)
+    for name, (size, crc) in recorded.items():
+        path = folder / name
+        if not path.is_file():
+            return f"{name} is missing"
+        found = path.stat().st_size
+        if found != size:
+            return f"{name} is {found} bytes, {size} when saved{' (truncated)' if found < size else ''}"
+        try:
+            if file_crc(path) != crc:
+                return f"{name} differs from what was saved (checksum)"
+        except OSError as exc:
+            return f"{name} cannot be read ({exc.strerror})"
+    return None

@@ -9,7 +9,7 @@ from pathlib import Path
 from pydantic import ValidationError
 
 from launcher.commands import add_recipe_args
-from launcher.distributed import slurm
+from launcher.distributed import mesh, slurm
 from launcher.distributed.slurm import SlurmJob
 from launcher.errors import SlurmError
 from launcher.preflight.checks import Target, checked_recipe
@@ -31,6 +31,8 @@ def add_options(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     recipe = load_recipe(args.recipe, args.overrides)
     spec, run_dir = job_from_args(args), Path(recipe.output_dir)
+    # FSDP2 over several nodes: shard inside each node, replicate across them, unless the recipe chose its mesh
+    args.overrides = [*args.overrides, *mesh.hybrid_overrides(recipe, spec.nodes, spec.world_size // spec.nodes)]
     if args.action == "render":
         print(slurm.sbatch_script(args.recipe, run_dir, spec, args.overrides), end="")
         return 0

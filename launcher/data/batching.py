@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from functools import partial
 from typing import Callable, Iterator
 
-from launcher.data.packing import collate_packed
+from launcher.data.packing import collate_packed, varlen_attention
 from launcher.data.preference import REJECTED
 from launcher.recipe.formats import IGNORE
 from launcher.recipe.schema import Recipe
@@ -16,7 +16,8 @@ from launcher.recipe.schema import Recipe
 def train_collate(recipe: Recipe, tokenizer, pack: bool = True) -> Callable[[list[dict]], dict]:
     """Packed rows carry position_ids; preference pairs are two sequences each; others are padded per task."""
     if recipe.data.packing and pack:
-        return partial(collate_packed, pad_id=tokenizer.pad_token_id)
+        return partial(collate_packed, pad_id=tokenizer.pad_token_id,
+                       varlen=varlen_attention(recipe.model.attn_implementation))
     if recipe.objective == "dpo":
         return partial(collate_pairs, pad_id=tokenizer.pad_token_id)
     return partial(collate, pad_id=tokenizer.pad_token_id, task=recipe.model.task)

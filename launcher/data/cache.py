@@ -17,16 +17,16 @@ import hashlib
 import json
 import shutil
 import time
-from contextlib import contextmanager, nullcontext
+from contextlib import nullcontext
 from dataclasses import asdict
-from datetime import timedelta
 from pathlib import Path
 
 from launcher.data import encode as data
-from launcher.data import fingerprint, mixing, packing, sources
+from launcher.data import fingerprint, mixing, packing, prompts, rows, sources
 from launcher.data.batching import train_collate
 from launcher.data.encode import Datasets, Tokenised, load_datasets
 from launcher.data.rows import RowTally
+from launcher.distributed.waiting import main_first
 from launcher.errors import UserError
 from launcher.model import loading as modeling
 from launcher.recipe import formats
@@ -59,7 +59,7 @@ def inputs(recipe: Recipe, tokenizer) -> dict:
     """Every input of the tokenised data, by name (what `stale` reports when one differs)."""
     backend = tokenizer.backend_tokenizer.to_str() if hasattr(tokenizer, "backend_tokenizer") else repr(sorted(tokenizer.get_vocab().items()))
     settings = recipe.data.model_dump(mode="json", exclude=RUNTIME_KEYS)
-    code = [Path(module.__file__).read_text() for module in (data, formats, mixing, packing, sources)] + [Path(__file__).read_text()]
+    code = [Path(module.__file__).read_text() for module in (data, formats, mixing, packing, prompts, rows, sources)] + [Path(__file__).read_text()]
     found = {"tokenizer": _sha(type(tokenizer).__name__, backend, json.dumps(tokenizer.special_tokens_map, sort_keys=True, default=str)),
              "the tokenizer's chat template": _sha(str(getattr(tokenizer, "chat_template", None))),
              **{f"data.{key}": value for key, value in settings.items()},
@@ -126,25 +126,6 @@ def load_preprocessed(recipe: Recipe, tokenizer) -> Datasets | None:
         evaluation = Tokenised(datasets.load_from_disk(str(target / "eval")), summary["eval_rows"], RowTally(summary["eval_rows"]),
                                warnings=summary["eval_warnings"])
     return Datasets(train, evaluation, summary["labels"], train_collate(recipe, tokenizer))
-
-
-@contextmanager
-def main_first(accelerator, minutes: float):
-    """The main process runs the block first, then the others, who wait on a gloo barrier of
-    their own group with a `minutes` timeout instead of the training group's; all leave together,
-    so the next training collective finds every rank ready."""
-    if accelerator.num_processes == 1:
-        yield
-        return
-    import torch.distributed as dist
-    group = dist.new_group(backend="gloo", timeout=timedelta(minutes=minutes))
-    if not accelerator.is_main_process:
-        dist.barrier(group=group)
-    yield
-    if accelerator.is_main_process:
-        dist.barrier(group=group)
-    dist.barrier(group=group)
-    dist.destroy_process_group(group)
 
 
 def datasets_for_run(recipe: Recipe, accelerator, phase=lambda name: nullcontext()):

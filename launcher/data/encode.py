@@ -15,111 +15,16 @@ from functools import partial
 from pathlib import Path
 from typing import Any, Callable
 
-from launcher.data import mixing, preference
+from launcher.data import mixing, preference, prompts
 from launcher.data.batching import train_collate
 from launcher.data.packing import pack_dataset
+from launcher.data.prompts import PROMPT_BUILDERS, ChatTemplate, RowError, to_segments  # noqa: F401  (re-exported)
 from launcher.data.rows import RowTally, check_rows_of, judge
-from launcher.data.sources import Source, label_names, load_table, sources_of
+from launcher.data.sources import Source, eval_split, label_names, load_table, sources_of
 from launcher.errors import UserError
 from launcher.recipe import formats
 from launcher.recipe.formats import FORMATS, IGNORE
 from launcher.recipe.schema import DataSection, Recipe
-
-
-
-# ---------------------------------------------------------------- formats to segments
-
-# The prompt of an instruction row when no chat template applies (Stanford Alpaca's layout).
-ALPACA_PROMPT = "### Instruction:\n{instruction}\n\n{input}### Response:\n"
-ALPACA_INPUT = "### Input:\n{input}\n\n"
-
-Segments = list[tuple[str, bool]] | list[dict]
-
-
-def _pair(prompt: str, completion: str, use_chat: bool, system: str | None) -> Segments:
-    """A prompt and its target as chat messages (system first, when there is one) or as (text, trained) segments."""
-    if use_chat:
-        head = [{"role": "system", "content": system}] if system else []
-        return head + [{"role": "user", "content": prompt}, {"role": "assistant", "content": completion}]
-    return [(prompt, False), (completion, True)]
-
-
-def _instruction(row: dict, data: DataSection, use_chat: bool) -> Segments:
-    """A row's own `system` text overrides data.system_prompt; without a chat template it is the first paragraph."""
-    col = data.field
-    instruction, extra, output = row[col("instruction")], row.get(col("input")) or "", row[col("output")]
-    system = row.get(col("system")) or None
-    if use_chat:
-        return _pair(f"{instruction}\n\n{extra}" if extra else instruction, output, True, system or data.system_prompt)
-    prompt = ALPACA_PROMPT.format(instruction=instruction, input=ALPACA_INPUT.format(input=extra) if extra else "")
-    return _pair(f"{system}\n\n{prompt}" if system else prompt, output, False, None)
-
-
-def _qa(row: dict, data: DataSection, use_chat: bool) -> Segments:
-    col = data.field
-    context = row.get(col("context")) or ""
-    prompt = data.qa_template.format(question=row[col("question")], context=f"Context: {context}\n" if context else "")
-    return _pair(prompt if use_chat else prompt + "\n", row[col("answer")], use_chat, data.system_prompt)
-
-
-def _translation(row: dict, data: DataSection, use_chat: bool) -> Segments:
-    prompt = data.prompt_template.format(source_lang=data.source_lang, target_lang=data.target_lang,
-                                         source=row[data.field("source")])
-    return _pair(prompt if use_chat else prompt + "\n", row[data.field("target")], use_chat, data.system_prompt)
-
-
-def _completion(row: dict, data: DataSection, use_chat: bool) -> Segments:
-    return _pair(row[data.field("prompt")], row[data.field("completion")], use_chat, data.system_prompt)
-
-
-def _preference(row: dict, data: DataSection, use_chat: bool) -> Segments:
-    """The prompt and its chosen reply (the rejected one goes through here as a twin row: data/preference.py)."""
-    col = data.field
-    system = row.get(col("system")) or data.system_prompt
-    prompt = row[col("prompt")]
-    if not use_chat and system:
-        prompt = f"{system}\n\n{prompt}"
-    return _pair(prompt, row[col("chosen")], use_chat, system)
-
-
-# Format name -> (row, data settings, chat template applies) -> chat messages or (text, trained) segments.
-# Chat rows are already messages; plain text is trained whole, template or not.
-PROMPT_BUILDERS: dict[str, Callable[[dict, DataSection, bool], Segments]] = {
-    "instruction": _instruction,
-    "chat": lambda row, data, use_chat: row[data.field("messages")],
-    "translation": _translation,
-    "completion": _completion,
-    "text": lambda row, data, use_chat: [(row[data.field("text")], True)],
-    "qa": _qa,
-    "preference": _preference,
-    "chat-preference": lambda row, data, use_chat: [*row[data.field("messages")],
-                                                   {"role": "assistant", "content": row[data.field("chosen")]}],
-}
-
-
-def to_segments(row: dict, data: DataSection, use_chat: bool) -> Segments:
-    """A row as chat messages (when the chat template applies) or as (text, trained) segments."""
-    return PROMPT_BUILDERS[data.format](row, data, use_chat)
-
-
-def chat_segments(messages: list[dict], tokenizer) -> list[tuple[str, bool]]:
-    """Render a conversation with the tokenizer's template; each assistant reply (and its end tag) is trained."""
-    def render(turns: list[dict], prompt: bool) -> str:
-        return tokenizer.apply_chat_template(turns, tokenize=False, add_generation_prompt=prompt)
-
-    segments, done = [], ""
-    for index, message in enumerate(messages):
-        if message["role"] != "assistant":
-            continue
-        before, after = render(messages[:index], True), render(messages[: index + 1], False)
-        if not before.startswith(done) or not after.startswith(before):
-            raise UserError("the tokenizer's chat template does not render turns as prefixes of each other; "
-                            "set data.chat_template: never")
-        segments += [(before[len(done):], False), (after[len(before):], True)]
-        done = after
-    ends_on_reply = messages and messages[-1]["role"] == "assistant"  # then `done` is the whole render
-    tail = "" if ends_on_reply else render(messages, False)[len(done):]
-    return segments + ([(tail, False)] if tail else [])
 
 
 @dataclass
@@ -137,7 +42,8 @@ class Encoder:
     rows_encoded: int = 0  # rows this process tokenised (0 when every row came from a cache)
 
     def __post_init__(self) -> None:
-        has_template = bool(getattr(self.tokenizer, "chat_template", None))
+        self.template = ChatTemplate.of_tokenizer(self.tokenizer)
+        has_template = self.template is not None
         self.use_chat = self.data.chat_template == "auto" and has_template and self.task == "causal-lm"
         if "messages" in FORMATS[self.data.format].fields and not has_template:
             raise UserError(f"data.format {self.data.format} needs a tokenizer with a chat template; this model's tokenizer has none")
@@ -150,7 +56,7 @@ class Encoder:
     def segments(self, row: dict) -> list[tuple[str, bool]]:
         parts = to_segments(row, self.data, self.use_chat)
         if isinstance(parts[0], dict):  # chat messages
-            segments = chat_segments(parts, self.tokenizer)
+            segments = self.template.segments(parts)
             return preference.last_reply_only(segments) if self.pairs else segments
         return [(text + self.eos, True) if trained else (text, False) for text, trained in parts]
 
@@ -179,7 +85,12 @@ class Encoder:
         return self._encode_causal(rows)
 
     def _encode_causal(self, rows: list[dict]) -> dict[str, list]:
-        segments = [self.segments(row) for row in rows]
+        segments = []
+        for position, row in enumerate(rows):
+            try:
+                segments.append(self.segments(row))
+            except UserError as exc:
+                raise RowError(position, str(exc)) from None
         texts = [text for parts in segments for text, _ in parts]
         pieces = iter(self.tokenizer(texts, add_special_tokens=False)["input_ids"] if texts else [])
         out: dict[str, list] = {"input_ids": [], "labels": [], "prompt_len": [], "drop": [], "cut": []}
@@ -210,7 +121,7 @@ class Encoder:
         for part in (source_fingerprint, type(tok).__name__, backend, str(getattr(tok, "chat_template", None)),
                      json.dumps(tok.special_tokens_map, sort_keys=True, default=str), self.data.model_dump_json(),
                      self.task, json.dumps(self.label2id, sort_keys=True), Path(__file__).read_text(),
-                     Path(formats.__file__).read_text()):
+                     Path(prompts.__file__).read_text(), Path(formats.__file__).read_text()):
             digest.update(str(part).encode() + b"\0")
         return digest.hexdigest()[:32]
 
@@ -272,6 +183,9 @@ def tokenise(source: Source, tokenizer, task: str = "causal-lm", labels: list[st
     tally = RowTally.count(encoded["drop"], encoded["cut"])
     kept = encoded.filter(lambda row: not row["drop"]) if tally.dropped else encoded
     warning = judge(tally, source.label, source.data)  # refuses here under data.skipped_share_refuse
+    if len(table) and not len(kept):  # a set of no rows would train nothing, or report an eval loss of 0.0
+        raise UserError(f"{source.label}: all {len(table)} rows dropped, none left to use: {tally.line()}; "
+                        "raise data.max_length or shorten those rows")
     return Tokenised(kept.remove_columns(["drop", "cut"]), len(table), tally, encoder.rows_encoded,
                      warnings=[warning] if warning else [])
 
@@ -282,7 +196,10 @@ def _checked_batch(encoder: Encoder, where: str, columns: dict[str, list], indic
     rows = [dict(zip(columns, values)) for values in zip(*columns.values())]
     if rows:
         check_rows_of(where, zip((index + 1 for index in indices), rows), encoder.data)
-    return encoder.batch(columns)
+    try:
+        return encoder.batch(columns)
+    except RowError as exc:
+        raise UserError(f"{where}:{indices[exc.position] + 1}: {exc}") from None
 
 
 def tokenise_train(recipe: Recipe, tokenizer, labels: list[str] | None) -> Tokenised:
@@ -313,13 +230,14 @@ def _tokenise_sources(recipe: Recipe, which: str, tokenizer, labels: list[str] |
 
 
 def split_eval(train: Tokenised, fraction: float, seed: int) -> tuple[Tokenised, Tokenised]:
+    eval_split(len(train.dataset), fraction)  # refuses a split that leaves either side empty
     parts = train.dataset.train_test_split(test_size=fraction, seed=seed)
     return (Tokenised(parts["train"], len(parts["train"]), train.tally, train.encoded, train.mixture, train.warnings),
             Tokenised(parts["test"], len(parts["test"]), RowTally(len(parts["test"]))))
 
 
 def class_labels(recipe: Recipe) -> list[str] | None:
-    """A classifier's class names, read from the train file (the model config saves them as id2label)."""
+    """A classifier's class names: data.labels, else read from the first train source (the model config saves them as id2label)."""
     if recipe.model.task != "classification":
         return None
     first = sources_of(recipe, "train")[0]

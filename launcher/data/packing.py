@@ -4,8 +4,11 @@ Why not a library: TRL's packer is the well-kept one, but TRL is not a dependenc
 project and its packer works on its own dataset columns. The hard part, confining attention,
 is transformers' own: a batch that carries `position_ids` restarting at 0 for each example and
 no `attention_mask` is detected as packed (`masking_utils.find_packed_sequence_indices`) and
-gets a block-diagonal causal mask on sdpa and eager, and the varlen kernels on flash-attention.
+gets a block-diagonal causal mask on sdpa and eager. Flash-attention infers the boundaries from
+`position_ids` only when a batch has one row (`modeling_flash_attention_utils`); with more, the
+collator passes them itself as `cu_seq_lens_*`/`max_length_*` over the flattened batch (`varlen`).
 """
+
 from __future__ import annotations
 
 import bisect
@@ -72,11 +75,22 @@ def pack_dataset(dataset, capacity: int):
     return datasets.Dataset(packed)
 
 
-def collate_packed(rows: list[dict], pad_id: int) -> dict:
+VARLEN_KEYS = ("cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k")  # flash-attention's sequence bounds
+
+
+def varlen_attention(attn_implementation: str | None) -> bool:
+    """Whether packed batches must carry their sequence boundaries: the flash-attention kernels (2, 3,
+    or from the kernels hub) read them; sdpa and eager build a block-diagonal mask from position_ids."""
+    return bool(attn_implementation) and "flash" in attn_implementation
+
+
+def collate_packed(rows: list[dict], pad_id: int, varlen: bool = False) -> dict:
     """Right-pad packed rows; position_ids restart per example (and for the padding tail).
 
     attention_mask marks real tokens for counting only: the loss leaves it out of the forward
-    call, since transformers detects packing only when no attention_mask is given.
+    call, since transformers detects packing only when no attention_mask is given. With `varlen`,
+    the cumulative example lengths over the rows laid end to end (padding tails are spans of
+    their own) and the longest example, as flash-attention's varlen kernel takes them.
     """
     import torch
     width = max(len(row["input_ids"]) for row in rows)
@@ -84,6 +98,7 @@ def collate_packed(rows: list[dict], pad_id: int) -> dict:
     labels = torch.full((len(rows), width), IGNORE, dtype=torch.long)
     positions = torch.zeros((len(rows), width), dtype=torch.long)
     mask = torch.zeros((len(rows), width), dtype=torch.long)
+    every_span = []
     for i, row in enumerate(rows):
         n = len(row["input_ids"])
         ids[i, :n] = torch.tensor(row["input_ids"])
@@ -91,7 +106,13 @@ def collate_packed(rows: list[dict], pad_id: int) -> dict:
         mask[i, :n] = 1
         spans = list(row["lengths"]) + ([width - n] if width > n else [])
         positions[i] = torch.cat([torch.arange(length) for length in spans])
-    return {"input_ids": ids, "attention_mask": mask, "labels": labels, "position_ids": positions}
+        every_span += spans
+    batch = {"input_ids": ids, "attention_mask": mask, "labels": labels, "position_ids": positions}
+    if varlen:
+        bounds = torch.tensor([0, *every_span], dtype=torch.int32).cumsum(0, dtype=torch.int32)
+        longest = int(max(every_span))
+        batch.update(cu_seq_lens_q=bounds, cu_seq_lens_k=bounds.clone(), max_length_q=longest, max_length_k=longest)
+    return batch
 
 
 def padding_efficiency(dataset, micro_batch: int) -> float:

@@ -1,9 +1,12 @@
-"""Every row of every data file, checked before any model loads; and the tally of rows the tokenizer cut or dropped.
+"""The one reader of the user's data files: every row checked before any model loads; and the tally of rows
+the tokenizer cut or dropped.
 
-Training reads rows through jinja, pyarrow and the tokenizer, which fail deep inside a run with
-messages that name no file or row, or do not fail at all (a missing target trains as an empty
-reply). So `validate` and `train` first read every row here, torch-free, and stop at the first
-malformed one with `file:row: field: what is wrong`. Row numbers count from 1: the line of a .jsonl
+`validate` and `train` read every local file through `checked_rows` here: validate to check it, train to
+build its `datasets` table from the very rows it yields (data/sources.py), so a row validate accepts is
+read by train with the same meaning; no second parser (pyarrow's JSON or CSV reader) sees the file. What
+two parsers would read differently is refused, named: a key twice in one JSON object, a CSV column name
+twice, a lone surrogate, labels of two types. Rows stop at the first malformed one with
+`file:row: field: what is wrong`. Row numbers count from 1: the line of a .jsonl
 or .txt file, the element of a .json list, the data row of a .csv (the header is not counted), the
 row of a .parquet file or datasets folder.
 """
@@ -23,6 +26,8 @@ from launcher.errors import UserError
 FIRST_ROWS = 5  # row numbers listed per reason when rows are dropped or truncated
 ROLES = ("system", "user", "assistant")
 UNDECODABLE = re.compile("[\udc80-\udcff]")  # what surrogateescape makes of a byte that is not UTF-8
+SURROGATE = re.compile("[\ud800-\udfff]")      # no UTF-8 text holds one; a JSON \\ud800 escape alone makes one
+LABEL_KINDS = {str: "text", int: "an integer"}
 
 
 # ---------------------------------------------------------------- reading every row
@@ -32,6 +37,22 @@ def _text(raw: bytes) -> str:
     return raw.decode("utf-8", errors="surrogateescape").removeprefix("\ufeff")
 
 
+class _DuplicateKey(ValueError):
+    """A JSON object with a key twice: json keeps the last, other readers refuse it or keep the first."""
+
+
+def _object(pairs: list[tuple[str, Any]]) -> dict:
+    found = dict(pairs)
+    if len(found) != len(pairs):
+        seen: set[str] = set()
+        raise _DuplicateKey(next(key for key, _ in pairs if key in seen or seen.add(key)))
+    return found
+
+
+def _parse_json(text: str) -> Any:
+    return json.loads(text, object_pairs_hook=_object)
+
+
 def _jsonl_rows(path: Path) -> Iterator[tuple[int, Any]]:
     with path.open("rb") as handle:
         for number, raw in enumerate(handle, start=1):
@@ -39,19 +60,57 @@ def _jsonl_rows(path: Path) -> Iterator[tuple[int, Any]]:
             if not line.strip():
                 continue
             try:
-                yield number, json.loads(line)
+                yield number, _parse_json(line)
+            except _DuplicateKey as exc:
+                raise UserError(f"{path}:{number}: {exc}: this key appears twice in one object; keep one") from None
             except json.JSONDecodeError as exc:
                 raise UserError(f"{path}:{number}: not valid JSON ({exc.msg} at character {exc.pos + 1})") from None
 
 
 def _json_rows(path: Path) -> Iterator[tuple[int, Any]]:
+    text = _text(path.read_bytes())
     try:
-        data = json.loads(_text(path.read_bytes()))
+        data = _parse_json(text)
+    except _DuplicateKey as exc:
+        yield from _json_rows_to_duplicate(path, text, str(exc))
+        return
     except json.JSONDecodeError as exc:
         raise UserError(f"{path}: line {exc.lineno} column {exc.colno}: not valid JSON ({exc.msg})") from None
     if not isinstance(data, list):
         raise UserError(f"{path}: a .json data file must hold a list of objects, got {type(data).__name__}")
     yield from enumerate(data, start=1)
+
+
+class _Marked(dict):
+    """A parsed JSON object that had a key twice (`duplicate`), kept to find the row that holds it."""
+    duplicate: str | None = None
+
+
+def _marked(pairs: list[tuple[str, Any]]) -> dict:
+    found = _Marked(pairs)
+    if len(found) != len(pairs):
+        seen: set[str] = set()
+        found.duplicate = next(key for key, _ in pairs if key in seen or seen.add(key))
+    return found
+
+
+def _duplicate_in(value: Any) -> str | None:
+    if isinstance(value, list):
+        return next(filter(None, map(_duplicate_in, value)), None)
+    if isinstance(value, _Marked):
+        return value.duplicate or next(filter(None, map(_duplicate_in, value.values())), None)
+    return None
+
+
+def _json_rows_to_duplicate(path: Path, text: str, key: str) -> Iterator[tuple[int, Any]]:
+    """The rows of a .json list up to the one holding a key twice, which is then named."""
+    data = json.loads(text, object_pairs_hook=_marked)
+    for number, row in enumerate(data if isinstance(data, list) else [data], start=1):
+        found = _duplicate_in(row)
+        if found:
+            raise UserError(f"{path}:{number}: {found}: this key appears twice in one object; keep one")
+        yield number, row
+    raise UserError(f"{path}: {key}: this key appears twice in one object; keep one")
 
 
 def _csv_rows(path: Path) -> Iterator[tuple[int, Any]]:
@@ -60,6 +119,7 @@ def _csv_rows(path: Path) -> Iterator[tuple[int, Any]]:
         reader = csv.DictReader(handle, strict=True)  # an unclosed quote would otherwise swallow every later row
         number = 0
         try:
+            _refuse_duplicate_columns(path, reader.fieldnames or [])
             for number, row in enumerate(reader, start=1):
                 if None in row:  # more cells than the header has columns
                     raise UserError(f"{path}:{number}: {len(row[None])} more cell(s) than the header's "
@@ -67,6 +127,14 @@ def _csv_rows(path: Path) -> Iterator[tuple[int, Any]]:
                 yield number, row
         except csv.Error as exc:
             raise UserError(f"{path}:{number + 1}: not valid CSV ({exc})") from None
+
+
+def _refuse_duplicate_columns(path: Path, names: list[str]) -> None:
+    """One column name twice: a dict keeps the last cell, pandas renames the second; neither is what was meant."""
+    for index, name in enumerate(names):
+        if name in names[:index]:
+            raise UserError(f"{path}: header: {name or '(unnamed)'}: column name appears twice (columns "
+                            f"{names.index(name) + 1} and {index + 1}); rename or remove one")
 
 
 def _parquet_rows(path: Path) -> Iterator[tuple[int, Any]]:
@@ -83,10 +151,12 @@ def _parquet_rows(path: Path) -> Iterator[tuple[int, Any]]:
             yield number, row
 
 
-def _folder_rows(path: Path) -> Iterator[tuple[int, Any]]:
+def _folder_rows(path: Path, split: str = "train") -> Iterator[tuple[int, Any]]:
     import datasets
     loaded = datasets.load_from_disk(str(path))
-    table = loaded["train"] if isinstance(loaded, datasets.DatasetDict) else loaded
+    if isinstance(loaded, datasets.DatasetDict) and split not in loaded:
+        raise UserError(f"{path}: no split '{split}' (it has: {', '.join(loaded)})")
+    table = loaded[split] if isinstance(loaded, datasets.DatasetDict) else loaded
     number = 0
     for batch in table.iter(batch_size=4096):
         for values in zip(*batch.values()):
@@ -103,23 +173,26 @@ def _txt_rows(path: Path) -> Iterator[tuple[int, Any]]:
                 yield number, {"text": line}
 
 
-# Every data file type the launcher reads, by suffix: the `datasets` builder that loads it as a table, and its row reader.
-FILE_TYPES = {".jsonl": ("json", _jsonl_rows), ".json": ("json", _json_rows), ".csv": ("csv", _csv_rows),
-              ".parquet": ("parquet", _parquet_rows), ".txt": ("text", _txt_rows)}
+# Every data file type the launcher reads, by suffix, and its row reader (validate's and train's alike).
+FILE_TYPES = {".jsonl": _jsonl_rows, ".json": _json_rows, ".csv": _csv_rows, ".parquet": _parquet_rows, ".txt": _txt_rows}
 
 
-def every_row(path: str | Path) -> Iterator[tuple[int, Any]]:
+def every_row(path: str | Path, split: str = "train") -> Iterator[tuple[int, Any]]:
     """(row number, row) for every row of a data file or datasets folder (FILE_TYPES says which types are read)."""
     path = Path(path)
-    return _folder_rows(path) if path.is_dir() else FILE_TYPES[path.suffix.lower()][1](path)
+    return _folder_rows(path, split) if path.is_dir() else FILE_TYPES[path.suffix.lower()](path)
 
 
 # ---------------------------------------------------------------- one row
 
 def _undecodable(value: str) -> str | None:
-    """The first byte that was not UTF-8, as 0x.., or None."""
-    found = None if value.isascii() else UNDECODABLE.search(value)
-    return f"0x{ord(found.group()) - 0xDC00:02x}" if found else None
+    """What in a text is not UTF-8 text: a byte (as surrogateescape keeps it), or a lone UTF-16 surrogate."""
+    found = None if value.isascii() else SURROGATE.search(value)
+    if not found:
+        return None
+    if UNDECODABLE.fullmatch(found.group()):
+        return f"not UTF-8 text (byte 0x{ord(found.group()) - 0xDC00:02x}); re-save the file as UTF-8"
+    return f"a lone surrogate \\u{ord(found.group()):04x} (half of a UTF-16 pair), not text"
 
 
 def _text_problem(value: Any, required: bool) -> str | None:
@@ -128,9 +201,9 @@ def _text_problem(value: Any, required: bool) -> str | None:
         return "null, expected text" if required else None
     if not isinstance(value, str):
         return f"expected text, got {type(value).__name__}"
-    byte = _undecodable(value)
-    if byte:
-        return f"not UTF-8 text (byte {byte}); re-save the file as UTF-8"
+    undecodable = _undecodable(value)
+    if undecodable:
+        return undecodable
     if required and not value.strip():
         return "empty text"
     return None
@@ -141,7 +214,9 @@ def _label_problem(value: Any) -> str | None:
         return "null, expected a label name or integer"
     if isinstance(value, bool) or not isinstance(value, (str, int)):
         return f"expected a label name or integer, got {type(value).__name__}"
-    return "empty label" if isinstance(value, str) and not value.strip() else None
+    if isinstance(value, str):
+        return "empty label" if not value.strip() else _undecodable(value)
+    return f"integer {value} is out of range for a label" if abs(value) >= 2**63 else None
 
 
 def _messages_problem(messages: Any, prompt_only: bool = False) -> tuple[str, str] | None:
@@ -154,9 +229,14 @@ def _messages_problem(messages: Any, prompt_only: bool = False) -> tuple[str, st
             return f"[{turn}]", f"expected an object with role and content, got {type(message).__name__}"
         if message.get("role") not in ROLES:
             return f"[{turn}].role", f"expected system, user or assistant, got {message.get('role')!r}"
-        problem = _text_problem(message.get("content"), required=message["role"] == "assistant")
+        if "content" not in message:
+            return f"[{turn}].content", "missing; every turn needs its text"
+        problem = _text_problem(message["content"], required=message["role"] == "assistant") or \
+            ("null, expected text" if message["content"] is None else None)
         if problem:
             return f"[{turn}].content", problem
+    if messages[0]["role"] == "assistant":
+        return "[0].role", "the first turn is the assistant's: a reply needs a system or user turn before it"
     if prompt_only and messages[-1]["role"] != "user":
         return f"[{len(messages) - 1}].role", "the conversation must end on a user turn (chosen and rejected are the replies to it)"
     if not prompt_only and not any(m["role"] == "assistant" for m in messages):
@@ -194,12 +274,31 @@ def row_problem(row: dict, data: DataSection, plan: list[tuple[str, str, bool]])
     return None
 
 
+def table_row(row: dict, plan: list[tuple[str, str, bool]]) -> dict:
+    """A checked row as train's table holds it: only the fields its format reads (an absent optional one as
+    null), a label as its text (train names classes by it), each chat turn as its role and content."""
+    kept = {}
+    for canonical, column, _ in plan:
+        value = row.get(column)
+        if canonical == "messages":
+            value = [{"role": turn["role"], "content": turn["content"]} for turn in value]
+        elif canonical == "label":
+            value = str(value)
+        kept[column] = value
+    return kept
+
+
 # ---------------------------------------------------------------- files and sources
 
 def check_file(path: str | Path, data: DataSection) -> int:
     """Read every row of a data file; stop at the first malformed one. Returns the row count."""
+    return sum(1 for _ in file_rows(path, data))
+
+
+def file_rows(path: str | Path, data: DataSection, split: str = "train") -> Iterator[tuple[int, dict]]:
+    """(row number, table row) for every row of a local file or datasets folder, each checked first."""
     try:
-        return check_rows_of(path, every_row(path), data)
+        yield from checked_rows(path, every_row(path, split), data)
     except OSError as exc:  # no read permission, a folder that is not a saved dataset, a vanished mount
         raise UserError(f"{path}: cannot be read ({exc.strerror or exc})") from None
 
@@ -207,17 +306,30 @@ def check_file(path: str | Path, data: DataSection) -> int:
 def check_rows_of(where: Any, rows: Iterable[tuple[int, Any]], data: DataSection) -> int:
     """Check numbered rows (of a file, or of any table) and stop at the first malformed one with
     `where:row: field: what is wrong`. Returns the row count."""
-    count, plan = 0, field_plan(data)
+    return sum(1 for _ in checked_rows(where, rows, data))
+
+
+def checked_rows(where: Any, rows: Iterable[tuple[int, Any]], data: DataSection) -> Iterator[tuple[int, dict]]:
+    """(row number, table row) for each of `rows`, stopping at the first malformed one, named. Labels must all
+    be text or all integers: 1 among "good" and "bad" would otherwise become a third class."""
+    plan, count, first_label = field_plan(data), 0, None
+    label = data.field("label") if "label" in FORMATS[data.format].fields else None
     for number, row in rows:
         if not isinstance(row, dict):
             raise UserError(f"{where}:{number}: expected a JSON object, got {type(row).__name__}")
         problem = row_problem(row, data, plan)
         if problem:
             raise UserError(f"{where}:{number}: {problem[0]}: {problem[1]}")
+        if label is not None:
+            first_label = first_label or (type(row[label]), number)
+            if type(row[label]) is not first_label[0]:
+                raise UserError(f"{where}:{number}: {label}: {LABEL_KINDS[type(row[label])]} ({row[label]!r}), but the "
+                                f"label of row {first_label[1]} is {LABEL_KINDS[first_label[0]]}; give every label "
+                                "as text, or every one as an integer")
         count += 1
+        yield number, table_row(row, plan)
     if not count:
         raise UserError(f"{where}: no rows")
-    return count
 
 
 # ---------------------------------------------------------------- rows the tokenizer cut or dropped

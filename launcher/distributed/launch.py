@@ -22,6 +22,11 @@ def launched_world_size() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
 
 
+def launched() -> bool:
+    """True when a process launcher set the world size (else `launched_world_size` only assumes one process)."""
+    return "WORLD_SIZE" in os.environ
+
+
 def launch_hint(world: int) -> str:
     return CPU_LAUNCH.replace(" N ", f" {world} ")
 
@@ -29,8 +34,7 @@ def launch_hint(world: int) -> str:
 def mixed_precision(recipe: Recipe, on_gpu: bool) -> str:
     choice = recipe.train.precision
     if choice == "auto":
-        import torch
-        return "bf16" if on_gpu and torch.cuda.is_bf16_supported() else "no"
+        return "bf16" if on_gpu and native_bf16(this_gpu_capability()) else "no"
     if not on_gpu and choice == "fp16":
         raise UserError("train.precision: fp16 needs a GPU; use fp32 or bf16 on CPU")
     return {"fp32": "no"}.get(choice, choice)
@@ -45,3 +49,16 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
+
+
+def this_gpu_capability() -> tuple[int, int]:
+    """The compute capability of this process's GPU (LOCAL_RANK), read before the device is set."""
+    import torch
+    count = torch.cuda.device_count()
+    return torch.cuda.get_device_capability(int(os.environ.get("LOCAL_RANK", "0")) % count) if count else (0, 0)
+
+
+def native_bf16(capability: tuple[int, int]) -> bool:
+    """bf16 in hardware from Ampere (8.0) on; V100 (7.0) and T4 (7.5) only emulate it, slowly
+    (`torch.cuda.is_bf16_supported()` says True there, and reads the current device, not this rank's)."""
+    return tuple(capability) >= (8, 0)

@@ -1,5 +1,4 @@
-"""What each strategy refuses, how it is recognised, what each rank holds, and which process counts its
-checkpoints resume on.
+"""What each strategy refuses, how it is recognised, and what each rank holds.
 
 One rules class per strategy, torch-free, so preflight (`launcher validate` included), the memory
 planner and the strategy objects that train (strategies.py) all ask the same code. A DeepSpeed
@@ -13,7 +12,7 @@ from functools import cached_property
 from pathlib import Path
 
 from launcher.distributed.deepspeed_config import deepspeed_config, deepspeed_path, zero_section
-from launcher.distributed.launch import ENV_FIX, accelerate_env, launch_hint
+from launcher.distributed.launch import ENV_FIX, accelerate_env
 from launcher.errors import UserError
 from launcher.memory.counts import StatePlacement
 from launcher.recipe.schema import BNB_OPTIMIZERS, RESIDUAL_INITS, FsdpSection, Recipe
@@ -75,17 +74,6 @@ class StrategyRules:
     def quant_storage(self, compute_dtype):
         """The dtype bitsandbytes packs 4-bit weights into (None: its default, uint8)."""
         return None
-
-    def resumes_on_any_world_size(self) -> bool:
-        return True
-
-    def check_resume(self, state: dict, world: int) -> None:
-        """Refuse to resume a checkpoint on a process count this strategy cannot load it on."""
-        saved = state.get("world_size", 1)
-        if saved != world and not self.resumes_on_any_world_size():
-            raise UserError(f"this checkpoint was written by {saved} processes under DeepSpeed ZeRO full fine-tuning, whose "
-                            f"optimiser state is split per process; resume with {saved} processes (e.g. {launch_hint(saved)}), "
-                            "or start fresh with --overwrite")
 
 
 class DdpRules(StrategyRules):
@@ -158,9 +146,6 @@ class DeepSpeedRules(StrategyRules):
                               offload_weights=offloaded["offload_param"], offload_optimizer=offloaded["offload_optimizer"],
                               low_precision_master=True, autocast=False, cast_weights=True,
                               gathered_blocks=2 if stage == 3 else 0, bucket_elements=int(buckets))
-
-    def resumes_on_any_world_size(self) -> bool:
-        return self.recipe.method != "full"
 
 
 class FsdpRules(StrategyRules):

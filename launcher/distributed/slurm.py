@@ -25,6 +25,7 @@ import subprocess
 import sys
 from collections.abc import Sequence
 from dataclasses import field
+from typing import Literal
 from pathlib import Path
 
 from pydantic import ConfigDict
@@ -55,7 +56,12 @@ class SlurmJob:
     """srun tasks (machines, to accelerate) per node. Leave at 1 except to imitate several
     machines on one host."""
     cpus_per_task: int | None = None
-    """CPUs for each srun task (data loading, tokenising)."""
+    """CPUs for each srun task (its training processes, data loading, tokenising). Default with
+    `resources whole-nodes`: every CPU of the node, split between its tasks."""
+    resources: Literal["whole-nodes", "as-given"] = "whole-nodes"
+    """whole-nodes: ask for whole nodes (`--exclusive`, `--mem=0`) and give the srun tasks every CPU
+    (without it, Slurm may give each node's GPU processes one core between them); an `exclusive` or
+    `mem` in extra_sbatch replaces that part. as-given: only cpus_per_task and extra_sbatch."""
     partition: str | None = None
     """Slurm partition (queue)."""
     time: str | None = None
@@ -139,6 +145,29 @@ def _sbatch_line(option: str) -> str:
     return f"#SBATCH {option}"
 
 
+def resource_requests(spec: SlurmJob) -> tuple[list[str], str | None]:
+    """The sbatch options that ask for GPUs, CPUs and memory, and the CPUs each srun task gets (shell text).
+
+    Asking only for GPUs leaves CPUs and memory to the site's defaults, often one CPU per task: a
+    node's eight training processes would then share one core. Whole nodes are the default;
+    options the user gave (cpus_per_task, `exclusive` or `mem...` in extra_sbatch) win."""
+    given = {option.strip().removeprefix("#SBATCH").strip().lstrip("-").split("=")[0] for option in spec.extra_sbatch}
+    options = [f"--gres=gpu:{spec.gpus_per_node}"] if spec.gpus_per_node else []
+    if spec.cpus_per_task:
+        options.append(f"--cpus-per-task={spec.cpus_per_task}")
+    if spec.resources == "as-given":
+        return options, str(spec.cpus_per_task) if spec.cpus_per_task else None
+    if "exclusive" not in given:
+        options.append("--exclusive")
+    if not any(name.startswith("mem") for name in given):
+        options.append("--mem=0")  # all of each node's memory
+    if spec.cpus_per_task:
+        return options, str(spec.cpus_per_task)
+    split = spec.tasks_per_node
+    on_node = f"${{SLURM_CPUS_ON_NODE:-{split}}}"
+    return options, f'"{on_node}"' if split == 1 else f"$(( {on_node} / {split} ))"
+
+
 def _template_text(spec: SlurmJob) -> str:
     # launcher/templates is a symlink to the repo's slurm/, packaged in wheels.
     path = Path(spec.template) if spec.template else TEMPLATES / TEMPLATE_NAME
@@ -153,21 +182,19 @@ def sbatch_script(recipe_path: str | os.PathLike, run_dir: str | os.PathLike, sp
     run_dir = Path(run_dir).resolve()
     if re.search(r"\s", str(run_dir)):
         raise SlurmError(f"run directory {run_dir} has white space, which #SBATCH --output cannot take")
-    options = []
-    if spec.gpus_per_node:
-        options.append(f"--gres=gpu:{spec.gpus_per_node}")
-    for name in ("cpus_per_task", "partition", "time", "account", "qos", "workdir"):
+    options, task_cpus = resource_requests(spec)
+    for name in ("partition", "time", "account", "qos", "workdir"):
         value = getattr(spec, name)
         if value is not None:
-            options.append(f"--{'chdir' if name == 'workdir' else name.replace('_', '-')}={value}")
+            options.append(f"--{'chdir' if name == 'workdir' else name}={value}")
     options += spec.extra_sbatch
     env = {"ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"} if not spec.gpus_per_node and spec.world_size > 1 else {}
     env.update(spec.env)
     srun = [f"--nodes={spec.nodes}", f"--ntasks-per-node={spec.tasks_per_node}", "--kill-on-bad-exit=1"]
     if spec.machines > 1:
         srun.append("--label")
-    if spec.cpus_per_task:  # srun stopped inheriting it from sbatch in Slurm 22.05
-        srun.append(f"--cpus-per-task={spec.cpus_per_task}")
+    if task_cpus:  # srun stopped inheriting it from sbatch in Slurm 22.05
+        srun.append(f"--cpus-per-task={task_cpus}")
     port = spec.port or f'$({shlex.quote(spec.python)} -c "{PORT_PROBE}")'
     values = {
         "header": f"launcher run of {Path(recipe_path).name!r}: {spec.nodes} node(s) x {spec.gpus_per_node} GPU(s), "

@@ -18,11 +18,13 @@ from __future__ import annotations
 import os
 from datetime import timedelta
 
-from launcher.checkpoint import layouts
+from launcher.checkpoint import layouts, universal
+from launcher.distributed import mesh
 from launcher.distributed.deepspeed_config import deepspeed_config
 from launcher.distributed.launch import CPU_LAUNCH, free_port, launched_world_size, mixed_precision
-from launcher.distributed.rules import DdpRules, DeepSpeedRules, FsdpRules, StrategyRules
+from launcher.distributed.rules import DdpRules, DeepSpeedRules, FsdpRules, StrategyRules, rules_for
 from launcher.errors import UserError
+from launcher.model.loading import compute_dtype
 from launcher.recipe.schema import Recipe
 from launcher.report import trackers
 
@@ -68,6 +70,10 @@ class Strategy:
         if self.accelerate_type and accelerator.distributed_type != self.accelerate_type:
             raise RuntimeError(f"accelerate chose {accelerator.distributed_type} instead of {self.accelerate_type}")
         return accelerator
+
+    def plan_resume(self, state: dict | None, world: int) -> None:
+        """Told, before the accelerator is built, the trainer state of the checkpoint the run resumes from (None:
+        a fresh start) and the process count. Only DeepSpeed full fine-tuning loads differently then."""
 
     def shard(self, model, accelerator):
         """Spread the model before the optimiser sees its parameters (FSDP2 only)."""
@@ -135,6 +141,10 @@ class DeepSpeed(Strategy):
 
     rules_class = DeepSpeedRules
     accelerate_type = "DEEPSPEED"
+    universal = False  # resuming full fine-tuning on another process count: load the universal conversion
+
+    def plan_resume(self, state: dict | None, world: int) -> None:
+        self.universal = state is not None and self.recipe.method == "full" and state.get("world_size", 1) != world
 
     def unwrap(self, accelerator, model):
         return accelerator.unwrap_model(model)
@@ -153,26 +163,48 @@ class DeepSpeed(Strategy):
         if "RANK" not in os.environ:  # `python -m launcher R`: a one-process group, as `accelerate launch` would set up
             os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
         os.environ.setdefault("DS_ACCELERATOR", "cuda" if on_gpu else "cpu")
-        return {"cpu": False, "deepspeed_plugin": DeepSpeedPlugin(hf_ds_config=deepspeed_config(self.recipe, world, precision))}
+        config = deepspeed_config(self.recipe, world, precision)
+        if self.universal:  # read when the engine loads a checkpoint: per-parameter files, sliced for this count
+            config["checkpoint"] = {**config.get("checkpoint", {}), "load_universal": True}
+        return {"cpu": False, "deepspeed_plugin": DeepSpeedPlugin(hf_ds_config=config)}
 
     def load_state_kwargs(self) -> dict:
         return {}  # a DeepSpeed engine loads its whole module itself and takes no `strict`
 
     def checkpoint_layout(self, accelerator, model, optimizer, scheduler):
         """Adapters: the trainable part assembled from ZeRO's partitions by name (any process count);
-        full fine-tuning: DeepSpeed's own per-rank shards (the process count that wrote them)."""
+        full fine-tuning: DeepSpeed's own per-rank shards, loaded through their universal conversion when the
+        process count changed (launcher/checkpoint/universal.py)."""
         if self.recipe.method != "full":
             return layouts.ZeroTrainableLayout(accelerator, model, optimizer, scheduler, self.unwrap(accelerator, model))
+        if self.universal:
+            return universal.UniversalLayout(accelerator, self.load_state_kwargs())
         return super().checkpoint_layout(accelerator, model, optimizer, scheduler)
 
 
 class Fsdp2(Strategy):
-    """torch's FSDP2 (`fully_shard`) on every transformer block and the root, over all processes.
+    """torch's FSDP2 (`fully_shard`) on every transformer block and the root, over all processes: sharded over all of
+    them, or (HSDP, distributed.replicate) sharded inside each group and replicated across groups.
 
     Checkpoints are sharded (launcher/checkpoint/layouts.py), so they resume on any number of processes.
     """
 
     rules_class = FsdpRules
+
+    def backend(self, on_gpu: bool, world: int) -> str | None:
+        """With cpu_offload the shards, their gradients and the optimiser step live in CPU memory: clipping
+        reduces over CPU DTensors, which an NCCL-only group cannot ("No backend type associated with device
+        type cpu"). accelerate adds gloo for CPU only under its own FSDP settings, so it is named here."""
+        options = self.recipe.distributed.fsdp
+        if on_gpu and world > 1 and options is not None and options.cpu_offload:
+            return "cpu:gloo,cuda:nccl"
+        return super().backend(on_gpu, world)
+
+    def reduces_every_micro_batch(self) -> bool:
+        """Full fine-tuning reduce-scatters gradients at every micro-batch: skipping it would accumulate whole,
+        unsharded fp32 gradients on every rank (8B: 32 GB more per rank than the plan, which counts sharded
+        ones), for less traffic. Adapter gradients are small: those sync once per optimiser step."""
+        return self.recipe.method == "full"
 
     def shard(self, model, accelerator):
         options = self.recipe.distributed.fsdp
@@ -195,21 +227,24 @@ class Fsdp2(Strategy):
 
     def _shard_kwargs(self, accelerator) -> dict:
         import torch
-        from torch.distributed.device_mesh import init_device_mesh
         from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy
         options = self.recipe.distributed.fsdp
-        kwargs = {"mesh": init_device_mesh(accelerator.device.type, (accelerator.num_processes,)),
+        kwargs = {"mesh": mesh.device_mesh(self.recipe, accelerator.device.type, accelerator.num_processes),
                   "reshard_after_forward": options is None or options.sharding == "full"}
         if options is not None and options.cpu_offload:  # GPU only: preflight refused it on CPU
             kwargs["offload_policy"] = CPUOffloadPolicy()
-        low = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(accelerator.mixed_precision)
+        storage = quant_storage_dtype(self.recipe, accelerator.device.type == "cuda")
+        low = fsdp_param_dtype(accelerator.mixed_precision, storage)
         if low is not None:
             kwargs["mp_policy"] = MixedPrecisionPolicy(param_dtype=low, reduce_dtype=torch.float32)
         return kwargs
 
     def prepare(self, accelerator, model, optimizer, scheduler):
         """FSDP2 models stay out of accelerator.prepare (accelerate would wrap them in DDP on CPU); the optimiser
-        gets accelerate's wrapper, which skips steps while accumulating and unscales fp16 gradients."""
+        gets accelerate's wrapper, which skips steps while accumulating and unscales fp16 gradients. One process
+        shards nothing and so has no MixedPrecisionPolicy: accelerate's own path applies train.precision there."""
+        if accelerator.num_processes == 1:
+            return super().prepare(accelerator, model, optimizer, scheduler)
         scheduler = accelerator.prepare(scheduler)
         scaler = self.gradient_scaler(accelerator)
         if scaler is not None:
@@ -232,7 +267,7 @@ class Fsdp2(Strategy):
         micro-batches (accelerate's no_sync does this only for models it wrapped itself)."""
         from torch.distributed.fsdp import FSDPModule
         if isinstance(model, FSDPModule):
-            model.set_requires_gradient_sync(now)
+            model.set_requires_gradient_sync(now or self.reduces_every_micro_batch())
 
     def checkpoint_layout(self, accelerator, model, optimizer, scheduler):
         """Adapters: the trainable part by name; full fine-tuning: torch.distributed.checkpoint shards, each
@@ -247,6 +282,26 @@ class Fsdp2(Strategy):
         if not isinstance(model, FSDPModule):  # one process: nothing was sharded
             return model.state_dict()
         return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
+def quant_storage_dtype(recipe: Recipe, on_gpu: bool):
+    """The float dtype QLoRA's 4-bit weights are packed into under this strategy; None when they are not."""
+    if recipe.method != "qlora" or recipe.quant.bits != 4:
+        return None
+    return rules_for(recipe).quant_storage(compute_dtype(recipe, on_gpu))
+
+
+def fsdp_param_dtype(precision: str, storage):
+    """FSDP2's param_dtype for accelerate's precision name. FSDP2 casts every float parameter of another dtype
+    value by value, which would scramble 4-bit weights packed into `storage` (QLoRA): they must agree."""
+    import torch
+    low = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
+    if storage is not None and low is not None and low != storage:
+        stored = str(storage).removeprefix("torch.")
+        raise UserError(f"method qlora under strategy fsdp: train.precision {precision} would make FSDP2 cast the 4-bit "
+                        f"weights, packed as {stored} (quant.compute_dtype), value by value and corrupt them; set "
+                        f"train.precision and quant.compute_dtype to the same dtype")
+    return low
 
 
 STRATEGIES: dict[str, type[Strategy]] = {cls.rules_class.name: cls for cls in (Ddp, DeepSpeed, Fsdp2)}

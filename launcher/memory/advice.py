@@ -16,7 +16,7 @@ from pydantic import ValidationError
 
 from launcher.memory import estimate as planner
 from launcher.memory.estimate import GIB, Plan
-from launcher.recipe.schema import Recipe
+from launcher.recipe.schema import Recipe, applicable
 from launcher.errors import UserError
 from launcher.recipe.files import apply_overrides, load_recipe
 from launcher.distributed.rules import rules_for
@@ -75,7 +75,7 @@ def _changed(recipe: Recipe, overrides: list[str]) -> Recipe | None:
     if any(o.startswith("distributed.strategy=") for o in overrides):  # the old strategy's own section goes with it
         data["distributed"] = {key: data["distributed"][key] for key in ("num_processes", "timeout_minutes")}
     try:
-        changed = Recipe.model_validate(apply_overrides(data, overrides))
+        changed = Recipe.model_validate(applicable(apply_overrides(data, overrides)))
         rules_for(changed).refuse()
     except (ValidationError, UserError):
         return None

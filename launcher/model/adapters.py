@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 from launcher.recipe.schema import RESIDUAL_INITS, Recipe
@@ -63,6 +64,11 @@ def _under(name: str, prefixes: list[str]) -> bool:
 def placement(model, recipe: Recipe) -> AdapterPlacement:
     """Targets, fully trained heads and unquantised modules of `model` (a skeleton will do)."""
     lora = recipe.lora
+    names = [name for name, _ in model.named_modules() if name]
+    for wanted in lora.modules_to_save:  # peft saves the modules whose name is this or ends in .this
+        if not any(name == wanted or name.endswith("." + wanted) for name in names):
+            raise UserError(f"lora.modules_to_save: {wanted!r} names no module of {type(model).__name__} (its top-level "
+                            f"modules: {', '.join(n for n in names if '.' not in n)}); fix or remove it")
     heads = sorted(set(new_heads(model, recipe.model.task)) | set(lora.modules_to_save))
     output = model.get_output_embeddings()
     output_names = [n for n, m in model.named_modules() if output is not None and m is output]
@@ -109,6 +115,40 @@ def add_adapter(model, recipe: Recipe, where: AdapterPlacement):
         from peft import replace_lora_weights_loftq
         replace_lora_weights_loftq(peft_model)
     return peft_model
+
+
+def low_precision_trainable(model) -> list[str]:
+    """Trainable parameters held below float32 (peft upcasts LoRA layers on a bf16 base, not `modules_to_save`)."""
+    import torch
+    return [name for name, p in model.named_parameters()
+            if p.requires_grad and p.is_floating_point() and p.dtype != torch.float32]
+
+
+def keep_trainable_fp32(model) -> list[str]:
+    """Every trainable parameter in float32, so AdamW updates a full-precision copy (a bf16 head would lose small
+    updates to rounding). Each upcast module computes on inputs cast to its weights' dtype and hands back
+    outputs in the dtype it had, so the bf16 layers around it see what they saw before. Returns the names."""
+    import torch
+    names = low_precision_trainable(model)
+    owners = {name.rpartition(".")[0] for name in names}
+    for owner in owners:
+        module = model.get_submodule(owner)
+        before = next(p.dtype for p in module.parameters(recurse=False) if p.is_floating_point())
+        module.to(torch.float32)
+        module.register_forward_pre_hook(partial(_cast_floats, to=None))
+        module.register_forward_hook(partial(_cast_output, to=before))
+    return names
+
+
+def _cast_floats(module, inputs, to=None):
+    """Floating inputs to the module's weight dtype (float32 here; what DeepSpeed may later cast it to)."""
+    import torch
+    dtype = to or next(p.dtype for p in module.parameters(recurse=False) if p.is_floating_point())
+    return tuple(x.to(dtype) if isinstance(x, torch.Tensor) and x.is_floating_point() else x for x in inputs)
+
+
+def _cast_output(module, inputs, output, to=None):
+    return _cast_floats(module, (output,), to)[0] if not isinstance(output, tuple) else _cast_floats(module, output, to)
 
 
 def export_kwargs(model, run_dir: Path) -> dict:

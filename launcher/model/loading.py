@@ -5,7 +5,7 @@ turning a GGUF file into a plain trainable folder once, and freezing by the reci
 """
 from __future__ import annotations
 
-import hashlib
+import json
 import importlib.util
 import os
 import re
@@ -13,6 +13,8 @@ import shutil
 import tempfile
 from pathlib import Path
 
+from launcher.distributed.launch import native_bf16, this_gpu_capability
+from launcher.data.fingerprint import content_digest
 from launcher.distributed.rules import rules_for
 from launcher.model import adapters
 from launcher.recipe.schema import Recipe
@@ -44,9 +46,9 @@ def weights_folder(recipe: Recipe) -> str:
 
 
 def gguf_cache_folder(source: Path) -> Path:
-    stat = source.stat()
-    key = hashlib.sha256(f"{source.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:12]
-    return cache_root() / "gguf" / f"{source.stem}-{key}"
+    """The converted folder of a GGUF file, keyed by its content (a file replaced under its old size and
+    modification time is converted again)."""
+    return cache_root() / "gguf" / f"{source.stem}-{content_digest(source)[:12]}"
 
 
 def convert_gguf(folder: str, gguf_file: str) -> Path:
@@ -118,12 +120,12 @@ def compute_dtype_name(recipe: Recipe, on_gpu: bool, gpu_has_bf16: bool) -> str:
 
 def weight_dtype(recipe: Recipe, on_gpu: bool):
     import torch
-    return getattr(torch, weight_dtype_name(recipe, on_gpu, on_gpu and torch.cuda.is_bf16_supported()))
+    return getattr(torch, weight_dtype_name(recipe, on_gpu, on_gpu and native_bf16(this_gpu_capability())))
 
 
 def compute_dtype(recipe: Recipe, on_gpu: bool):
     import torch
-    return getattr(torch, compute_dtype_name(recipe, on_gpu, on_gpu and torch.cuda.is_bf16_supported()))
+    return getattr(torch, compute_dtype_name(recipe, on_gpu, on_gpu and native_bf16(this_gpu_capability())))
 
 
 def quantization_config(recipe: Recipe, on_gpu: bool, unquantised: list[str]):
@@ -153,8 +155,10 @@ def freeze(model, recipe: Recipe) -> list[str]:
         if id(param) in chosen or any(p.search(name) for p in patterns):
             param.requires_grad_(False)
             frozen.append(name)
-    if rules.patterns and not any(any(p.search(n) for p in patterns) for n in frozen):
-        raise UserError(f"freeze.patterns {rules.patterns} match no parameter of this model")
+    unmatched = [p.pattern for p in patterns if not any(p.search(name) for name in frozen)]
+    if unmatched:
+        raise UserError(f"freeze.patterns: {unmatched[0]!r} matches no parameter of {type(model).__name__} "
+                        f"(e.g. {next(iter(dict(model.named_parameters())), '')}); fix or remove it")
     return frozen
 
 
@@ -208,13 +212,55 @@ def adapter_placement(path: str, recipe: Recipe, labels: list[str] | None = None
     return adapters.placement(skeleton(path, recipe, labels), recipe) if recipe.method != "full" else None
 
 
+def checkpoint_keys(path: str) -> set[str] | None:
+    """The tensor names a checkpoint holds (safetensors header or index, or a sharded .bin index), or None when not found."""
+    folder = Path(path)
+    found = {name: folder / name if folder.is_dir() else _hub_file(path, name)
+             for name in ("model.safetensors.index.json", "model.safetensors", "pytorch_model.bin.index.json")}
+    for name, file in found.items():
+        if file is None or not Path(file).is_file():
+            continue
+        if name.endswith(".json"):
+            return set(json.loads(Path(file).read_text())["weight_map"])
+        from safetensors import safe_open
+        with safe_open(str(file), framework="pt") as handle:
+            return set(handle.keys())
+    return None
+
+
+def _hub_file(repo: str, name: str) -> str | None:
+    from transformers.utils import cached_file
+    try:
+        return cached_file(repo, name, _raise_exceptions_for_missing_entries=False,
+                           _raise_exceptions_for_connection_errors=False)
+    except OSError:  # not a hub id transformers can resolve here: from_pretrained will say why
+        return None
+
+
+def absent_linears(model, keys: set[str] | None) -> list[str]:
+    """Linear layers whose weight the checkpoint lacks (a BERT saved without its pooler, loaded for classification):
+    transformers initialises them as plain float parameters, which inside a 4-bit layer break peft. They stay
+    unquantised. Names are compared with and without the base model's prefix; when most layers seem absent the
+    naming differs (a converted checkpoint) and nothing is claimed."""
+    if not keys:
+        return []
+    prefix = getattr(model, "base_model_prefix", "") + "."
+    held = keys | {k.removeprefix(prefix) for k in keys} | {prefix + k for k in keys}
+    linears = [name for name, module in model.named_modules() if adapters.is_linear(module) and name]
+    absent = [name for name in linears if name + ".weight" not in held]
+    return absent if len(absent) <= len(linears) // 2 else []
+
+
 def load_base(path: str, recipe: Recipe, on_gpu: bool, labels: list[str] | None = None):
     """The pretrained model with the task's head; a classifier gets a new head sized and named from `labels`."""
     kwargs = {"dtype": weight_dtype(recipe, on_gpu), "trust_remote_code": recipe.model.trust_remote_code}
     if recipe.model.attn_implementation:
         kwargs["attn_implementation"] = recipe.model.attn_implementation
-    where = adapter_placement(path, recipe, labels) if recipe.method == "qlora" else None
-    quantization = quantization_config(recipe, on_gpu, where.unquantised if where else [])
+    unquantised = []
+    if recipe.method == "qlora":  # heads, and what the checkpoint does not hold (newly initialised: no 4-bit weights)
+        model_tree = skeleton(path, recipe, labels)
+        unquantised = adapters.placement(model_tree, recipe).unquantised + absent_linears(model_tree, checkpoint_keys(path))
+    quantization = quantization_config(recipe, on_gpu, unquantised)
     if quantization is not None:
         from accelerate import PartialState
         # Quantised weights are placed at load; accelerate will not move them to this process's device later.
@@ -270,4 +316,5 @@ def load_model(path: str, recipe: Recipe, on_gpu: bool, labels: list[str] | None
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if where is not None:
         model = adapters.add_adapter(model, recipe, where)
+        adapters.keep_trainable_fp32(model)
     return model

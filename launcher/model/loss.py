@@ -8,6 +8,7 @@ by the model's own `prepare_decoder_input_ids_from_labels` instead.
 """
 from __future__ import annotations
 
+from launcher.data.packing import VARLEN_KEYS
 from launcher.model import preference
 from launcher.recipe.formats import IGNORE
 from launcher.recipe.schema import Recipe
@@ -49,6 +50,7 @@ def task_loss_sum(model, batch: dict, task: str, chunk_tokens: int = 0):
         inputs["use_cache"] = False  # training and eval loss need no KV cache; packing is detected only without one
     if "position_ids" in batch:  # packing is detected only with no attention mask
         inputs["position_ids"] = batch["position_ids"]
+        inputs.update({key: batch[key] for key in VARLEN_KEYS if key in batch})  # flash-attention's bounds
     else:
         inputs["attention_mask"] = batch["attention_mask"]
     if task == "causal-lm" and chunk_tokens:

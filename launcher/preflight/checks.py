@@ -16,10 +16,11 @@ from pathlib import Path
 
 from launcher.data.sources import check_sources
 from launcher.errors import UserError
-from launcher.preflight import locations
+from launcher.preflight import locations, modelfolder
 from launcher.recipe.files import load_recipe, load_run
 from launcher.recipe.schema import BNB_OPTIMIZERS, Recipe
-from launcher.distributed.launch import launch_hint, launched_world_size, mixed_precision
+from launcher.distributed import mesh
+from launcher.distributed.launch import launch_hint, launched, launched_world_size, mixed_precision
 from launcher.distributed.rules import rules_for
 
 BNB_FIRST_CPU_VERSION = (0, 46)  # bitsandbytes gained its CPU backend (4-bit, 8-bit, 8-bit optimisers) in 0.46
@@ -65,7 +66,8 @@ def check(recipe: Recipe, target: Target | None = None) -> Target:
     check_device_support(recipe, target.device)
     locations.check_output_dir(recipe)
     locations.check_model(recipe)
-    check_sources(recipe)  # every row of every file: the slow one, last
+    check_sources(recipe)  # every row of every file: the slow one
+    modelfolder.check_model_folder(recipe)  # headers only, before any loader sees a damaged file
     return target
 
 
@@ -76,6 +78,8 @@ def check_launch(recipe: Recipe, target: Target) -> None:
     if wanted is not None and target.world != wanted:
         raise UserError(f"distributed.num_processes is {wanted} but {target.world} process{'es' * (target.world != 1)} "
                         f"started; launch with {launch_hint(wanted)}")
+    known = wanted or (target.world if target.world > 1 or launched() else None)  # plain validate: count unknown
+    mesh.check(recipe, known, target.device == "cuda")
     rules = rules_for(recipe)
     rules.refuse()
     rules.refuse_launch(target.device == "cuda")

@@ -6,6 +6,7 @@ The schema and its cross-field rules are launcher/recipe.py; this module turns f
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 from typing import Any
 
@@ -33,27 +34,93 @@ def _section_fields(location: tuple) -> list[str]:
     return list(getattr(cls, "model_fields", {}))
 
 
+BRANCH_TAGS = {"str", "int", "float", "bool", "list", "dict", "none"}  # pydantic's names for the branches of a union
+
+
+def _shown_location(loc: tuple) -> tuple[str, ...]:
+    """An error's location as the user wrote it: list indices as [i], pydantic's union branch tags
+    (`str`, `list[SourceEntry]`) dropped, so a bad weight reads `data.train[0].weight`."""
+    parts: list[str] = []
+    for part in loc:
+        if isinstance(part, int):
+            parts[-1:] = [f"{parts[-1]}[{part}]"] if parts else [f"[{part}]"]
+        elif not (re.search(r"[\[\]-]", str(part)) or str(part)[:1].isupper() or part in BRANCH_TAGS):
+            parts.append(str(part))
+    return tuple(parts)
+
+
 def _describe(error: dict) -> str:
-    loc = tuple(str(p) for p in error["loc"])
+    loc = _shown_location(error["loc"])
     key = ".".join(loc)
     if error["type"] == "extra_forbidden":
-        return unknown_key(".".join(loc[:-1]), loc[-1], _section_fields(loc[:-1]))
+        return unknown_key(".".join(loc[:-1]), loc[-1], _section_fields(tuple(p.split("[")[0] for p in loc[:-1])))
     if error["type"] == "missing":
         return f"missing key '{key}'"
-    if not loc:  # a cross-field rule
-        return error["msg"].removeprefix("Value error, ")
-    return f"key '{key}': {error['msg']} (got {error.get('input')!r})"
+    message = error["msg"].removeprefix("Value error, ")
+    if not loc or (error["type"] == "value_error" and isinstance(error.get("input"), dict)):  # a rule between keys
+        return message
+    return f"key '{key}': {message} (got {error.get('input')!r})"
+
+
+def _first_error(errors: list[dict]) -> dict:
+    """The error to show: an unknown key first (a misspelled required key is also reported missing, and the typo
+    is the news); then the deepest, so a union's matching branch (a bad source entry) wins over `not a string`."""
+    return sorted(errors, key=lambda error: (error["type"] != "extra_forbidden", -len(error["loc"])))[0]
+
+
+class _RecipeLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, reading 1e-4 as a number (YAML 1.2 does; PyYAML's 1.1 rules make it a string)."""
+
+
+_RecipeLoader.add_implicit_resolver("tag:yaml.org,2002:float", re.compile(r"^[-+]?[0-9][0-9_]*(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
+                                    list("-+0123456789"))
+
+
+def _decoded(path: Path) -> str:
+    """The recipe's text; a byte that is not UTF-8 is named by its offset and line."""
+    raw = path.read_bytes()
+    try:
+        return raw.decode("utf-8").removeprefix("\ufeff")
+    except UnicodeDecodeError as exc:
+        line = raw[:exc.start].count(b"\n") + 1
+        raise UserError(f"{path}: byte 0x{raw[exc.start]:02x} at offset {exc.start} (line {line}) is not UTF-8; "
+                        "save the recipe as UTF-8") from None
+
+
+def _refuse_duplicate_keys(node, path: Path, where: str = "") -> None:
+    """A key written twice in one mapping, at any depth: YAML would keep the last one silently."""
+    if isinstance(node, yaml.SequenceNode):
+        for index, item in enumerate(node.value):
+            _refuse_duplicate_keys(item, path, f"{where}[{index}]")
+    if not isinstance(node, yaml.MappingNode):
+        return
+    seen: dict[str, int] = {}
+    for key_node, value_node in node.value:
+        key = str(key_node.value)
+        dotted = f"{where}.{key}" if where else key
+        line = key_node.start_mark.line + 1
+        if key in seen and key != "<<":
+            raise UserError(f"{path}: key '{dotted}' appears twice (lines {seen[key]} and {line}); "
+                            "YAML would keep only the last: keep one")
+        seen[key] = line
+        _refuse_duplicate_keys(value_node, path, dotted)
 
 
 def _read_yaml(path: Path) -> dict:
     if not path.is_file():
         raise UserError(f"recipe file not found: {path}")
+    loader = _RecipeLoader(_decoded(path))
     try:
-        data = yaml.safe_load(path.read_text())
+        node = loader.get_single_node()
+        if node is not None:
+            _refuse_duplicate_keys(node, path)
+        data = loader.construct_document(node) if node is not None else None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" line {mark.line + 1}" if mark else ""
         raise UserError(f"{path}{where}: not valid YAML ({getattr(exc, 'problem', exc)})") from None
+    finally:
+        loader.dispose()
     if data is None:
         data = {}
     if not isinstance(data, dict):
@@ -90,13 +157,18 @@ def _absolutise_paths(data: dict, folder: Path) -> None:
         value = node.get(key) if isinstance(node, dict) else None
         if section == "data" and isinstance(value, (list, dict)):  # source entries: each path is relative to this recipe
             for entry in value if isinstance(value, list) else [value]:
-                if isinstance(entry, dict) and isinstance(entry.get("path"), str) and not entry["path"].startswith(("hf:", "~")):
+                if isinstance(entry, dict) and _relative(entry.get("path")) and not entry["path"].startswith("pkg:"):
                     entry["path"] = os.path.normpath(folder / entry["path"])
             continue
-        if not isinstance(value, str) or os.path.isabs(value) or value.startswith(("pkg:", "hf:", "~")):
+        if not _relative(value) or value.startswith("pkg:"):
             continue
         if section == "data" or value.startswith(("./", "../")) or value.endswith(".json"):
             node[key] = os.path.normpath(folder / value)
+
+
+def _relative(value: Any) -> bool:
+    """A path written relative to its recipe (blank ones are left for the schema to refuse)."""
+    return isinstance(value, str) and bool(value.strip()) and not os.path.isabs(value) and not value.startswith(("hf:", "~"))
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:
@@ -104,8 +176,11 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     key, sep, raw = text.partition("=")
     if not sep or not key or any(not part for part in key.split(".")):
         raise UserError(f"override '{text}' is not of the form key.path=value")
+    if key == "base":
+        raise UserError(f"override '{text}': base is read from the recipe file (it names the recipe that file "
+                        "extends), not from the command line; write `base: ...` in the recipe")
     try:
-        value = yaml.safe_load(raw) if raw else ""
+        value = yaml.load(raw, Loader=_RecipeLoader) if raw else ""
     except yaml.YAMLError:
         value = raw
     return key.split("."), value
@@ -129,8 +204,7 @@ def load_recipe(path: str | os.PathLike, overrides: list[str] = ()) -> Recipe:
     try:
         recipe = Recipe.model_validate(data)
     except ValidationError as exc:
-        # An unknown key first: a misspelled required key (`paht:`) is also reported missing, and the typo is the news.
-        first = sorted(exc.errors(), key=lambda error: error["type"] != "extra_forbidden")[0]
+        first = _first_error(exc.errors())
         more = len(exc.errors()) - 1
         suffix = f" (and {more} more problem{'s' * (more > 1)})" if more else ""
         raise UserError(f"{path}: {_describe(first)}{suffix}") from None

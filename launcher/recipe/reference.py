@@ -26,6 +26,8 @@ def _section(annotation: Any) -> type[BaseModel] | None:
 def allowed(annotation: Any) -> str:
     """Allowed values of a field, read from its type: the choices of a Literal, or the type's name."""
     origin, args = typing.get_origin(annotation), typing.get_args(annotation)
+    if origin is typing.Annotated:  # a checked str (a path, a regex) is still a str
+        return allowed(args[0])
     if origin is typing.Literal:
         return " / ".join(str(a) for a in args)
     if origin in (typing.Union, types.UnionType):

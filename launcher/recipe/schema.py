@@ -6,31 +6,50 @@ descriptions double as the recipe reference in the README (`launcher reference`)
 """
 from __future__ import annotations
 
-import difflib
-from typing import Literal, get_args
+import os
+import re
+from typing import Annotated, Literal, get_args
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
 
-from launcher.recipe.formats import FORMATS, LOWER_IS_BETTER, METRICS, OBJECTIVES, TASKS, formats_for_task
+from launcher.recipe import rules
+from launcher.recipe.formats import FORMATS, LOWER_IS_BETTER, METRICS, OBJECTIVES, TASKS
 from launcher.recipe.objective import objective_rules
-
+from launcher.recipe.rules import RESIDUAL_INITS, unknown_key  # noqa: F401  (re-exported: files.py, model/, distributed/)
 
 # bitsandbytes optimisers: they need its package, and they step whole local tensors (DDP only).
 BNB_OPTIMIZERS = ("adamw-8bit", "paged-adamw", "paged-adamw-8bit")
-# LoRA inits that move each weight's top directions into the adapter and leave the residual in the base weights,
-# so the adapter is converted to plain LoRA at export (it needs the whole model in one process then).
-RESIDUAL_INITS = ("pissa", "olora")
 # A key a resumed run may change without being refused as a different recipe (launcher/rundir/directory.py).
 RESUMABLE = {"resumable": True}
 
 
 class Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    """Strict: `true` is not the integer 1, "4" is not 4, and a number must be finite."""
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, strict=True, allow_inf_nan=False)
+
+
+def _path(value: str) -> str:
+    """Every path key: not empty, and `~` is the user's home (as a shell would make it), data paths included."""
+    if not value.strip():
+        raise ValueError("empty path; give a file or folder")
+    return os.path.expanduser(value)
+
+
+def _regex(value: str) -> str:
+    try:
+        re.compile(value)
+    except re.error as exc:
+        raise ValueError(f"not a valid regular expression ({exc})") from None
+    return value
+
+
+PathText = Annotated[str, AfterValidator(_path)]
+Regex = Annotated[str, AfterValidator(_regex)]
 
 
 class ModelSection(Section):
-    path: str = Field(description="Hub id, local folder, or `pkg:<python package>` for weights shipped inside a package.")
-    gguf_file: str | None = Field(None, description="GGUF file inside `path`; dequantised once to a plain trainable folder.")
+    path: PathText = Field(description="Hub id, local folder, or `pkg:<python package>` for weights shipped inside a package.")
+    gguf_file: PathText | None = Field(None, description="GGUF file inside `path`; dequantised once to a plain trainable folder.")
     task: Literal["causal-lm", "seq2seq", "classification"] = Field("causal-lm", description="Which head the model gets.")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
         "auto", description="Weight dtype: auto is float32 on CPU and for full fine-tuning, bfloat16 for adapters on GPU.")
@@ -41,7 +60,7 @@ class ModelSection(Section):
 class FreezeSection(Section):
     embeddings: bool = Field(False, description="Freeze the input embeddings (full fine-tuning only).")
     first_n_blocks: int = Field(0, ge=0, description="Freeze the first N transformer blocks.")
-    patterns: list[str] = Field(default_factory=list, description="Freeze parameters whose name matches any of these regexes.")
+    patterns: list[Regex] = Field(default_factory=list, description="Freeze parameters whose name matches any of these regexes.")
 
 
 class LoraSection(Section):
@@ -50,7 +69,7 @@ class LoraSection(Section):
     dropout: float = Field(0.05, ge=0, lt=1, description="Dropout on the adapter input.")
     target_modules: list[str] | Literal["all-linear"] = Field(
         "all-linear", description="Module names to adapt, or all-linear for every linear layer but the head.")
-    modules_to_save: list[str] = Field(default_factory=list, description="Extra modules trained in full and saved with the adapter "
+    modules_to_save: list[Regex] = Field(default_factory=list, description="Extra modules trained in full and saved with the adapter "
                                        "(a classifier's new head always is); a module is trained in full or adapted, never both.")
     dora: bool = Field(False, description="DoRA: each adapted weight is split into a trained magnitude per output row and a direction "
                        "that LoRA updates (peft use_dora).")
@@ -92,7 +111,7 @@ DataFormat = Literal["instruction", "chat", "translation", "completion", "text",
 class SourceEntry(Section):
     """One data source of a mixture; format and fields default to the data section's."""
 
-    path: str = Field(description="A local file or `datasets` folder, or `hf:org/name` for a hub dataset (from the local cache when offline).")
+    path: PathText = Field(description="A local file or `datasets` folder, or `hf:org/name` for a hub dataset (from the local cache when offline).")
     name: str | None = Field(None, description="hf: sources: the dataset's config name (datasets' `name`).")
     split: str = Field("train", description="hf: sources and saved DatasetDict folders: which split to read.")
     format: DataFormat | None = Field(None, description="This source's format; default: data.format.")
@@ -110,9 +129,9 @@ class SourceEntry(Section):
 
 
 class DataSection(Section):
-    train: str | list[SourceEntry] = Field(description="Training data: .jsonl, .json, .csv, .parquet, .txt, a folder saved by `datasets`, "
+    train: PathText | list[SourceEntry] = Field(description="Training data: .jsonl, .json, .csv, .parquet, .txt, a folder saved by `datasets`, "
                                            "`hf:org/name` (split train), or a list of sources (see data sources) to mix.")
-    eval: str | SourceEntry | list[SourceEntry] | None = Field(
+    eval: PathText | SourceEntry | list[SourceEntry] | None = Field(
         None, description="Held-out data: a path, a source entry, or a list of them (each source gets its own eval loss, "
         "and its own task metrics when the formats agree); default: split off `eval_fraction` of train.")
     eval_fraction: float = Field(0.0, ge=0, lt=1, description="Share of train held out when `eval` is not given.")
@@ -138,11 +157,19 @@ class DataSection(Section):
     qa_template: str = Field(
         "{context}Question: {question}\nAnswer:",
         description="QA prompt; may use {question} and {context} (the context line, empty when a row has none).")
+    labels: list[str] | None = Field(None, min_length=2, description="classification: the class names, id i is labels[i]; "
+                                     "every row's label must be one of them. Default: the train rows' labels, sorted "
+                                     "(an eval label they lack is then refused).")
 
-    preprocessed_dir: str | None = Field(None, description="Where `launcher preprocess` writes tokenised data and `train` looks for it "
+    preprocessed_dir: PathText | None = Field(None, description="Where `launcher preprocess` writes tokenised data and `train` looks for it "
                                          "(default: output_dir/preprocessed).")
     tokenise_timeout_minutes: float = Field(120, gt=0, description="How long other ranks wait while the main process tokenises "
                                             "(a separate process group; distributed.timeout_minutes is for training collectives).")
+
+    @model_validator(mode="after")
+    def _rules(self) -> "DataSection":
+        rules.data_rules(self)
+        return self
 
     def field(self, canonical: str) -> str:
         """Column name in the user's files for a canonical field."""
@@ -249,9 +276,21 @@ class FsdpSection(Section):
 class DistributedSection(Section):
     strategy: Literal["ddp", "deepspeed", "fsdp"] = Field("ddp", description="How the model is spread over processes.")
     num_processes: int | None = Field(None, ge=1, description="Processes this run must see; any other count is refused (catches launches that silently start one).", json_schema_extra=RESUMABLE)
-    deepspeed: str | None = Field(None, description="strategy deepspeed: zero1, zero2, zero3, zero3_offload (ds_configs/) or a DeepSpeed JSON file.")
+    deepspeed: PathText | None = Field(None, description="strategy deepspeed: zero1, zero2, zero3, zero3_offload (ds_configs/) or a DeepSpeed JSON file.")
     fsdp: FsdpSection | None = Field(None, description="strategy fsdp: FSDP2 options (default: full sharding).")
     timeout_minutes: float = Field(10, gt=0, description="How long a rank waits for the others in a collective before the launch fails.")
+    replicate: int | None = Field(None, ge=1, description="strategy fsdp: hybrid sharding (HSDP): groups holding a full replica each "
+                                  "(usually nodes); weights are sharded inside a group and gradients all-reduced across groups. "
+                                  "Default: 1 (plain FSDP2), or the node count under `launcher slurm` with several nodes.",
+                                  json_schema_extra=RESUMABLE)
+    shard: int | None = Field(None, ge=1, description="strategy fsdp: processes each replica is sharded over (usually GPUs per node); "
+                              "replicate x shard x sequence split = processes. Default: what is left.", json_schema_extra=RESUMABLE)
+    sequence_parallel: int = Field(1, ge=1, description="strategy deepspeed: split each sequence over this many processes "
+                                   "(DeepSpeed Ulysses) for long contexts; data.max_length must divide by it. Checked, not yet trained: "
+                                   "values above 1 are refused.")
+    context_parallel: int = Field(1, ge=1, description="strategy fsdp on CUDA GPUs: torch's context parallelism over this many "
+                                  "processes (SDPA attention; data.max_length divisible by 2x it). Checked, not yet trained: values "
+                                  "above 1 are refused.")
 
     def rules(self) -> None:
         """Sections that contradict the chosen strategy. What a strategy itself cannot train is its own rules'
@@ -290,16 +329,20 @@ class Recipe(Section):
     report: ReportSection = Field(default_factory=ReportSection)
     distributed: DistributedSection = Field(default_factory=DistributedSection)
     memory: MemorySection = Field(default_factory=MemorySection)
-    output_dir: str = Field(description="Run directory: resolved recipe, metrics, checkpoints, final model, report.")
+    output_dir: PathText = Field(description="Run directory: resolved recipe, metrics, checkpoints, final model, report. Where the "
+                                 "run is, not part of what it is: a run directory moved with mv resumes from its new place.",
+                                 json_schema_extra=RESUMABLE)
+
+    def model_dump(self, **kwargs) -> dict:
+        """Without the sections the method does not read (`applicable`), so a dump validates again as a recipe."""
+        return applicable(super().model_dump(**kwargs))
 
     @model_validator(mode="after")
     def _cross_field_rules(self) -> "Recipe":
-        _quant_rules(self)
-        _adapter_rules(self)
-        frozen = self.freeze.embeddings or self.freeze.first_n_blocks or self.freeze.patterns
-        if frozen and self.method != "full":
-            raise ValueError(f"freeze: only applies to method: full (LoRA already freezes the base); remove it or set method: full")
-        _format_rules(self)
+        rules.method_sections(self)
+        rules.quant_rules(self)
+        rules.adapter_rules(self)
+        rules.format_rules(self)
         objective_rules(self)
         task = self.model.task
         if task != "causal-lm" and (self.data.packing or self.train.loss_chunk_tokens):
@@ -325,76 +368,9 @@ def _agree_with_registry() -> None:
 _agree_with_registry()
 
 
-def _format_rules(recipe: Recipe) -> None:
-    """Fields, task and metric must be ones the data format has (launcher/formats.py)."""
-    task, data = recipe.model.task, recipe.data
-    for entry in [None, *data.entries(), *data.entries("eval")]:
-        fmt = entry.format or data.format if entry else data.format
-        fields = entry.fields if entry and entry.fields is not None else data.fields
-        spec = FORMATS[fmt]
-        for key in fields:
-            if key not in spec.fields:
-                raise ValueError(unknown_key("data.fields", key, list(spec.fields)) + f" (format {fmt} reads {', '.join(spec.fields)})")
-        if task not in spec.tasks:
-            fix = ("use data.format: classification" if task == "classification" else
-                   "set model.task: classification" if fmt == "classification" else
-                   f"use one of: {', '.join(formats_for_task(task))}")
-            raise ValueError(f"model.task {task} cannot train on data.format {fmt}; {fix}")
-    fmt = data.eval_format()
-    metric = recipe.eval.chosen(fmt)[0].removeprefix("eval_")
-    selectable = FORMATS[fmt].selectable_metrics if fmt else LOWER_IS_BETTER
-    if metric not in selectable:
-        raise ValueError(f"eval.metric {metric} is not computed for data.format {fmt or 'of mixed formats'}; "
-                         f"choose one of: {', '.join(selectable)}")
-    if any(entry.weight is not None or entry.epochs is not None for entry in data.entries("eval")):
-        raise ValueError("data.eval: weight and epochs apply to train sources; remove them")
-    weighted = {entry.weight is not None for entry in data.entries()}
-    if len(weighted) > 1:
-        raise ValueError("data.train: give every source a weight, or none (then each is read `epochs` times, default 1)")
-
-
-def _quant_rules(recipe: Recipe) -> None:
-    """quant settings that mean nothing for this recipe (what a strategy cannot quantise is its rules')."""
-    quant = recipe.quant
-    changed = {name for name in QuantSection.model_fields if getattr(quant, name) != getattr(QuantSection(), name)}
-    if changed and recipe.method != "qlora":
-        raise ValueError(f"quant: only applies to method: qlora (got method: {recipe.method}); remove it or set method: qlora")
-    four_bit_only = changed & {"type", "double_quant", "compute_dtype"}
-    if quant.bits == 8 and four_bit_only:
-        raise ValueError(f"quant.{sorted(four_bit_only)[0]} applies to 4-bit weights only; remove it or set quant.bits: 4")
-
-
-# Names other fine-tuning tools use for a key, so `lora.rank=8` gets "did you mean 'lora.r'?".
-ALIASES = {"rank": "r", "lora_r": "r", "lora_alpha": "alpha", "lora_dropout": "dropout", "learning_rate": "lr",
-           "batch_size": "micro_batch_size", "per_device_train_batch_size": "micro_batch_size",
-           "gradient_accumulation_steps": "grad_accum", "num_epochs": "epochs", "num_train_epochs": "epochs",
-           "lr_scheduler": "schedule", "lr_scheduler_type": "schedule", "warmup": "warmup_steps",
-           "sequence_len": "max_length", "max_seq_length": "max_length", "output": "output_dir"}
-
-
-def _adapter_rules(recipe: Recipe) -> None:
-    """LoRA variants that cannot work together, decided before anything loads (README "Methods")."""
-    lora, method = recipe.lora, recipe.method
-    variants = [f"lora.{k}" for k, default in (("dora", False), ("rslora", False), ("init", "default"), ("plus_lr_ratio", None))
-                if getattr(lora, k) != default]
-    if variants and method == "full":
-        raise ValueError(f"{variants[0]} applies to method lora or qlora (got method: full); remove it or choose an adapter method")
-    if lora.init in RESIDUAL_INITS and method == "qlora":
-        raise ValueError(f"lora.init {lora.init} with method: qlora: it moves each weight's top directions into the adapter and "
-                         "leaves the residual in the base, which 4-bit storage would round again, so the adapter would no longer "
-                         "match its base; use method: lora with it, or lora.init: loftq for a 4-bit base")
-    if lora.init in RESIDUAL_INITS and lora.dora:
-        raise ValueError(f"lora.init {lora.init} with lora.dora: the adapter is converted to plain LoRA at export, and DoRA's "
-                         "magnitude vector cannot be; use one of them")
-    if lora.init == "loftq" and (method != "qlora" or recipe.quant.bits != 4 or recipe.quant.type != "nf4"):
-        raise ValueError("lora.init loftq initialises adapters against a 4-bit nf4 base: it needs method: qlora with quant.bits 4 "
-                         "and quant.type nf4 (with method: lora it would alter the base the adapter is saved against)")
-    if lora.init == "loftq" and lora.dora:
-        raise ValueError("lora.init loftq with lora.dora: peft's LoftQ initialises plain LoRA matrices only; use one of them")
-
-
-def unknown_key(where: str, key: str, known: list[str]) -> str:
-    alias = ALIASES.get(key)
-    close = [alias] if alias in known else difflib.get_close_matches(key, known, n=1, cutoff=0.6)
-    hint = f"; did you mean '{close[0]}'?" if close else ""
-    return f"unknown key '{where}.{key}'{hint}".replace("'.", "'")
+def applicable(dumped: dict) -> dict:
+    """A dumped recipe without the sections its method does not read (quant unless qlora, freeze unless full),
+    so it validates again (`Recipe` refuses those sections when given) and says only what the run uses."""
+    method = dumped.get("method", "lora")
+    return {key: value for key, value in dumped.items()
+            if not (key == "quant" and method != "qlora") and not (key == "freeze" and method != "full")}

@@ -68,13 +68,13 @@ class Phase:
         if self.task is not None:
             self.console.progress.update(self.task, completed=self.done, status=self.status(), refresh=True)
 
-    def end(self) -> None:
-        """The spinner goes; one line stays, on a terminal as in a log."""
+    def end(self, finished: bool = True) -> None:
+        """The spinner goes; one line stays, on a terminal as in a log (none when the phase failed)."""
         if self.task is not None:
             self.console.progress.remove_task(self.task)
             if not self.console.progress.tasks:  # nothing else on screen: no live display between phases
                 self.console.close()
-        if self.console.active:
+        if self.console.active and finished:
             count = f" ({self.done}/{self.total} {self.unit})" if self.total else ""
             self.console.print(f"{self.name}: done{count} in {clock(time.perf_counter() - self.started)}")
 
@@ -118,8 +118,10 @@ class Console:
         phase = Phase(self, name, total, unit)
         try:
             yield phase
-        finally:
-            phase.end()
+        except BaseException:
+            phase.end(finished=False)  # no "done" line for a phase that failed
+            raise
+        phase.end()
 
     # ---------------------------------------------------------------- the training bar
 

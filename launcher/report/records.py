@@ -159,3 +159,4 @@ def write_report(run_dir: Path, summary: dict, samples: list[dict], console: Con
     for sample in samples:
         console.print(f"[bold]prompt[/] {sample['prompt'][-120:]!r}\n  reference {sample['reference']!r}\n"
                       f"  before    {sample.get('before', '')!r}\n  after     {sample.get('after', '')!r}")
+

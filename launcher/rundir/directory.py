@@ -25,6 +25,7 @@ from launcher.checkpoint import saves as ckpt
 from launcher.data.fingerprint import changed, file_fingerprint
 from launcher.errors import UserError
 from launcher.recipe.reference import fields
+from launcher.recipe.schema import applicable
 from launcher.rundir.paths import EXPORTS, RunDir
 
 FOREIGN_SHOWN = 3  # foreign entries named in a refusal
@@ -42,6 +43,13 @@ class RunDirPlan:
     resume_from: Path | None
     replaced: list[str] = field(default_factory=list)
     reason: str = ""
+    passed_over: list[tuple[Path, str]] = field(default_factory=list)  # newer, damaged checkpoints, with why
+
+    def damage_lines(self) -> list[str]:
+        """One line per damaged checkpoint passed over: which, why, and which one the run resumes from instead."""
+        return [f"warning: {folder} is damaged ({reason}); resuming from {self.resume_from.name}, "
+                f"the newest intact checkpoint, instead (the damaged one is replaced when training reaches its step)"
+                for folder, reason in self.passed_over]
 
     def message(self, run_dir: Path) -> str:
         return (f"output_dir {run_dir}: the earlier attempt there ({self.reason}) had no checkpoint yet; "
@@ -58,7 +66,7 @@ class RunDirPlan:
 
 def has_something_to_lose(run_dir: Path) -> bool:
     run = RunDir(run_dir)
-    return ckpt.last_checkpoint(run_dir) is not None or any(run.export(name).is_dir() for name in EXPORTS)
+    return bool(run.step_folders()) or any(run.export(name).is_dir() for name in EXPORTS)
 
 
 def _changed_keys(old: dict, new: dict, prefix: tuple = ()) -> list[tuple]:
@@ -103,14 +111,26 @@ def plan_run_dir(run_dir: Path, resolved: dict, overwrite: bool) -> RunDirPlan:
     if overwrite:
         return RunDirPlan(None)
     allowed = resumable_keys()
-    changed = [".".join(k) for k in _changed_keys(yaml.safe_load(run.recipe.read_text()) or {}, resolved)
+    # sections the method does not read are not part of a run's identity (recipe.yaml leaves them out)
+    changed = [".".join(k) for k in _changed_keys(applicable(yaml.safe_load(run.recipe.read_text()) or {}), applicable(resolved))
                if ".".join(k) not in allowed]
     if not has_something_to_lose(run_dir):
         return RunDirPlan(None, _leftover_names(run), f"{', '.join(changed[:5])} changed" if changed else "same recipe")
     if changed:
         raise UserError(f"output_dir {run_dir} holds a run with a different recipe ({', '.join(changed[:5])} changed); "
                         f"resume with the same recipe, choose another output_dir, or pass --overwrite to start fresh")
-    return RunDirPlan(ckpt.last_checkpoint(run_dir))
+    return _resume_plan(run_dir)
+
+
+def _resume_plan(run_dir: Path) -> RunDirPlan:
+    """Resume from the newest checkpoint whose files are those saved; refuse, deleting nothing, when none is."""
+    intact, passed_over = ckpt.newest_intact(run_dir)
+    if intact is None and passed_over:
+        named = "; ".join(f"{folder.name}: {reason}" for folder, reason in passed_over[:3])
+        raise UserError(f"output_dir {run_dir}: no intact checkpoint to resume from ({named}"
+                        f"{' ...' if len(passed_over) > 3 else ''}); nothing was deleted. Restore the damaged files, "
+                        f"or pass --overwrite to start fresh")
+    return RunDirPlan(intact, passed_over=passed_over)
 
 
 # ---------------------------------------------------------------- the live-run lock

@@ -3,12 +3,14 @@
 What diverged is never saved: the stop comes before the step's checkpoint or export, so the last
 good checkpoint stays the newest, and the save paths (launcher/verify.py) refuse non-finite
 weights in any case. `train.skip_nonfinite: N` instead skips up to N such steps in a process's
-run: their update is not applied. metrics.jsonl stays strict JSON: a non-finite number is
+run: their update is not applied. Under fp16 an inf gradient norm is a loss-scale overflow, a normal
+skipped step the scaler handles (`skip_update`), not divergence. metrics.jsonl stays strict JSON: a non-finite number is
 written as a string.
 """
 from __future__ import annotations
 
 import math
+from typing import Callable
 
 from launcher.errors import NonFiniteError
 
@@ -32,13 +34,38 @@ def may_skip(totals: dict, limit: int) -> bool:
     return False
 
 
-def check_step(step: int, loss: float, grad_norm: float | None, skipped: bool, last_good) -> None:
-    """After a step: raise NonFiniteError unless the loss and gradient norm are finite or the step was skipped."""
+def loss_scaled(accelerator) -> bool:
+    """fp16 trains under a loss scaler (torch's GradScaler, FSDP2's sharded one, or DeepSpeed's own)."""
+    return getattr(accelerator, "scaler", None) is not None or accelerator.mixed_precision == "fp16"
+
+
+def skip_update(grad_norm, scaled: bool, totals: dict, limit: int) -> bool:
+    """Before the update: True leaves the optimiser step out. Under a loss scaler the step always runs: an
+    inf/NaN gradient there is an overflow, which the scaler's own step skips while lowering its scale; leaving
+    its step (and `update()`) out would keep the scale too high and make the next `unscale_` raise."""
+    if scaled or finite(grad_norm):
+        return False
+    return may_skip(totals, limit)
+
+
+def skip_reason(skipped: bool, overflow: bool) -> str:
+    if overflow and not skipped:
+        return "fp16 loss-scale overflow (scale lowered)"
+    return "non-finite loss" if overflow else "non-finite gradient norm"
+
+
+def check_step(step: int, loss: float, grad_norm: float | None, skipped: bool, last_good: Callable[[], object]) -> None:
+    """After a step: raise NonFiniteError unless the loss and gradient norm are finite or the step was skipped.
+
+    `last_good` finds the newest checkpoint for the message; it runs only when the step failed, so a
+    healthy step does no file-system work here (issue #29).
+    """
     if skipped:
         return
     for what, value in (("loss", loss), ("gradient norm", grad_norm)):
         if not finite(value):
-            kept = f"the last good checkpoint {last_good} is kept" if last_good else "no checkpoint was written before it"
+            kept_path = last_good()
+            kept = f"the last good checkpoint {kept_path} is kept" if kept_path else "no checkpoint was written before it"
             raise NonFiniteError(f"step {step}: the {what} is {value}; stopped without saving this step or exporting "
                                  f"({kept}). Lower train.lr or set train.max_grad_norm (with --overwrite), "
                                  f"or rerun with train.skip_nonfinite=N to skip up to N such steps")

@@ -25,7 +25,7 @@ from launcher.data.mixing import mixture_line
 from launcher.distributed import launch, slurm
 from launcher.distributed.strategies import Strategy, strategy_for
 from launcher.errors import UserError
-from launcher.evaluation.evaluate import Best, Evaluation, eval_rows, evaluate, to_device
+from launcher.evaluation.evaluate import Best, Evaluation, eval_rows, evaluate, synced_generation, to_device
 from launcher.memory.advice import MemoryCheck, check_before_loading, predicted_and_measured
 from launcher.memory.counts import ParamCount, count_parameters, parameter_bytes
 from launcher.model import loading as modeling
@@ -40,26 +40,8 @@ from launcher.rundir import directory as rundir
 from launcher.rundir.paths import RunDir
 from launcher.rundir.provenance import write_provenance
 from launcher.training import guard, optim
+from launcher.training.stop import StopRequest
 from launcher.training.rescale import hold_global_batch
-
-
-class StopRequest:
-    """SIGUSR1/SIGTERM set a flag; every rank agrees on it at the next step boundary."""
-
-    SIGNALS = (signal.SIGUSR1, signal.SIGTERM)
-
-    def __init__(self) -> None:
-        self.signal: int | None = None
-        for number in self.SIGNALS:
-            signal.signal(number, self._handle)
-
-    def _handle(self, number, frame) -> None:
-        self.signal = number
-
-    def agreed(self, accelerator) -> bool:
-        import torch
-        flag = torch.tensor([1.0 if self.signal else 0.0], device=accelerator.device)
-        return bool(accelerator.reduce(flag, "max").item())
 
 
 @dataclass
@@ -72,6 +54,7 @@ class StepStats:
     lr: float              # the learning rate this step's update used
     seconds: float
     skipped: bool = False  # a non-finite gradient norm under train.skip_nonfinite: the update was not applied
+    overflow: bool = False  # fp16: the loss scaler found inf/NaN gradients, skipped the update and lowered its scale
     pairs: dict = field(default_factory=dict)  # objective dpo: rewards and accuracies, means over the step's pairs
 
 
@@ -125,7 +108,8 @@ def run(recipe: Recipe, overwrite: bool = False, allow_data_change: bool = False
             finish(session)
     finally:
         session.console.close()
-    return close(session)
+    status = close(session)
+    return stop.exit_status() if stopped else status
 
 
 # ---------------------------------------------------------------- setup
@@ -140,14 +124,15 @@ def setup(recipe: Recipe, overwrite: bool = False, allow_data_change: bool = Fal
     state = ckpt.load_state_file(resume_from) if resume_from is not None else None
     change = None
     if state is not None:  # on another process count: same global batch, or refused before anything loads
-        strategy_for(recipe).rules.check_resume(state, launch.launched_world_size())
         recipe, change = hold_global_batch(recipe, state, launch.launched_world_size())
     strategy = strategy_for(recipe)
+    strategy.plan_resume(state, launch.launched_world_size())
     accelerator = strategy.make_accelerator()
     memory = check_before_loading(recipe, accelerator.num_processes, accelerator.device.type)  # refuses before weights load
     console = Console(accelerator.is_main_process)
-    if change and accelerator.is_main_process:
-        print(change)
+    if accelerator.is_main_process:
+        for line in ([change] if change else []) + dir_plan.damage_lines():
+            print(line)
     if accelerator.is_main_process:
         rundir.take_live_lock(run_dir)  # before anything is written: a second live run is refused here
         dir_plan.clear_earlier(run_dir, overwrite)
@@ -246,7 +231,7 @@ def train_step(session: Run, micro_batches: list[dict]) -> StepStats:
     step_targets = accelerator.reduce(sum(objective_count(b["labels"], recipe) for b in micro_batches).double(), "sum")
     pairs = PairTally()
     loss_sum = torch.zeros((), device=accelerator.device, dtype=torch.float64)
-    grad_norm, skipped = None, False
+    grad_norm, skipped, overflow, scaled = None, False, False, guard.loss_scaled(accelerator)
     for batch in micro_batches:
         with accelerator.accumulate(model):
             session.strategy.sync_gradients(model, accelerator.sync_gradients)
@@ -256,18 +241,21 @@ def train_step(session: Run, micro_batches: list[dict]) -> StepStats:
             accelerator.backward(total * scale.float() + optim.l2_penalty(model, cfg.l2_lambda))
             if accelerator.sync_gradients and (cfg.max_grad_norm or cfg.skip_nonfinite):  # measured to skip a bad step
                 grad_norm = accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm or float("inf"))
-                skipped = not guard.finite(grad_norm) and guard.may_skip(session.totals, cfg.skip_nonfinite)
+                skipped = guard.skip_update(grad_norm, scaled, session.totals, cfg.skip_nonfinite)
             if not skipped:
-                session.optimizer.step()
+                session.optimizer.step()  # under fp16 the scaler's step: it skips an overflow and updates its scale
+                overflow = accelerator.sync_gradients and scaled and session.optimizer.step_was_skipped
             if accelerator.sync_gradients:
                 session.scheduler.step()
             session.optimizer.zero_grad()
         loss_sum += total.detach().double()
     loss = (accelerator.reduce(loss_sum, "sum") / step_targets).item()
+    if overflow and not guard.finite(loss):  # a non-finite loss is divergence, not a scale too high
+        skipped = guard.may_skip(session.totals, cfg.skip_nonfinite)
     tokens = accelerator.reduce(sum(b["attention_mask"].sum() for b in micro_batches), "sum").item()
     slots = sum(b["attention_mask"].numel() for b in micro_batches) * accelerator.num_processes
     return StepStats(loss, int(tokens), slots, float(grad_norm) if grad_norm is not None else None, lr,
-                     time.perf_counter() - started, skipped, pairs.means(accelerator, step_targets))
+                     time.perf_counter() - started, skipped, overflow, pairs.means(accelerator, step_targets))
 
 
 def fit(session: Run, stop: StopRequest) -> bool:
@@ -286,7 +274,8 @@ def fit(session: Run, stop: StopRequest) -> bool:
         if step == start + 1:
             session.strategy.check_synchronised(session.accelerator, session.model)  # refuses independent processes
         _record(session, stats)
-        guard.check_step(step, stats.loss, stats.grad_norm, stats.skipped, ckpt.last_checkpoint(session.run_dir))
+        guard.check_step(step, stats.loss, None if stats.overflow else stats.grad_norm, stats.skipped,
+                         partial(ckpt.last_checkpoint, session.run_dir))
         if not last and stop.agreed(session.accelerator):  # at the last step, finishing is the quickest way out
             save(session)
             _preempted(session.reporter, stop, step, session.total_steps)
@@ -305,8 +294,8 @@ def _record(session: Run, stats: StepStats) -> None:
     step = session.step
     if step % session.recipe.train.log_every == 0 or step == session.total_steps:
         session.reporter.log({"kind": "train", "step": step, "loss": stats.loss, "lr": stats.lr, "tokens": stats.tokens,
-                              "grad_norm": stats.grad_norm, "step_seconds": round(stats.seconds, 4), **stats.pairs,
-                              **({"skipped": "non-finite gradient norm"} if stats.skipped else {})})
+                              "grad_norm": stats.grad_norm, "step_seconds": round(stats.seconds, 4),
+                              **({"skipped": guard.skip_reason(stats.skipped, stats.overflow)} if stats.skipped or stats.overflow else {}), **stats.pairs})
     session.reporter.step(step, stats.loss, stats.lr, stats.tokens / max(stats.seconds, 1e-9), stats.grad_norm, stats.pairs)
 
 
@@ -316,8 +305,9 @@ def run_eval(session: Run, step: int) -> Evaluation | None:
         return None
     dataset, unwrap = session.data.eval.dataset, partial(session.strategy.unwrap, session.accelerator)
     with session.console.phase(f"evaluation (step {step})", eval_rows(dataset, session.recipe)) as phase:
+        synced = synced_generation(session.accelerator.num_processes, session.strategy.rules.shards_parameters)
         result = evaluate(session.accelerator, session.model, session.tokenizer, dataset, session.recipe,
-                          session.data.labels, unwrap, phase.advance)
+                          session.data.labels, unwrap, phase.advance, synced)
     extra = {"confusion": result.confusion} if result.confusion else {}
     if step == 0 and result.predictions:  # the "before" samples, read back by a resumed run's report
         extra["samples"] = result.predictions

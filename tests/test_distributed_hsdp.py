@@ -1,0 +1,49 @@
+"""Hybrid sharding (HSDP) on 4 CPU processes as a 2 x 2 mesh: FSDP2 shards each block inside a pair of
+processes and all-reduces gradients across the pairs (distributed.replicate 2). Full fine-tuning, so
+the checkpoint is torch.distributed.checkpoint shards laid out for that mesh.
+
+One 4-process run of 5 steps (micro 2 x accum 1 x 4) against a 1-process run on the same global
+batches (micro 2 x accum 4); then the 4-process run rewound to its step-3 checkpoint resumes on 1
+process (replicate 1: the mesh is part of the launch, not of the run) with grad_accum 1 -> 4.
+"""
+import pytest
+
+from support import build_tiny_llama, launch, launch_processes, ok, rank_record, rewind, tiny_recipe, train_losses, write_recipe
+
+pytestmark = [pytest.mark.multiproc, pytest.mark.slow]
+
+STEPS, SAVED = 5, 3
+LOSS_RTOL = 1e-5
+
+
+def recipe_for(model, folder, grad_accum: int):
+    recipe = tiny_recipe(model, folder / "run", method="full", distributed={"strategy": "fsdp"},
+                         train={"max_steps": STEPS, "save_every": SAVED, "keep_last": 2, "grad_accum": grad_accum})
+    recipe.pop("lora")
+    for key in ("eval", "max_eval_rows"):
+        recipe["data"].pop(key)
+    folder.mkdir(parents=True, exist_ok=True)
+    return write_recipe(recipe, folder / "recipe.yaml")
+
+
+def test_two_by_two_hybrid_mesh_matches_one_process_and_resumes_on_one(tmp_path):
+    model = build_tiny_llama(tmp_path / "model")
+    ok(launch([recipe_for(model, tmp_path / "one", grad_accum=4)]))
+    expected = train_losses(tmp_path / "one" / "run")
+    assert len(set(expected.values())) == STEPS, "losses should vary from step to step"
+
+    recipe, run = recipe_for(model, tmp_path / "mesh", grad_accum=1), tmp_path / "mesh" / "run"
+    ok(launch_processes([recipe, "distributed.replicate=2"], 4, timeout=600))
+    seen = train_losses(run)
+    for step in range(1, STEPS + 1):
+        assert seen[step] == pytest.approx(expected[step], rel=LOSS_RTOL), f"step {step}: {seen} vs {expected}"
+    ranks = [rank_record(run, r, "parameter_bytes") for r in range(4)]
+    full = ranks[0]["full_parameter_bytes"]
+    assert all(0.45 * full <= r["parameter_bytes"] <= 0.55 * full for r in ranks), ranks  # halves: sharded in pairs
+
+    rewind(run, SAVED)
+    one = ok(launch([recipe, "distributed.replicate=1"]))
+    assert f"step-{SAVED} at step {SAVED}" in one.stdout and "train.grad_accum 1 -> 4" in one.stdout
+    resumed = train_losses(run)
+    for step in range(SAVED + 1, STEPS + 1):
+        assert resumed[step] == pytest.approx(expected[step], rel=LOSS_RTOL), f"step {step}: {resumed} vs {expected}"
