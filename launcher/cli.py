@@ -89,6 +89,9 @@ def main(argv: list[str] | None = None) -> int:
         return status
     except UserError as exc:
         return refused(str(exc))
+    except BrokenPipeError:  # `launcher reference | head`: the reader left; say nothing more (before OSError: it is one)
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
     except OSError as exc:  # a report or log the filesystem would not take (full, read-only, no permission)
         if write_errno(exc) is None or not exc.filename:
             raise
@@ -97,6 +100,3 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:  # Ctrl-C before training started (training turns it into a checkpoint and exit)
         print("\ninterrupted", file=sys.stderr)
         return INTERRUPTED
-    except BrokenPipeError:  # `launcher reference | head`: the reader left; say nothing more
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        return 0

@@ -29,7 +29,8 @@ def test_the_reference_lists_every_schema_field_with_its_allowed_values():
     assert {"distributed.fsdp.sharding", "distributed.fsdp.cpu_offload", "report.trackers"} <= set(keys)
     rows = {line.split("|")[1].strip(" `"): line.split("|")[2].strip() for line in table.splitlines()[2:]}
     assert rows["model.task"] == "causal-lm / seq2seq / classification"
-    assert rows["data.format"] == "instruction / chat / translation / completion / text / qa / classification"
+    assert rows["data.format"] == ("instruction / chat / translation / completion / text / qa / classification / "
+                                   "preference / chat-preference")
     assert rows["distributed.strategy"] == "ddp / deepspeed / fsdp" and rows["train.schedule"].startswith("linear / cosine")
 
 
