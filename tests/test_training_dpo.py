@@ -230,7 +230,8 @@ def test_the_loss_and_rewards_equal_trl_dpo_trainer(tiny_model, tokenizer):
     from trl import DPOConfig, DPOTrainer
     base = AutoModelForCausalLM.from_pretrained(tiny_model, torch_dtype=torch.float32)
     config = DPOConfig(output_dir=str(tiny_model.parent / "trl"), beta=0.3, loss_type=["sigmoid"], report_to=[],
-                       per_device_train_batch_size=3, use_cpu=True)
+                       per_device_train_batch_size=3, use_cpu=True,
+                       bf16=False)  # fp32 like ours; accelerate's process-wide state then suits the in-process runs after it
     trainer = DPOTrainer(model=base, args=config, train_dataset=datasets.Dataset.from_list(PAIRS), processing_class=tokenizer,
                          peft_config=LoraConfig(r=4, lora_alpha=8, target_modules="all-linear"))
     model = trainer.model.eval()
