@@ -5,7 +5,7 @@ reads (launcher/data.py's StepPlan), how many steps an epoch has, and the size o
 When a run resumes on another process count, the launcher keeps that product: it re-derives
 grad_accum when the new count divides the batch evenly, and otherwise refuses, naming values that
 would hold it. Runs in the same output_dir may change micro_batch_size and grad_accum for the same
-reason (rundir.RESUMABLE_CHANGES); this check is what keeps their product honest.
+reason (they are marked resumable in recipe/schema.py); this check is what keeps their product honest.
 """
 from __future__ import annotations
 
