@@ -9,6 +9,8 @@ import json
 import shutil
 from pathlib import Path
 
+from launcher.recipe.schema import ignored_keys, lookup, without
+
 REPO = Path(__file__).resolve().parents[1]
 DATA = REPO / "recipes" / "data"
 
@@ -117,7 +119,8 @@ def tiny_recipe(model: Path, output_dir: Path, **sections) -> dict:
             recipe[section] = {**recipe[section], **values}
         else:
             recipe[section] = values
-    return recipe
+    # as a base recipe's keys are: those the given sections make the run ignore (lora under method full) go
+    return without(recipe, [key for key in ignored_keys(recipe) or [] if lookup(sections, key) is None])
 
 
 def write_recipe(recipe: dict, path: Path) -> Path:
@@ -229,7 +232,8 @@ def comparable_recipe(model: Path, folder: Path, method: str, distributed: dict,
     and nothing but training costs time; written to folder/recipe.yaml, the run in folder/run."""
     recipe = tiny_recipe(model, folder / "run", method=method, distributed=distributed,
                          train={"max_steps": COMPARE_STEPS, "save_every": 2, "keep_last": 3, **train})
-    recipe["lora"]["dropout"] = 0.0
+    if "lora" in recipe:
+        recipe["lora"]["dropout"] = 0.0
     for key in ("eval", "max_eval_rows"):
         recipe["data"].pop(key)
     folder.mkdir(parents=True, exist_ok=True)

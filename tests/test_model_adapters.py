@@ -131,8 +131,8 @@ def test_pissa_and_olora_start_from_the_weights_and_export_plain_lora_on_the_ori
 # ---------------------------------------------------------------- refused before anything loads
 
 REFUSED = [
-    ({"method": "full", "lora": {"dora": True}}, "lora.dora applies to method lora or qlora"),
-    ({"method": "full", "lora": {"plus_lr_ratio": 16}}, "lora.plus_lr_ratio applies to method lora or qlora"),
+    ({"method": "full", "lora": {"dora": True}}, "lora: applies only with method lora or qlora (this recipe has full)"),
+    ({"method": "full", "lora": {"plus_lr_ratio": 16}}, "lora: applies only with method lora or qlora (this recipe has full)"),
     ({"method": "qlora", "lora": {"init": "pissa"}}, "lora.init pissa with method: qlora"),
     ({"method": "qlora", "lora": {"init": "olora"}}, "lora.init olora with method: qlora"),
     ({"method": "lora", "lora": {"init": "pissa", "dora": True}}, "lora.init pissa with lora.dora"),

@@ -62,9 +62,9 @@ def test_chunked_ce_reaches_a_lora_wrapped_head():
 def test_chunked_ce_and_packing_are_refused_where_they_cannot_work():
     base = {"model": {"path": "m", "task": "classification"}, "data": {"train": "t.jsonl", "format": "classification"},
             "output_dir": "o"}
-    with pytest.raises(ValidationError, match="loss_chunk_tokens applies to model.task causal-lm"):
+    with pytest.raises(ValidationError, match="loss_chunk_tokens: applies only with model.task causal-lm"):
         Recipe.model_validate({**base, "train": {"loss_chunk_tokens": 64}})
-    with pytest.raises(ValidationError, match="data.packing applies to model.task causal-lm"):
+    with pytest.raises(ValidationError, match="data.packing: applies only with model.task causal-lm"):
         Recipe.model_validate({**base, "data": {**base["data"], "packing": True}})
 
 

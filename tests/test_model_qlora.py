@@ -157,8 +157,8 @@ REFUSED = [
      "train.optimizer adamw-8bit with distributed.strategy: fsdp"),
     ({"method": "lora", "train": {"optimizer": "paged-adamw"}, "distributed": {"strategy": "deepspeed", "deepspeed": "zero2"}},
      "train.optimizer paged-adamw with distributed.strategy: deepspeed"),
-    ({"method": "lora", "quant": {"bits": 8}}, "quant: only applies to method: qlora"),
-    ({"method": "qlora", "quant": {"bits": 8, "type": "fp4"}}, "quant.type applies to 4-bit weights only"),
+    ({"method": "lora", "quant": {"bits": 8}}, "quant: applies only with method qlora"),
+    ({"method": "qlora", "quant": {"bits": 8, "type": "fp4"}}, "quant.type: applies only with quant.bits 4"),
     ({"method": "lora", "train": {"optimizer": "paged-adamw-8bit"}}, "which a cpu device lacks"),  # validate checks what train refuses
 ]
 

@@ -126,7 +126,7 @@ def schema_cases() -> list[Case]:
         Case("output-dir-empty", "key 'output_dir': empty path", {"t.jsonl": jsonl(pairs())}, TRANSLATION,
              {"output_dir": ""}),
         Case("data-train-blank", "key 'data.train': empty path", {}, {**TRANSLATION, "train": "  "}),
-        Case("quant-with-full", "quant: only applies to method: qlora (got method: full)", {"t.jsonl": jsonl(pairs())},
+        Case("quant-with-full", "quant: applies only with method qlora (this recipe has full)", {"t.jsonl": jsonl(pairs())},
              TRANSLATION, {"method": "full", "quant": {"bits": 4, "type": "nf4"}}),
         Case("freeze-pattern-not-a-regex", "key 'freeze.patterns[0]': not a valid regular expression",
              {"t.jsonl": jsonl(pairs())}, TRANSLATION, {"method": "full", "freeze": {"patterns": ["layers.(0"]}}),
@@ -154,7 +154,7 @@ def schema_cases() -> list[Case]:
              {"model": {"gguf_file": ""}}),
         Case("labels-listed-twice", "data.labels: 'good' is listed twice", {"l.jsonl": labelled(["good", "bad"])},
              {**CLASSIFY, "labels": ["good", "bad", "good"]}, {"model": {"task": "classification"}, "method": "full"}),
-        Case("labels-without-classification", "data.labels: class names apply to data.format classification",
+        Case("labels-without-classification", "data.labels: applies only with model.task classification",
              {"t.jsonl": jsonl(pairs())}, {**TRANSLATION, "labels": ["a", "b"]}),
     ]
 

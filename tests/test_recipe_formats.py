@@ -21,7 +21,8 @@ REPO = Path(__file__).resolve().parents[1]
 
 def recipe_for(fmt: str, task: str = "causal-lm", **sections) -> dict:
     method = "lora" if FORMATS[fmt].objective == "dpo" else "full"  # a DPO reference is the base without the adapter
-    recipe = {"model": {"path": "x", "task": task}, "method": method, "data": {"train": "x.jsonl", "format": fmt},
+    recipe = {"model": {"path": "x", "task": task}, "method": method,
+              "data": {"train": "x.jsonl", "format": fmt, "eval_fraction": 0.25},  # evaluated, so eval keys apply
               "output_dir": "x"}
     for section, values in sections.items():
         recipe[section] = {**recipe.get(section, {}), **values}

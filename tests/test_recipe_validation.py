@@ -56,7 +56,7 @@ BAD_RECIPES = [
     ("missing output_dir", "output_dir", DELETE, "missing key 'output_dir'"),
     ("missing data file", "data.train", "/nonexistent/train.jsonl", "key 'data.train': file not found: /nonexistent/train.jsonl"),
     ("missing model folder", "model.path", "/nonexistent/model", "key 'model.path': folder not found: /nonexistent/model"),
-    ("freeze with lora", "freeze", {"embeddings": True}, "freeze: only applies to method: full"),
+    ("freeze with lora", "freeze", {"embeddings": True}, "freeze: applies only with method full"),
     ("field typo", "data.fields", {"sorce": "en"}, "unknown key 'data.fields.sorce'; did you mean 'source'?"),
     ("eval twice", "data.eval_fraction", 0.1, None),  # filled below with an eval file
     ("bad format", "data.format", "csv", "key 'data.format': Input should be"),

@@ -54,7 +54,7 @@ def test_the_objective_follows_the_format_and_survives_a_reload():
     assert Recipe.model_validate(recipe.model_dump(mode="json")).dpo == DpoSection(beta=0.2, loss="ipo")
     sft = Recipe.model_validate({"model": {"path": "x"}, "data": {"train": "x.jsonl"}, "output_dir": "o"})
     assert sft.objective == "sft" and Recipe.model_validate(sft.model_dump(mode="json")).objective == "sft"
-    with pytest.raises(ValidationError, match="dpo: applies to objective dpo only"):
+    with pytest.raises(ValidationError, match="dpo: applies only with objective dpo"):
         Recipe.model_validate({"model": {"path": "x"}, "data": {"train": "x.jsonl"}, "dpo": {"beta": 0.5}, "output_dir": "o"})
     with pytest.raises(ValidationError, match="mix formats for objective sft and dpo"):
         Recipe.model_validate({"model": {"path": "x"}, "data": {"train": "x.jsonl", "format": "preference",

@@ -5,6 +5,7 @@ The schema and its cross-field rules are launcher/recipe.py; this module turns f
 """
 from __future__ import annotations
 
+import copy
 import os
 import re
 from pathlib import Path
@@ -13,7 +14,7 @@ from typing import Any
 import yaml
 from pydantic import ValidationError
 
-from launcher.recipe.schema import Recipe, unknown_key
+from launcher.recipe.schema import Recipe, ignored_keys, lookup, unknown_key, without
 
 from launcher.errors import UserError
 
@@ -137,6 +138,12 @@ def _deep_merge(base: dict, top: dict) -> dict:
 
 def _resolve_bases(path: Path, seen: tuple[Path, ...] = ()) -> dict:
     """Follow `base:` links (relative to the recipe that names them); later files win."""
+    own, inherited = _own_and_inherited(path, seen)
+    return _deep_merge(inherited, own)
+
+
+def _own_and_inherited(path: Path, seen: tuple[Path, ...] = ()) -> tuple[dict, dict]:
+    """A recipe file's own keys, and what its `base:` chain gives it ({} without one)."""
     path = path.resolve()
     if path in seen:
         raise UserError(f"{path}: 'base' forms a cycle: {' -> '.join(p.name for p in seen + (path,))}")
@@ -144,10 +151,10 @@ def _resolve_bases(path: Path, seen: tuple[Path, ...] = ()) -> dict:
     base = data.pop("base", None)
     _absolutise_paths(data, path.parent)
     if base is None:
-        return data
+        return data, {}
     if not isinstance(base, str):
         raise UserError(f"{path}: key 'base' must be a path to another recipe")
-    return _deep_merge(_resolve_bases(path.parent / base, seen + (path,)), data)
+    return data, _resolve_bases(path.parent / base, seen + (path,))
 
 
 def _absolutise_paths(data: dict, folder: Path) -> None:
@@ -198,9 +205,24 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
     return data
 
 
+def _merged(path: Path, overrides: list[str]) -> dict:
+    """The recipe file over its bases, with the overrides applied. A key its settings make the run ignore
+    (rules.SCOPES) is left out when a base gave it, or when an override changed what it depends on (a command
+    line cannot delete a key); written in the file for the file's own settings, or by an override, it stays
+    for validation to refuse."""
+    own, inherited = _own_and_inherited(path)
+    in_file = _deep_merge(inherited, own)
+    merged = apply_overrides(copy.deepcopy(in_file), overrides)
+    ignored, by_file = ignored_keys(merged) or [], ignored_keys(in_file)
+    by_file = ignored if by_file is None else by_file
+    set_here = apply_overrides({}, overrides)
+    return without(merged, [key for key in ignored if lookup(set_here, key) is None and
+                            (key not in by_file or lookup(own, key) is None)])
+
+
 def load_recipe(path: str | os.PathLike, overrides: list[str] = ()) -> Recipe:
     """Read, merge bases, apply overrides and validate; every failure is a UserError."""
-    data = apply_overrides(_resolve_bases(Path(path)), list(overrides))
+    data = _merged(Path(path), list(overrides))
     try:
         recipe = Recipe.model_validate(data)
     except ValidationError as exc:

@@ -21,8 +21,6 @@ def objective_rules(recipe: "Recipe") -> None:
     elif recipe.objective not in trained:
         raise ValueError(f"objective {recipe.objective} cannot train on data.format {data.format}; use one of: "
                          f"{', '.join(formats_for_objective(recipe.objective))}")
-    if recipe.dpo != type(recipe.dpo)() and recipe.objective != "dpo":
-        raise ValueError("dpo: applies to objective dpo only; remove it or set objective: dpo")
     if recipe.objective != "dpo":
         return
     refused = [(data.packing, "data.packing", "each pair's chosen and rejected replies are scored as whole sequences; "

@@ -7,8 +7,10 @@ from __future__ import annotations
 
 import difflib
 import string
+from dataclasses import dataclass
+from typing import Any, Callable
 
-from launcher.recipe.formats import FORMATS, LOWER_IS_BETTER, formats_for_task
+from launcher.recipe.formats import FORMATS, LOWER_IS_BETTER, formats_for_task, generated_formats
 
 # LoRA inits that move each weight's top directions into the adapter and leave the residual in the base weights,
 # so the adapter is converted to plain LoRA at export (it needs the whole model in one process then).
@@ -17,13 +19,86 @@ RESIDUAL_INITS = ("pissa", "olora")
 TEMPLATE_FIELDS = {"prompt_template": {"source_lang", "target_lang", "source"}, "qa_template": {"question", "context"}}
 
 
-def method_sections(recipe) -> None:
-    """A section the method does not read is refused when given at all, so nothing the user wrote is ignored."""
-    given = recipe.model_fields_set
-    if "quant" in given and recipe.method != "qlora":
-        raise ValueError(f"quant: only applies to method: qlora (got method: {recipe.method}); remove it or set method: qlora")
-    if "freeze" in given and recipe.method != "full":
-        raise ValueError("freeze: only applies to method: full (LoRA already freezes the base); remove it or set method: full")
+@dataclass(frozen=True)
+class Scope:
+    """Keys read only when a setting has one of some values (`reads` gives the recipe's values of that setting).
+    Given otherwise, they are refused (`refuse_inapplicable`); dumped otherwise, they are left out (`inapplicable`)."""
+
+    keys: tuple[str, ...]                   # dotted recipe keys: a section or one field
+    setting: str                            # the key (or fact) whose value decides, as the user reads it
+    values: tuple[str, ...]                 # its values under which `keys` are read; (): any, once it is set
+    reads: Callable[[Any], set]             # recipe -> the values the setting has (several for a data mixture)
+
+
+def _all_formats(recipe) -> set:
+    return {entry.format or recipe.data.format for entry in [*recipe.data.entries(), *recipe.data.entries("eval")]}
+
+
+def _evaluated(recipe) -> set:
+    return {key for key in ("eval", "eval_fraction") if getattr(recipe.data, key)}
+
+
+GENERATION_KEYS = tuple(f"eval.{key}" for key in ("max_new_tokens", "num_beams", "no_repeat_ngram_size",
+                                                  "repetition_penalty", "generate_batch_size"))
+# Every key some other key's value makes the run ignore: one table, read by the refusal and by the dump.
+SCOPES = (
+    Scope(("quant",), "method", ("qlora",), lambda r: {r.method}),
+    Scope(("freeze",), "method", ("full",), lambda r: {r.method}),
+    Scope(("quant.type", "quant.double_quant", "quant.compute_dtype"), "quant.bits", ("4",), lambda r: {str(r.quant.bits)}),
+    Scope(("lora",), "method", ("lora", "qlora"), lambda r: {r.method}),
+    Scope(("dpo",), "objective", ("dpo",), lambda r: {r.objective}),
+    Scope(("distributed.deepspeed", "distributed.sequence_parallel"), "distributed.strategy", ("deepspeed",),
+          lambda r: {r.distributed.strategy}),
+    Scope(("distributed.fsdp", "distributed.replicate", "distributed.shard", "distributed.context_parallel"),
+          "distributed.strategy", ("fsdp",), lambda r: {r.distributed.strategy}),
+    Scope(("data.packing", "train.loss_chunk_tokens"), "model.task", ("causal-lm",), lambda r: {r.model.task}),
+    Scope(("data.labels",), "model.task", ("classification",), lambda r: {r.model.task}),
+    Scope(GENERATION_KEYS, "model.task", ("causal-lm", "seq2seq"), lambda r: {r.model.task}),
+    Scope(("eval.generate_rows",), "data.format (of the eval rows)", generated_formats(), lambda r: {r.data.eval_format()}),
+    Scope(("data.prompt_template", "data.source_lang", "data.target_lang"), "data.format", ("translation",), _all_formats),
+    Scope(("data.qa_template",), "data.format", ("qa",), _all_formats),
+    Scope(("data.system_prompt",), "data.format", ("instruction", "translation", "completion", "qa", "preference"), _all_formats),
+    Scope(("train.decay_rate", "train.decay_steps"), "train.schedule", ("exponential",), lambda r: {r.train.schedule}),
+    Scope(("data.max_eval_rows",), "data.eval", (), lambda r: {bool(r.data.eval)} - {False}),
+    Scope(("train.eval_every", "train.eval_batch_size", "eval.metric", "eval.greater_is_better"),
+          "data.eval or data.eval_fraction", (), _evaluated),
+    Scope(("report.project",), "report.trackers", (), lambda r: set(r.report.trackers)),
+)
+
+
+def _given(recipe, key: str) -> bool:
+    """Whether the recipe's text set `key` (to something other than null)."""
+    node = recipe
+    for part in key.split("."):
+        if node is None or part not in node.model_fields_set:
+            return False
+        node = getattr(node, part)
+    return node is not None
+
+
+def _applies(scope: Scope, recipe) -> bool:
+    values = scope.reads(recipe) - {None}
+    return bool(values & set(scope.values) if scope.values else values)
+
+
+def refuse_inapplicable(recipe) -> None:
+    """A key the run would not read is refused when given at all, so nothing the user wrote is silently ignored."""
+    for scope in SCOPES:
+        given = [key for key in scope.keys if _given(recipe, key)]
+        if not given or _applies(scope, recipe):
+            continue
+        if not scope.values:
+            raise ValueError(f"{given[0]}: applies only when {scope.setting} is set (this recipe sets none); "
+                             f"remove it, or set {scope.setting}")
+        has = ", ".join(sorted(scope.reads(recipe) - {None})) or "mixed formats"
+        wanted = " or ".join(scope.values)
+        raise ValueError(f"{given[0]}: applies only with {scope.setting} {wanted} (this recipe has {has}); "
+                         f"remove it, or set {scope.setting}: {wanted}")
+
+
+def inapplicable(recipe) -> list[str]:
+    """The dotted keys of `recipe` that its other settings make the run ignore."""
+    return [key for scope in SCOPES if not _applies(scope, recipe) for key in scope.keys]
 
 
 def data_rules(data) -> None:
@@ -31,8 +106,6 @@ def data_rules(data) -> None:
     for which in ("train", "eval"):
         if getattr(data, which) == []:
             raise ValueError(f"data.{which}: an empty list of sources; give a path or at least one source")
-    if data.labels is not None and (data.formats() | {data.format}) != {"classification"}:
-        raise ValueError("data.labels: class names apply to data.format classification; remove them")
     if data.labels is not None and len(set(data.labels)) != len(data.labels):
         raise ValueError(f"data.labels: {next(n for n in data.labels if data.labels.count(n) > 1)!r} is listed twice")
     for key, allowed in TEMPLATE_FIELDS.items():
@@ -74,14 +147,6 @@ def format_rules(recipe) -> None:
         raise ValueError("data.train: give every source a weight, or none (then each is read `epochs` times, default 1)")
 
 
-def quant_rules(recipe) -> None:
-    """quant settings that mean nothing for this recipe (what a strategy cannot quantise is its rules')."""
-    quant = recipe.quant
-    four_bit_only = quant.model_fields_set & {"type", "double_quant", "compute_dtype"}
-    if quant.bits == 8 and four_bit_only:
-        raise ValueError(f"quant.{sorted(four_bit_only)[0]} applies to 4-bit weights only; remove it or set quant.bits: 4")
-
-
 # Names other fine-tuning tools use for a key, so `lora.rank=8` gets "did you mean 'lora.r'?".
 ALIASES = {"rank": "r", "lora_r": "r", "lora_alpha": "alpha", "lora_dropout": "dropout", "learning_rate": "lr",
            "batch_size": "micro_batch_size", "per_device_train_batch_size": "micro_batch_size",
@@ -93,10 +158,6 @@ ALIASES = {"rank": "r", "lora_r": "r", "lora_alpha": "alpha", "lora_dropout": "d
 def adapter_rules(recipe) -> None:
     """LoRA variants that cannot work together, decided before anything loads (README "Methods")."""
     lora, method = recipe.lora, recipe.method
-    variants = [f"lora.{k}" for k, default in (("dora", False), ("rslora", False), ("init", "default"), ("plus_lr_ratio", None))
-                if getattr(lora, k) != default]
-    if variants and method == "full":
-        raise ValueError(f"{variants[0]} applies to method lora or qlora (got method: full); remove it or choose an adapter method")
     if lora.init in RESIDUAL_INITS and method == "qlora":
         raise ValueError(f"lora.init {lora.init} with method: qlora: it moves each weight's top directions into the adapter and "
                          "leaves the residual in the base, which 4-bit storage would round again, so the adapter would no longer "

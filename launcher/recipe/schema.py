@@ -6,11 +6,12 @@ descriptions double as the recipe reference in the README (`launcher reference`)
 """
 from __future__ import annotations
 
+import copy
 import os
 import re
 from typing import Annotated, Literal, get_args
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, model_validator
 
 from launcher.recipe import rules
 from launcher.recipe.formats import FORMATS, LOWER_IS_BETTER, METRICS, OBJECTIVES, TASKS
@@ -293,14 +294,8 @@ class DistributedSection(Section):
                                   "above 1 are refused.")
 
     def rules(self) -> None:
-        """Sections that contradict the chosen strategy. What a strategy itself cannot train is its own rules'
-        (launcher/distributed/rules.py), which preflight applies."""
-        if self.deepspeed is not None and self.strategy != "deepspeed":
-            raise ValueError(f"distributed.deepspeed is set but distributed.strategy is {self.strategy}; "
-                             "set strategy: deepspeed, or remove distributed.deepspeed (FSDP and DeepSpeed are alternatives)")
-        if self.fsdp is not None and self.strategy != "fsdp":
-            raise ValueError(f"distributed.fsdp is set but distributed.strategy is {self.strategy}; "
-                             "set strategy: fsdp, or remove distributed.fsdp (FSDP and DeepSpeed are alternatives)")
+        """What the chosen strategy needs (keys it does not read are refused by rules.SCOPES). What a strategy
+        itself cannot train is its own rules' (launcher/distributed/rules.py), which preflight applies."""
         if self.strategy == "deepspeed" and self.deepspeed is None:
             raise ValueError(f"distributed.strategy deepspeed needs distributed.deepspeed: one of {', '.join(DEEPSPEED_SHORTHANDS)} "
                              "or a path to a DeepSpeed JSON file")
@@ -334,20 +329,17 @@ class Recipe(Section):
                                  json_schema_extra=RESUMABLE)
 
     def model_dump(self, **kwargs) -> dict:
-        """Without the sections the method does not read (`applicable`), so a dump validates again as a recipe."""
-        return applicable(super().model_dump(**kwargs))
+        """Without the keys this recipe's settings make the run ignore (`rules.SCOPES`), so a dump validates
+        again as a recipe and says only what the run uses."""
+        return without(super().model_dump(**kwargs), rules.inapplicable(self))
 
     @model_validator(mode="after")
-    def _cross_field_rules(self) -> "Recipe":
-        rules.method_sections(self)
-        rules.quant_rules(self)
-        rules.adapter_rules(self)
+    def _cross_field_rules(self, info: ValidationInfo) -> "Recipe":
         rules.format_rules(self)
         objective_rules(self)
-        task = self.model.task
-        if task != "causal-lm" and (self.data.packing or self.train.loss_chunk_tokens):
-            key = "data.packing" if self.data.packing else "train.loss_chunk_tokens"
-            raise ValueError(f"{key} applies to model.task causal-lm only (got {task}); remove it")
+        if not (info.context or {}).get(KEEP_INAPPLICABLE):
+            rules.refuse_inapplicable(self)
+        rules.adapter_rules(self)
         self.distributed.rules()
         if self.data.eval and self.data.eval_fraction:
             raise ValueError("data.eval and data.eval_fraction both set: give one")
@@ -368,9 +360,38 @@ def _agree_with_registry() -> None:
 _agree_with_registry()
 
 
+KEEP_INAPPLICABLE = "keep inapplicable keys"  # validation context: read a dumped recipe whose ignored keys are still in
+
+
+def ignored_keys(data: dict) -> list[str] | None:
+    """The dotted keys of a recipe given as a dict that its other settings make the run ignore (present or not);
+    None when it does not validate."""
+    try:
+        return rules.inapplicable(Recipe.model_validate(data, context={KEEP_INAPPLICABLE: True}))
+    except ValidationError:
+        return None
+
+
 def applicable(dumped: dict) -> dict:
-    """A dumped recipe without the sections its method does not read (quant unless qlora, freeze unless full),
-    so it validates again (`Recipe` refuses those sections when given) and says only what the run uses."""
-    method = dumped.get("method", "lora")
-    return {key: value for key, value in dumped.items()
-            if not (key == "quant" and method != "qlora") and not (key == "freeze" and method != "full")}
+    """A recipe as a dict (a dump, or one with overrides applied) without the keys its settings make the run
+    ignore, so it validates again and compares with another by what the run uses; as it is when it does not validate."""
+    return without(dumped, ignored_keys(dumped) or [])
+
+
+def lookup(tree: dict, key: str):
+    """The value at a dotted key of nested dicts; None where absent."""
+    node = tree
+    for part in key.split("."):
+        node = node.get(part) if isinstance(node, dict) else None
+    return node
+
+
+def without(dumped: dict, keys: list[str]) -> dict:
+    """A copy of `dumped` with these dotted keys removed where present."""
+    dumped = copy.deepcopy(dumped)
+    for key in keys:
+        *sections, last = key.split(".")
+        parent = lookup(dumped, ".".join(sections)) if sections else dumped
+        if isinstance(parent, dict):
+            parent.pop(last, None)
+    return dumped
