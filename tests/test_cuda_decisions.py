@@ -37,7 +37,8 @@ def scaled_session(tiny_model, tmp_path, skip_nonfinite: int):
     recipe = tiny_recipe(tiny_model, tmp_path / "run", lora={"r": 4, "alpha": 8, "dropout": 0.0},
                          train={"optimizer": "sgd", "max_grad_norm": 1.0, "skip_nonfinite": skip_nonfinite,
                                 "micro_batch_size": 2, "grad_accum": 2, "lr": 0.1})
-    recipe["data"].pop("eval")
+    for key in ("eval", "max_eval_rows"):
+        recipe["data"].pop(key)
     session = setup(Recipe.model_validate(recipe))
     accelerator = session.accelerator
     accelerator.scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 127, growth_interval=1000)
@@ -277,7 +278,8 @@ print(sorted(set(seen)))
 def test_fsdp2_on_one_process_computes_in_the_requested_precision(tiny_model, tmp_path):
     """In its own process: accelerate keeps one precision per process, and other tests here set up fp32 runs."""
     recipe = tiny_recipe(tiny_model, tmp_path / "run", distributed={"strategy": "fsdp"}, train={"precision": "bf16"})
-    recipe["data"].pop("eval")
+    for key in ("eval", "max_eval_rows"):
+        recipe["data"].pop(key)
     path = write_recipe(recipe, tmp_path / "r.yaml")
     done = subprocess.run([sys.executable, "-c", PRECISION_PROBE, str(path)], capture_output=True, text=True, timeout=600,
                           env={**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1"})

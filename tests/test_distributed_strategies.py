@@ -182,7 +182,8 @@ def test_failing_rank_ends_the_launch_with_its_error(tmp_path, model):
     (boom / "config.json").write_text(json.dumps(config))
     recipe = tiny_recipe(boom, tmp_path / "run", method="full", train={"max_steps": COMPARE_STEPS}, distributed={"timeout_minutes": 1})
     recipe["model"]["trust_remote_code"] = True
-    recipe["data"].pop("eval")
+    for key in ("eval", "max_eval_rows"):
+        recipe["data"].pop(key)
     started = time.time()
     result = launch_two([write_recipe(recipe, tmp_path / "r.yaml")], timeout=300)
     elapsed = time.time() - started

@@ -101,8 +101,7 @@ def tiny(tmp_path_factory):
 
 
 def test_train_refuses_a_recipe_the_plan_says_cannot_fit_before_any_weights_load(tiny, tmp_path):
-    data = tiny_recipe(tiny, tmp_path / "run", train={"max_steps": 2, "micro_batch_size": 8, "grad_accum": 1})
-    data["data"]["eval"] = None
+    data = tiny_recipe(tiny, tmp_path / "run", train={"max_steps": 2, "micro_batch_size": 8, "grad_accum": 1}, data={"eval": None})
     recipe = Recipe.model_validate(data)
     planned = planner.plan(recipe, 1, 1.0)
     # just too small for the recipe as written: its usable memory 97 % of the peak, once the overheads are set aside
@@ -118,8 +117,8 @@ def test_train_refuses_a_recipe_the_plan_says_cannot_fit_before_any_weights_load
 
 
 def test_over_budget_warn_trains_and_reports_predicted_beside_measured_peak(tiny, tmp_path):
-    data = tiny_recipe(tiny, tmp_path / "run", train={"max_steps": 2}, memory={"gpu_gib": 1e-4, "over_budget": "warn"})
-    data["data"]["eval"] = None
+    data = tiny_recipe(tiny, tmp_path / "run", train={"max_steps": 2}, memory={"gpu_gib": 1e-4, "over_budget": "warn"},
+                       data={"eval": None})
     result = launch([write_recipe(data, tmp_path / "r.yaml")])
     assert result.returncode == 0, result.stderr
     assert "warning: memory plan: peak" in result.stderr

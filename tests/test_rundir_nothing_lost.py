@@ -33,7 +33,8 @@ def write_pairs(path, pairs=PAIRS):
 
 def recipe_on(model, tmp_path, train_file, **sections):
     recipe = tiny_recipe(model, tmp_path / "run", **sections)
-    recipe["data"] = {**recipe["data"], "train": str(train_file), "eval": None, "max_train_rows": None}
+    recipe["data"] = {**recipe["data"], "train": str(train_file), "eval": None, "max_train_rows": None,
+                      "max_eval_rows": None}
     return recipe
 
 

@@ -17,7 +17,8 @@ def session_for(tiny_model, tmp_path, **train):
     """A one-process run set up in this process: plain SGD (update = -lr * grad), no dropout, no clipping, no eval."""
     recipe = tiny_recipe(tiny_model, tmp_path / "run", lora={"r": 4, "alpha": 8, "dropout": 0.0},
                          train={"optimizer": "sgd", "max_grad_norm": None, "schedule": "linear", "warmup_steps": 0, **train})
-    recipe["data"].pop("eval")
+    for key in ("eval", "max_eval_rows"):
+        recipe["data"].pop(key)
     return setup(Recipe.model_validate(recipe))
 
 
@@ -82,7 +83,8 @@ def test_a_whole_run_in_process_exports_a_config_that_generates_with_its_cache(t
 
     from launcher.training.loop import StopRequest, finish, fit
     recipe = tiny_recipe(tiny_model, tmp_path / "run", method="full", train={"max_steps": 2, "micro_batch_size": 2})
-    recipe["data"].pop("eval")
+    for key in ("eval", "max_eval_rows"):
+        recipe["data"].pop(key)
     session = setup(Recipe.model_validate(recipe))
     try:
         assert fit(session, StopRequest()) is False and session.step == 2

@@ -12,6 +12,7 @@ from typing import Any, Iterator
 
 from pydantic import BaseModel
 
+from launcher.recipe import rules
 from launcher.recipe.schema import Recipe
 
 
@@ -72,7 +73,8 @@ def reference_markdown() -> str:
     lines = ["| key | allowed | default | meaning |", "|---|---|---|---|"]
     for key, field in fields():
         default = "required" if field.is_required() else repr(field.get_default(call_default_factory=True))
-        meaning = (field.description or "").replace("|", "\\|")
+        scoped = rules.used_only(key.replace("[]", ""))
+        meaning = ((field.description or "") + (f" Used only {scoped} (refused otherwise)." if scoped else "")).replace("|", "\\|")
         lines.append(f"| `{key}` | {allowed(field.annotation).replace('|', '/')} | `{default.replace('|', '/')}` | {meaning} |")
     return "\n".join(lines)
 

@@ -81,19 +81,25 @@ def _applies(scope: Scope, recipe) -> bool:
     return bool(values & set(scope.values) if scope.values else values)
 
 
+def _condition(scope: Scope) -> str:
+    return f"when {scope.setting} is set" if not scope.values else f"with {scope.setting} {' or '.join(scope.values)}"
+
+
 def refuse_inapplicable(recipe) -> None:
     """A key the run would not read is refused when given at all, so nothing the user wrote is silently ignored."""
     for scope in SCOPES:
         given = [key for key in scope.keys if _given(recipe, key)]
         if not given or _applies(scope, recipe):
             continue
-        if not scope.values:
-            raise ValueError(f"{given[0]}: applies only when {scope.setting} is set (this recipe sets none); "
-                             f"remove it, or set {scope.setting}")
-        has = ", ".join(sorted(scope.reads(recipe) - {None})) or "mixed formats"
-        wanted = " or ".join(scope.values)
-        raise ValueError(f"{given[0]}: applies only with {scope.setting} {wanted} (this recipe has {has}); "
-                         f"remove it, or set {scope.setting}: {wanted}")
+        has = ", ".join(sorted(scope.reads(recipe) - {None})) or ("none" if not scope.values else "mixed formats")
+        fix = scope.setting if not scope.values else f"{scope.setting}: {' or '.join(scope.values)}"
+        raise ValueError(f"{given[0]}: applies only {_condition(scope)} (this recipe has {has}); remove it, or set {fix}")
+
+
+def used_only(key: str) -> str | None:
+    """When the run reads `key` (a leaf or section key), as the reference says it; None: always."""
+    found = [scope for scope in SCOPES for scoped in scope.keys if key == scoped or key.startswith(scoped + ".")]
+    return " and ".join(_condition(scope) for scope in found) or None
 
 
 def inapplicable(recipe) -> list[str]:

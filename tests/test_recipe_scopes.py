@@ -1,0 +1,111 @@
+"""Keys read only under another key's value (rules.SCOPES): given where the run would ignore them they are
+refused naming the key; a dump leaves them out; a base's or an overridden file's such keys are left out."""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import yaml
+from pydantic import ValidationError
+
+from launcher.cli import main
+from launcher.errors import UserError
+from launcher.recipe.files import load_recipe
+from launcher.recipe.reference import fields
+from launcher.recipe.rules import SCOPES
+from launcher.recipe.schema import Recipe, lookup
+
+BASE = {"model": {"path": "x"}, "method": "lora", "data": {"train": "t.jsonl", "format": "translation"}, "output_dir": "o"}
+
+# For each scope, a recipe change under which its keys are NOT read, and one under which they are.
+AWAY_AND_BACK = {
+    "quant": ({}, {"method": "qlora"}),
+    "freeze": ({}, {"method": "full"}),
+    "quant.type": ({"method": "qlora", "quant": {"bits": 8}}, {"method": "qlora"}),
+    "lora": ({"method": "full"}, {}),
+    "dpo": ({}, {"data": {"train": "t.jsonl", "format": "preference"}}),
+    "distributed.deepspeed": ({}, {"distributed": {"strategy": "deepspeed", "deepspeed": "zero2"}}),
+    "distributed.fsdp": ({}, {"distributed": {"strategy": "fsdp"}}),
+    "data.packing": ({"model": {"path": "x", "task": "seq2seq"}}, {}),
+    "data.labels": ({}, {"model": {"path": "x", "task": "classification"}, "method": "full",
+                         "data": {"train": "t.jsonl", "format": "classification"}}),
+    "eval.max_new_tokens": ({"model": {"path": "x", "task": "classification"}, "method": "full",
+                             "data": {"train": "t.jsonl", "format": "classification"}}, {}),
+    "eval.generate_rows": ({"data": {"train": "t.jsonl", "format": "text", "eval_fraction": 0.2}},
+                           {"data": {**BASE["data"], "eval_fraction": 0.2}}),
+    "data.prompt_template": ({"data": {"train": "t.jsonl", "format": "text"}}, {}),
+    "data.qa_template": ({}, {"data": {"train": "t.jsonl", "format": "qa"}}),
+    "data.system_prompt": ({"data": {"train": "t.jsonl", "format": "text"}}, {}),
+    "train.decay_rate": ({"train": {"schedule": "cosine"}}, {"train": {"schedule": "exponential"}}),
+    "data.max_eval_rows": ({"data": {**BASE["data"], "eval_fraction": 0.2}}, {"data": {**BASE["data"], "eval": "t.jsonl"}}),
+    "train.eval_every": ({}, {"data": {**BASE["data"], "eval_fraction": 0.2}}),
+    "report.project": ({}, {"report": {"trackers": ["tensorboard"]}}),
+}
+# A value each key may take where it is read (sections: empty, all defaults).
+VALUES = {"data.packing": True, "data.labels": ["a", "b"], "eval.max_new_tokens": 8, "eval.generate_rows": 4,
+          "data.prompt_template": "{source}", "data.qa_template": "{question}", "data.system_prompt": "Be brief.",
+          "train.decay_rate": 0.5, "data.max_eval_rows": 4, "train.eval_every": 2, "report.project": "p",
+          "distributed.deepspeed": "zero2", "quant.type": "fp4"}
+
+
+def merged(*changes: dict) -> dict:
+    recipe = copy.deepcopy(BASE)
+    for change in copy.deepcopy(changes):
+        for key, value in change.items():
+            recipe[key] = {**recipe[key], **value} if isinstance(value, dict) and isinstance(recipe.get(key), dict) else value
+    return recipe
+
+
+def given(recipe: dict, key: str) -> dict:
+    *sections, last = key.split(".")
+    node = recipe
+    for section in sections:
+        node = node.setdefault(section, {})
+    node[last] = copy.deepcopy(VALUES.get(key, {}))
+    return recipe
+
+
+def test_every_scope_names_schema_keys_and_each_scope_is_exercised_here():
+    leaves = {key.replace("[]", "") for key, _ in fields()}
+    for scope in SCOPES:
+        for key in scope.keys:
+            assert key in leaves or any(leaf.startswith(key + ".") for leaf in leaves), key
+    assert {scope.keys[0] for scope in SCOPES} == set(AWAY_AND_BACK)
+
+
+@pytest.mark.parametrize("key", AWAY_AND_BACK)
+def test_a_key_the_run_would_ignore_is_refused_naming_it_and_accepted_where_read(key):
+    away, back = AWAY_AND_BACK[key]
+    with pytest.raises(ValidationError, match=f"{key}: applies only "):
+        Recipe.model_validate(given(merged(away), key))
+    recipe = Recipe.model_validate(given(merged(back), key))
+    dumped = recipe.model_dump(mode="json")
+    assert Recipe.model_validate(dumped).model_dump(mode="json") == dumped  # the dump validates again, unchanged
+    assert lookup(Recipe.model_validate(merged(away)).model_dump(mode="json"), key) is None  # left out of a dump
+
+
+def test_validate_refuses_in_one_line(tmp_path, capsys):
+    (tmp_path / "t.jsonl").write_text('{"source": "a", "target": "b"}\n')
+    recipe = merged({"method": "full", "lora": {"r": 8}, "data": {**BASE["data"], "train": str(tmp_path / "t.jsonl")},
+                     "output_dir": str(tmp_path / "run")})
+    (tmp_path / "r.yaml").write_text(yaml.safe_dump(recipe))
+    assert main(["validate", str(tmp_path / "r.yaml")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "lora: applies only with method lora or qlora (this recipe has full)" in err
+
+
+def test_a_base_or_an_override_that_makes_keys_ignored_leaves_them_out_but_own_ones_are_refused(tmp_path):
+    (tmp_path / "t.jsonl").write_text('{"source": "a", "target": "b"}\n')
+    base = merged({"lora": {"r": 8}, "train": {"schedule": "exponential", "decay_rate": 0.5}})
+    (tmp_path / "base.yaml").write_text(yaml.safe_dump(base))
+    (tmp_path / "full.yaml").write_text("base: base.yaml\nmethod: full\n")
+    full = load_recipe(tmp_path / "full.yaml")
+    assert "lora" not in full.model_dump(mode="json") and full.train.decay_rate == 0.5
+    # an override cannot delete a key, so the file's keys it makes ignored go; the override's own are refused
+    cosine = load_recipe(tmp_path / "base.yaml", ["train.schedule=cosine", "method=full"])
+    assert "decay_rate" not in cosine.model_dump(mode="json")["train"] and "lora" not in cosine.model_dump(mode="json")
+    with pytest.raises(UserError, match="lora: applies only with method lora or qlora"):
+        load_recipe(tmp_path / "full.yaml", ["lora.r=4"])
+    (tmp_path / "own.yaml").write_text("base: base.yaml\nmethod: full\nlora: {alpha: 4}\n")
+    with pytest.raises(UserError, match="lora: applies only with method lora or qlora"):
+        load_recipe(tmp_path / "own.yaml")
