@@ -112,10 +112,9 @@ def test_cuda_rng_restores_on_a_process_that_sees_fewer_devices():
 
 def test_a_bf16_base_trains_its_new_head_and_adapters_in_fp32(tiny_model, tmp_path):
     """A classifier on a bf16 base: peft upcasts the LoRA layers, the launcher the new head (modules_to_save)."""
-    recipe = tiny_recipe(tiny_model, tmp_path / "run",
+    recipe = tiny_recipe(tiny_model, tmp_path / "run", model={"task": "classification", "dtype": "bfloat16"},
                          data={"train": str(DATA / "bbc_news" / "train.jsonl"), "eval": None, "format": "classification",
                                "fields": {}, "max_length": 32})
-    recipe["model"].update(task="classification", dtype="bfloat16")
     model = load_model(str(tiny_model), Recipe.model_validate(recipe), on_gpu=False, labels=["a", "b", "c"])
     trainable = {n: p.dtype for n, p in model.named_parameters() if p.requires_grad}
     assert any("modules_to_save" in n for n in trainable) and any("lora_" in n for n in trainable)
@@ -179,10 +178,9 @@ def bert_without_pooler(tmp_path_factory):
 
 
 def test_qlora_keeps_modules_the_checkpoint_lacks_out_of_4bit(bert_without_pooler, tmp_path):
-    recipe = tiny_recipe(bert_without_pooler, tmp_path / "run", method="qlora",
+    recipe = tiny_recipe(bert_without_pooler, tmp_path / "run", method="qlora", model={"task": "classification"},
                          data={"train": str(DATA / "bbc_news" / "train.jsonl"), "eval": None, "format": "classification",
                                "fields": {}, "max_length": 32})
-    recipe["model"]["task"] = "classification"
     recipe = Recipe.model_validate(recipe)
     keys = checkpoint_keys(str(bert_without_pooler))
     assert keys and not any("pooler" in key for key in keys)

@@ -430,22 +430,25 @@ def test_malformed_rows_validate_refuses_or_train_reads_the_same_rows(tmp_path):
     assert refused > 40 and agreed > 40, (refused, agreed)
 
 
-# ---------------------------------------------------------------- names that must match the model, checked where it is built
+# ---------------------------------------------------------------- names that must match the model, checked before it loads
 
 @pytest.mark.parametrize("changes,expected", [
     ({"lora": {"modules_to_save": ["lm_head", "scorer"]}},
      "lora.modules_to_save: 'scorer' names no module of LlamaForCausalLM (its top-level modules: model, lm_head)"),
     ({"method": "full", "freeze": {"patterns": ["embed_tokens", "layers\\.9\\."]}},
      "freeze.patterns: 'layers\\\\.9\\\\.' matches no parameter of LlamaForCausalLM"),
+    ({"method": "full", "freeze": {"first_n_blocks": 3}}, "freeze.first_n_blocks is 3 but LlamaForCausalLM has 2 blocks"),
+    ({"lora": {"target_modules": ["q_proj", "query"]}}, "lora.target_modules: 'query' names no linear layer of LlamaForCausalLM"),
 ])
-def test_a_module_name_that_matches_nothing_is_refused_before_training(tmp_path, tiny_model, capsys, changes, expected):
+def test_a_module_name_that_matches_nothing_is_refused_before_the_model_loads(tmp_path, tiny_model, capsys, changes, expected):
     (tmp_path / "t.jsonl").write_bytes(jsonl(pairs(8)))
     recipe, output_dir = build(tmp_path, Case("names", "", data=TRANSLATION, recipe=changes))
     recipe.write_text(recipe.read_text().replace(str(tmp_path / "model"), str(tiny_model)))
     assert main(["train", str(recipe)]) == 2
-    err = capsys.readouterr().err  # transformers' weight-loading bar may come first (freezing needs the weights)
+    out, err = capsys.readouterr()
     assert expected in err.splitlines()[-1] and err.count("error: ") == 1 and "Traceback" not in err
-    assert not (output_dir / "checkpoints").exists() and not (output_dir / "final").exists()
+    assert "loading model" not in out + err and "Loading weights" not in out + err  # from the config alone
+    assert not output_dir.exists()  # refused before the run directory is made
 
 
 def test_the_gguf_conversion_cache_is_keyed_by_content(tmp_path):

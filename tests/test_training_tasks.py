@@ -45,9 +45,7 @@ def tokenizer(tiny_model):
 
 
 def task_recipe(model: Path, run: Path, task: str, **sections) -> dict:
-    recipe = tiny_recipe(model, run, **sections)
-    recipe["model"]["task"] = task
-    return recipe
+    return tiny_recipe(model, run, model={"task": task}, **sections)
 
 
 def records(run_dir: Path, kind: str = "eval") -> list[dict]:

@@ -7,7 +7,8 @@ one (it measures the real layout), otherwise what the run holds: trainable weigh
 optimiser state for a checkpoint, the weights and the tokenizer's files for an export. When the
 filesystem still refuses a write midway (full, over quota or a size limit, read-only, no
 permission), `refused_writes` turns whatever the writer raised into one line naming the path and
-the bytes needed, and removes the partial save.
+the bytes needed, and removes the partial save; the run's records (metrics.jsonl, logs, report.md,
+loss.png) are written whole or not at all the same way (`append_whole`, `replace_whole`).
 """
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ import re
 import shutil
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Callable
 
 from launcher.errors import UserError
 
@@ -115,6 +117,30 @@ def refused_writes(path: Path, needed: int, what: str, staging: Path | None = No
         number = write_errno(exc)
         if number is None:
             raise
-        if staging is not None:
+        if staging is not None and staging.is_dir():
             shutil.rmtree(staging, ignore_errors=True)
+        elif staging is not None:
+            staging.unlink(missing_ok=True)
         raise UserError(failure_message(number, Path(getattr(exc, "filename", None) or path), needed, what)) from None
+
+
+def append_whole(path: Path, text: str, what: str) -> None:
+    """Append `text` to `path` whole or not at all: a write the filesystem refuses truncates the file back to
+    what it held (a partial line would leave it unreadable) and becomes one line (`refused_writes`)."""
+    size = path.stat().st_size if path.exists() else 0
+    with refused_writes(path, len(text.encode()), what):
+        try:
+            with path.open("a") as handle:
+                handle.write(text)
+        except OSError:
+            if path.exists():
+                os.truncate(path, size)
+            raise
+
+
+def replace_whole(path: Path, staging: Path, write: Callable[[Path], None], needed: int, what: str) -> None:
+    """`write` the file at `staging`, then rename it over `path`: a write the filesystem refuses leaves any
+    earlier `path` as it was, removes the partial file and becomes one line (`refused_writes`)."""
+    with refused_writes(path, needed, what, staging):
+        write(staging)
+        staging.replace(path)

@@ -78,6 +78,11 @@ def placement(model, recipe: Recipe) -> AdapterPlacement:
         leaves = sorted({name.rsplit(".", 1)[-1] for name in linears if not _under(name, excluded)})
     else:
         leaves = list(lora.target_modules)
+        kinds = sorted({name.rsplit(".", 1)[-1] for name in linears})
+        unmatched = [leaf for leaf in leaves if leaf not in kinds]
+        if unmatched:
+            raise UserError(f"lora.target_modules: {unmatched[0]!r} names no linear layer of {type(model).__name__} "
+                            f"(its linear layers: {', '.join(kinds)}); fix or remove it")
         clash = [n for n in linears if _under(n, heads) and n.rsplit(".", 1)[-1] in leaves]
         if clash:
             raise UserError(f"lora.target_modules {leaves} would adapt {clash[0]}, which is trained in full "

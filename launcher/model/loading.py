@@ -208,6 +208,23 @@ def unpartitioned_from_config(task: str, config, **kwargs):
         return auto_class(task).from_config(config, **kwargs)
 
 
+def check_module_names(recipe: Recipe) -> None:
+    """The names a recipe gives the model's modules (freeze patterns and blocks; lora.modules_to_save and target
+    modules) matched on its module tree from config.json on the meta device, so a name that matches nothing is
+    refused before any weight is read. A GGUF model has a config only once converted: its names are checked at load,
+    as are those of a config transformers cannot read here (the loader names that)."""
+    if recipe.model.gguf_file:
+        return
+    try:
+        tree = skeleton(weights_folder(recipe), recipe)
+    except (OSError, ValueError, KeyError):
+        return
+    if recipe.method == "full":
+        freeze(tree, recipe)
+    else:
+        adapters.placement(tree, recipe)
+
+
 def adapter_placement(path: str, recipe: Recipe, labels: list[str] | None = None) -> adapters.AdapterPlacement | None:
     return adapters.placement(skeleton(path, recipe, labels), recipe) if recipe.method != "full" else None
 

@@ -47,10 +47,9 @@ SCOPES = (
     Scope(("quant.type", "quant.double_quant", "quant.compute_dtype"), "quant.bits", ("4",), lambda r: {str(r.quant.bits)}),
     Scope(("lora",), "method", ("lora", "qlora"), lambda r: {r.method}),
     Scope(("dpo",), "objective", ("dpo",), lambda r: {r.objective}),
-    Scope(("distributed.deepspeed", "distributed.sequence_parallel"), "distributed.strategy", ("deepspeed",),
-          lambda r: {r.distributed.strategy}),
-    Scope(("distributed.fsdp", "distributed.replicate", "distributed.shard", "distributed.context_parallel"),
-          "distributed.strategy", ("fsdp",), lambda r: {r.distributed.strategy}),
+    # (the mesh keys replicate, shard, sequence_parallel and context_parallel: distributed/mesh.py refuses them, saying why)
+    Scope(("distributed.deepspeed",), "distributed.strategy", ("deepspeed",), lambda r: {r.distributed.strategy}),
+    Scope(("distributed.fsdp",), "distributed.strategy", ("fsdp",), lambda r: {r.distributed.strategy}),
     Scope(("data.packing", "train.loss_chunk_tokens"), "model.task", ("causal-lm",), lambda r: {r.model.task}),
     Scope(("data.labels",), "model.task", ("classification",), lambda r: {r.model.task}),
     Scope(GENERATION_KEYS, "model.task", ("causal-lm", "seq2seq"), lambda r: {r.model.task}),

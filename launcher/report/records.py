@@ -10,10 +10,13 @@ from pathlib import Path
 
 from rich.table import Table
 
+from launcher.checkpoint.diskspace import append_whole, replace_whole
 from launcher.report import trackers
 from launcher.report.console import Console
 from launcher.rundir.paths import RunDir
 from launcher.training.guard import json_safe
+
+PLOT_BYTES = 64 * 1024  # about what loss.png takes, for the message when it cannot be written
 
 
 class Reporter:
@@ -33,8 +36,7 @@ class Reporter:
         if not self.active:
             return
         record = {"time": round(time.time(), 3), **record}
-        with self.metrics_path.open("a") as handle:
-            handle.write(json.dumps(json_safe(record), allow_nan=False) + "\n")
+        append_whole(self.metrics_path, json.dumps(json_safe(record), allow_nan=False) + "\n", "metrics record")
         trackers.log(self.accelerator, record)
 
     def step(self, step: int, loss: float, lr: float, tokens_per_s: float, grad_norm: float | None,
@@ -63,8 +65,7 @@ def write_rank_log(run_dir: Path, accelerator, record: dict) -> None:
     """Every process may log to its own file (logs/rank-R.jsonl); only the main one prints."""
     path = RunDir(run_dir).rank_log(accelerator.process_index)
     path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a") as handle:
-        handle.write(json.dumps({"rank": accelerator.process_index, **record}) + "\n")
+    append_whole(path, json.dumps({"rank": accelerator.process_index, **record}) + "\n", "rank log")
 
 
 def read_metrics(path: Path) -> list[dict]:
@@ -106,8 +107,11 @@ def plot_loss(records: list[dict], target: Path) -> bool:
     axis.set_ylabel("cross-entropy")
     axis.legend()
     figure.tight_layout()
-    figure.savefig(target, dpi=100)
-    plt.close(figure)
+    try:
+        replace_whole(target, RunDir.staging(target), lambda path: figure.savefig(path, dpi=100, format="png"),
+                      PLOT_BYTES, "loss plot")
+    finally:
+        plt.close(figure)
     return True
 
 
@@ -147,7 +151,8 @@ def write_report(run_dir: Path, summary: dict, samples: list[dict], console: Con
         for sample in samples:
             lines += [f"**Prompt:** {sample['prompt']!r}", "", f"- reference: {sample['reference']!r}",
                       f"- before: {sample.get('before', '')!r}", f"- after: {sample.get('after', '')!r}", ""]
-    run.report.write_text("\n".join(lines) + "\n")
+    text = "\n".join(lines) + "\n"
+    replace_whole(run.report, RunDir.staging(run.report), lambda path: path.write_text(text), len(text.encode()), "report")
     if console is None:
         return
     table = Table(title="eval before -> after")
