@@ -100,7 +100,7 @@ def header_only_model(folder: Path) -> Path:
 
 # ---------------------------------------------------------------- running the launcher for real
 
-def tiny_recipe(model: Path, output_dir: Path, **sections) -> dict:
+def tiny_recipe(model: Path, output_dir: Path, /, **sections) -> dict:
     """A translation LoRA recipe on the shipped Bible sample; sections override whole keys per section."""
     recipe = {
         "model": {"path": str(model)},

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import shutil
 import struct
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -301,3 +302,106 @@ def test_a_refused_write_during_an_export_removes_the_partial_folder_and_names_t
     with pytest.raises(ValueError):  # not a write the filesystem refused: left as it was
         with refused_writes(target, 2048, "export", None):
             raise ValueError("a bug of ours")
+
+
+# ---------------------------------------------------------------- a full disk during the export and the records
+
+@contextmanager
+def small_disk(folder: Path):
+    """A tmpfs mounted at `folder` (a real disk that fills up: ENOSPC), resized with `resize`; None where this
+    process may not mount one (not root), and the test falls back to a file-size limit (EFBIG)."""
+    import os
+    import subprocess
+    folder.mkdir(parents=True, exist_ok=True)
+    mounted = os.geteuid() == 0 and shutil.which("mount") and subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=64m", "tmpfs", str(folder)], capture_output=True).returncode == 0
+    try:
+        yield folder if mounted else None
+    finally:
+        if mounted:
+            subprocess.run(["umount", "-l", str(folder)], check=True)
+
+
+def resize(disk: Path, free_bytes: int) -> None:
+    """The tmpfs holds what it holds now and `free_bytes` more."""
+    import os
+    import subprocess
+    stat = os.statvfs(disk)
+    used = (stat.f_blocks - stat.f_bfree) * stat.f_frsize
+    subprocess.run(["mount", "-o", f"remount,size={used + free_bytes}", str(disk)], check=True)
+
+
+def _train(run: Path, limit: int | None = None):
+    import os
+    import subprocess
+    import sys
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    return subprocess.run([sys.executable, "-m", "launcher", "train", str(run)], capture_output=True, text=True, env=env,
+                          cwd=Path(__file__).resolve().parents[1], timeout=300,
+                          preexec_fn=_file_size_limit(limit) if limit else None)
+
+
+def test_a_full_disk_during_the_export_is_one_line_and_the_rerun_after_freeing_space_finishes(tmp_path, straight):
+    from launcher.checkpoint.saves import damage
+    with small_disk(tmp_path / "disk") as disk:
+        run = copy_run(straight, (disk or tmp_path) / "run", keep_up_to=STEPS)  # trained; stopped before the export
+        for name in ("report.md", "loss.png"):
+            (run / name).unlink()
+        checkpoint = sum(f.stat().st_size for f in (run / "checkpoints" / f"step-{STEPS}").iterdir())
+        tokenizer = (straight / "final" / "tokenizer.json").stat().st_size
+        assert tokenizer > 2 * checkpoint  # room for the last checkpoint's rewrite, not for the export
+        if disk is not None:
+            resize(disk, 2 * checkpoint)
+        full = _train(run, None if disk else (checkpoint + tokenizer) // 2)
+        errors = [line for line in full.stderr.splitlines() if line.startswith("error: ")]
+        assert full.returncode == 2 and len(errors) == 1 and full.stderr.endswith(errors[0] + "\n"), full.stderr
+        assert f"export to {run / 'final'}" in errors[0] and "it needs about" in errors[0], errors[0]
+        assert "saved" not in full.stdout and "Traceback" not in full.stdout + full.stderr
+        assert not (run / "final").exists() and not (run / "final.tmp").exists() and not (run / "report.md").exists()
+        assert damage(run / "checkpoints" / f"step-{STEPS}") is None
+        if disk is not None:
+            resize(disk, 64 * 2**20)  # the space is back
+        again = _train(run)
+        assert again.returncode == 0 and f"saved {run / 'final'}" in again.stdout, again.stderr
+        assert (run / "final" / "adapter_model.safetensors").is_file() and (run / "report.md").is_file()
+
+
+RECORD_WRITES = """
+import sys, types
+from pathlib import Path
+from launcher.cli import refused
+from launcher.errors import UserError
+from launcher.report.records import write_rank_log, write_report
+run = Path(sys.argv[1])
+try:
+    if sys.argv[2] == "log":
+        write_rank_log(run, types.SimpleNamespace(process_index=0), {"note": "x" * 20000})
+    else:
+        write_report(run, {"summary": "y" * 20000}, [])
+except UserError as exc:
+    sys.exit(refused(str(exc)))
+"""
+
+
+@pytest.mark.parametrize("writer", ["log", "report"])
+def test_a_full_disk_while_writing_the_records_is_one_line_and_keeps_what_they_held(tmp_path, writer):
+    import os
+    import subprocess
+    import sys
+    with small_disk(tmp_path / "disk") as disk:
+        run = (disk or tmp_path) / "run"
+        (run / "logs").mkdir(parents=True)
+        log, report = run / "logs" / "rank-0.jsonl", run / "report.md"
+        log.write_text('{"rank": 0, "step": 1}\n')
+        report.write_text("# an earlier report\n")
+        if disk is not None:
+            resize(disk, 8192)
+        env = {**os.environ, "OMP_NUM_THREADS": "1"}
+        done = subprocess.run([sys.executable, "-c", RECORD_WRITES, str(run), writer], capture_output=True, text=True, env=env,
+                              cwd=Path(__file__).resolve().parents[1], timeout=120,
+                              preexec_fn=None if disk else _file_size_limit(4096))
+        path = log if writer == "log" else report
+        assert done.returncode == 2 and done.stderr.count("\n") == 1 and "Traceback" not in done.stderr, done.stderr
+        assert f"writing {path} failed" in done.stderr and "it needs about 21" in done.stderr  # 20000 bytes and a margin
+        assert log.read_text() == '{"rank": 0, "step": 1}\n' and report.read_text() == "# an earlier report\n"
+        assert sorted(p.name for p in run.iterdir()) == ["logs", "report.md"]  # no partial file left behind

@@ -96,10 +96,12 @@ def write_errno(exc: BaseException) -> int | None:
 
 def failure_message(number: int, path: Path, needed: int, what: str) -> str:
     """One line: what failed, where, the bytes it needed, and what to do."""
-    where = existing_ancestor(path)
+    where = existing_ancestor(Path(path).parent)
     reason = os.strerror(number) if number else "the write failed"
     if number in (errno.EACCES, errno.EPERM, errno.EROFS):
         fix = f"make {where} writable (or move the run elsewhere)"
+    elif number == errno.EFBIG:
+        fix = "raise the file-size limit (ulimit -f) or free space there"
     else:
         fix = f"free space there{' (or lower train.keep_last)' if 'checkpoint' in what else ''}"
     return (f"{what}: writing {path} failed: {reason}; it needs about {human(needed * MARGIN)}, "
