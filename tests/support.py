@@ -9,7 +9,8 @@ import json
 import shutil
 from pathlib import Path
 
-from launcher.recipe.schema import ignored_keys, lookup, without
+from launcher.recipe.rules import lookup, without
+from launcher.recipe.schema import ignored_keys
 
 REPO = Path(__file__).resolve().parents[1]
 DATA = REPO / "recipes" / "data"

@@ -12,8 +12,8 @@ from launcher.cli import main
 from launcher.errors import UserError
 from launcher.recipe.files import load_recipe
 from launcher.recipe.reference import fields
-from launcher.recipe.rules import SCOPES
-from launcher.recipe.schema import Recipe, lookup
+from launcher.recipe.rules import SCOPES, lookup
+from launcher.recipe.schema import Recipe
 
 BASE = {"model": {"path": "x"}, "method": "lora", "data": {"train": "t.jsonl", "format": "translation"}, "output_dir": "o"}
 

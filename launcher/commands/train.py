@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import argparse
 
-from launcher.model.loading import check_module_names
+from launcher.model.loading import check_against_config
 from launcher.preflight.checks import checked_recipe
 from launcher.training import loop
 
@@ -16,5 +16,5 @@ def add_options(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     recipe = checked_recipe(args)
-    check_module_names(recipe)  # the model's module tree from its config: names that match nothing, before any weight
+    check_against_config(recipe)  # the model's module tree from its config: names that match nothing, before any weight
     return loop.run(recipe, overwrite=args.overwrite, allow_data_change=args.allow_data_change)

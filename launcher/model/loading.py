@@ -208,21 +208,40 @@ def unpartitioned_from_config(task: str, config, **kwargs):
         return auto_class(task).from_config(config, **kwargs)
 
 
-def check_module_names(recipe: Recipe) -> None:
-    """The names a recipe gives the model's modules (freeze patterns and blocks; lora.modules_to_save and target
-    modules) matched on its module tree from config.json on the meta device, so a name that matches nothing is
-    refused before any weight is read. A GGUF model has a config only once converted: its names are checked at load,
-    as are those of a config transformers cannot read here (the loader names that)."""
+def check_against_config(recipe: Recipe) -> None:
+    """What the recipe says of the model's modules (freeze patterns and blocks; lora.modules_to_save and target
+    modules; model.attn_implementation) checked on its module tree built from config.json on the meta device, so a
+    name that matches nothing is refused before any weight is read; so is a config transformers cannot build a
+    model from. A GGUF model has a config only once converted: it is checked at load."""
     if recipe.model.gguf_file:
         return
+    folder = weights_folder(recipe)
     try:
-        tree = skeleton(weights_folder(recipe), recipe)
-    except (OSError, ValueError, KeyError):
+        tree = skeleton(folder, recipe)
+    except OSError:  # a hub id this machine cannot read: the loader says so
         return
+    except (ValueError, KeyError) as exc:  # an unknown model_type, a head this architecture lacks, remote code
+        raise UserError(f"model.path {folder}: transformers cannot build a {recipe.model.task} model from its config "
+                        f"({' '.join(str(exc).split())[:400]})") from None
+    _check_attention(tree.config, recipe)
     if recipe.method == "full":
         freeze(tree, recipe)
     else:
         adapters.placement(tree, recipe)
+
+
+def _check_attention(config, recipe: Recipe) -> None:
+    """transformers' own check of an attention kernel name (and of its package), run on a meta copy."""
+    chosen = recipe.model.attn_implementation
+    if chosen is None:
+        return
+    from accelerate import init_empty_weights
+    try:
+        with init_empty_weights():
+            unpartitioned_from_config(recipe.model.task, config, attn_implementation=chosen,
+                                      trust_remote_code=recipe.model.trust_remote_code)
+    except (ValueError, ImportError) as exc:
+        raise UserError(f"model.attn_implementation {chosen}: {' '.join(str(exc).split())}") from None
 
 
 def adapter_placement(path: str, recipe: Recipe, labels: list[str] | None = None) -> adapters.AdapterPlacement | None:

@@ -75,6 +75,10 @@ def check_launch(recipe: Recipe, target: Target) -> None:
     """The process count the recipe demands, and the strategy's own rules (its JSON, what it cannot train, its device,
     accelerate's config)."""
     wanted = recipe.distributed.num_processes
+    if target.world > 1 and launched() and not os.environ.get("MASTER_ADDR"):
+        # a WORLD_SIZE left in the shell (or set by hand) without the rendezvous a launcher sets beside it
+        raise UserError(f"WORLD_SIZE={target.world} is set but MASTER_ADDR is not, so the processes cannot meet; start them "
+                        f"with {launch_hint(target.world)} (which sets both), or unset WORLD_SIZE for one process")
     if wanted is not None and target.world != wanted:
         raise UserError(f"distributed.num_processes is {wanted} but {target.world} process{'es' * (target.world != 1)} "
                         f"started; launch with {launch_hint(wanted)}")

@@ -23,6 +23,8 @@ WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".h5", ".msgpack")
 INDEX_FILES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "vocab.txt", "spiece.model",
                    "sentencepiece.bpe.model", "tokenizer.tiktoken", "vocab.model")
+TOKENIZER_JSON = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
+                  "generation_config.json")
 POSITION_KEYS = ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length", "n_ctx", "max_seq_len")
 SAFETENSORS_HEADER_LIMIT = 100 * 1024 * 1024  # safetensors itself refuses larger headers
 
@@ -43,7 +45,8 @@ def check_model_folder(recipe: Recipe) -> None:
     if not recipe.model.trust_remote_code and not any((folder / name).is_file() for name in TOKENIZER_FILES):
         raise UserError(f"model.path {folder}: no tokenizer files (one of {', '.join(TOKENIZER_FILES[:4])}, ...); "
                         f"copy the tokenizer the model was trained with into the folder")
-    key, limit = position_limit(config)
+    check_tokenizer_files(folder)
+    key, limit = position_limit(config, folder / "config.json")
     if limit is not None:
         check_positions(recipe, limit, f"{folder / 'config.json'} {key}")
 
@@ -51,13 +54,25 @@ def check_model_folder(recipe: Recipe) -> None:
 def read_config(path: Path) -> dict:
     if not path.is_file():
         raise UserError(f"model.path {path.parent}: no config.json; a model folder needs the config.json saved with its weights")
+    return json_object(path)
+
+
+def json_object(path: Path) -> dict:
+    """A JSON file of the model folder that must hold an object (its config, its tokenizer's files)."""
     try:
-        config = json.loads(path.read_text(encoding="utf-8"))
+        found = json.loads(path.read_text(encoding="utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise UserError(f"{path}: not valid JSON ({exc}); restore the model's config.json") from None
-    if not isinstance(config, dict):
-        raise UserError(f"{path}: holds {type(config).__name__}, not a JSON object; restore the model's config.json")
-    return config
+        raise UserError(f"{path}: not valid JSON ({exc}); restore the model's {path.name}") from None
+    if not isinstance(found, dict):
+        raise UserError(f"{path}: holds {type(found).__name__}, not a JSON object; restore the model's {path.name}")
+    return found
+
+
+def check_tokenizer_files(folder: Path) -> None:
+    """The tokenizer's JSON files parse (the tokenizer loads them only in train, where a bad one is a traceback)."""
+    for name in TOKENIZER_JSON:
+        if (folder / name).is_file():
+            json_object(folder / name)
 
 
 def check_weights(folder: Path) -> None:
@@ -115,12 +130,15 @@ def check_safetensors(path: Path) -> None:
         raise UserError(f"{path}: {what}: {size} bytes, its header describes {expected}; copy the file again")
 
 
-def position_limit(config: dict) -> tuple[str | None, int | None]:
+def position_limit(config: dict, path: Path) -> tuple[str | None, int | None]:
     """(key, value) of the model's position limit, from its config (or its text config); (None, None) when it has none."""
     for where in (config, config.get("text_config") or {}):
         for key in POSITION_KEYS:
-            if isinstance(where.get(key), int) and not isinstance(where.get(key), bool) and where[key] > 0:
-                return key, where[key]
+            value = where.get(key)
+            if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+                return key, value
+            if value is not None and key == "max_position_embeddings":  # the key transformers sizes embeddings by
+                raise UserError(f"{path}: {key} is {value!r}, not a positive whole number; restore the model's config.json")
     return None, None
 
 

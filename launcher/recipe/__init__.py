@@ -1,7 +1,8 @@
 """The recipe: one validated description of a run, read from YAML before anything heavy loads.
 
 schema     the pydantic sections, strict (`Recipe`): no booleans for integers, finite numbers, paths non-empty with ~ expanded
-rules      the rules between keys: combinations that cannot work, sections a method does not read, template placeholders
+rules      the rules between keys: combinations that cannot work, the one table (SCOPES) of keys read only under another
+           key's value (refused when given otherwise, left out of dumps), template placeholders
 files      YAML reading (a key twice refused, non-UTF-8 bytes named), `base:` chains, relative paths, `key=value` overrides (`load_recipe`, `load_run`)
 formats    the data-format registry: fields, tasks, eval metric of each format
 objective  which objective (sft, dpo) a recipe trains, and what dpo refuses

@@ -14,7 +14,8 @@ from typing import Any
 import yaml
 from pydantic import ValidationError
 
-from launcher.recipe.schema import Recipe, ignored_keys, lookup, unknown_key, without
+from launcher.recipe.rules import lookup, without
+from launcher.recipe.schema import Recipe, ignored_keys, unknown_key
 
 from launcher.errors import UserError
 

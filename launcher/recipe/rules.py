@@ -5,6 +5,7 @@ Imports only the format registry: the recipe it checks is passed in.
 """
 from __future__ import annotations
 
+import copy
 import difflib
 import string
 from dataclasses import dataclass
@@ -63,6 +64,25 @@ SCOPES = (
           "data.eval or data.eval_fraction", (), _evaluated),
     Scope(("report.project",), "report.trackers", (), lambda r: set(r.report.trackers)),
 )
+
+
+def lookup(tree: dict, key: str):
+    """The value at a dotted key of nested dicts; None where absent."""
+    node = tree
+    for part in key.split("."):
+        node = node.get(part) if isinstance(node, dict) else None
+    return node
+
+
+def without(dumped: dict, keys: list[str]) -> dict:
+    """A copy of `dumped` with these dotted keys removed where present."""
+    dumped = copy.deepcopy(dumped)
+    for key in keys:
+        *sections, last = key.split(".")
+        parent = lookup(dumped, ".".join(sections)) if sections else dumped
+        if isinstance(parent, dict):
+            parent.pop(last, None)
+    return dumped
 
 
 def _given(recipe, key: str) -> bool:
@@ -134,6 +154,7 @@ def format_rules(recipe) -> None:
         for key in fields:
             if key not in spec.fields:
                 raise ValueError(unknown_key("data.fields", key, list(spec.fields)) + f" (format {fmt} reads {', '.join(spec.fields)})")
+        _one_column_each(fields, spec.fields)
         if task not in spec.tasks:
             fix = ("use data.format: classification" if task == "classification" else
                    "set model.task: classification" if fmt == "classification" else
@@ -175,6 +196,18 @@ def adapter_rules(recipe) -> None:
                          "and quant.type nf4 (with method: lora it would alter the base the adapter is saved against)")
     if lora.init == "loftq" and lora.dora:
         raise ValueError("lora.init loftq with lora.dora: peft's LoftQ initialises plain LoRA matrices only; use one of them")
+
+
+def _one_column_each(fields: dict[str, str], canonical: tuple[str, ...]) -> None:
+    """Each field read from a named column of its own: two fields from one column would train the row against itself."""
+    for key, column in fields.items():
+        if not column.strip():
+            raise ValueError(f"data.fields.{key}: an empty column name; name the column that holds {key}")
+    columns = {key: fields.get(key, key) for key in canonical}
+    for key, column in columns.items():
+        other = next((k for k, c in columns.items() if c == column and k != key), None)
+        if other is not None:
+            raise ValueError(f"data.fields: {key} and {other} both read column '{column}'; map each field to its own column")
 
 
 def unknown_key(where: str, key: str, known: list[str]) -> str:

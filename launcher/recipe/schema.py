@@ -6,7 +6,6 @@ descriptions double as the recipe reference in the README (`launcher reference`)
 """
 from __future__ import annotations
 
-import copy
 import os
 import re
 from typing import Annotated, Literal, get_args
@@ -16,7 +15,7 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationErr
 from launcher.recipe import rules
 from launcher.recipe.formats import FORMATS, LOWER_IS_BETTER, METRICS, OBJECTIVES, TASKS
 from launcher.recipe.objective import objective_rules
-from launcher.recipe.rules import RESIDUAL_INITS, unknown_key  # noqa: F401  (re-exported: files.py, model/, distributed/)
+from launcher.recipe.rules import RESIDUAL_INITS, unknown_key, without  # noqa: F401  (re-exported: files.py, model/, distributed/)
 
 # bitsandbytes optimisers: they need its package, and they step whole local tensors (DDP only).
 BNB_OPTIMIZERS = ("adamw-8bit", "paged-adamw", "paged-adamw-8bit")
@@ -44,6 +43,14 @@ def _regex(value: str) -> str:
     return value
 
 
+def _once_each(values: list) -> list:
+    """A list of choices in which each is named once (a second mention would be ignored)."""
+    twice = next((value for value in values if values.count(value) > 1), None)
+    if twice is not None:
+        raise ValueError(f"{twice!r} is listed twice")
+    return values
+
+
 PathText = Annotated[str, AfterValidator(_path)]
 Regex = Annotated[str, AfterValidator(_regex)]
 
@@ -68,7 +75,7 @@ class LoraSection(Section):
     r: int = Field(16, ge=1, le=4096, description="Adapter rank.")
     alpha: float = Field(32, gt=0, description="Scaling numerator: the update is scaled by alpha / r.")
     dropout: float = Field(0.05, ge=0, lt=1, description="Dropout on the adapter input.")
-    target_modules: list[str] | Literal["all-linear"] = Field(
+    target_modules: Annotated[list[Annotated[str, Field(min_length=1)]], Field(min_length=1)] | Literal["all-linear"] = Field(
         "all-linear", description="Module names to adapt, or all-linear for every linear layer but the head.")
     modules_to_save: list[Regex] = Field(default_factory=list, description="Extra modules trained in full and saved with the adapter "
                                        "(a classifier's new head always is); a module is trained in full or adapted, never both.")
@@ -217,7 +224,7 @@ class TrainSection(Section):
                                    "the whole batch (e.g. 1024; 0: off). Same loss and gradients as plain CE.")
     compile: bool = Field(False, description="torch.compile the model (inductor): faster steps after a one-off compile per "
                           "shape; needs a C++ compiler on CPU and triton on GPU, checked before the model loads.")
-    seed: int = Field(42, description="Drives init, data order and dropout.")
+    seed: int = Field(42, ge=0, le=2**32 - 1, description="Drives init, data order and dropout (numpy's seed range).")
     eval_every: int = Field(0, ge=0, description="Evaluate every N steps (0: only before and after training).", json_schema_extra=RESUMABLE)
     save_every: int = Field(0, ge=0, description="Checkpoint every N steps (0: only at the end and on preemption).", json_schema_extra=RESUMABLE)
     log_every: int = Field(1, ge=1, description="Write a metrics line every N steps.", json_schema_extra=RESUMABLE)
@@ -257,7 +264,7 @@ Tracker = Literal["tensorboard", "mlflow", "wandb"]
 
 
 class ReportSection(Section):
-    trackers: list[Tracker] = Field(
+    trackers: Annotated[list[Tracker], AfterValidator(_once_each)] = Field(
         default_factory=list, description="Experiment trackers fed through accelerate's log_with: tensorboard (output_dir/tb/<project>), "
         "mlflow (MLFLOW_TRACKING_URI, else a local store in output_dir/mlruns), wandb (offline in output_dir/wandb "
         "unless WANDB_MODE says otherwise). Credentials are read from the environment only, never from the recipe.", json_schema_extra=RESUMABLE)
@@ -376,22 +383,3 @@ def applicable(dumped: dict) -> dict:
     """A recipe as a dict (a dump, or one with overrides applied) without the keys its settings make the run
     ignore, so it validates again and compares with another by what the run uses; as it is when it does not validate."""
     return without(dumped, ignored_keys(dumped) or [])
-
-
-def lookup(tree: dict, key: str):
-    """The value at a dotted key of nested dicts; None where absent."""
-    node = tree
-    for part in key.split("."):
-        node = node.get(part) if isinstance(node, dict) else None
-    return node
-
-
-def without(dumped: dict, keys: list[str]) -> dict:
-    """A copy of `dumped` with these dotted keys removed where present."""
-    dumped = copy.deepcopy(dumped)
-    for key in keys:
-        *sections, last = key.split(".")
-        parent = lookup(dumped, ".".join(sections)) if sections else dumped
-        if isinstance(parent, dict):
-            parent.pop(last, None)
-    return dumped
