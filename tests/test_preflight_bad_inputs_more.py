@@ -156,6 +156,45 @@ def schema_cases() -> list[Case]:
              {**CLASSIFY, "labels": ["good", "bad", "good"]}, {"model": {"task": "classification"}, "method": "full"}),
         Case("labels-without-classification", "data.labels: applies only with model.task classification",
              {"t.jsonl": jsonl(pairs())}, {**TRANSLATION, "labels": ["a", "b"]}),
+    ] + scoped_and_checked_cases()
+
+
+def scoped_and_checked_cases() -> list[Case]:
+    """Keys another key's value makes the run ignore (rules.SCOPES), and values the run could not use."""
+    text = {"t.jsonl": jsonl(pairs())}
+    classifier = {"model": {"task": "classification"}, "method": "full"}
+    return [
+        Case("seed-beyond-numpy", "key 'train.seed': Input should be less than or equal to 4294967295", text,
+             TRANSLATION, {"train": {"max_steps": 1, "seed": 2**40}}),
+        Case("two-fields-one-column", "data.fields: source and target both read column 'en'", text,
+             {"format": "translation", "fields": {"source": "en", "target": "en"}}),
+        Case("empty-column-name", "data.fields.source: an empty column name", text,
+             {"format": "translation", "fields": {"source": " ", "target": "es"}}),
+        Case("target-modules-empty", "key 'lora.target_modules': List should have at least 1 item", text, TRANSLATION,
+             {"lora": {"target_modules": []}}),
+        Case("tracker-twice", "key 'report.trackers': 'tensorboard' is listed twice", text, TRANSLATION,
+             {"report": {"trackers": ["tensorboard", "tensorboard"]}}),
+        Case("lora-section-with-full", "lora: applies only with method lora or qlora (this recipe has full)", text,
+             TRANSLATION, {"method": "full", "lora": {"r": 8}}),
+        Case("lora-override-with-full", "lora: applies only with method lora or qlora", text, TRANSLATION,
+             {"method": "full"}, argv=("lora.r=8",)),
+        Case("decay-with-cosine", "train.decay_rate: applies only with train.schedule exponential (this recipe has cosine)",
+             text, TRANSLATION, {"train": {"max_steps": 1, "schedule": "cosine", "decay_rate": 0.5}}),
+        Case("beams-for-a-classifier", "eval.num_beams: applies only with model.task causal-lm or seq2seq",
+             {"l.jsonl": labelled(["good", "bad"] * 2)}, CLASSIFY, {**classifier, "eval": {"num_beams": 2}}),
+        Case("project-without-trackers", "report.project: applies only when report.trackers is set", text, TRANSLATION,
+             {"report": {"project": "p"}}),
+        Case("eval-every-without-eval", "train.eval_every: applies only when data.eval or data.eval_fraction is set", text,
+             TRANSLATION, {"train": {"max_steps": 1, "eval_every": 2}}),
+        Case("max-eval-rows-with-a-fraction", "data.max_eval_rows: applies only when data.eval is set", text,
+             {**TRANSLATION, "eval_fraction": 0.25, "max_eval_rows": 2}),
+        Case("fsdp-section-under-ddp", "distributed.fsdp: applies only with distributed.strategy fsdp (this recipe has ddp)",
+             text, TRANSLATION, {"distributed": {"fsdp": {"cpu_offload": True}}}),
+        Case("qa-template-for-translation", "data.qa_template: applies only with data.format qa (this recipe has translation)",
+             text, {**TRANSLATION, "qa_template": "Q: {question}"}),
+        Case("generate-rows-for-instruction", "eval.generate_rows: applies only with data.format (of the eval rows) "
+             "translation or qa", {"i.jsonl": jsonl([{"instruction": "a", "output": "b"}] * 6)},
+             {"format": "instruction", "eval_fraction": 0.5}, {"eval": {"generate_rows": 4}}),
     ]
 
 
@@ -449,6 +488,46 @@ def test_a_module_name_that_matches_nothing_is_refused_before_the_model_loads(tm
     assert expected in err.splitlines()[-1] and err.count("error: ") == 1 and "Traceback" not in err
     assert "loading model" not in out + err and "Loading weights" not in out + err  # from the config alone
     assert not output_dir.exists()  # refused before the run directory is made
+
+
+def edited_config(**changes):
+    def edit(folder: Path) -> None:
+        config = json.loads((folder / "config.json").read_text())
+        (folder / "config.json").write_text(json.dumps({**config, **changes}))
+    return edit
+
+
+@pytest.mark.parametrize("verb,edit,recipe,expected", [
+    ("validate", edited_config(max_position_embeddings="512"), {},
+     "config.json: max_position_embeddings is '512', not a positive whole number"),
+    ("validate", lambda folder: (folder / "tokenizer_config.json").write_text("{bad"), {}, "tokenizer_config.json: not valid JSON"),
+    ("validate", lambda folder: (folder / "tokenizer.json").write_text('{"version": "1.0"'), {}, "tokenizer.json: not valid JSON"),
+    ("train", edited_config(model_type="llamax"), {}, "transformers cannot build a causal-lm model from its config"),
+    ("train", None, {"model": {"attn_implementation": "nonsense"}}, "model.attn_implementation nonsense: Specified"),
+], ids=["position-limit-text", "tokenizer-config-not-json", "tokenizer-json-cut", "model-type-unknown", "attention-unknown"])
+def test_a_model_folder_or_setting_transformers_would_refuse_is_one_line_before_any_load(
+        tmp_path, tiny_model, capsys, verb, edit, recipe, expected):
+    (tmp_path / "t.jsonl").write_bytes(jsonl(pairs(8)))
+    path, output_dir = build(tmp_path, Case("folder", "", data=TRANSLATION, recipe=recipe))
+    model = Path(shutil.copytree(tiny_model, tmp_path / "copy"))
+    if edit is not None:
+        edit(model)
+    path.write_text(path.read_text().replace(str(tmp_path / "model"), str(model)))
+    assert main([verb, str(path)]) == 2
+    out, err = capsys.readouterr()
+    assert expected in err and err.startswith("error: ") and err.count("\n") == 1 and "Traceback" not in err, err
+    assert "loading model" not in out and not output_dir.exists()
+
+
+def test_a_world_size_left_in_the_shell_without_a_rendezvous_is_one_line(tmp_path, tiny_model):
+    (tmp_path / "t.jsonl").write_bytes(jsonl(pairs(8)))
+    path, _ = build(tmp_path, Case("world", "", data=TRANSLATION))
+    use_model(path, tmp_path, tiny_model)
+    env = {key: value for key, value in os.environ.items() if key not in ("MASTER_ADDR", "RANK")}
+    result = subprocess.run([sys.executable, "-m", "launcher", "validate", str(path)], capture_output=True, text=True,
+                            env={**env, "WORLD_SIZE": "2", "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1"}, timeout=120)
+    assert result.returncode == 2 and "error: WORLD_SIZE=2 is set but MASTER_ADDR is not" in result.stderr
+    assert result.stderr.count("\n") == 1
 
 
 def test_the_gguf_conversion_cache_is_keyed_by_content(tmp_path):
