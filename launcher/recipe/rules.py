@@ -36,7 +36,7 @@ def _all_formats(recipe) -> set:
 
 
 def _evaluated(recipe) -> set:
-    return {key for key in ("eval", "eval_fraction") if getattr(recipe.data, key)}
+    return {f"data.{key}" for key in ("eval", "eval_fraction") if getattr(recipe.data, key)}
 
 
 GENERATION_KEYS = tuple(f"eval.{key}" for key in ("max_new_tokens", "num_beams", "no_repeat_ngram_size",
@@ -49,8 +49,9 @@ SCOPES = (
     Scope(("lora",), "method", ("lora", "qlora"), lambda r: {r.method}),
     Scope(("dpo",), "objective", ("dpo",), lambda r: {r.objective}),
     # (the mesh keys replicate, shard, sequence_parallel and context_parallel: distributed/mesh.py refuses them, saying why)
-    Scope(("distributed.deepspeed",), "distributed.strategy", ("deepspeed",), lambda r: {r.distributed.strategy}),
-    Scope(("distributed.fsdp",), "distributed.strategy", ("fsdp",), lambda r: {r.distributed.strategy}),
+    # a strategy's own section bears its name, and is read under that strategy only
+    *(Scope((key,), "distributed.strategy", (key.split(".")[1],), lambda r: {r.distributed.strategy})
+      for key in ("distributed.deepspeed", "distributed.fsdp")),
     Scope(("data.packing", "train.loss_chunk_tokens"), "model.task", ("causal-lm",), lambda r: {r.model.task}),
     Scope(("data.labels",), "model.task", ("classification",), lambda r: {r.model.task}),
     Scope(GENERATION_KEYS, "model.task", ("causal-lm", "seq2seq"), lambda r: {r.model.task}),
@@ -59,7 +60,7 @@ SCOPES = (
     Scope(("data.qa_template",), "data.format", ("qa",), _all_formats),
     Scope(("data.system_prompt",), "data.format", ("instruction", "translation", "completion", "qa", "preference"), _all_formats),
     Scope(("train.decay_rate", "train.decay_steps"), "train.schedule", ("exponential",), lambda r: {r.train.schedule}),
-    Scope(("data.max_eval_rows",), "data.eval", (), lambda r: {bool(r.data.eval)} - {False}),
+    Scope(("data.max_eval_rows",), "data.eval", (), lambda r: {"data.eval"} if r.data.eval else set()),
     Scope(("train.eval_every", "train.eval_batch_size", "eval.metric", "eval.greater_is_better"),
           "data.eval or data.eval_fraction", (), _evaluated),
     Scope(("report.project",), "report.trackers", (), lambda r: set(r.report.trackers)),
