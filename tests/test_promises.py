@@ -405,3 +405,19 @@ def test_a_full_disk_while_writing_the_records_is_one_line_and_keeps_what_they_h
         assert f"writing {path} failed" in done.stderr and "it needs about 21" in done.stderr  # 20000 bytes and a margin
         assert log.read_text() == '{"rank": 0, "step": 1}\n' and report.read_text() == "# an earlier report\n"
         assert sorted(p.name for p in run.iterdir()) == ["logs", "report.md"]  # no partial file left behind
+
+
+def test_a_record_cut_by_a_kill_is_dropped_and_a_damaged_one_is_named(tmp_path):
+    """metrics.jsonl as a run killed mid-append leaves it: the report leaves the cut line out, the next record
+    starts a line of its own, and a damaged line before the end is one line naming file:line."""
+    from launcher.checkpoint.diskspace import append_line
+    from launcher.errors import UserError
+    from launcher.report.records import read_metrics
+    metrics = tmp_path / "metrics.jsonl"
+    metrics.write_text('{"kind": "train", "step": 1}\n{"kind": "tr')
+    assert read_metrics(metrics) == [{"kind": "train", "step": 1}]
+    append_line(metrics, '{"kind": "train", "step": 2}\n', "metrics record")
+    assert read_metrics(metrics) == [{"kind": "train", "step": 1}, {"kind": "train", "step": 2}]
+    metrics.write_text('{"kind": "train", "step": 1}\n{"kind": tr\n{"kind": "train", "step": 3}\n')
+    with pytest.raises(UserError, match=f"{metrics}:2: not a JSON record"):
+        read_metrics(metrics)

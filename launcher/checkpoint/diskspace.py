@@ -8,7 +8,7 @@ optimiser state for a checkpoint, the weights and the tokenizer's files for an e
 filesystem still refuses a write midway (full, over quota or a size limit, read-only, no
 permission), `refused_writes` turns whatever the writer raised into one line naming the path and
 the bytes needed, and removes the partial save; the run's records (metrics.jsonl, logs, report.md,
-loss.png) are written whole or not at all the same way (`append_whole`, `replace_whole`).
+loss.png) are written whole or not at all the same way (`append_line`, `replace_whole`).
 """
 from __future__ import annotations
 
@@ -126,18 +126,33 @@ def refused_writes(path: Path, needed: int, what: str, staging: Path | None = No
         raise UserError(failure_message(number, Path(getattr(exc, "filename", None) or path), needed, what)) from None
 
 
-def append_whole(path: Path, text: str, what: str) -> None:
-    """Append `text` to `path` whole or not at all: a write the filesystem refuses truncates the file back to
-    what it held (a partial line would leave it unreadable) and becomes one line (`refused_writes`)."""
-    size = path.stat().st_size if path.exists() else 0
-    with refused_writes(path, len(text.encode()), what):
+def append_line(path: Path, line: str, what: str) -> None:
+    """Append one line to `path` whole or not at all: a write the filesystem refuses truncates the file back to
+    what it held and becomes one line (`refused_writes`); an unfinished last line (a writer killed mid-append) is
+    dropped first, so the new line never continues it."""
+    size = _complete_lines_size(path)
+    with refused_writes(path, len(line.encode()), what):
         try:
+            if path.exists() and path.stat().st_size != size:
+                os.truncate(path, size)
             with path.open("a") as handle:
-                handle.write(text)
+                handle.write(line if line.endswith("\n") else line + "\n")
         except OSError:
             if path.exists():
                 os.truncate(path, size)
             raise
+
+
+def _complete_lines_size(path: Path) -> int:
+    """Bytes of `path` up to and including its last newline (all of it when it ends in one; 0 when absent)."""
+    if not path.is_file() or path.stat().st_size == 0:
+        return 0
+    with open(path, "rb") as handle:
+        handle.seek(-1, os.SEEK_END)
+        if handle.read(1) == b"\n":
+            return handle.tell()
+        handle.seek(0)
+        return handle.read().rfind(b"\n") + 1
 
 
 def replace_whole(path: Path, staging: Path, write: Callable[[Path], None], needed: int, what: str) -> None:

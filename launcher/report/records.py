@@ -10,7 +10,8 @@ from pathlib import Path
 
 from rich.table import Table
 
-from launcher.checkpoint.diskspace import append_whole, replace_whole
+from launcher.checkpoint.diskspace import append_line, replace_whole
+from launcher.errors import UserError
 from launcher.report import trackers
 from launcher.report.console import Console
 from launcher.rundir.paths import RunDir
@@ -36,7 +37,7 @@ class Reporter:
         if not self.active:
             return
         record = {"time": round(time.time(), 3), **record}
-        append_whole(self.metrics_path, json.dumps(json_safe(record), allow_nan=False) + "\n", "metrics record")
+        append_line(self.metrics_path, json.dumps(json_safe(record), allow_nan=False) + "\n", "metrics record")
         trackers.log(self.accelerator, record)
 
     def step(self, step: int, loss: float, lr: float, tokens_per_s: float, grad_norm: float | None,
@@ -65,13 +66,26 @@ def write_rank_log(run_dir: Path, accelerator, record: dict) -> None:
     """Every process may log to its own file (logs/rank-R.jsonl); only the main one prints."""
     path = RunDir(run_dir).rank_log(accelerator.process_index)
     path.parent.mkdir(parents=True, exist_ok=True)
-    append_whole(path, json.dumps({"rank": accelerator.process_index, **record}) + "\n", "rank log")
+    append_line(path, json.dumps({"rank": accelerator.process_index, **record}) + "\n", "rank log")
 
 
 def read_metrics(path: Path) -> list[dict]:
+    """metrics.jsonl's records; an unfinished last line (the run was killed while writing it) is left out."""
     if not path.is_file():
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    text = path.read_text(encoding="utf-8", errors="replace")
+    lines = text.splitlines()
+    records = []
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError as exc:
+            if number == len(lines) and not text.endswith("\n"):
+                break
+            raise UserError(f"{path}:{number}: not a JSON record ({exc.msg}); remove or repair that line") from None
+    return records
 
 
 def first_samples(records: list[dict]) -> list[dict]:
