@@ -10,7 +10,7 @@ from pydantic import ValidationError
 
 from launcher.cli import main
 from launcher.errors import UserError
-from launcher.recipe.files import load_recipe
+from launcher.recipe.files import load_recipe, load_run
 from launcher.recipe.reference import fields
 from launcher.recipe.rules import SCOPES, lookup
 from launcher.recipe.schema import Recipe
@@ -109,3 +109,17 @@ def test_a_base_or_an_override_that_makes_keys_ignored_leaves_them_out_but_own_o
     (tmp_path / "own.yaml").write_text("base: base.yaml\nmethod: full\nlora: {alpha: 4}\n")
     with pytest.raises(UserError, match="lora: applies only with method lora or qlora"):
         load_recipe(tmp_path / "own.yaml")
+
+
+def test_a_run_whose_recipe_yaml_kept_ignored_keys_still_resumes(tmp_path):
+    """A run directory written before these keys were left out of dumps: its recipe.yaml is the launcher's, not
+    the user's, so what it holds that the run ignores is left out again (an override's own is still refused)."""
+    (tmp_path / "t.jsonl").write_text('{"source": "a", "target": "b"}\n')
+    dumped = merged({"method": "full", "lora": {"r": 16}, "train": {"schedule": "cosine", "decay_rate": 0.96},
+                     "report": {"project": None}, "output_dir": str(tmp_path)})
+    dumped["data"]["train"] = str(tmp_path / "t.jsonl")
+    (tmp_path / "recipe.yaml").write_text(yaml.safe_dump(dumped))
+    recipe = load_run(tmp_path)
+    assert recipe.method == "full" and "lora" not in recipe.model_dump(mode="json")
+    with pytest.raises(UserError, match="train.decay_steps: applies only with train.schedule exponential"):
+        load_run(tmp_path, ["train.decay_steps=10"])

@@ -206,24 +206,26 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
     return data
 
 
-def _merged(path: Path, overrides: list[str]) -> dict:
+def _merged(path: Path, overrides: list[str], dumped: bool = False) -> dict:
     """The recipe file over its bases, with the overrides applied. A key its settings make the run ignore
-    (rules.SCOPES) is left out when a base gave it, or when an override changed what it depends on (a command
-    line cannot delete a key); written in the file for the file's own settings, or by an override, it stays
+    (rules.SCOPES) is left out when a base gave it, when an override changed what it depends on (a command
+    line cannot delete a key), or when the launcher wrote the file (`dumped`: a run's recipe.yaml, perhaps from
+    a version that kept such keys); written in the file for the file's own settings, or by an override, it stays
     for validation to refuse."""
     own, inherited = _own_and_inherited(path)
     in_file = _deep_merge(inherited, own)
     merged = apply_overrides(copy.deepcopy(in_file), overrides)
-    ignored, by_file = ignored_keys(merged) or [], ignored_keys(in_file)
+    ignored, by_file = ignored_keys(merged) or [], [] if dumped else ignored_keys(in_file)
     by_file = ignored if by_file is None else by_file
     set_here = apply_overrides({}, overrides)
     return without(merged, [key for key in ignored if lookup(set_here, key) is None and
                             (key not in by_file or lookup(own, key) is None)])
 
 
-def load_recipe(path: str | os.PathLike, overrides: list[str] = ()) -> Recipe:
-    """Read, merge bases, apply overrides and validate; every failure is a UserError."""
-    data = _merged(Path(path), list(overrides))
+def load_recipe(path: str | os.PathLike, overrides: list[str] = (), dumped: bool = False) -> Recipe:
+    """Read, merge bases, apply overrides and validate; every failure is a UserError. `dumped`: the file is a
+    run's resolved recipe, written by the launcher (see `_merged`)."""
+    data = _merged(Path(path), list(overrides), dumped)
     try:
         recipe = Recipe.model_validate(data)
     except ValidationError as exc:
@@ -241,7 +243,7 @@ def load_run(run_dir: str | os.PathLike, overrides: list[str] = ()) -> Recipe:
     resolved = run_dir / RESOLVED_RECIPE
     if not resolved.is_file():
         raise UserError(f"{run_dir} is not a launcher run (no {RESOLVED_RECIPE}); give a recipe file or the output_dir of a run")
-    return load_recipe(resolved, [*overrides, f"output_dir={run_dir}"])
+    return load_recipe(resolved, [*overrides, f"output_dir={run_dir}"], dumped=True)
 
 
 def check_paths(recipe: Recipe, path: Path) -> None:
