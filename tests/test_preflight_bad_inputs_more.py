@@ -178,6 +178,8 @@ def scoped_and_checked_cases() -> list[Case]:
              TRANSLATION, {"method": "full", "lora": {"r": 8}}),
         Case("lora-override-with-full", "lora: applies only with method lora or qlora", text, TRANSLATION,
              {"method": "full"}, argv=("lora.r=8",)),
+        Case("override-given-twice", "override key 'train.lr' is given twice (train.lr=0.1 and train.lr=0.2)", text,
+             TRANSLATION, argv=("train.lr=0.1", "train.lr=0.2")),
         Case("decay-with-cosine", "train.decay_rate: applies only with train.schedule exponential (this recipe has cosine)",
              text, TRANSLATION, {"train": {"max_steps": 1, "schedule": "cosine", "decay_rate": 0.5}}),
         Case("beams-for-a-classifier", "eval.num_beams: applies only with model.task causal-lm or seq2seq",

@@ -195,6 +195,12 @@ def parse_override(text: str) -> tuple[list[str], Any]:
 
 
 def apply_overrides(data: dict, overrides: list[str]) -> dict:
+    """`key=value` overrides applied in place; a key given twice is refused, as one written twice in a recipe is."""
+    keys = [text.partition("=")[0] for text in overrides]
+    twice = next((key for key in keys if keys.count(key) > 1), None)
+    if twice is not None:
+        given = [text for text in overrides if text.partition("=")[0] == twice]
+        raise UserError(f"override key '{twice}' is given twice ({' and '.join(given)}); only the last would count: give it once")
     for text in overrides:
         keys, value = parse_override(text)
         node = data
