@@ -421,3 +421,13 @@ def test_a_record_cut_by_a_kill_is_dropped_and_a_damaged_one_is_named(tmp_path):
     metrics.write_text('{"kind": "train", "step": 1}\n{"kind": tr\n{"kind": "train", "step": 3}\n')
     with pytest.raises(UserError, match=f"{metrics}:2: not a JSON record"):
         read_metrics(metrics)
+
+
+def test_a_damaged_provenance_file_is_one_line_before_the_model_loads(tmp_path, straight, capsys):
+    run = copy_run(straight, tmp_path / "run", keep_up_to=2)
+    (run / "provenance.json").write_text('[{"started": "2026-')  # as a kill during the old, unstaged write left it
+    before = step_files(run)
+    assert main(["train", str(run)]) == 2
+    out, err = capsys.readouterr()
+    assert err.startswith(f"error: {run / 'provenance.json'}: not valid JSON") and err.count("\n") == 1, err
+    assert "loading model" not in out and step_files(run) == before

@@ -25,7 +25,7 @@ STAGING = ".tmp"  # a save is written under name + STAGING and renamed once comp
 EXPORTS = ("final", "best")  # exported models: a run that has one has something to lose
 OWN: dict[str, str | None] = {
     re.escape(RESOLVED_RECIPE): None, "metrics.jsonl": None, "report.md": None, "loss.png": None, "provenance.json": None,
-    r"(report\.md|loss\.png)\.tmp": None,
+    r"(report\.md|loss\.png|provenance\.json)\.tmp": None,
     "eval.json": None, "run.lock": None, r"run\.lock\.stale-\d+": None,
     "final": None, "best": None, "merged": None, r"(final|best|merged)\.tmp": None, "adapter-init": None,
     "tb": None, "mlruns": None, "wandb": None, "preprocessed": None, r"preprocessed\.tmp": None,

@@ -14,6 +14,9 @@ import sys
 import time
 from importlib import metadata
 from pathlib import Path
+
+from launcher.checkpoint.diskspace import replace_whole
+from launcher.errors import UserError
 from launcher.rundir.paths import RunDir
 from launcher.shipped import PACKAGE
 
@@ -63,6 +66,11 @@ def write_provenance(run_dir: Path, accelerator) -> dict:
               "world_size": accelerator.num_processes, "mixed_precision": str(accelerator.mixed_precision),
               "device_type": accelerator.device.type, "devices": devices(accelerator), "host": platform.node()}
     path = RunDir(run_dir).provenance
-    earlier = json.loads(path.read_text()) if path.is_file() else []
-    path.write_text(json.dumps([*earlier, record], indent=1) + "\n")
+    try:
+        earlier = json.loads(path.read_text()) if path.is_file() else []
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise UserError(f"{path}: not valid JSON ({exc}); repair it, or move it aside to start a new list of this run's "
+                        "starts") from None
+    text = json.dumps([*earlier, record], indent=1) + "\n"  # written whole: a kill mid-write leaves the old list
+    replace_whole(path, RunDir.staging(path), lambda staging: staging.write_text(text), len(text), "provenance record")
     return record
