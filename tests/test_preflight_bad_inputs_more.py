@@ -479,6 +479,7 @@ def test_malformed_rows_validate_refuses_or_train_reads_the_same_rows(tmp_path):
     ({"method": "full", "freeze": {"patterns": ["embed_tokens", "layers\\.9\\."]}},
      "freeze.patterns: 'layers\\\\.9\\\\.' matches no parameter of LlamaForCausalLM"),
     ({"method": "full", "freeze": {"first_n_blocks": 3}}, "freeze.first_n_blocks is 3 but LlamaForCausalLM has 2 blocks"),
+    ({"method": "full", "freeze": {"patterns": [""]}}, "freeze: freezes every parameter of LlamaForCausalLM"),
     ({"lora": {"target_modules": ["q_proj", "query"]}}, "lora.target_modules: 'query' names no linear layer of LlamaForCausalLM"),
 ])
 def test_a_module_name_that_matches_nothing_is_refused_before_the_model_loads(tmp_path, tiny_model, capsys, changes, expected):

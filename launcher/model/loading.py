@@ -159,6 +159,9 @@ def freeze(model, recipe: Recipe) -> list[str]:
     if unmatched:
         raise UserError(f"freeze.patterns: {unmatched[0]!r} matches no parameter of {type(model).__name__} "
                         f"(e.g. {next(iter(dict(model.named_parameters())), '')}); fix or remove it")
+    if not any(param.requires_grad for param in model.parameters()):
+        raise UserError(f"freeze: freezes every parameter of {type(model).__name__}, so nothing would train; "
+                        "freeze fewer (an empty pattern matches every name)")
     return frozen
 
 
