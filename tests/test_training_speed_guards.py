@@ -16,6 +16,7 @@ import torch
 from support import tiny_recipe
 
 from launcher.recipe.schema import Recipe
+from launcher.report.console import Console
 from launcher.training.loop import setup, train_step
 
 # Ops that carry the step's arithmetic: matmuls, the attention kernels, loss, embedding gradient, the optimiser's update.
@@ -113,3 +114,35 @@ def test_no_other_thread_works_while_the_loop_trains(session):
     rest = sum(others[len(busy):])
     assert main > 0
     assert rest <= max(2, main // 10), f"threads other than torch's spent {rest} ticks against the main thread's {main}"
+
+
+def threads_beyond(started_with: set) -> set:
+    """Threads alive now that were not in `started_with`, after giving each up to a second to end (a stopped
+    display's refresh thread ends on its next tick)."""
+    for thread in set(threading.enumerate()) - started_with:
+        thread.join(timeout=1.0)
+    return set(threading.enumerate()) - started_with
+
+
+def test_on_a_terminal_the_training_bar_is_redrawn_by_its_updates_not_by_a_thread(capsys):
+    """rich's live display redraws from a thread ten times a second; during training that thread would take CPU
+    time and the GIL from the step, so from `start_training` on the bar and the phases redraw when they change."""
+    started_with = set(threading.enumerate())
+    os.environ["TTY_COMPATIBLE"] = "1"  # rich: treat the captured stdout as a terminal
+    try:
+        console = Console(True)
+    finally:
+        del os.environ["TTY_COMPATIBLE"]
+    assert console.live
+    with console.phase("loading model"):
+        assert threads_beyond(started_with), "before training, a spinner animates from rich's thread"
+    console.start_training(10, 0)
+    console.step(1, {"loss": "2.5000"}, log_line=True)
+    with console.phase("evaluation (step 1)", 4) as phase:
+        phase.advance(2)
+        assert threads_beyond(started_with) == set()
+    console.step(2, {"loss": "2.2500"}, log_line=True)
+    assert threads_beyond(started_with) == set()
+    console.close()
+    shown = capsys.readouterr().out
+    assert "step 2/10" in shown and "loss 2.2500" in shown and "2/4 rows" in shown
