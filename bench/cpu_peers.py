@@ -16,6 +16,10 @@ before and after training, so the table shows that they trained the same thing.
 
     OMP_NUM_THREADS=2 .venv/bin/python bench/cpu_peers.py            # about 15 minutes on 2 idle cores
     OMP_NUM_THREADS=2 .venv/bin/python bench/cpu_peers.py --tiny     # a 2-layer random Llama: a quick check
+    OMP_NUM_THREADS=2 .venv/bin/python bench/cpu_peers.py --profile-step 2 --eval-rows 8   # op tables, not seconds
+
+--profile-step compares what each arm computes (torch.profiler op counts, input shapes, FLOPs; threads; what
+trains), which a machine shared with other work does not distort the way it distorts seconds.
 """
 from __future__ import annotations
 
