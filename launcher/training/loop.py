@@ -21,6 +21,7 @@ from launcher.checkpoint.diskspace import run_bytes
 from launcher.data.batching import StepPlan
 from launcher.data.cache import datasets_for_run
 from launcher.data.encode import Datasets
+from launcher.data.reference_logps import attach_reference
 from launcher.data.mixing import mixture_line
 from launcher.distributed import launch, slurm
 from launcher.distributed.strategies import Strategy, strategy_for
@@ -32,6 +33,7 @@ from launcher.model import loading as modeling
 from launcher.model.loss import objective_count, objective_loss_sum
 from launcher.model.preference import PairTally
 from launcher.recipe.files import resolved_yaml
+from launcher.recipe.objective import reference_precomputed
 from launcher.recipe.schema import Recipe
 from launcher.report import trackers
 from launcher.report.console import Console, end_line, header_rows, quiet_libraries
@@ -153,6 +155,9 @@ def setup(recipe: Recipe, overwrite: bool = False, allow_data_change: bool = Fal
     set_seed(recipe.train.seed)
     with console.phase("loading model"):
         _build_model(session)
+    if reference_precomputed(recipe):  # by the model as loaded: before a checkpoint's weights replace it
+        write_rank_log(run_dir, accelerator, attach_reference(accelerator, session.model, session.data, recipe,
+                                                              session.tokenizer, session.weights, console))
     session.best = Best(recipe)
     if resume_from is not None:
         loaded = ckpt.load_checkpoint(session.layout, resume_from)
