@@ -120,3 +120,15 @@ def test_a_killed_pass_restarts_from_its_written_parts_and_never_trusts_a_broken
     again = computed_values(accelerator, model, {"train": rows}, target, 3, tokenizer.pad_token_id, part_pairs=4)["train"]
     assert torch.equal(again[:4], expected[:4] - 100) and torch.equal(again[4:], expected[4:])
     assert torch.equal(torch.load(target, weights_only=True)["train"], again) and not parts.exists()
+
+
+def test_preprocessing_again_keeps_the_reference_values(tiny_model, tmp_path):
+    """`launcher preprocess` replaces its folder whole; the reference values beside the data are keyed by their own
+    inputs, so they move into the new folder instead of being lost."""
+    path = str(write_recipe(full_recipe(tiny_model, tmp_path), tmp_path / "full.yaml"))
+    assert main(["preprocess", path]) == 0
+    kept = tmp_path / "run" / "preprocessed" / "reference-logps" / "0123456789abcdef.pt"
+    kept.parent.mkdir()
+    kept.write_bytes(b"values")
+    assert main(["preprocess", path]) == 0
+    assert kept.read_bytes() == b"values" and (tmp_path / "run" / "preprocessed" / "fingerprint.json").is_file()
