@@ -186,6 +186,16 @@ def test_a_lora_dpo_run_logs_rewards_and_held_out_preference_accuracy(straight):
     assert "preference_accuracy" in (straight / "run" / "report.md").read_text()
 
 
+def test_launcher_eval_scores_a_lora_dpo_run_against_its_base(straight):
+    from launcher.cli import main
+    last = [json.loads(line) for line in (straight / "run" / "metrics.jsonl").read_text().splitlines()
+            if json.loads(line).get("kind") == "eval"][-1]
+    assert main(["eval", str(straight / "dpo.yaml")]) == 0
+    results = json.loads((straight / "run" / "eval.json").read_text())
+    assert results["base"]["eval_loss"] == pytest.approx(math.log(2), abs=1e-6)
+    assert results[str(straight / "run" / "final")]["eval_loss"] == pytest.approx(last["eval_loss"], abs=1e-5)
+
+
 @pytest.mark.multiproc
 def test_two_ddp_processes_match_one_per_step(straight, tmp_path):
     recipe = yaml.safe_load((straight / "dpo.yaml").read_text())

@@ -132,3 +132,15 @@ def test_preprocessing_again_keeps_the_reference_values(tiny_model, tmp_path):
     kept.write_bytes(b"values")
     assert main(["preprocess", path]) == 0
     assert kept.read_bytes() == b"values" and (tmp_path / "run" / "preprocessed" / "fingerprint.json").is_file()
+
+
+def test_launcher_eval_compares_base_and_final_against_the_base_as_reference(straight):
+    """`launcher eval` has no training pass: it scores the eval pairs with the base first, and gets the run's own numbers."""
+    last = [json.loads(line) for line in (straight / "run" / "metrics.jsonl").read_text().splitlines()
+            if json.loads(line).get("kind") == "eval"][-1]
+    assert main(["eval", str(straight / "full.yaml")]) == 0
+    results = json.loads((straight / "run" / "eval.json").read_text())
+    base, final = results["base"], results[str(straight / "run" / "final")]
+    assert base["eval_loss"] == pytest.approx(math.log(2), abs=1e-6) and base["eval_reward_margin"] == 0
+    for name in ("eval_loss", "eval_reward_margin", "eval_preference_accuracy"):
+        assert final[name] == pytest.approx(last[name], abs=1e-5), name

@@ -194,3 +194,11 @@ def attach_reference(accelerator, model, data: Datasets, recipe: Recipe, tokeniz
                   f"{'reused (not recomputed)' if reused else f'computed in {seconds} s'}, {target}")
     return {"reference_logps": "reused" if reused else "computed", "reference_file": str(target),
             "reference_pairs": pairs, "reference_seconds": seconds}
+
+
+def with_base_reference(accelerator, base_model, dataset, batch_size: int, pad_id: int):
+    """`launcher eval` under DPO: every checkpoint is compared with the base model, whose eval pairs' values become
+    the REFERENCE column (scored now: eval sets are small, and a trained adapter or full model has no other)."""
+    base_model.eval()
+    values = score_rows(accelerator, base_model, dataset, list(range(len(dataset))), batch_size, pad_id)
+    return dataset.add_column(REFERENCE, values.tolist())
