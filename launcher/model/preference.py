@@ -32,7 +32,7 @@ def adapter_disabled(model):
     while hasattr(model, "module"):
         model = model.module
     if not hasattr(model, "disable_adapter"):
-        raise TypeError("objective dpo needs an adapter model: its reference is the base with the adapter disabled")
+        raise TypeError("objective dpo without an adapter reads its reference from the batch (REFERENCE), and this batch has none")
     return model, model.disable_adapter()
 
 
