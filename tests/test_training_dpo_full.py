@@ -103,13 +103,14 @@ def test_a_killed_pass_restarts_from_its_written_parts_and_never_trusts_a_broken
     tokenizer = AutoTokenizer.from_pretrained(tiny_model)
     encoder = Encoder(tokenizer, DataSection(train="x.jsonl", format="preference"))
     rows = datasets.Dataset.from_list([encoder(pair) for pair in PAIRS * 4])
-    model = AutoModelForCausalLM.from_pretrained(tiny_model).train()
-    accelerator = Accelerator(cpu=True)
+    accelerator = Accelerator()  # the process-wide state other in-process runs already set, on whatever device
+    model = AutoModelForCausalLM.from_pretrained(tiny_model).to(accelerator.device).train()
     target = tmp_path / "store" / "key.pt"
     expected = computed_values(accelerator, model, {"train": rows}, target, 3, tokenizer.pad_token_id, part_pairs=4)["train"]
     assert model.training and target.is_file() and not (tmp_path / "store" / "key.parts").exists()
     with torch.no_grad():
-        first = reply_logps(model.eval(), collate_pairs(rows.select([0, 1, 2]), tokenizer.pad_token_id))
+        batch = collate_pairs(rows.select([0, 1, 2]), tokenizer.pad_token_id)
+        first = reply_logps(model.eval(), {name: tensor.to(accelerator.device) for name, tensor in batch.items()}).cpu()
     assert torch.equal(expected[:3].T.reshape(-1), first), "row i holds [chosen, rejected] of pair i"
     target.unlink()
     parts = tmp_path / "store" / "key.parts"
