@@ -133,7 +133,7 @@ def scored(accelerator, model, dataset, split: str, parts: Path, batch_size: int
         rows = list(range(start, min(start + part_pairs, len(dataset))))
         path = parts / f"{split}-{index:05d}.pt"
         part = _from_main(accelerator, _read(path) if accelerator.is_main_process else None)
-        if part is None or tuple(part.shape) != (len(rows), 2):
+        if not isinstance(part, torch.Tensor) or tuple(part.shape) != (len(rows), 2):  # missing, unreadable or foreign
             part = score_rows(accelerator, model, dataset, rows, batch_size, pad_id)
             if accelerator.is_main_process:
                 _write_whole(path, part)
@@ -145,7 +145,7 @@ def scored(accelerator, model, dataset, split: str, parts: Path, batch_size: int
 def saved_values(accelerator, target: Path, splits: dict) -> dict | None:
     """The values in `target` on every process, when it holds every split whole; else None."""
     saved = _from_main(accelerator, _read(target) if accelerator.is_main_process else None)
-    if saved is not None and all(split in saved and len(saved[split]) == len(rows) for split, rows in splits.items()):
+    if isinstance(saved, dict) and all(len(saved.get(split, ())) == len(dataset) for split, dataset in splits.items()):
         return saved
     return None
 
