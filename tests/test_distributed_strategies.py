@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from support import (COMPARE_STEPS, build_tiny_llama, comparable_recipe, free_port, launch, launch_two, load_tensors, ok, rank_record, rewind, tiny_recipe, train_losses,
+from support import (COMPARE_STEPS, build_tiny_llama, comparable_recipe, free_port, launch, launch_two, load_tensors, ok, rank_record, rewind, run_here, tiny_recipe, train_losses,
                      write_recipe)
 
 pytestmark = [pytest.mark.multiproc, pytest.mark.slow]
@@ -35,7 +35,7 @@ def reference(model, tmp_path_factory):
     def get(method: str) -> Path:
         if method not in runs:
             folder = tmp_path_factory.mktemp(f"ref-{method}")
-            ok(launch([comparable_recipe(model, folder, method, {}, micro_batch_size=4)]))
+            ok(run_here([comparable_recipe(model, folder, method, {}, micro_batch_size=4)]))
             runs[method] = folder / "run"
         return runs[method]
     return get
