@@ -1,9 +1,10 @@
-"""Sharding across 2 real processes on CPU (gloo): DDP, DeepSpeed ZeRO-2/3 (+offload), FSDP2.
+"""Sharding across 2 real processes on CPU (gloo): DDP, DeepSpeed ZeRO-1/2/3 (+offload), FSDP2.
 
 Each strategy trains once on 2 processes; its losses and saved model are compared with a 1-process
 run on the same global batches (micro 4 x accum 2 on one process = micro 2 x accum 2 x 2 processes),
 run once per method and shared. The same 2-process runs are then resumed from their step-2
-checkpoint, on 2 and on 1 process. Launcher processes cost 10-15 s of imports each, so cases are
+checkpoint, on 2 and on 1 process (ZeRO full fine-tuning through a universal checkpoint, and under
+ZeRO-3 from 1 process back to 2). Launcher processes cost 10-15 s of imports each, so cases are
 combined rather than split into many launches.
 """
 import json
