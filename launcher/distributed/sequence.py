@@ -72,18 +72,6 @@ def rank_slice(batch: dict, recipe: Recipe, rank: int) -> dict:
     return batch if split == 1 else split_batch(batch, split, rank % split)
 
 
-def parallelism_config(recipe: Recipe, world: int):
-    """accelerate's ParallelismConfig for the recipe's sequence split (None without one). Sequence lengths vary
-    from batch to batch; eval runs every rank on whole rows (each rank its own eval batch)."""
-    split = recipe.distributed.sequence_parallel
-    if split == 1:
-        return None
-    from accelerate.parallelism_config import ParallelismConfig
-    from accelerate.utils import DeepSpeedSequenceParallelConfig
-    handler = DeepSpeedSequenceParallelConfig(sp_seq_length_is_variable=True, sp_disable_in_eval=True)
-    return ParallelismConfig(dp_replicate_size=world // split, sp_size=split, sp_backend="deepspeed", sp_handler=handler)
-
-
 def prepare_split(accelerator, model, prepare):
     """Run `prepare` (accelerate's, which registers DeepSpeed's split attention) with the attention the model
     loaded with, and keep that attention whole in eval mode.

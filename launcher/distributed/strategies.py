@@ -166,9 +166,18 @@ class DeepSpeed(Strategy):
         config = deepspeed_config(self.recipe, world, precision)
         if self.universal:  # read when the engine loads a checkpoint: per-parameter files, sliced for this count
             config["checkpoint"] = {**config.get("checkpoint", {}), "load_universal": True}
-        split = sequence.parallelism_config(self.recipe, world)  # Ulysses: accelerate hands DeepSpeed the sequence groups
+        split = self.recipe.distributed.sequence_parallel
         return {"cpu": False, "deepspeed_plugin": DeepSpeedPlugin(hf_ds_config=config),
-                **({"parallelism_config": split} if split is not None else {})}
+                **({"parallelism_config": self.sequence_groups(world, split)} if split > 1 else {})}
+
+    @staticmethod
+    def sequence_groups(world: int, split: int):
+        """accelerate's ParallelismConfig for Ulysses (launcher/distributed/sequence.py): it hands DeepSpeed the sequence
+        groups. Lengths vary from batch to batch; eval runs whole rows, each rank its own eval batch."""
+        from accelerate.parallelism_config import ParallelismConfig
+        from accelerate.utils import DeepSpeedSequenceParallelConfig
+        handler = DeepSpeedSequenceParallelConfig(sp_seq_length_is_variable=True, sp_disable_in_eval=True)
+        return ParallelismConfig(dp_replicate_size=world // split, sp_size=split, sp_backend="deepspeed", sp_handler=handler)
 
     def prepare(self, accelerator, model, optimizer, scheduler):
         if self.recipe.distributed.sequence_parallel == 1:
