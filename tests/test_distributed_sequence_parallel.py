@@ -109,3 +109,15 @@ def test_split_keeps_targets_masks_and_positions(tiny_model, tmp_path):
     recipe = Recipe.model_validate(tiny_recipe(tiny_model, tmp_path / "run"))
     halves = objective_count(first, recipe) + objective_count(second, recipe)
     assert halves.item() == target_count(batch["labels"], "causal-lm").item() == 5
+
+
+def test_resume_holds_the_global_batch_of_sequence_groups(tiny_model, tmp_path):
+    """A sequence group reads one batch: 2 processes split 2 ways read micro 2 x accum 2 = 4 rows a step, and so
+    resume as they were; 4 processes are 2 groups, which hold those 4 rows with grad_accum 1."""
+    from launcher.training.rescale import hold_global_batch
+    split = {"strategy": "deepspeed", "deepspeed": "zero2", "sequence_parallel": 2}
+    recipe = Recipe.model_validate(tiny_recipe(tiny_model, tmp_path / "run", distributed=split))
+    state = {"world_size": 2, "global_batch": 4}
+    assert hold_global_batch(recipe, state, 2) == (recipe, None)
+    held, line = hold_global_batch(recipe, state, 4)
+    assert held.train.grad_accum == 1 and "train.grad_accum 2 -> 1" in line
