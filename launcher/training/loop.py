@@ -231,6 +231,7 @@ def train_step(session: Run, micro_batches: list[dict]) -> StepStats:
     accelerator, model, cfg, recipe = session.accelerator, session.model, session.recipe.train, session.recipe
     started, lr = time.perf_counter(), session.scheduler.get_last_lr()[0]  # the rate this step's update uses
     step_targets = accelerator.reduce(sum(objective_count(b, recipe) for b in micro_batches).double(), "sum")
+    averaged_over = sequence.averaged_over(recipe, accelerator.num_processes)  # what the engine divides summed gradients by
     pairs = PairTally()
     loss_sum = torch.zeros((), device=accelerator.device, dtype=torch.float64)
     grad_norm, skipped, overflow, scaled = None, False, False, guard.loss_scaled(accelerator)
@@ -239,7 +240,7 @@ def train_step(session: Run, micro_batches: list[dict]) -> StepStats:
             session.strategy.sync_gradients(model, accelerator.sync_gradients)
             total, _, pair_sums = objective_loss_sum(model, batch, recipe)  # its count is in step_targets already
             pairs.add(pair_sums)
-            scale = sequence.averaged_over(recipe, accelerator.num_processes) * cfg.grad_accum / step_targets
+            scale = averaged_over * cfg.grad_accum / step_targets
             accelerator.backward(total * scale.float() + optim.l2_penalty(model, cfg.l2_lambda))
             if accelerator.sync_gradients and (cfg.max_grad_norm or cfg.skip_nonfinite):  # measured to skip a bad step
                 grad_norm = accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm or float("inf"))
