@@ -121,3 +121,15 @@ def test_resume_holds_the_global_batch_of_sequence_groups(tiny_model, tmp_path):
     assert hold_global_batch(recipe, state, 2) == (recipe, None)
     held, line = hold_global_batch(recipe, state, 4)
     assert held.train.grad_accum == 1 and "train.grad_accum 2 -> 1" in line
+
+
+def test_a_split_the_attention_heads_do_not_share_is_refused_in_one_line():
+    from types import SimpleNamespace
+
+    from launcher.distributed.sequence import check_heads
+    from launcher.errors import UserError
+    check_heads(SimpleNamespace(num_attention_heads=32, num_key_value_heads=8), 8)  # Llama-3.1-8B split 8 ways
+    check_heads(SimpleNamespace(num_attention_heads=32, num_key_value_heads=2), 8)  # each rank gets a copy of a KV head
+    with pytest.raises(UserError, match="^distributed.sequence_parallel 4: the model has 2 attention heads") as refused:
+        check_heads(SimpleNamespace(num_attention_heads=2, num_key_value_heads=2), 4)
+    assert "\n" not in str(refused.value)
