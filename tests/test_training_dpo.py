@@ -9,7 +9,7 @@ import pytest
 import yaml
 from pydantic import ValidationError
 
-from support import PAIRS, launch, launch_two, load_tensors, ok, pair_recipe, train_losses, validate_refusal, write_recipe
+from support import PAIRS, launch_two, load_tensors, ok, pair_recipe, run_here, train_losses, validate_refusal, write_recipe
 
 from launcher.data.batching import collate_pairs
 from launcher.data.encode import Encoder
@@ -170,7 +170,7 @@ def straight(tiny_model, tmp_path_factory):
     folder = tmp_path_factory.mktemp("dpo")
     recipe = pair_recipe(tiny_model, folder, train={"max_steps": 4, "lr": 2e-2, "micro_batch_size": 2, "grad_accum": 2},
                          dpo={"beta": 0.5}, eval={"samples": 1}, lora={"dropout": 0.0})
-    ok(launch(["train", write_recipe(recipe, folder / "dpo.yaml")]))
+    ok(run_here(["train", write_recipe(recipe, folder / "dpo.yaml")]))
     return folder
 
 
@@ -187,10 +187,9 @@ def test_a_lora_dpo_run_logs_rewards_and_held_out_preference_accuracy(straight):
 
 
 def test_launcher_eval_scores_a_lora_dpo_run_against_its_base(straight):
-    from launcher.cli import main
     last = [json.loads(line) for line in (straight / "run" / "metrics.jsonl").read_text().splitlines()
             if json.loads(line).get("kind") == "eval"][-1]
-    assert main(["eval", str(straight / "dpo.yaml"), "eval.samples=0"]) == 0  # no generation: only the pair scores
+    ok(run_here(["eval", straight / "dpo.yaml", "eval.samples=0"]))  # no generation: only the pair scores
     results = json.loads((straight / "run" / "eval.json").read_text())
     assert results["base"]["eval_loss"] == pytest.approx(math.log(2), abs=1e-6)
     assert results[str(straight / "run" / "final")]["eval_loss"] == pytest.approx(last["eval_loss"], abs=1e-5)
@@ -227,8 +226,8 @@ def test_a_resumed_dpo_run_is_bitwise_the_straight_one(straight, tmp_path):
     recipe = yaml.safe_load((straight / "dpo.yaml").read_text())
     recipe["output_dir"] = str(tmp_path / "split")
     path = write_recipe(recipe, tmp_path / "split.yaml")
-    ok(launch(["train", path, "train.max_steps=2"]))
-    second = ok(launch(["train", path]))
+    ok(run_here(["train", path, "train.max_steps=2"]))
+    second = ok(run_here(["train", path]))
     assert "resuming from" in second.stdout
     assert train_losses(tmp_path / "split") == train_losses(straight / "run")  # bitwise, not approx
     assert load_tensors(tmp_path / "split" / "final").keys() == load_tensors(straight / "run" / "final").keys()

@@ -12,9 +12,8 @@ import os
 import pytest
 import yaml
 
-from support import PAIRS, launch_two, load_tensors, ok, pair_recipe, rank_record, train_losses, write_recipe
+from support import PAIRS, launch_two, load_tensors, ok, pair_recipe, rank_record, run_here, train_losses, write_recipe
 
-from launcher.cli import main
 from launcher.data.batching import collate_pairs
 from launcher.data.encode import Encoder
 from launcher.data.reference_logps import computed_values
@@ -37,7 +36,7 @@ def reference_file(run):
 @pytest.fixture(scope="module")
 def straight(tiny_model, tmp_path_factory):
     folder = tmp_path_factory.mktemp("dpo-full")
-    assert main(["train", str(write_recipe(full_recipe(tiny_model, folder), folder / "full.yaml"))]) == 0
+    ok(run_here(["train", write_recipe(full_recipe(tiny_model, folder), folder / "full.yaml")]))
     return folder
 
 
@@ -55,16 +54,14 @@ def test_the_run_starts_at_its_reference_on_train_and_eval_pairs_and_learns(stra
     assert saved["train"].shape == (12, 2) and saved["eval"].shape == (6, 2) and (saved["train"] < 0).all()
 
 
-def test_a_resumed_full_dpo_run_is_bitwise_the_straight_one_and_reuses_its_reference(straight, tmp_path, capsys):
+def test_a_resumed_full_dpo_run_is_bitwise_the_straight_one_and_reuses_its_reference(straight, tmp_path):
     recipe = yaml.safe_load((straight / "full.yaml").read_text())
     recipe["output_dir"] = str(tmp_path / "run")
-    path = str(write_recipe(recipe, tmp_path / "split.yaml"))
-    assert main(["train", path, "train.max_steps=2"]) == 0
-    first = capsys.readouterr().out
+    path = write_recipe(recipe, tmp_path / "split.yaml")
+    first = ok(run_here(["train", path, "train.max_steps=2"])).stdout
     target = reference_file(tmp_path / "run")["reference_file"]
     written = os.stat(target).st_mtime_ns
-    assert main(["train", path]) == 0
-    second = capsys.readouterr().out
+    second = ok(run_here(["train", path])).stdout
     assert "reference log-probabilities of 18 pairs: computed" in first
     assert "reference log-probabilities of 18 pairs: reused (not recomputed)" in second and "resuming from" in second
     assert os.stat(target).st_mtime_ns == written
@@ -126,12 +123,12 @@ def test_a_killed_pass_restarts_from_its_written_parts_and_never_trusts_a_broken
 def test_preprocessing_again_keeps_the_reference_values(tiny_model, tmp_path):
     """`launcher preprocess` replaces its folder whole; the reference values beside the data are keyed by their own
     inputs, so they move into the new folder instead of being lost."""
-    path = str(write_recipe(full_recipe(tiny_model, tmp_path), tmp_path / "full.yaml"))
-    assert main(["preprocess", path]) == 0
+    path = write_recipe(full_recipe(tiny_model, tmp_path), tmp_path / "full.yaml")
+    ok(run_here(["preprocess", path]))
     kept = tmp_path / "run" / "preprocessed" / "reference-logps" / "0123456789abcdef.pt"
     kept.parent.mkdir()
     kept.write_bytes(b"values")
-    assert main(["preprocess", path]) == 0
+    ok(run_here(["preprocess", path]))
     assert kept.read_bytes() == b"values" and (tmp_path / "run" / "preprocessed" / "fingerprint.json").is_file()
 
 
@@ -139,7 +136,7 @@ def test_launcher_eval_compares_base_and_final_against_the_base_as_reference(str
     """`launcher eval` has no training pass: it scores the eval pairs with the base first, and gets the run's own numbers."""
     last = [json.loads(line) for line in (straight / "run" / "metrics.jsonl").read_text().splitlines()
             if json.loads(line).get("kind") == "eval"][-1]
-    assert main(["eval", str(straight / "full.yaml")]) == 0
+    ok(run_here(["eval", straight / "full.yaml"]))
     results = json.loads((straight / "run" / "eval.json").read_text())
     base, final = results["base"], results[str(straight / "run" / "final")]
     assert base["eval_loss"] == pytest.approx(math.log(2), abs=1e-6) and base["eval_reward_margin"] == 0
