@@ -26,7 +26,7 @@ from launcher.distributed import launch, slurm
 from launcher.distributed.strategies import Strategy, strategy_for
 from launcher.errors import UserError
 from launcher.evaluation.evaluate import Best, Evaluation, eval_rows, evaluate, synced_generation, to_device
-from launcher.memory.advice import MemoryCheck, check_before_loading, predicted_and_measured
+from launcher.memory.advice import MemoryCheck, check_before_loading, peak_rss_kib, predicted_and_measured
 from launcher.memory.counts import ParamCount, count_parameters, parameter_bytes
 from launcher.model import loading as modeling
 from launcher.model.loss import objective_count, objective_loss_sum
@@ -182,16 +182,20 @@ def _load_data(recipe: Recipe, strategy: Strategy, accelerator, run_dir: Path, c
 def _build_model(session: Run) -> None:
     """Model (sharded by the strategy before the optimiser sees it), optimiser and schedule, prepared."""
     recipe, accelerator, strategy = session.recipe, session.accelerator, session.strategy
-    model = modeling.load_model(session.weights, recipe, on_gpu=accelerator.device.type == "cuda", labels=session.data.labels)
+    rss_before = peak_rss_kib()  # the load's own growth of peak host memory goes into the rank log
+    loads = modeling.reads_weights(recipe, accelerator.num_processes, accelerator.process_index)
+    model = modeling.load_model(session.weights, recipe, accelerator.device.type == "cuda", session.data.labels, loads)
     session.params = count_parameters(model, recipe.train.optimizer)
     model = strategy.shard(model, accelerator)
+    peak_rss_after_load = peak_rss_kib()
     if recipe.train.compile:  # in place: parameter names and saved keys stay as they are
         model.compile()
     optimizer = optim.build_optimizer(model, recipe.train, recipe.lora.plus_lr_ratio)
     scheduler = optim.build_scheduler(optimizer, recipe.train, session.total_steps)
     session.model, session.optimizer, session.scheduler = strategy.prepare(accelerator, model, optimizer, scheduler)
     write_rank_log(session.run_dir, accelerator, {"strategy": strategy.name, "world_size": accelerator.num_processes,
-                                                  **parameter_bytes(session.model)})
+                                                  "read_weights": loads, **parameter_bytes(session.model),
+                                                  "load_rss_growth_bytes": (peak_rss_after_load - rss_before) * 1024})
     session.layout = strategy.checkpoint_layout(accelerator, session.model, session.optimizer, session.scheduler)
     accelerator.register_save_state_pre_hook(verify.checksum_hook(accelerator))  # layouts through save_state: what is written
 
