@@ -299,10 +299,11 @@ def empty_base(path: str, recipe: Recipe, on_gpu: bool, labels: list[str] | None
     config = AutoConfig.from_pretrained(path, trust_remote_code=recipe.model.trust_remote_code, **label_kwargs(recipe, labels))
     with init_empty_weights(include_buffers=False):
         model = unpartitioned_from_config(recipe.model.task, config, **base_kwargs(recipe, on_gpu))
-    try:  # what from_pretrained reads beside the weights: generation defaults
-        model.generation_config = GenerationConfig.from_pretrained(path)
-    except OSError:
-        pass  # none saved: the config's defaults, as from_pretrained keeps them
+    if model.can_generate():  # what from_pretrained reads beside the weights: generation defaults
+        try:
+            model.generation_config = GenerationConfig.from_pretrained(path)
+        except OSError:
+            pass  # none saved: the config's defaults, as from_pretrained keeps them
     return with_pad_id(model)
 
 
