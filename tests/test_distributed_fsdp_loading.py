@@ -50,13 +50,21 @@ def test_the_meta_built_model_is_the_loaded_one_but_for_its_weights(tiny_model, 
         assert empty.generation_config.to_dict() == loaded.generation_config.to_dict()
 
 
-def build_tied_llama(folder: Path) -> Path:
-    """A random Llama of about 88M parameters (352 MB in float32) whose head is its input embedding."""
+def test_a_tied_head_is_built_tied(tmp_path):
+    """FSDP2 shards a tied weight once; a rank whose head were a parameter of its own would make one more
+    broadcast than rank 0 and wait forever."""
+    model = build_tied_llama(tmp_path / "tied", hidden=32, layers=1)
+    empty = empty_base(str(model), recipe_for(model, method="full"), False)
+    assert empty.lm_head.weight is empty.model.embed_tokens.weight
+
+
+def build_tied_llama(folder: Path, hidden: int = 1024, layers: int = 8) -> Path:
+    """A random Llama whose head is its input embedding: about 88M parameters (352 MB in float32) by default."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
     tokenizer = small_tokenizer(chat=True)
     torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=1024, intermediate_size=2048, num_hidden_layers=8,
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
                          num_attention_heads=8, num_key_value_heads=8, max_position_embeddings=512,
                          eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, bos_token_id=None,
                          tie_word_embeddings=True)

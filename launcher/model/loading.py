@@ -299,6 +299,7 @@ def empty_base(path: str, recipe: Recipe, on_gpu: bool, labels: list[str] | None
     config = AutoConfig.from_pretrained(path, trust_remote_code=recipe.model.trust_remote_code, **label_kwargs(recipe, labels))
     with init_empty_weights(include_buffers=False):
         model = unpartitioned_from_config(recipe.model.task, config, **base_kwargs(recipe, on_gpu))
+    model.tie_weights()  # built on meta, a tied head is a parameter of its own (transformers 5.25): one again, as loaded
     if model.can_generate():  # what from_pretrained reads beside the weights: generation defaults
         try:
             model.generation_config = GenerationConfig.from_pretrained(path)
