@@ -291,14 +291,15 @@ class Fsdp2(Strategy):
 def fill_shards(model, whole: dict | None, device, shard_device) -> None:
     """Every rank's shards from rank 0's whole state dict (`whole`; None on the other ranks), one tensor at a time,
     so no other rank holds more than its shards and one whole tensor (accelerate's cpu_ram_efficient_loading does
-    the same for the FSDP2 it applies). The others' parameters are on the meta device until here: they get memory
-    on `shard_device` (the CPU under offload). Their buffers were computed when the model was built (rotary
-    inv_freq is in no state dict): kept as they are. Rank 0's random generator state goes to every rank too,
-    as when each rank loaded the model itself (LoRA's initialisation draws from it)."""
+    the same for the FSDP2 it applies). A model built on the meta device (the other ranks') gets memory for its
+    shards on `shard_device` (the CPU under offload) and copies its slice of each tensor; its buffers were computed
+    when it was built (rotary inv_freq is in no state dict) and are kept. Rank 0's random generator state goes to
+    every rank too, as when each rank loaded the model itself (LoRA's initialisation draws from it)."""
     import torch
     import torch.distributed as dist
     from torch.distributed.tensor import DTensor, distribute_tensor
-    if whole is None:
+    receives = any(p.is_meta for p in model.parameters())
+    if receives:
         buffers = dict(model.named_buffers())
         model.to_empty(device=shard_device)
         for name, buffer in buffers.items():
@@ -312,9 +313,9 @@ def fill_shards(model, whole: dict | None, device, shard_device) -> None:
             filled.add(id(local))
             full = whole[name].to(device) if whole is not None else torch.empty(local.shape, dtype=local.dtype, device=device)
             dist.broadcast(full, src=0)
-            if whole is None and isinstance(local, DTensor):
+            if receives and isinstance(local, DTensor):
                 local.to_local().copy_(distribute_tensor(full, local.device_mesh, local.placements, src_data_rank=None).to_local())
-            elif whole is None:
+            elif receives:
                 local.copy_(full)
         generator = torch.get_rng_state().to(device)
         dist.broadcast(generator, src=0)
