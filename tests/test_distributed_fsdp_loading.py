@@ -76,9 +76,9 @@ def build_tied_llama(folder: Path, hidden: int = 1024, layers: int = 8) -> Path:
 @pytest.mark.multiproc
 @pytest.mark.slow
 def test_rank_one_never_holds_the_whole_model(tmp_path):
-    """One step of 2-process FSDP2 full fine-tuning on an 88M-parameter model: rank 1's peak host memory grows by
-    its shard and one tensor in flight, well below the model (each rank loading it grew by more than the whole),
-    while rank 0, which read the checkpoint, grew by more than the model. Tied weights stay tied."""
+    """One step of 2-process FSDP2 full fine-tuning on an 88M-parameter model: while the model loads and shards,
+    rank 1's peak host memory grows by its shard and little more (a rank that loaded the model grew by the whole
+    model and its shard), rank 0's by the whole model more than rank 1's. Tied weights stay tied, and train."""
     import torch
     model = build_tied_llama(tmp_path / "model")
     recipe = tiny_recipe(model, tmp_path / "run", method="full", distributed={"strategy": "fsdp"},
@@ -90,8 +90,11 @@ def test_rank_one_never_holds_the_whole_model(tmp_path):
     whole = ranks[0]["full_parameter_bytes"]
     assert whole > 300e6, ranks
     assert [r["read_weights"] for r in ranks] == [True, False]
-    assert ranks[1]["load_rss_growth_bytes"] < 0.7 * whole, ranks
-    assert ranks[0]["load_rss_growth_bytes"] > 0.9 * whole, ranks
+    shard, growth = ranks[1]["parameter_bytes"], [r["load_rss_growth_bytes"] for r in ranks]
+    # rank 1: its shard, one tensor in flight and the code the load imports (about 80 MB here); had it loaded the
+    # model, it would have held the other half too (0.5 x whole more)
+    assert growth[1] - shard < 0.35 * whole, ranks
+    assert growth[0] - growth[1] > 0.8 * whole, ranks  # rank 0 held the whole state dict besides its shard
     saved = load_tensors(tmp_path / "run" / "final")
     embedding = saved["model.embed_tokens.weight"]
     assert "lm_head.weight" not in saved or torch.equal(saved["lm_head.weight"], embedding)
