@@ -176,10 +176,11 @@ def rank0_load(work: Path) -> str:
     import torch
     from transformers import AutoModelForCausalLM
     from launcher.distributed.strategies import fill_shards
-    from launcher.model.loading import load_model, reads_weights
+    from launcher.distributed.rules import rules_for
+    from launcher.model.loading import load_model
     from launcher.recipe.schema import Recipe
     recipe = Recipe.model_validate(recipe_dict(work / "model", work / "run4", method="full", distributed={"strategy": "fsdp"}))
-    if reads_weights(recipe, 2, 1):
+    if rules_for(recipe).reads_weights(2, 1):
         return "FAIL: rank 1 of 2 would read the weights itself"
     one_process_group("nccl" if device().type == "cuda" else "gloo")
     loaded = AutoModelForCausalLM.from_pretrained(work / "model").to(device())

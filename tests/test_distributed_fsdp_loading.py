@@ -1,4 +1,4 @@
-"""FSDP2 over several processes loads the weights on rank 0 only (launcher/model/loading.py reads_weights,
+"""FSDP2 over several processes loads the weights on rank 0 only (launcher/distributed/rules.py reads_weights,
 launcher/distributed/strategies.py fill_shards): the other ranks build the model on the meta device and receive
 their shards. That the trained result is unchanged is shown by the 2-process FSDP2 comparisons in
 test_distributed_strategies.py (full fine-tuning and LoRA), which now run through this path; here: who loads,
@@ -9,7 +9,8 @@ import pytest
 
 from support import launch_two, load_tensors, ok, rank_record, small_tokenizer, tiny_recipe, write_recipe
 
-from launcher.model.loading import empty_base, load_base, reads_weights
+from launcher.distributed.rules import rules_for
+from launcher.model.loading import empty_base, load_base
 from launcher.recipe.schema import Recipe
 
 
@@ -28,7 +29,7 @@ def recipe_for(folder, task: str = "causal-lm", **sections) -> Recipe:
 ])
 def test_who_reads_the_weights(tiny_model, distributed, method, world, readers):
     recipe = recipe_for(tiny_model, method=method, distributed=distributed)
-    assert [rank for rank in range(world) if reads_weights(recipe, world, rank)] == readers
+    assert [rank for rank in range(world) if rules_for(recipe).reads_weights(world, rank)] == readers
 
 
 @pytest.mark.parametrize("task", ["causal-lm", "classification"])

@@ -24,7 +24,7 @@ from launcher.distributed.deepspeed_config import deepspeed_config
 from launcher.distributed.launch import CPU_LAUNCH, free_port, launched_world_size, mixed_precision
 from launcher.distributed.rules import DdpRules, DeepSpeedRules, FsdpRules, StrategyRules, rules_for
 from launcher.errors import UserError
-from launcher.model.loading import compute_dtype, reads_weights
+from launcher.model.loading import compute_dtype
 from launcher.recipe.schema import Recipe
 from launcher.report import trackers
 
@@ -219,7 +219,7 @@ class Fsdp2(Strategy):
         if not blocks:
             raise UserError(f"strategy fsdp: {type(base).__name__} names no transformer block class "
                             "(_no_split_modules) to shard; use strategy deepspeed or ddp")
-        receives = not reads_weights(self.recipe, accelerator.num_processes, 1)  # rank 0 alone read the weights
+        receives = not self.rules.reads_weights(accelerator.num_processes, 1)  # rank 0 alone read the weights
         whole = model.state_dict() if receives and accelerator.is_main_process else None
         for module in model.modules():
             if type(module).__name__ in blocks:

@@ -251,14 +251,6 @@ def absent_linears(model, keys: set[str] | None) -> list[str]:
     return absent if len(absent) <= len(linears) // 2 else []
 
 
-def reads_weights(recipe: Recipe, world: int, rank: int) -> bool:
-    """Whether this rank reads the checkpoint's weights into host memory (False: it builds the model's shapes on the
-    meta device and receives its shards from rank 0 after sharding, strategies.Fsdp2.shard). FSDP2 over several
-    processes loads on rank 0 only: every rank loading the whole model would need world x its size of host memory
-    per node. QLoRA still loads on every rank: bitsandbytes quantises while it loads, straight to the rank's device."""
-    return recipe.distributed.strategy != "fsdp" or world == 1 or rank == 0 or recipe.method == "qlora"
-
-
 def base_kwargs(recipe: Recipe, on_gpu: bool) -> dict:
     kwargs = {"dtype": weight_dtype(recipe, on_gpu), "trust_remote_code": recipe.model.trust_remote_code}
     if recipe.model.attn_implementation:
@@ -338,7 +330,8 @@ def load_trained(path: str, recipe: Recipe, on_gpu: bool, labels: list[str] | No
 
 def load_model(path: str, recipe: Recipe, on_gpu: bool, labels: list[str] | None = None, weights: bool = True):
     """The model the loop trains: loaded, frozen or adapted, and checkpointed as the recipe says. `weights` False
-    (reads_weights): the same model on the meta device, adapter included, for a rank that receives its shards."""
+    (StrategyRules.reads_weights): the same model on the meta device, adapter included, for a rank that receives
+    its shards after sharding."""
     where = adapter_placement(path, recipe, labels)  # refuses a bad placement before any weight loads
     model = (load_base if weights else empty_base)(path, recipe, on_gpu, labels)
     if recipe.method == "full":

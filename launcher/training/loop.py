@@ -186,7 +186,7 @@ def _build_model(session: Run) -> None:
     """Model (sharded by the strategy before the optimiser sees it), optimiser and schedule, prepared."""
     recipe, accelerator, strategy = session.recipe, session.accelerator, session.strategy
     rss_before = peak_rss_kib()  # the load's own growth of peak host memory goes into the rank log
-    loads = modeling.reads_weights(recipe, accelerator.num_processes, accelerator.process_index)
+    loads = strategy.rules.reads_weights(accelerator.num_processes, accelerator.process_index)
     model = modeling.load_model(session.weights, recipe, accelerator.device.type == "cuda", session.data.labels, loads)
     session.params = count_parameters(model, recipe.train.optimizer)
     model = strategy.shard(model, accelerator)
