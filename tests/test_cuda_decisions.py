@@ -286,13 +286,13 @@ def test_fsdp2_on_one_process_computes_in_the_requested_precision(tiny_model, tm
 
 
 def test_a_stop_signal_during_a_long_eval_ends_it_between_batches_and_checkpoints(tiny_model, tmp_path):
-    """Item 13: SIGTERM sent once the step-1 eval has begun (a slow one: 64 generated translations) is acted on
-    before its next batch, not after it: the eval is dropped (no step-1 eval line), step 1 is checkpointed, exit 0."""
+    """Item 13: SIGTERM sent once the step-1 eval has begun (32 losses, then 32 generated translations) is acted on
+    before its next batch: the eval is dropped (no step-1 eval line), step 1 is checkpointed, exit 0.
     import json
     import signal
     recipe = tiny_recipe(tiny_model, tmp_path / "run", train={"max_steps": 3, "micro_batch_size": 2, "eval_every": 1},
-                         eval={"samples": 0, "generate_rows": 64, "max_new_tokens": 48})
-    recipe["data"]["max_eval_rows"] = 64
+                         eval={"samples": 0, "generate_rows": 32, "max_new_tokens": 24})
+    recipe["data"]["max_eval_rows"] = 32
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
     process = subprocess.Popen([sys.executable, "-m", "launcher", str(write_recipe(recipe, tmp_path / "r.yaml"))], cwd=REPO,
                                env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
