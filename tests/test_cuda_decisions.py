@@ -287,7 +287,7 @@ def test_fsdp2_on_one_process_computes_in_the_requested_precision(tiny_model, tm
 
 def test_a_stop_signal_during_a_long_eval_ends_it_between_batches_and_checkpoints(tiny_model, tmp_path):
     """Item 13: SIGTERM sent once the step-1 eval has begun (32 losses, then 32 generated translations) is acted on
-    before its next batch: the eval is dropped (no step-1 eval line), step 1 is checkpointed, exit 0.
+    before its next batch: the eval is dropped (no step-1 eval line), step 1 is checkpointed, exit 0."""
     import json
     import signal
     recipe = tiny_recipe(tiny_model, tmp_path / "run", train={"max_steps": 3, "micro_batch_size": 2, "eval_every": 1},
