@@ -138,7 +138,6 @@ def setup(recipe: Recipe, overwrite: bool = False, allow_data_change: bool = Fal
     if accelerator.is_main_process:
         for line in ([change] if change else []) + dir_plan.damage_lines():
             print(line)
-    if accelerator.is_main_process:
         rundir.take_live_lock(run_dir)  # before anything is written: a second live run is refused here
         dir_plan.clear_earlier(run_dir, overwrite)
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -302,9 +301,8 @@ def fit(session: Run, stop: StopRequest) -> bool:
 
 
 def _record(session: Run, stats: StepStats) -> None:
-    session.totals["tokens"] += stats.tokens
-    session.totals["slots"] += stats.slots
-    session.totals["seconds"] += stats.seconds
+    for key in ("tokens", "slots", "seconds"):  # the run's totals, for its end line and padding efficiency
+        session.totals[key] += getattr(stats, key)
     step = session.step
     if step % session.recipe.train.log_every == 0 or step == session.total_steps:
         session.reporter.log({"kind": "train", "step": step, "loss": stats.loss, "lr": stats.lr, "tokens": stats.tokens,
