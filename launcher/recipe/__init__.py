@@ -5,7 +5,7 @@ rules      the rules between keys: combinations that cannot work, the one table 
            key's value (refused when given otherwise, left out of dumps), template placeholders
 files      YAML reading (a key twice refused, non-UTF-8 bytes named), `base:` chains, relative paths, `key=value` overrides (`load_recipe`, `load_run`)
 formats    the data-format registry: fields, tasks, eval metric of each format
-objective  which objective (sft, dpo) a recipe trains, and what dpo refuses
+objective  which objective (sft, dpo) a recipe trains, what dpo refuses, and whether its reference is precomputed
 reference  the reference table of every key, generated from the schema
 catalog    the recipes shipped inside the package
 

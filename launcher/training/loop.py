@@ -21,17 +21,20 @@ from launcher.checkpoint.diskspace import run_bytes
 from launcher.data.batching import StepPlan
 from launcher.data.cache import datasets_for_run
 from launcher.data.encode import Datasets
+from launcher.data.reference_logps import attach_reference
 from launcher.data.mixing import mixture_line
-from launcher.distributed import launch, slurm
+from launcher.distributed import launch, sequence, slurm
 from launcher.distributed.strategies import Strategy, strategy_for
 from launcher.errors import UserError
-from launcher.evaluation.evaluate import Best, Evaluation, eval_rows, evaluate, synced_generation, to_device
-from launcher.memory.advice import MemoryCheck, check_before_loading, predicted_and_measured
+from launcher.evaluation.evaluate import (Best, EvalInterrupted, Evaluation, eval_rows, evaluate, never, synced_generation,
+                                          to_device)
+from launcher.memory.advice import MemoryCheck, check_before_loading, peak_rss_kib, predicted_and_measured
 from launcher.memory.counts import ParamCount, count_parameters, parameter_bytes
 from launcher.model import loading as modeling
 from launcher.model.loss import objective_count, objective_loss_sum
 from launcher.model.preference import PairTally
 from launcher.recipe.files import resolved_yaml
+from launcher.recipe.objective import reference_precomputed
 from launcher.recipe.schema import Recipe
 from launcher.report import trackers
 from launcher.report.console import Console, end_line, header_rows, quiet_libraries
@@ -90,8 +93,8 @@ class Run:
 
     def micro_batches(self, step: int) -> list[dict]:
         """This rank's collated micro-batches of optimiser step `step`, on its device."""
-        train = self.data.train.dataset
-        return [to_device(self.data.collate(train.select(rows)), self.accelerator.device)
+        train, rank = self.data.train.dataset, self.accelerator.process_index
+        return [to_device(sequence.rank_slice(self.data.collate(train.select(rows)), self.recipe, rank), self.accelerator.device)
                 for rows in self.plan.micro_batches(step)]
 
 
@@ -105,7 +108,9 @@ def run(recipe: Recipe, overwrite: bool = False, allow_data_change: bool = False
     try:
         stopped = fit(session, stop)
         if not stopped:
-            finish(session)
+            finish(session, stop)
+    except EvalInterrupted:  # a stop agreed between eval batches: the eval is dropped, the steps it followed are saved
+        stopped = _checkpoint_and_leave(session, stop, "during the evaluation after")
     finally:
         session.console.close()
     status = close(session)
@@ -133,7 +138,6 @@ def setup(recipe: Recipe, overwrite: bool = False, allow_data_change: bool = Fal
     if accelerator.is_main_process:
         for line in ([change] if change else []) + dir_plan.damage_lines():
             print(line)
-    if accelerator.is_main_process:
         rundir.take_live_lock(run_dir)  # before anything is written: a second live run is refused here
         dir_plan.clear_earlier(run_dir, overwrite)
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -154,6 +158,9 @@ def setup(recipe: Recipe, overwrite: bool = False, allow_data_change: bool = Fal
     set_seed(recipe.train.seed)
     with console.phase("loading model"):
         _build_model(session)
+    if reference_precomputed(recipe):  # by the model as loaded: before a checkpoint's weights replace it
+        write_rank_log(run_dir, accelerator, attach_reference(accelerator, session.model, session.data, recipe,
+                                                              session.tokenizer, session.weights, console))
     session.best = Best(recipe)
     if resume_from is not None:
         loaded = ckpt.load_checkpoint(session.layout, resume_from)
@@ -172,7 +179,8 @@ def _load_data(recipe: Recipe, strategy: Strategy, accelerator, run_dir: Path, c
     write_rank_log(run_dir, accelerator, record)
     cfg = recipe.train
     rows = len(datasets.train.dataset)
-    plan = StepPlan(rows, cfg.micro_batch_size, cfg.grad_accum, accelerator.num_processes, accelerator.process_index, cfg.seed)
+    groups, group = sequence.data_parallel(recipe, accelerator.num_processes, accelerator.process_index)
+    plan = StepPlan(rows, cfg.micro_batch_size, cfg.grad_accum, groups, group, cfg.seed)
     if plan.steps_per_epoch == 0:
         raise UserError(f"data.train: {rows} usable rows is less than one global batch "
                         f"(micro_batch_size x grad_accum x processes = {plan.global_batch})")
@@ -183,16 +191,21 @@ def _load_data(recipe: Recipe, strategy: Strategy, accelerator, run_dir: Path, c
 def _build_model(session: Run) -> None:
     """Model (sharded by the strategy before the optimiser sees it), optimiser and schedule, prepared."""
     recipe, accelerator, strategy = session.recipe, session.accelerator, session.strategy
-    model = modeling.load_model(session.weights, recipe, on_gpu=accelerator.device.type == "cuda", labels=session.data.labels)
+    rss_before = peak_rss_kib()  # the load's own growth of peak host memory goes into the rank log
+    loads = strategy.rules.reads_weights(accelerator.num_processes, accelerator.process_index)
+    model = modeling.load_model(session.weights, recipe, accelerator.device.type == "cuda", session.data.labels, loads)
     session.params = count_parameters(model, recipe.train.optimizer)
     model = strategy.shard(model, accelerator)
+    peak_rss_after_load = peak_rss_kib()
     if recipe.train.compile:  # in place: parameter names and saved keys stay as they are
         model.compile()
     optimizer = optim.build_optimizer(model, recipe.train, recipe.lora.plus_lr_ratio)
     scheduler = optim.build_scheduler(optimizer, recipe.train, session.total_steps)
     session.model, session.optimizer, session.scheduler = strategy.prepare(accelerator, model, optimizer, scheduler)
     write_rank_log(session.run_dir, accelerator, {"strategy": strategy.name, "world_size": accelerator.num_processes,
-                                                  **parameter_bytes(session.model)})
+                                                  "sequence_parallel": getattr(session.model, "sequence_parallel_size", 1),
+                                                  "read_weights": loads, **parameter_bytes(session.model),
+                                                  "load_rss_growth_bytes": (peak_rss_after_load - rss_before) * 1024})
     session.layout = strategy.checkpoint_layout(accelerator, session.model, session.optimizer, session.scheduler)
     accelerator.register_save_state_pre_hook(verify.checksum_hook(accelerator))  # layouts through save_state: what is written
 
@@ -229,7 +242,8 @@ def train_step(session: Run, micro_batches: list[dict]) -> StepStats:
     import torch
     accelerator, model, cfg, recipe = session.accelerator, session.model, session.recipe.train, session.recipe
     started, lr = time.perf_counter(), session.scheduler.get_last_lr()[0]  # the rate this step's update uses
-    step_targets = accelerator.reduce(sum(objective_count(b["labels"], recipe) for b in micro_batches).double(), "sum")
+    step_targets = accelerator.reduce(sum(objective_count(b, recipe) for b in micro_batches).double(), "sum")
+    averaged_over = sequence.averaged_over(recipe, accelerator.num_processes)  # what the engine divides summed gradients by
     pairs = PairTally()
     loss_sum = torch.zeros((), device=accelerator.device, dtype=torch.float64)
     grad_norm, skipped, overflow, scaled = None, False, False, guard.loss_scaled(accelerator)
@@ -238,7 +252,7 @@ def train_step(session: Run, micro_batches: list[dict]) -> StepStats:
             session.strategy.sync_gradients(model, accelerator.sync_gradients)
             total, _, pair_sums = objective_loss_sum(model, batch, recipe)  # its count is in step_targets already
             pairs.add(pair_sums)
-            scale = accelerator.num_processes * cfg.grad_accum / step_targets
+            scale = averaged_over * cfg.grad_accum / step_targets
             accelerator.backward(total * scale.float() + optim.l2_penalty(model, cfg.l2_lambda))
             if accelerator.sync_gradients and (cfg.max_grad_norm or cfg.skip_nonfinite):  # measured to skip a bad step
                 grad_norm = accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm or float("inf"))
@@ -263,7 +277,8 @@ def fit(session: Run, stop: StopRequest) -> bool:
     """Train to the last step; True when a stop signal ended it early (a checkpoint was written).
 
     After each step, in this order: the stop check (save and leave, before any due eval, so a
-    preempted job spends its grace period on the checkpoint), then a due eval, then a due save.
+    preempted job spends its grace period on the checkpoint), then a due eval (which a stop ends
+    between its batches: EvalInterrupted), then a due save.
     """
     cfg, start = session.recipe.train, session.step
     session.console.start_training(session.total_steps, start)
@@ -278,20 +293,17 @@ def fit(session: Run, stop: StopRequest) -> bool:
         guard.check_step(step, stats.loss, None if stats.overflow else stats.grad_norm, stats.skipped,
                          partial(ckpt.last_checkpoint, session.run_dir))
         if not last and stop.agreed(session.accelerator):  # at the last step, finishing is the quickest way out
-            save(session)
-            _preempted(session.reporter, stop, step, session.total_steps)
-            return True
+            return _checkpoint_and_leave(session, stop, "after")
         if cfg.eval_every and step % cfg.eval_every == 0 and not last:
-            run_eval(session, step)
+            run_eval(session, step, stop)
         if cfg.save_every and step % cfg.save_every == 0 and not last:
             save(session)
     return False
 
 
 def _record(session: Run, stats: StepStats) -> None:
-    session.totals["tokens"] += stats.tokens
-    session.totals["slots"] += stats.slots
-    session.totals["seconds"] += stats.seconds
+    for key in ("tokens", "slots", "seconds"):  # the run's totals, for its end line and padding efficiency
+        session.totals[key] += getattr(stats, key)
     step = session.step
     if step % session.recipe.train.log_every == 0 or step == session.total_steps:
         session.reporter.log({"kind": "train", "step": step, "loss": stats.loss, "lr": stats.lr, "tokens": stats.tokens,
@@ -300,15 +312,16 @@ def _record(session: Run, stats: StepStats) -> None:
     session.reporter.step(step, stats.loss, stats.lr, stats.tokens / max(stats.seconds, 1e-9), stats.grad_norm, stats.pairs)
 
 
-def run_eval(session: Run, step: int) -> Evaluation | None:
-    """Task metrics into metrics.jsonl; a new best (after step 0) is exported to output_dir/best."""
+def run_eval(session: Run, step: int, stop: StopRequest | None = None) -> Evaluation | None:
+    """Task metrics into metrics.jsonl; a new best (after step 0) is exported to output_dir/best. A `stop` agreed
+    between batches raises EvalInterrupted (step 0's eval runs to its end: before training there is nothing to save)."""
     if session.data.eval is None:
         return None
     dataset, unwrap = session.data.eval.dataset, partial(session.strategy.unwrap, session.accelerator)
     with session.console.phase(f"evaluation (step {step})", eval_rows(dataset, session.recipe)) as phase:
         synced = synced_generation(session.accelerator.num_processes, session.strategy.rules.shards_parameters)
         result = evaluate(session.accelerator, session.model, session.tokenizer, dataset, session.recipe,
-                          session.data.labels, unwrap, phase.advance, synced)
+                          session.data.labels, unwrap, phase.advance, synced, partial(stop.agreed, session.accelerator) if stop else never)
     extra = {"confusion": result.confusion} if result.confusion else {}
     if step == 0 and result.predictions:  # the "before" samples, read back by a resumed run's report
         extra["samples"] = result.predictions
@@ -331,10 +344,10 @@ def save(session: Run) -> None:
 
 # ---------------------------------------------------------------- the end
 
-def finish(session: Run) -> Path:
+def finish(session: Run, stop: StopRequest | None = None) -> Path:
     """Final eval, last checkpoint, export to output_dir/final, and the report."""
     recipe, accelerator, run_dir = session.recipe, session.accelerator, session.run_dir
-    last_eval = run_eval(session, session.total_steps)
+    last_eval = run_eval(session, session.total_steps, stop)
     save(session)
     with session.console.phase("export"):
         final = ckpt.export_final(accelerator, session.strategy, session.model, session.tokenizer, run_dir,
@@ -366,12 +379,15 @@ def finish(session: Run) -> Path:
     return final
 
 
-def _preempted(reporter, stop: StopRequest, step: int, total: int) -> None:
-    name = signal.Signals(stop.signal).name if stop.signal else "a signal on another rank"
-    reporter.print(f"stopped by {name} after step {step}/{total}; checkpoint written")
+def _checkpoint_and_leave(session: Run, stop: StopRequest, when: str) -> bool:
+    """The stop every rank agreed on: save (a save under way when the signal came has finished by now), then leave."""
+    save(session)
+    reporter, name = session.reporter, signal.Signals(stop.signal).name if stop.signal else "a signal on another rank"
+    reporter.print(f"stopped by {name} {when} step {session.step}/{session.total_steps}; checkpoint written")
     requeued = slurm.requeue_self() if reporter.active else False  # Slurm ends this run soon after
     reporter.print("requeued this Slurm job: it resumes from the checkpoint when Slurm restarts it"
                    if requeued else "run the same command again to resume")
+    return True
 
 
 def close(session: Run) -> int:
