@@ -70,6 +70,10 @@ class RunDir:
     job_script = property(lambda self: self.slurm / "job.sbatch")
     preprocessed = property(lambda self: self.root / "preprocessed", doc="`launcher preprocess` output when data.preprocessed_dir is unset")
 
+    def finished(self) -> bool:
+        """Whether the run wrote its last results: the exported model and the report."""
+        return self.export("final").is_dir() and self.report.is_file()
+
     def export(self, name: str) -> Path:
         """final/ (the model at the end) or best/ (the best eval so far)."""
         if name not in EXPORTS:

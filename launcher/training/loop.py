@@ -148,8 +148,7 @@ def setup(recipe: Recipe, overwrite: bool = False, allow_data_change: bool = Fal
     session.sources, session.memory = sources, memory
     console.header(header_rows(session, resume_from, state["step"] if state else 0))
     if state is not None:
-        finished = RunDir(run_dir).export("final").is_dir() and RunDir(run_dir).report.is_file()
-        if state["step"] >= session.total_steps and finished:  # no final/ or report: stopped in export or report, redo them
+        if state["step"] >= session.total_steps and RunDir(run_dir).finished():  # stopped in export or report: redo them
             console.close()
             if session.main:
                 print(f"nothing left to train: {run_dir} already finished step {state['step']} of {session.total_steps}. "
