@@ -26,7 +26,7 @@ from launcher.distributed import launch, slurm
 from launcher.distributed.strategies import Strategy, strategy_for
 from launcher.errors import UserError
 from launcher.evaluation.evaluate import Best, Evaluation, eval_rows, evaluate, synced_generation, to_device
-from launcher.memory.advice import MemoryCheck, check_before_loading, predicted_and_measured
+from launcher.memory.advice import EVALUATION, TRAINING, MemoryCheck, check_before_loading, measured_pass, predicted_and_measured
 from launcher.memory.counts import ParamCount, count_parameters, parameter_bytes
 from launcher.model import loading as modeling
 from launcher.model.loss import objective_count, objective_loss_sum
@@ -268,7 +268,8 @@ def fit(session: Run, stop: StopRequest) -> bool:
     session.console.start_training(session.total_steps, start)
     session.model.train()
     while session.step < session.total_steps:
-        stats = train_step(session, session.micro_batches(session.step))
+        with measured_pass(session.memory, TRAINING):
+            stats = train_step(session, session.micro_batches(session.step))
         session.step += 1
         step, last = session.step, session.step == session.total_steps
         if step == start + 1:
@@ -277,6 +278,7 @@ def fit(session: Run, stop: StopRequest) -> bool:
         guard.check_step(step, stats.loss, None if stats.overflow else stats.grad_norm, stats.skipped,
                          partial(ckpt.last_checkpoint, session.run_dir))
         if not last and stop.agreed(session.accelerator):  # at the last step, finishing is the quickest way out
+            log_memory(session)  # a stopped run's peaks so far, for `launcher plan RUN_DIR`
             save(session)
             _preempted(session.reporter, stop, step, session.total_steps)
             return True
@@ -306,8 +308,9 @@ def run_eval(session: Run, step: int) -> Evaluation | None:
     dataset, unwrap = session.data.eval.dataset, partial(session.strategy.unwrap, session.accelerator)
     with session.console.phase(f"evaluation (step {step})", eval_rows(dataset, session.recipe)) as phase:
         synced = synced_generation(session.accelerator.num_processes, session.strategy.rules.shards_parameters)
-        result = evaluate(session.accelerator, session.model, session.tokenizer, dataset, session.recipe,
-                          session.data.labels, unwrap, phase.advance, synced)
+        with measured_pass(session.memory, EVALUATION):
+            result = evaluate(session.accelerator, session.model, session.tokenizer, dataset, session.recipe,
+                              session.data.labels, unwrap, phase.advance, synced)
     extra = {"confusion": result.confusion} if result.confusion else {}
     if step == 0 and result.predictions:  # the "before" samples, read back by a resumed run's report
         extra["samples"] = result.predictions
@@ -345,8 +348,7 @@ def finish(session: Run) -> Path:
     summary = {"model": session.weights, "method": recipe.method, "task": recipe.model.task,
                "parameters": session.params.line(), "steps": session.total_steps,
                "processes": accelerator.num_processes, "final": str(final)}
-    peak = predicted_and_measured(session.memory, recipe)
-    session.reporter.log({"kind": "memory", "step": session.total_steps, **peak})
+    peak = log_memory(session)
     summary["peak memory"] = (f"predicted {peak['predicted_peak_gib']} GiB per process, measured "
                               f"{peak['measured_peak_gib']} GiB ({peak['measured_by']})")
     if session.totals["slots"]:  # real tokens / batch slots (slots estimated from this process's batch shapes)
@@ -363,6 +365,13 @@ def finish(session: Run) -> Path:
     session.reporter.print(f"saved {final}; report {RunDir(run_dir).report}")
     session.console.print(end_line(session.console.started, session.totals, accelerator.device))
     return final
+
+
+def log_memory(session: Run) -> dict:
+    """The planned peaks beside the measured ones (training and evaluation apart) into metrics.jsonl."""
+    peak = predicted_and_measured(session.memory, session.recipe)
+    session.reporter.log({"kind": "memory", "step": session.step, **peak})
+    return peak
 
 
 def _preempted(reporter, stop: StopRequest, step: int, total: int) -> None:
