@@ -17,6 +17,7 @@ from launcher.memory import estimate as planner
 from launcher.memory import advice as planning
 from launcher.memory.inventory import shipped_config
 from launcher.cli import main
+from launcher.errors import UserError
 from launcher.recipe.schema import Recipe
 from launcher.recipe.files import load_recipe
 
@@ -150,3 +151,74 @@ def test_qlora_unquantised_weights_keep_the_compute_dtype_unless_upcast_is_asked
     loaded = memory.count_parameters(model).weight_bytes  # what the planner must predict, 4-bit packing included
     planned = planner.plan(recipe, 1, 80, device="cpu").moments["end of forward"]["weights"]
     assert planned == pytest.approx(loaded, rel=0.005)
+
+
+LONG_CONTEXT = ["data.max_length=32768", "train.micro_batch_size=1", "train.grad_accum=8", "train.eval_batch_size=1",
+                "distributed.strategy=deepspeed", "distributed.deepspeed=zero2", "distributed.num_processes=8"]
+
+
+def test_sequence_split_divides_each_ranks_activations_and_logits_and_is_suggested_once_preflight_takes_it():
+    """8B LoRA at 32k tokens on 8 GPUs: split over 2 and 4 processes, each rank holds half and a quarter of every
+    block input, recomputed block and the loss's tensors; weights stay whole. On a 40 GiB GPU the plain recipe does
+    not fit and a split does; it is suggested exactly when preflight accepts the split (the loop trains it). The
+    chunked loss keeps one 1024-token chunk of float32 vocabulary-wide tensors whatever the split."""
+    from launcher.distributed import mesh
+    plans = {split: planner.plan(load_recipe(REPO / "recipes" / "llama-8b-lora.yaml",
+                                             [*LONG_CONTEXT, f"distributed.sequence_parallel={split}"]), 8, 40)
+             for split in (1, 2, 4)}
+    for split in (2, 4):
+        backward = {key: result.moments["last block's backward"]["activations"] for key, result in plans.items()}
+        assert backward[split] == pytest.approx(backward[1] / split, rel=0.001)
+        chunk = 12 * 1024 * 128256
+        loss = {key: result.moments["end of forward"]["logits/loss"] - chunk for key, result in plans.items()}
+        assert loss[split] == pytest.approx(loss[1] / split, rel=0.001)
+        assert plans[split].moments["end of forward"]["weights"] == plans[1].moments["end of forward"]["weights"]
+        assert plans[split].fits and "sequence split" in plans[split].label
+    assert not plans[1].fits
+    plain = load_recipe(REPO / "recipes" / "llama-8b-lora.yaml", LONG_CONTEXT)
+    offered = planning.plan_with_advice(plain, 8, 40).suggestions
+    splits = [item for item in offered if "distributed.sequence_parallel=2" in item["overrides"]]
+    split_recipe = load_recipe(REPO / "recipes" / "llama-8b-lora.yaml", [*LONG_CONTEXT, "distributed.sequence_parallel=2"])
+    try:
+        mesh.check_keys(split_recipe)
+        accepted = True
+    except UserError:
+        accepted = False
+    assert bool(splits) == accepted, (offered, accepted)
+    assert all(item["fits"] for item in splits)
+
+
+def test_hsdp_divides_weights_by_the_shard_group_not_the_world(capsys):
+    """The 2-node 70B recipe (replicate 2 x shard 8): each node's replica is sharded eight ways, so a rank holds an
+    eighth of the weights (twice what plain FSDP2 over 16 would give it). A plain FSDP2 recipe on 2 nodes is
+    planned with the HSDP mesh `slurm submit` gives it."""
+    hybrid = planner.plan(load_recipe(REPO / "recipes" / "llama-70b-2nodes-lora.yaml"), 16, 80)
+    flat = planner.plan(load_recipe(REPO / "recipes" / "llama-70b-lora.yaml"), 16, 80)
+    eight = planner.plan(load_recipe(REPO / "recipes" / "llama-70b-lora.yaml"), 8, 80)
+    weights = {name: result.moments["end of forward"]["weights"] for name, result in
+               (("hybrid", hybrid), ("flat", flat), ("eight", eight))}
+    assert weights["hybrid"] == weights["eight"] == pytest.approx(2 * weights["flat"], rel=1e-6)
+    assert weights["hybrid"] == pytest.approx(70.6e9 * 2 / 8 / 2**0, rel=0.02)  # bf16 weights, an eighth
+    assert "HSDP 2 replicas x 8" in hybrid.label
+    assert main(["plan", str(REPO / "recipes" / "llama-70b-lora.yaml"), "--gpus", "8", "--nodes", "2", "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["mesh_overrides"] == ["distributed.replicate=2", "distributed.shard=8"]
+    assert result["components"]["weights"] == pytest.approx(weights["hybrid"] / 2**30, abs=0.01)
+
+
+def test_dpo_plans_two_sequences_per_row_and_the_references_no_grad_forward(tmp_path):
+    """The same LoRA recipe on preference pairs: chosen and rejected of every row in one forward, so the step's
+    activations and loss tensors double; the reference (adapter disabled) runs first without gradients."""
+    line = next(line for line in reference_lines() if line["label"] == "8b-lora-nogc")
+    sft = recipe_for(line, config_folder(line, tmp_path))
+    dpo = json.loads(json.dumps(sft))
+    dpo["data"] = {"train": str(REPO / "recipes" / "data" / "bible_en_es_pairs" / "train.jsonl"), "format": "preference",
+                   "max_length": sft["data"]["max_length"]}
+    sft_plan, dpo_plan = (planner.plan(Recipe.model_validate(data), 1, 141) for data in (sft, dpo))
+    assert Recipe.model_validate(dpo).objective == "dpo"
+    for term in ("activations", "logits/loss"):
+        assert dpo_plan.moments["end of forward"][term] == pytest.approx(2 * sft_plan.moments["end of forward"][term], rel=0.01)
+    assert "reference forward" not in sft_plan.moments
+    reference = dpo_plan.moments["reference forward"]["reference forward"]
+    assert 0 < reference < dpo_plan.moments["end of forward"]["activations"]
+    assert dpo_plan.moments["end of forward"]["weights"] == sft_plan.moments["end of forward"]["weights"]  # one model
