@@ -118,9 +118,10 @@ def test_train_refuses_a_recipe_the_plan_says_cannot_fit_before_any_weights_load
     assert not (tmp_path / "run").exists()  # refused before the run directory, let alone the weights
 
 
-def test_over_budget_warn_trains_and_reports_predicted_beside_measured_peak(tiny, tmp_path):
+def test_over_budget_warn_trains_and_reports_planned_beside_measured_peaks_and_plan_run_dir_replans_it(tiny, tmp_path, capsys):
+    """One CPU run: its memory record, report.md and `launcher plan RUN_DIR` give the planned training and eval peaks
+    beside the measured ones; on CPU the measured figure is the growth of peak resident memory, said so."""
     data = tiny_recipe(tiny, tmp_path / "run", train={"max_steps": 2}, memory={"gpu_gib": 1e-4, "over_budget": "warn"})
-    data["data"]["eval"] = None
     result = launch([write_recipe(data, tmp_path / "r.yaml")])
     assert result.returncode == 0, result.stderr
     assert "warning: memory plan: peak" in result.stderr
@@ -129,7 +130,24 @@ def test_over_budget_warn_trains_and_reports_predicted_beside_measured_peak(tiny
     # ru_maxrss is a high-water mark: with a tiny model the peak may come before the model loads (tokenising),
     # so the growth measured after loading can be 0; bench/cpu_memory.py compares the two on a 1.6 GB model.
     assert peak["predicted_peak_gib"] > 0 and peak["measured_peak_gib"] >= 0 and "ru_maxrss" in peak["measured_by"]
-    assert "peak memory" in (tmp_path / "run" / "report.md").read_text()
+    assert peak["device"] == "cpu" and peak["world_size"] == 1
+    assert 0 < peak["predicted_training_peak_gib"] and 0 < peak["predicted_evaluation_peak_gib"]
+    assert max(peak["predicted_training_peak_gib"], peak["predicted_evaluation_peak_gib"]) == peak["predicted_peak_gib"]
+    assert 0 <= peak["measured_training_peak_gib"] <= peak["measured_peak_gib"]
+    assert 0 <= peak["measured_evaluation_peak_gib"] <= peak["measured_peak_gib"]
+    report = (tmp_path / "run" / "report.md").read_text()
+    assert "peak memory" in report and "planned vs measured" in report
+    assert "| training |" in report and "| evaluation |" in report and "ru_maxrss" in report
+    assert main(["plan", str(tmp_path / "run"), "--json"]) == 0
+    replanned = json.loads(capsys.readouterr().out)
+    passes = {row["pass"]: row for row in replanned["measured"]["passes"]}
+    assert replanned["measured"]["device"] == "cpu" and set(passes) == {"training", "evaluation", "peak"}
+    for name in ("training", "evaluation"):  # the same recipe planned again gives the figures the run recorded
+        assert passes[name]["planned_gib"] == pytest.approx(peak[f"predicted_{name}_peak_gib"], abs=0.002)
+        assert passes[name]["measured_gib"] == peak[f"measured_{name}_peak_gib"]
+    assert main(["plan", str(tmp_path / "run")]) == 0
+    text = capsys.readouterr().out
+    assert "on CPU: resident memory" in text and "training" in text and "evaluation" in text
 
 
 @pytest.mark.parametrize("upcast", [False, True])
