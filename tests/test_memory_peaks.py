@@ -125,6 +125,28 @@ def test_host_memory_of_the_70b_fsdp2_recipe_on_a_256_gib_node_before_and_after_
     assert "does NOT fit 256 GiB" in capsys.readouterr().out
 
 
+def test_two_node_70b_host_memory_with_every_rank_loading_and_with_rank_0_loading(capsys):
+    """The 2-node HSDP recipe on 256 GiB nodes: eight ranks each loading the bf16 70B model need eight copies; rank 0
+    alone loading it (the others build on the meta device and receive their shards on the GPU) needs one, and the
+    node fits. `plan` gives both figures, and its verdict follows the loading the launcher does."""
+    recipe = load_recipe(REPO / "recipes" / "llama-70b-2nodes-lora.yaml")
+    both = planner.host_by_loading(recipe, 16, nodes=2, node_gib=256)
+    every, rank0 = both["every rank loads the whole model"], both["rank 0 alone loads the whole model"]
+    model = every.moments["loading"]["weights loaded"] / 8
+    assert 128 * 2**30 < model < 134 * 2**30
+    assert rank0.moments["loading"]["weights loaded"] == pytest.approx(model, rel=1e-6)
+    assert every.fits is False and every.peak_moment == "loading" and every.peak_gib > 8 * model / 2**30
+    assert rank0.fits is True and model / 2**30 < rank0.peak_gib < 256
+    assert main(["plan", str(REPO / "recipes" / "llama-70b-2nodes-lora.yaml"), "--gpus", "8", "--nodes", "2",
+                 "--node-memory", "256", "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["host_gib_per_node_by_loading"] == {key: round(host.peak_gib, 3) for key, host in both.items()}
+    assert result["host_fits"] == both[result["loading"]].fits
+    assert main(["plan", str(REPO / "recipes" / "llama-70b-2nodes-lora.yaml"), "--gpus", "8", "--nodes", "2",
+                 "--node-memory", "256"]) == 0
+    assert "rank 0 alone loads the whole model 148.6 GiB (fits)" in capsys.readouterr().out
+
+
 def test_zero3_offload_keeps_the_optimiser_partitions_in_host_memory_and_partitions_while_loading(tmp_path):
     """zero3_offload: fp32 master, two Adam moments, gradient partitions and the step's fp32 copy, an eighth each per
     rank, eight ranks per node; ZeRO-3 loads a checkpoint file at a time, never the whole model per rank."""

@@ -51,6 +51,13 @@ def binding_line(result: Plan) -> str:
     return f"{train}, evaluation {result.eval_peak_bytes / GIB:.2f} GiB: {result.binding} binds"
 
 
+def loading_line(by_loading: dict) -> str:
+    """Node 0's host peak with every rank loading the model and with rank 0 alone loading it."""
+    return "host memory per node by loading: " + "; ".join(
+        f"{loading} {host.peak_gib:.1f} GiB" + ("" if host.fits is None else " (fits)" if host.fits else " (does NOT fit)")
+        for loading, host in by_loading.items())
+
+
 def host_line(result: Plan) -> str:
     """Node 0's host memory at its peak moment, and whether it fits the node's memory when that is known."""
     host = result.host
@@ -98,12 +105,17 @@ def run(args: argparse.Namespace) -> int:
                  "eval_longest": lengths.eval, "source": lengths.source, "peak_gib_at_max_length": round(at_max, 3)}
     result = plan_with_advice(recipe, gpus * args.nodes, args.gpu_memory, args.nodes, args.node_memory)
     result.data_lengths = found
+    by_loading = ({} if result.host.partial_loading or gpus == 1
+                  else planner.host_by_loading(recipe, gpus * args.nodes, args.nodes, args.node_memory))
     hsdp = (f"planned as HSDP ({' '.join(hybrid)}), as `launcher slurm submit` runs FSDP2 on {args.nodes} nodes: the "
             "gathers stay inside a node; distributed.replicate=1 plans plain FSDP2 over every GPU") if hybrid else None
     if args.json:
-        print(json.dumps({**result.as_dict(), **({"mesh_overrides": hybrid} if hybrid else {})}, indent=1))
+        print(json.dumps({**result.as_dict(), **({"mesh_overrides": hybrid} if hybrid else {}),
+                          **({"host_gib_per_node_by_loading": {key: round(host.peak_gib, 3) for key, host in by_loading.items()}}
+                             if by_loading else {})}, indent=1))
     else:
-        print(plan_report(result) + (f"\n{hsdp}" if hsdp else ""))
+        lines = [plan_report(result)] + ([loading_line(by_loading)] if by_loading else []) + ([hsdp] if hsdp else [])
+        print("\n".join(lines))
     return 0
 
 
