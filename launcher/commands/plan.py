@@ -12,6 +12,7 @@ import json
 from pathlib import Path
 
 from launcher.distributed import mesh
+from launcher.distributed.rules import FsdpRules
 from launcher.memory import estimate as planner
 from launcher.memory.advice import plan_with_advice
 from launcher.memory.estimate import DEFAULT_GPU_GIB, GIB, Plan
@@ -105,8 +106,8 @@ def run(args: argparse.Namespace) -> int:
                  "eval_longest": lengths.eval, "source": lengths.source, "peak_gib_at_max_length": round(at_max, 3)}
     result = plan_with_advice(recipe, gpus * args.nodes, args.gpu_memory, args.nodes, args.node_memory)
     result.data_lengths = found
-    by_loading = ({} if result.host.partial_loading or gpus == 1
-                  else planner.host_by_loading(recipe, gpus * args.nodes, args.nodes, args.node_memory))
+    rank0_loading = recipe.distributed.strategy == FsdpRules.name and not result.host.partial_loading and gpus > 1
+    by_loading = planner.host_by_loading(recipe, gpus * args.nodes, args.nodes, args.node_memory) if rank0_loading else {}
     hsdp = (f"planned as HSDP ({' '.join(hybrid)}), as `launcher slurm submit` runs FSDP2 on {args.nodes} nodes: the "
             "gathers stay inside a node; distributed.replicate=1 plans plain FSDP2 over every GPU") if hybrid else None
     if args.json:

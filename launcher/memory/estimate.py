@@ -21,7 +21,9 @@ The peak is the largest of these moments: the end of the forward pass, as the lo
 (activations and the loss's tensors alive, gradients not yet); with gradient checkpointing the last
 block's backward (every block's input still kept, that block recomputed, its backward's transients);
 the end of backward (all gradients); the optimiser step; and evaluation (generation's KV cache), which
-is reported apart from the training step's peak. DeepSpeed ZeRO-3's own allocations come from
+is reported apart from the training step's peak; objective dpo adds the reference's no-grad forward and runs
+two sequences per row. The mesh divides the model state by the shard group (HSDP: each replica holds a whole
+copy) and a micro-batch's tokens by the sequence split. DeepSpeed ZeRO-3's own allocations come from
 launcher/memory/zero.py, node 0's host memory from launcher/memory/host.py. `auto` dtypes resolve as on
 a bf16-capable GPU, whatever runs the plan.
 """
