@@ -256,8 +256,8 @@ print(json.dumps(measured_passes(check)))
 
 
 def test_cpu_passes_are_measured_exactly_when_they_raise_the_high_water_mark_and_as_a_bound_otherwise():
-    """In a fresh process (its high-water mark its own): a pass that raises ru_maxrss by 256 MiB is measured at
-    that growth; a later, smaller pass gets only the mark as its upper bound, flagged so."""
+    """In a fresh process (its high-water mark its own): a pass that writes 256 MiB raises ru_maxrss and is measured
+    by how far it raised it; a later, smaller pass gets only the mark as its upper bound, flagged so."""
     result = subprocess.run([sys.executable, "-c", MEASURED_PASSES], capture_output=True, text=True, timeout=300,
                             env={"PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin", "HF_HUB_OFFLINE": "1"})
     assert result.returncode == 0, result.stderr
