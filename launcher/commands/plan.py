@@ -106,8 +106,8 @@ def run(args: argparse.Namespace) -> int:
                  "eval_longest": lengths.eval, "source": lengths.source, "peak_gib_at_max_length": round(at_max, 3)}
     result = plan_with_advice(recipe, gpus * args.nodes, args.gpu_memory, args.nodes, args.node_memory)
     result.data_lengths = found
-    rank0_loading = recipe.distributed.strategy == FsdpRules.name and not result.host.partial_loading and gpus > 1
-    by_loading = planner.host_by_loading(recipe, gpus * args.nodes, args.nodes, args.node_memory) if rank0_loading else {}
+    loading_differs = recipe.distributed.strategy == FsdpRules.name and not result.host.partial_loading and gpus > 1
+    by_loading = planner.host_by_loading(recipe, gpus * args.nodes, args.nodes, args.node_memory) if loading_differs else {}
     hsdp = (f"planned as HSDP ({' '.join(hybrid)}), as `launcher slurm submit` runs FSDP2 on {args.nodes} nodes: the "
             "gathers stay inside a node; distributed.replicate=1 plans plain FSDP2 over every GPU") if hybrid else None
     if args.json:
@@ -145,7 +145,8 @@ def run_dir_plan(args: argparse.Namespace) -> int:
 def measured_report(measured: dict | None, root: Path) -> str:
     """The run's measured peaks under the plan, each with its ratio to the prediction."""
     if measured is None:
-        return f"measured: {root} recorded no peak memory (it stopped before its first checkpoint or ran an older launcher)"
+        return (f"measured: {root} recorded no peak memory (it ended before its last step without a stop signal, "
+                "or an older launcher ran it)")
     lines = [f"measured in {root} on {measured['device']}: {measured['measured_by']}"
              + (" (on CPU: resident memory, planned with CPU dtypes)" if measured["device"] == "cpu" else "")]
     for row in measured["passes"]:
