@@ -53,7 +53,9 @@ FRAGMENTATION = 0.05  # PyTorch's caching allocator rounds large blocks up to 2 
 #                       tests/data count allocated memory only), kept apart so it can be measured and replaced
 DEFAULT_GPU_GIB = 80.0
 EVALUATION = "evaluation"  # the one moment that is not part of a training step
-REFERENCE = "reference forward"  # objective dpo: the reference's no-grad forward over a micro-batch of pairs
+REFERENCE = "reference forward"  # objective dpo: the reference's no-grad forward, over a micro-batch of pairs (LoRA:
+#                                   the adapter disabled) or, for full fine-tuning, over an eval batch of pairs in the
+#                                   pass before training (launcher/data/reference_logps.py)
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2, "fp32": 4, "bf16": 2, "fp16": 2}
 
 
@@ -147,8 +149,7 @@ def eval_bytes(inv: Inventory, s: Sizes, recipe: Recipe, split: int = 1) -> dict
 
 
 def sequences_per_row(recipe: Recipe) -> int:
-    """Objective dpo scores each pair's chosen and rejected replies: n pairs are 2n sequences, padded together and
-    run through one forward (data/batching.py `collate_pairs`), so a micro-batch holds twice the tokens."""
+    """Objective dpo runs n pairs as 2n sequences, chosen and rejected padded together (batching.py `collate_pairs`)."""
     return 2 if recipe.objective == "dpo" else 1
 
 
@@ -279,8 +280,6 @@ def _moments(recipe: Recipe, state: dict, work: dict, evaluation: dict) -> dict:
     resident = {"weights": state["weights"], "optimizer state": state["optimizer state"],
                 "gradients": state["persistent gradients"], "buffers": state["buffers"]}
     moments = {
-        # objective dpo: the reference runs first, without gradients (LoRA: the adapter disabled, in every step;
-        # full fine-tuning: the pass over the data before training, with the one model the run holds)
         REFERENCE: {**resident, "reference forward": work["reference"], "buffers": state["buffers"] + work["gathered eval"]},
         "end of forward": {**resident, "activations": work["saved"], "logits/loss": work["logits"],
                            "buffers": state["buffers"] + work["gathered forward"]},
@@ -386,14 +385,15 @@ def _step_work(recipe: Recipe, inv: Inventory, layout: memory.StatePlacement, s:
     gathered = layout.gathered_blocks * block + (inv.rest_params * s.compute if layout.root_gathered else 0)
     forward = inv.layers * block if layout.keep_gathered else gathered
     backward = gathered + (4 * inv.block_trainable if layout.gathered_blocks else 0)
-    reference = no_grad_forward_bytes(inv, s, recipe, tokens) if recipe.objective == "dpo" else 0
+    pairs = train.eval_batch() if recipe.method == "full" else train.micro_batch_size  # see REFERENCE
+    reference = no_grad_forward_bytes(inv, s, recipe, 2 * pairs * recipe.data.max_length // split) if recipe.objective == "dpo" else 0
     return {"saved": int(saved), "recomputed": int(recomputed), "block inputs": int(inputs), "logits": int(logits_bytes(inv, s, recipe, tokens)),
             "reference": int(reference),
             "gathered forward": int(forward), "gathered backward": int(backward), "gathered eval": int(gathered)}
 
 
 def host_by_loading(recipe: Recipe, world: int | None = None, nodes: int = 1, node_gib: float | None = None) -> dict:
-    """Node 0's host plan with every rank loading the whole model and with rank 0 alone loading it (the others
-    build on the meta device and receive their shards), keyed by HostPlan.loading: the two figures side by side."""
+    """Node 0's host plan with every rank loading the whole model and with rank 0 alone loading it (the others build
+    on the meta device and receive their shards), keyed by HostPlan.loading."""
     hosts = [plan(recipe, world, nodes=nodes, node_gib=node_gib, every_rank_loads=flag).host for flag in (True, False)]
     return {host.loading: host for host in hosts}
