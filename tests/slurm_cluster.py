@@ -94,7 +94,7 @@ class SlurmCluster:
 
     # -- lifecycle ---------------------------------------------------------------------------
     @classmethod
-    def start(cls, root: Path, timeout: float = 30) -> "SlurmCluster":
+    def start(cls, root: Path, timeout: float = 120) -> "SlurmCluster":
         ensure_installed()
         ensure_munge()
         cluster = cls(root)
@@ -196,7 +196,7 @@ PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP
         return "\n".join(parts)
 
     # -- commands ----------------------------------------------------------------------------
-    def run(self, *cmd: str, check: bool = True, timeout: float = 30, cwd=None) -> subprocess.CompletedProcess:
+    def run(self, *cmd: str, check: bool = True, timeout: float = 120, cwd=None) -> subprocess.CompletedProcess:
         r = subprocess.run(list(cmd), env=self.env, capture_output=True, text=True, timeout=timeout, cwd=cwd)
         if check and r.returncode != 0:
             raise RuntimeError(f"{' '.join(cmd)} failed ({r.returncode}): {r.stderr.strip()}")
@@ -213,7 +213,7 @@ PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP
         r = self.run("scontrol", "show", "job", "-o", str(job_id), check=False)
         return dict(re.findall(r"(\w+)=(\S*)", r.stdout)) if r.returncode == 0 else {}
 
-    def wait_state(self, job_id: str, states, timeout: float = 30, restarts: int | None = None) -> dict:
+    def wait_state(self, job_id: str, states, timeout: float = 300, restarts: int | None = None) -> dict:
         """Poll until the job is in one of `states` (and, if given, has `restarts` restarts).
 
         Polls scontrol every 0.2 s: `sbatch --wait` polls slowly. Raises TimeoutError with the
@@ -232,7 +232,7 @@ PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP
             time.sleep(0.2)
         raise TimeoutError(f"job {job_id} not in {sorted(states)} after {timeout}s: {info}\n{self.logs()}")
 
-    def release(self, job_id: str, timeout: float = 30) -> None:
+    def release(self, job_id: str, timeout: float = 300) -> None:
         """Start a requeued job now instead of after Slurm's ~2 minute requeue delay.
 
         Waits for the job to be pending again, then 1.5 s (bumping StartTime at once after a
@@ -242,7 +242,7 @@ PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP
         time.sleep(1.5)
         self.run("scontrol", "update", f"JobId={job_id}", "StartTime=now")
 
-    def requeue_now(self, job_id: str, timeout: float = 30) -> None:
+    def requeue_now(self, job_id: str, timeout: float = 300) -> None:
         """`scontrol requeue` the job and bring it back at once."""
         self.run("scontrol", "requeue", str(job_id))
         self.release(job_id, timeout)

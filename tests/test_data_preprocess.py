@@ -10,7 +10,7 @@ from launcher.cli import main
 from launcher.data.cache import inputs, load_preprocessed, stale
 from launcher.errors import UserError
 from launcher.recipe.files import load_recipe
-from support import launch, launch_two, mixture_recipe, ok, train_losses, write_sources
+from support import launch_two, mixture_recipe, ok, run_here, train_losses, write_sources
 
 pytestmark = [pytest.mark.multiproc, pytest.mark.slow]
 
@@ -34,13 +34,13 @@ def test_preprocessed_mixture_trains_on_two_processes_without_tokenising_like_on
     two = mixture_recipe(tiny_model, tmp_path / "two", sources, data=shared,
                          train={"micro_batch_size": 2}, distributed={"num_processes": 2})  # same global batch of 4
 
-    ok(launch([straight]))  # nothing preprocessed yet: the run tokenises
+    ok(run_here([straight]))  # nothing preprocessed yet: the run tokenises
     assert data_records(tmp_path / "straight" / "run")[0]["rows_tokenised"] == 250
     assert main(["preprocess", str(two)]) == 0
     assert f"preprocessed data written to {tmp_path / 'pre'}" in capsys.readouterr().out
 
-    ok(launch([split, "train.max_steps=2"]))
-    resumed = ok(launch([split]))
+    ok(run_here([split, "train.max_steps=2"]))
+    resumed = ok(run_here([split]))
     started = time.time()
     result = ok(launch_two([two]))
     print(f"2-process run from preprocessed data: {time.time() - started:.0f} s")
@@ -89,7 +89,7 @@ def test_tokenisation_longer_than_the_collective_timeout_does_not_end_a_two_proc
     line = " ".join(f"word{i % 997} and more text" for i in range(4000)) + "\n"  # ~100 kB: tokenised whole, then truncated
     tokenizer = AutoTokenizer.from_pretrained(tiny_model)
     per_line = min(seconds_to_tokenise(tokenizer, line) for _ in range(3))  # the fastest: a busy moment only slows it
-    lines = max(40, int(4 * timeout_s / per_line))  # about 4x the timeout at full speed, more on a busy machine
+    lines = max(40, int(2 * timeout_s / per_line))  # about twice the timeout at full speed, more on a busy machine
     (tmp_path / "big.txt").write_text(line * lines)
     recipe = mixture_recipe(tiny_model, tmp_path, [{"path": str(tmp_path / "big.txt"), "format": "text"}],
                             train={"max_steps": 2, "micro_batch_size": 2, "save_every": 0},

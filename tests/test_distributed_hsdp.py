@@ -4,11 +4,15 @@ the checkpoint is torch.distributed.checkpoint shards laid out for that mesh.
 
 One 4-process run of 5 steps (micro 2 x accum 1 x 4) against a 1-process run on the same global
 batches (micro 2 x accum 4); then the 4-process run rewound to its step-3 checkpoint resumes on 1
-process (replicate 1: the mesh is part of the launch, not of the run) with grad_accum 1 -> 4.
+process (replicate 1: the mesh is part of the launch, not of the run) with grad_accum 1 -> 4, and
+again on 2 processes as a 1 x 2 mesh (plain FSDP2 over the pair) with grad_accum 1 -> 2. The one
+4-process run serves every assertion.
 """
+import json
+
 import pytest
 
-from support import build_tiny_llama, launch, launch_processes, ok, rank_record, rewind, tiny_recipe, train_losses, write_recipe
+from support import build_tiny_llama, launch, launch_processes, launch_two, ok, rank_record, rewind, tiny_recipe, train_losses, write_recipe
 
 pytestmark = [pytest.mark.multiproc, pytest.mark.slow]
 
@@ -26,7 +30,7 @@ def recipe_for(model, folder, grad_accum: int):
     return write_recipe(recipe, folder / "recipe.yaml")
 
 
-def test_two_by_two_hybrid_mesh_matches_one_process_and_resumes_on_one(tmp_path):
+def test_two_by_two_hybrid_mesh_matches_one_process_and_resumes_on_one_and_on_one_by_two(tmp_path):
     model = build_tiny_llama(tmp_path / "model")
     ok(launch([recipe_for(model, tmp_path / "one", grad_accum=4)]))
     expected = train_losses(tmp_path / "one" / "run")
@@ -47,3 +51,14 @@ def test_two_by_two_hybrid_mesh_matches_one_process_and_resumes_on_one(tmp_path)
     resumed = train_losses(run)
     for step in range(SAVED + 1, STEPS + 1):
         assert resumed[step] == pytest.approx(expected[step], rel=LOSS_RTOL), f"step {step}: {resumed} vs {expected}"
+
+    rewind(run, SAVED)  # the 2 x 2 checkpoint again, now on 2 processes: each reads its half of the 4 ranks' shards
+    pair = ok(launch_two([recipe, "distributed.replicate=1"]))
+    assert "(the checkpoint was written by 4): train.grad_accum 1 -> 2" in pair.stdout, pair.stdout[-3000:]
+    assert f"step-{SAVED} at step {SAVED}" in pair.stdout
+    resumed = train_losses(run)
+    for step in range(SAVED + 1, STEPS + 1):
+        assert resumed[step] == pytest.approx(expected[step], rel=LOSS_RTOL), f"1 x 2, step {step}: {resumed} vs {expected}"
+    last = [[json.loads(line) for line in (run / "logs" / f"rank-{r}.jsonl").read_text().splitlines()
+             if "parameter_bytes" in line][-1] for r in (0, 1)]  # this launch's records, after the earlier ones
+    assert all(r["world_size"] == 2 and 0.45 * full <= r["parameter_bytes"] <= 0.55 * full for r in last), last

@@ -20,8 +20,9 @@ KEY_REFUSALS = [
     ("cp and max_length", {"distributed": {"strategy": "fsdp", "context_parallel": 3}},
      "not divisible by 2 x distributed.context_parallel = 6"),
     ("cp on cpu", {"distributed": {"strategy": "fsdp", "context_parallel": 2}}, "distributed.context_parallel needs CUDA GPUs"),
-    ("sp not trained yet", {"distributed": {"strategy": "deepspeed", "deepspeed": "zero2", "sequence_parallel": 2}},
-     "does not train with it yet; set distributed.sequence_parallel: 1"),
+    ("sp with packing", {"distributed": {"strategy": "deepspeed", "deepspeed": "zero2", "sequence_parallel": 2},
+                         "data": {"packing": True}},
+     "distributed.sequence_parallel 2 with data.packing: the split attention is one causal mask"),
 ]
 
 
@@ -54,6 +55,18 @@ def test_context_parallel_needs_sdpa(tiny_model, tmp_path):
         check(Recipe.model_validate(recipe), Target("cuda", 2))
 
 
+@pytest.mark.parametrize("key,value,expected", [
+    ("attn_implementation", "eager", "with model.attn_implementation eager: DeepSpeed's split attention needs sdpa"),
+    ("task", "seq2seq", "with model.task seq2seq: the sequence split trains causal-lm next-token losses only")])
+def test_sequence_parallel_needs_causal_lm_on_a_wrappable_attention(tiny_model, tmp_path, key, value, expected):
+    recipe = tiny_recipe(tiny_model, tmp_path / "run", distributed={"strategy": "deepspeed", "deepspeed": "zero2",
+                                                                   "sequence_parallel": 2})
+    recipe["model"][key] = value
+    with pytest.raises(UserError, match="^distributed.sequence_parallel 2 ") as refused:
+        check(Recipe.model_validate(recipe), Target("cpu", 2))
+    assert expected in str(refused.value) and "\n" not in str(refused.value)
+
+
 def test_mesh_filled_in_and_unknown_count_passes(tiny_model, tmp_path):
     hybrid = recipe_with(tiny_model, tmp_path, strategy="fsdp", replicate=2, shard=8)
     check(hybrid, Target("cpu", 1))  # plain validate on a login node: 16 processes are not known yet
@@ -84,3 +97,15 @@ def test_slurm_render_passes_the_hybrid_mesh(tiny_model, tmp_path, capsys):
     assert main(["slurm", "render", str(recipe), "distributed.replicate=1", "--nodes", "2", "--gpus-per-node", "4"]) == 0
     script = capsys.readouterr().out
     assert "distributed.replicate=1" in script and "distributed.shard" not in script
+
+
+def test_sequence_parallel_recipe_validates_and_context_split_waits_for_the_loop(tiny_model, tmp_path, capsys):
+    from support import write_recipe
+
+    from launcher.cli import main
+    ulysses = tiny_recipe(tiny_model, tmp_path / "run", distributed={"strategy": "deepspeed", "deepspeed": "zero3",
+                                                                    "sequence_parallel": 2})
+    assert main(["validate", str(write_recipe(ulysses, tmp_path / "sp.yaml"))]) == 0, capsys.readouterr().err
+    check(Recipe.model_validate(ulysses), Target("cpu", 4))
+    with pytest.raises(UserError, match="does not train with it yet; set distributed.context_parallel: 1"):
+        check(recipe_with(tiny_model, tmp_path, strategy="fsdp", context_parallel=2), Target("cuda", 2))

@@ -6,7 +6,7 @@ so bitsandbytes never repacks its weights for inference: docs/platform.md).
 """
 
 import pytest
-from support import COMPARE_STEPS, build_tiny_llama, comparable_recipe, launch, launch_two, ok, rank_record, train_losses
+from support import COMPARE_STEPS, build_tiny_llama, comparable_recipe, launch_two, ok, rank_record, run_here, train_losses
 
 from launcher.cli import main
 
@@ -23,7 +23,7 @@ def llama(tmp_path_factory):
 @pytest.fixture(scope="module")
 def one_process(llama, tmp_path_factory):
     folder = tmp_path_factory.mktemp("qlora-1")
-    ok(launch([comparable_recipe(llama, folder, "qlora", {}, micro_batch_size=4)]))
+    ok(run_here([comparable_recipe(llama, folder, "qlora", {}, micro_batch_size=4)]))
     return folder / "run"
 
 

@@ -78,8 +78,16 @@ def cpu_seconds(command: list) -> tuple[float, subprocess.CompletedProcess]:
     return after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime, result
 
 
+@pytest.fixture(scope="module")
+def import_cpu_seconds() -> float:
+    """What a fresh process spends importing what `launcher plan` needs: measured once, shared by the cases."""
+    seconds, _ = cpu_seconds([sys.executable, "-c", "import torch; from transformers.models.llama import modeling_llama; "
+                              "import launcher.cli, launcher.memory.advice"])
+    return seconds
+
+
 @pytest.mark.parametrize("name", sorted(REAL_SIZE))
-def test_real_size_recipe_validates_and_plans_offline_in_seconds(name):
+def test_real_size_recipe_validates_and_plans_offline_in_seconds(name, import_cpu_seconds):
     """No weights exist here: the hub id resolves to the config shipped in launcher/model_configs. The plan's own
     work takes under 2 CPU-seconds; the rest of the command is importing torch and the model's transformers code
     (8.4 of the command's 8.9 CPU-seconds, measured here while other jobs saturated the two cores)."""
@@ -91,8 +99,7 @@ def test_real_size_recipe_validates_and_plans_offline_in_seconds(name):
     planned, result = cpu_seconds(["plan", REPO / "recipes" / name, "--gpus", world, "--gpu-memory", gpu, "--json"])
     assert result.returncode == 0, result.stderr
     assert json.loads(result.stdout)["fits"] is True
-    imports, _ = cpu_seconds([sys.executable, "-c", "import torch; from transformers.models.llama import modeling_llama; "
-                              "import launcher.cli, launcher.memory.advice"])
+    imports = import_cpu_seconds
     assert planned - imports < 4.0, f"plan {planned:.1f} CPU-s, of which imports {imports:.1f}"
 
 

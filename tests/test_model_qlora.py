@@ -9,7 +9,7 @@ import pytest
 
 from launcher.cli import main
 from launcher.recipe.schema import Recipe
-from support import build_tiny_llama, eval_losses, launch, tiny_recipe, train_losses, validate_refusal, write_recipe
+from support import build_tiny_llama, eval_losses, launch, run_here, tiny_recipe, train_losses, validate_refusal, write_recipe
 
 FAST_EVAL = {"samples": 0, "generate_rows": 0}
 
@@ -97,10 +97,10 @@ def test_qlora_resume_is_exact(llama, tmp_path):
         recipe = qlora_recipe(llama, tmp_path / name)
         recipe["data"].pop("eval")
         runs[name] = write_recipe(recipe, tmp_path / f"{name}.yaml")
-    assert launch([runs["straight"]]).returncode == 0
-    first = launch([runs["split"], "train.max_steps=3"])
+    assert run_here([runs["straight"]]).returncode == 0
+    first = run_here([runs["split"], "train.max_steps=3"])
     assert first.returncode == 0, first.stderr
-    second = launch([runs["split"]])
+    second = run_here([runs["split"]])
     assert second.returncode == 0, second.stderr
     assert "resuming from" in second.stdout and "step-3" in second.stdout
     straight = train_losses(tmp_path / "straight")

@@ -20,18 +20,19 @@ def train_collate(recipe: Recipe, tokenizer, pack: bool = True) -> Callable[[lis
                        varlen=varlen_attention(recipe.model.attn_implementation))
     if recipe.objective == "dpo":
         return partial(collate_pairs, pad_id=tokenizer.pad_token_id)
-    return partial(collate, pad_id=tokenizer.pad_token_id, task=recipe.model.task)
+    return partial(collate, pad_id=tokenizer.pad_token_id, task=recipe.model.task, multiple=recipe.distributed.sequence_parallel)
 
 
-def collate(rows: list[dict], pad_id: int, task: str = "causal-lm") -> dict:
-    """Right-pad to the longest row; padding is masked out of attention and loss.
+def collate(rows: list[dict], pad_id: int, task: str = "causal-lm", multiple: int = 1) -> dict:
+    """Right-pad to the longest row, rounded up to a multiple of `multiple` (the sequence split: each rank takes an
+    equal slice); padding is masked out of attention and loss.
 
     For rows of one example each (eval rows always; train rows unless packed: `load_datasets` picks).
     Labels are padded to their own width (seq2seq targets differ in length from the prompt);
     a classification batch's labels are one class id per row.
     """
     import torch
-    width = max(len(row["input_ids"]) for row in rows)
+    width = -(-max(len(row["input_ids"]) for row in rows) // multiple) * multiple
     ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
     mask = torch.zeros((len(rows), width), dtype=torch.long)
     label_width = max(len(row["labels"]) for row in rows)

@@ -48,8 +48,9 @@ def deepspeed_config(recipe: Recipe, world_size: int | None, precision: str | No
               "gradient_accumulation_steps": (train.grad_accum, "train.grad_accum"),
               "gradient_clipping": (train.max_grad_norm or 0.0, "train.max_grad_norm")}
     if world_size is not None:
-        wanted["train_batch_size"] = (train.micro_batch_size * train.grad_accum * world_size,
-                                      "micro_batch_size x grad_accum x processes")
+        split = recipe.distributed.sequence_parallel  # a sequence group reads one batch between its ranks
+        wanted["train_batch_size"] = (train.micro_batch_size * train.grad_accum * (world_size // split),
+                                      "micro_batch_size x grad_accum x processes" + (f" / sequence_parallel {split}" if split > 1 else ""))
     for key, (value, recipe_key) in wanted.items():
         given = config.get(key, "auto")
         if given == "auto":
@@ -57,6 +58,8 @@ def deepspeed_config(recipe: Recipe, world_size: int | None, precision: str | No
         elif given != value:
             raise UserError(f"distributed.deepspeed: {path} hard-codes {key}={given} but the recipe gives {recipe_key}={value}; "
                             f"set it to \"auto\" in the JSON (the launcher fills it) or make them agree")
+    if recipe.distributed.sequence_parallel > 1:  # ZeRO-3's zero.Init reads its data-parallel count from this, having no groups yet
+        config["sequence_parallel_size"] = recipe.distributed.sequence_parallel
     for kind in ("bf16", "fp16") if precision is not None else ():
         block = config.setdefault(kind, {})
         if block.get("enabled", "auto") == "auto":

@@ -4,8 +4,9 @@ Torch-free, so `launcher validate` checks the mesh against the process count and
 the recipe in one line each, before any process group exists. The engines own the parallelism:
 FSDP2 shards over a 2-D device mesh for HSDP (shard inside a group, usually a node; replicate
 across groups). The sequence split is checked as its engines need it (DeepSpeed Ulysses: the
-length divides by the split; torch's context parallelism: FSDP2, SDPA attention, CUDA) but the
-loop does not train with it yet, so a split above 1 is refused last, after those checks.
+length divides by the split; torch's context parallelism: FSDP2, SDPA attention, CUDA). Ulysses
+trains (launcher/distributed/sequence.py); the loop does not train with context parallelism yet,
+so a context split above 1 is refused last, after its checks.
 """
 from __future__ import annotations
 
@@ -53,6 +54,8 @@ def check_keys(recipe: Recipe, on_gpu: bool | None = None) -> None:
     if sp > 1 and dist.strategy != DEEPSPEED:
         raise UserError(f"distributed.sequence_parallel {sp}: Ulysses sequence parallelism runs under DeepSpeed; set "
                         "distributed.strategy: deepspeed (zero1-3), or use distributed.context_parallel with fsdp on GPUs")
+    if sp > 1:
+        _check_ulysses(recipe, sp)
     if sp > 1 and data.max_length % sp:
         raise UserError(f"data.max_length {data.max_length} is not divisible by distributed.sequence_parallel {sp}: each "
                         f"rank takes an equal share of every sequence; use a multiple of {sp}")
@@ -67,11 +70,26 @@ def check_keys(recipe: Recipe, on_gpu: bool | None = None) -> None:
                         f"the load-balanced split gives each rank two equal chunks; use a multiple of {2 * cp}")
     if cp > 1 and on_gpu is False:
         raise UserError(CP_GPU_ONLY)
-    if sp > 1 or cp > 1:  # the recipe is consistent, but the training loop does not split sequences yet
-        key = "sequence_parallel" if sp > 1 else "context_parallel"
-        raise UserError(f"distributed.{key} {max(sp, cp)}: the launcher checks the sequence split but does not train with "
-                        f"it yet; set distributed.{key}: 1 (for long contexts meanwhile: train.gradient_checkpointing, "
-                        "train.loss_chunk_tokens, or a ZeRO-3 / FSDP2 strategy)")
+    if cp > 1:  # the recipe is consistent, but the training loop does not run torch's context parallelism yet
+        raise UserError(f"distributed.context_parallel {cp}: the launcher checks the context split but does not train with "
+                        "it yet; set distributed.context_parallel: 1 (for long contexts: distributed.sequence_parallel "
+                        "with strategy deepspeed, train.gradient_checkpointing, train.loss_chunk_tokens)")
+
+
+def _check_ulysses(recipe: Recipe, sp: int) -> None:
+    """What DeepSpeed's split attention trains correctly: causal-lm rows, one example each, on an attention
+    function it can wrap (it drops the mask and attends causally over the whole gathered row)."""
+    key = f"distributed.sequence_parallel {sp}"
+    if recipe.model.task != "causal-lm" or recipe.objective == "dpo":
+        what = f"objective {recipe.objective}" if recipe.objective == "dpo" else f"model.task {recipe.model.task}"
+        raise UserError(f"{key} with {what}: the sequence split trains causal-lm next-token losses only; set "
+                        "distributed.sequence_parallel: 1")
+    if recipe.data.packing:
+        raise UserError(f"{key} with data.packing: the split attention is one causal mask over the whole row, so packed "
+                        "examples would attend to each other; set data.packing: false (long rows need no packing)")
+    if recipe.model.attn_implementation == "eager":
+        raise UserError(f"{key} with model.attn_implementation eager: DeepSpeed's split attention needs sdpa or "
+                        "flash_attention_2 (eager builds the whole row's mask); set attn_implementation: sdpa")
 
 
 def mesh_for(recipe: Recipe, world: int) -> Mesh:

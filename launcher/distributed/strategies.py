@@ -19,7 +19,7 @@ import os
 from datetime import timedelta
 
 from launcher.checkpoint import layouts, universal
-from launcher.distributed import mesh
+from launcher.distributed import mesh, sequence
 from launcher.distributed.deepspeed_config import deepspeed_config
 from launcher.distributed.launch import CPU_LAUNCH, free_port, launched_world_size, mixed_precision
 from launcher.distributed.rules import DdpRules, DeepSpeedRules, FsdpRules, StrategyRules, rules_for
@@ -166,7 +166,23 @@ class DeepSpeed(Strategy):
         config = deepspeed_config(self.recipe, world, precision)
         if self.universal:  # read when the engine loads a checkpoint: per-parameter files, sliced for this count
             config["checkpoint"] = {**config.get("checkpoint", {}), "load_universal": True}
-        return {"cpu": False, "deepspeed_plugin": DeepSpeedPlugin(hf_ds_config=config)}
+        split = self.recipe.distributed.sequence_parallel
+        return {"cpu": False, "deepspeed_plugin": DeepSpeedPlugin(hf_ds_config=config),
+                **({"parallelism_config": self.sequence_groups(world, split)} if split > 1 else {})}
+
+    @staticmethod
+    def sequence_groups(world: int, split: int):
+        """accelerate's ParallelismConfig for Ulysses (launcher/distributed/sequence.py): it hands DeepSpeed the sequence
+        groups. Lengths vary from batch to batch; eval runs whole rows, each rank its own eval batch."""
+        from accelerate.parallelism_config import ParallelismConfig
+        from accelerate.utils import DeepSpeedSequenceParallelConfig
+        handler = DeepSpeedSequenceParallelConfig(sp_seq_length_is_variable=True, sp_disable_in_eval=True)
+        return ParallelismConfig(dp_replicate_size=world // split, sp_size=split, sp_backend="deepspeed", sp_handler=handler)
+
+    def prepare(self, accelerator, model, optimizer, scheduler):
+        if self.recipe.distributed.sequence_parallel == 1:
+            return super().prepare(accelerator, model, optimizer, scheduler)
+        return sequence.prepare_split(accelerator, model, lambda: accelerator.prepare(model, optimizer, scheduler))
 
     def load_state_kwargs(self) -> dict:
         return {}  # a DeepSpeed engine loads its whole module itself and takes no `strict`

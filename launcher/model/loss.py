@@ -14,9 +14,13 @@ from launcher.recipe.formats import IGNORE
 from launcher.recipe.schema import Recipe
 
 
-def objective_count(labels, recipe: Recipe):
+def objective_count(batch: dict, recipe: Recipe):
     """What a step's loss is averaged over: pairs under DPO, the task's targets otherwise."""
-    return preference.pair_count(labels) if recipe.objective == "dpo" else target_count(labels, recipe.model.task)
+    if recipe.objective == "dpo":
+        return preference.pair_count(batch["labels"])
+    if "shift_labels" in batch:  # a slice of a split sequence (launcher/distributed/sequence.py)
+        return (batch["shift_labels"] != IGNORE).sum()
+    return target_count(batch["labels"], recipe.model.task)
 
 
 def objective_loss_sum(model, batch: dict, recipe: Recipe) -> tuple:
@@ -44,6 +48,8 @@ def task_loss_sum(model, batch: dict, task: str, chunk_tokens: int = 0):
     position_ids) is sent without attention_mask, so transformers confines attention to each example.
     """
     import torch.nn.functional as F
+    if "shift_labels" in batch:  # a slice of a split sequence: targets already shifted, so no shift here
+        return _shifted_loss_sum(model, batch, chunk_tokens)
     labels = batch["labels"]
     inputs = {"input_ids": batch["input_ids"]}
     if task != "classification":
@@ -70,6 +76,23 @@ def task_loss_sum(model, batch: dict, task: str, chunk_tokens: int = 0):
     logits = logits.float()
     total = F.cross_entropy(logits.reshape(-1, logits.size(-1)), labels.reshape(-1), ignore_index=IGNORE, reduction="sum")
     return total, target_count(batch["labels"], task)
+
+
+def _shifted_loss_sum(model, batch: dict, chunk_tokens: int):
+    """Causal-lm loss of a sequence slice whose `shift_labels` hold each position's next token; position_ids are the
+    row's global ones, which the split attention needs."""
+    import torch.nn.functional as F
+    targets = batch["shift_labels"]
+    inputs = {"input_ids": batch["input_ids"], "position_ids": batch["position_ids"], "use_cache": False}
+    if chunk_tokens:
+        hidden = model(**inputs, output_hidden_states=True, logits_to_keep=1).hidden_states[-1]
+        inner = _unwrapped(model)
+        total = chunked_causal_ce(hidden, targets, inner.get_output_embeddings(), chunk_tokens,
+                                  softcap=getattr(inner.config, "final_logit_softcapping", None))
+    else:
+        logits = model(**inputs).logits.float()
+        total = F.cross_entropy(logits.reshape(-1, logits.size(-1)), targets.reshape(-1), ignore_index=IGNORE, reduction="sum")
+    return total, (targets != IGNORE).sum()
 
 
 def chunked_causal_ce(hidden, targets, head, chunk_tokens: int, softcap: float | None = None):

@@ -286,8 +286,8 @@ class DistributedSection(Section):
     shard: int | None = Field(None, ge=1, description="strategy fsdp: processes each replica is sharded over (usually GPUs per node); "
                               "replicate x shard x sequence split = processes. Default: what is left.", json_schema_extra=RESUMABLE)
     sequence_parallel: int = Field(1, ge=1, description="strategy deepspeed: split each sequence over this many processes "
-                                   "(DeepSpeed Ulysses) for long contexts; data.max_length must divide by it. Checked, not yet trained: "
-                                   "values above 1 are refused.")
+                                   "(DeepSpeed Ulysses) for long contexts; data.max_length must divide by it, and the attention "
+                                   "heads too. causal-lm without packing; each group of this many processes reads one batch.")
     context_parallel: int = Field(1, ge=1, description="strategy fsdp on CUDA GPUs: torch's context parallelism over this many "
                                   "processes (SDPA attention; data.max_length divisible by 2x it). Checked, not yet trained: values "
                                   "above 1 are refused.")

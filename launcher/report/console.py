@@ -168,7 +168,8 @@ def header_rows(session, resume_from, resume_step: int) -> dict[str, str]:
         "processes": f"{accelerator.num_processes} x {device_name}",
         "precision": precision,
         "global batch": f"{plan.global_batch} = {train.micro_batch_size} micro x {train.grad_accum} accum "
-                        f"x {accelerator.num_processes} processes",
+                        + (f"x {plan.world} processes" if plan.world == accelerator.num_processes else
+                           f"x {plan.world} sequence groups of {accelerator.num_processes // plan.world} processes"),
         "steps": f"{session.total_steps} ({plan.steps_per_epoch} per epoch)",
         "output": str(session.run_dir),
         "resume": f"step {resume_step} from {resume_from}" if resume_from is not None else "none (fresh run)",

@@ -22,7 +22,7 @@ from launcher.data.batching import StepPlan
 from launcher.data.cache import datasets_for_run
 from launcher.data.encode import Datasets
 from launcher.data.mixing import mixture_line
-from launcher.distributed import launch, slurm
+from launcher.distributed import launch, sequence, slurm
 from launcher.distributed.strategies import Strategy, strategy_for
 from launcher.errors import UserError
 from launcher.evaluation.evaluate import Best, Evaluation, eval_rows, evaluate, synced_generation, to_device
@@ -90,8 +90,8 @@ class Run:
 
     def micro_batches(self, step: int) -> list[dict]:
         """This rank's collated micro-batches of optimiser step `step`, on its device."""
-        train = self.data.train.dataset
-        return [to_device(self.data.collate(train.select(rows)), self.accelerator.device)
+        train, rank = self.data.train.dataset, self.accelerator.process_index
+        return [to_device(sequence.rank_slice(self.data.collate(train.select(rows)), self.recipe, rank), self.accelerator.device)
                 for rows in self.plan.micro_batches(step)]
 
 
@@ -171,7 +171,8 @@ def _load_data(recipe: Recipe, strategy: Strategy, accelerator, run_dir: Path, c
     write_rank_log(run_dir, accelerator, record)
     cfg = recipe.train
     rows = len(datasets.train.dataset)
-    plan = StepPlan(rows, cfg.micro_batch_size, cfg.grad_accum, accelerator.num_processes, accelerator.process_index, cfg.seed)
+    groups, group = sequence.data_parallel(recipe, accelerator.num_processes, accelerator.process_index)
+    plan = StepPlan(rows, cfg.micro_batch_size, cfg.grad_accum, groups, group, cfg.seed)
     if plan.steps_per_epoch == 0:
         raise UserError(f"data.train: {rows} usable rows is less than one global batch "
                         f"(micro_batch_size x grad_accum x processes = {plan.global_batch})")
@@ -191,6 +192,7 @@ def _build_model(session: Run) -> None:
     scheduler = optim.build_scheduler(optimizer, recipe.train, session.total_steps)
     session.model, session.optimizer, session.scheduler = strategy.prepare(accelerator, model, optimizer, scheduler)
     write_rank_log(session.run_dir, accelerator, {"strategy": strategy.name, "world_size": accelerator.num_processes,
+                                                  "sequence_parallel": getattr(session.model, "sequence_parallel_size", 1),
                                                   **parameter_bytes(session.model)})
     session.layout = strategy.checkpoint_layout(accelerator, session.model, session.optimizer, session.scheduler)
     accelerator.register_save_state_pre_hook(verify.checksum_hook(accelerator))  # layouts through save_state: what is written
@@ -228,7 +230,8 @@ def train_step(session: Run, micro_batches: list[dict]) -> StepStats:
     import torch
     accelerator, model, cfg, recipe = session.accelerator, session.model, session.recipe.train, session.recipe
     started, lr = time.perf_counter(), session.scheduler.get_last_lr()[0]  # the rate this step's update uses
-    step_targets = accelerator.reduce(sum(objective_count(b["labels"], recipe) for b in micro_batches).double(), "sum")
+    step_targets = accelerator.reduce(sum(objective_count(b, recipe) for b in micro_batches).double(), "sum")
+    averaged_over = sequence.averaged_over(recipe, accelerator.num_processes)  # what the engine divides summed gradients by
     pairs = PairTally()
     loss_sum = torch.zeros((), device=accelerator.device, dtype=torch.float64)
     grad_norm, skipped, overflow, scaled = None, False, False, guard.loss_scaled(accelerator)
@@ -237,7 +240,7 @@ def train_step(session: Run, micro_batches: list[dict]) -> StepStats:
             session.strategy.sync_gradients(model, accelerator.sync_gradients)
             total, _, pair_sums = objective_loss_sum(model, batch, recipe)  # its count is in step_targets already
             pairs.add(pair_sums)
-            scale = accelerator.num_processes * cfg.grad_accum / step_targets
+            scale = averaged_over * cfg.grad_accum / step_targets
             accelerator.backward(total * scale.float() + optim.l2_penalty(model, cfg.l2_lambda))
             if accelerator.sync_gradients and (cfg.max_grad_norm or cfg.skip_nonfinite):  # measured to skip a bad step
                 grad_norm = accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm or float("inf"))

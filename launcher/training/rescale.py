@@ -29,15 +29,16 @@ def hold_global_batch(recipe: Recipe, state: dict, world: int) -> tuple[Recipe, 
     batch = saved_global_batch(state, recipe)
     micro, accum = train.micro_batch_size, train.grad_accum
     moved = f"resuming on {world} process{'es' * (world != 1)} (the checkpoint was written by {saved_world})"
-    if micro * accum * world == batch:
-        return recipe, (f"{moved}: global batch {batch} = micro_batch_size {micro} x grad_accum {accum} x {world}"
+    readers = world // recipe.distributed.sequence_parallel  # the processes of a sequence group read one batch
+    if micro * accum * readers == batch:
+        return recipe, (f"{moved}: global batch {batch} = micro_batch_size {micro} x grad_accum {accum} x {readers}"
                         if world != saved_world else None)
-    per_process, rest = divmod(batch, world)
+    per_process, rest = divmod(batch, readers)
     if rest == 0 and per_process % micro == 0:
         held = recipe.model_copy(update={"train": train.model_copy(update={"grad_accum": per_process // micro})})
         return held, (f"{moved}: train.grad_accum {accum} -> {per_process // micro}, so micro_batch_size {micro} x "
-                      f"grad_accum {per_process // micro} x {world} keeps the run's global batch of {batch}")
-    raise UserError(refusal(batch, world, micro, accum))
+                      f"grad_accum {per_process // micro} x {readers} keeps the run's global batch of {batch}")
+    raise UserError(refusal(batch, readers, micro, accum))
 
 
 def refusal(batch: int, world: int, micro: int, accum: int) -> str:
