@@ -135,12 +135,12 @@ def no_grad_forward_bytes(inv: Inventory, s: Sizes, recipe: Recipe, tokens: int)
     return tokens * (inv.vocab * 8 if recipe.model.task != "classification" else 0) + tokens * inv.hidden * (4 + 3 * s.compute)
 
 
-def eval_bytes(inv: Inventory, s: Sizes, recipe: Recipe, split: int = 1) -> dict:
-    """Evaluation's transient memory: the loss forward's logits (each rank 1/`split` of every sequence, as in
-    training), or generation's KV cache and last-token logits (whole sequences)."""
+def eval_bytes(inv: Inventory, s: Sizes, recipe: Recipe) -> dict:
+    """Evaluation's transient memory: the loss forward's logits, or generation's KV cache and last-token logits;
+    whole rows on each rank (the sequence split is for training: launcher/distributed/sequence.py)."""
     batch = recipe.train.eval_batch()
     length = recipe.data.max_length
-    loss_pass = no_grad_forward_bytes(inv, s, recipe, batch * sequences_per_row(recipe) * length // split)
+    loss_pass = no_grad_forward_bytes(inv, s, recipe, batch * sequences_per_row(recipe) * length)
     generates = recipe.model.task != "classification" and recipe.eval.generate_rows > 0
     rows = batch * recipe.eval.num_beams
     kv_cache = rows * (length + recipe.eval.max_new_tokens) * inv.layers * 2 * inv.kv_dim * s.compute if generates else 0
@@ -264,7 +264,7 @@ def plan(recipe: Recipe, world: int | None = None, gpu_gib: float | None = None,
     if zero is not None:
         _with_zero3(state, work, zero3.zero3_bytes(zero, inv, _trainable(recipe, inv), shards, s.compute,
                                                     checkpointing(recipe)))
-    moments = _moments(recipe, state, work, eval_bytes(inv, s, recipe, split))
+    moments = _moments(recipe, state, work, eval_bytes(inv, s, recipe))
     mesh_label = (f", HSDP {grid.replicate} replicas x {grid.shard}" if grid.hybrid else "") + (
         f", sequence split {split}" if split > 1 else "")
     label = (f"{recipe.model.path} ({inv.params / 1e9:.2f}B parameters, {inv.trainable / 1e6:.1f}M trainable), "
