@@ -52,7 +52,8 @@ class Reporter:
 
 
 def peak_memory(device) -> str | None:
-    """Peak memory allocated on a GPU so far; None on CPU (no allocator statistics there)."""
+    """Peak memory allocated on a GPU in the step just run (launcher/memory/advice.py `measured_pass` restarts the
+    allocator's peak as each step begins); None on CPU (no allocator statistics there)."""
     if device.type != "cuda":
         return None
     import torch

@@ -366,7 +366,7 @@ def finish(session: Run) -> Path:
     before = session.first_eval.predictions if session.first_eval else first_samples(read_metrics(RunDir(run_dir).metrics))
     write_report(run_dir, summary, paired_samples(before, last_eval.predictions if last_eval else None), session.console)
     session.reporter.print(f"saved {final}; report {RunDir(run_dir).report}")
-    session.console.print(end_line(session.console.started, session.totals, accelerator.device))
+    session.console.print(end_line(session.console.started, session.totals, accelerator.device, peak["measured_peak_gib"]))
     return final
 
 
