@@ -141,8 +141,9 @@ def eval_bytes(inv: Inventory, s: Sizes, recipe: Recipe) -> dict:
     batch = recipe.train.eval_batch()
     length = recipe.data.max_length
     loss_pass = no_grad_forward_bytes(inv, s, recipe, batch * sequences_per_row(recipe) * length)
-    generates = recipe.model.task != "classification" and recipe.eval.generate_rows > 0
-    rows = batch * recipe.eval.num_beams
+    generated = max(recipe.eval.generate_rows, recipe.eval.samples)  # scored rows, or the samples (evaluate.py)
+    generates = recipe.model.task != "classification" and generated > 0
+    rows = min(recipe.eval.generate_batch_size or batch, generated) * recipe.eval.num_beams
     kv_cache = rows * (length + recipe.eval.max_new_tokens) * inv.layers * 2 * inv.kv_dim * s.compute if generates else 0
     generation = kv_cache + rows * inv.vocab * 4 * 2 if generates else 0
     return {"eval forward (logits)": loss_pass, "generation (KV cache + logits)": generation}
@@ -393,7 +394,6 @@ def _step_work(recipe: Recipe, inv: Inventory, layout: memory.StatePlacement, s:
 
 
 def host_by_loading(recipe: Recipe, world: int | None = None, nodes: int = 1, node_gib: float | None = None) -> dict:
-    """Node 0's host plan with every rank loading the whole model and with rank 0 alone loading it (the others build
-    on the meta device and receive their shards), keyed by HostPlan.loading."""
+    """Node 0's host plan with every rank loading the whole model and with rank 0 alone loading it, by HostPlan.loading."""
     hosts = [plan(recipe, world, nodes=nodes, node_gib=node_gib, every_rank_loads=flag).host for flag in (True, False)]
     return {host.loading: host for host in hosts}
