@@ -16,6 +16,10 @@ before and after training, so the table shows that they trained the same thing.
 
     OMP_NUM_THREADS=2 .venv/bin/python bench/cpu_peers.py            # about 15 minutes on 2 idle cores
     OMP_NUM_THREADS=2 .venv/bin/python bench/cpu_peers.py --tiny     # a 2-layer random Llama: a quick check
+    OMP_NUM_THREADS=2 .venv/bin/python bench/cpu_peers.py --profile-step 2 --eval-rows 8   # op tables, not seconds
+
+--profile-step compares what each arm computes (torch.profiler op counts, input shapes, FLOPs; threads; what
+trains), which a machine shared with other work does not distort the way it distorts seconds.
 """
 from __future__ import annotations
 
@@ -72,11 +76,13 @@ def launcher_arm(model: dict, args, work: Path) -> dict:
             "eval": [r["eval_loss"] for r in records if r.get("kind") == "eval"]}
 
 
-def plain_arm(folder: str, args, work: Path) -> dict:
-    """The plain loop in its own process (this file with --plain-arm)."""
+def plain_arm(folder: str, args, work: Path, arm: str = "--plain-arm") -> dict:
+    """The plain loop in its own process (this file with --plain-arm), or the launcher's step profiled in-process
+    (--launcher-profile-arm, `folder` then being the recipe's model section as JSON)."""
     out = work / "plain.json"
-    command = [sys.executable, __file__, "--plain-arm", folder, "--out", str(out)] + [
-        f"--{name.replace('_', '-')}={getattr(args, name)}" for name in ("steps", "micro", "length", "rows", "eval_rows", "seed")]
+    command = [sys.executable, __file__, arm, folder, "--out", str(out)] + [
+        f"--{name.replace('_', '-')}={getattr(args, name)}"
+        for name in ("steps", "micro", "length", "rows", "eval_rows", "seed", "profile_step")]
     done = subprocess.run(command, capture_output=True, text=True, env=arm_env(), cwd=REPO, timeout=3600)
     if done.returncode:
         raise SystemExit(f"plain arm failed:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}")
@@ -139,24 +145,74 @@ def plain_loop(folder: str, args) -> dict:
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
     model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules="all-linear",
                                              task_type="CAUSAL_LM"))
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=2e-4)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=2e-4, weight_decay=0.0)  # the recipe's
     order = torch.randperm(len(rows), generator=torch.Generator().manual_seed(args.seed)).tolist()
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     losses = [eval_loss(model.eval(), held_out, args.micro, pad_id)]
     model.train()
-    seconds, tokens = [], []
-    for step in range(args.steps):
-        started = time.perf_counter()
-        batch = pad([rows[i] for i in order[step * args.micro:(step + 1) * args.micro]], pad_id)
+    seconds, tokens, profile = [], [], None
+
+    def step_of(batch: dict) -> None:  # the launcher's train_step also receives its batch collated
         total, count = summed_loss(model, batch)
         (total / count).backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
         optimizer.zero_grad()
-        seconds.append(time.perf_counter() - started)
         tokens.append(int(batch["attention_mask"].sum()))
+
+    for step in range(args.steps):
+        started = time.perf_counter()
+        batch = pad([rows[i] for i in order[step * args.micro:(step + 1) * args.micro]], pad_id)
+        if step + 1 == args.profile_step:
+            profile = profiled(lambda: step_of(batch), model)
+        else:
+            step_of(batch)
+        seconds.append(time.perf_counter() - started)
     losses.append(eval_loss(model.eval(), held_out, args.micro, pad_id))
-    return {"seconds": seconds, "tokens": tokens, "eval": losses}
+    return {"seconds": seconds, "tokens": tokens, "eval": losses, "profile": profile}
+
+
+# ---------------------------------------------------------------- op tables (--profile)
+
+def profiled(step, model) -> dict:
+    """Run `step` under torch.profiler (CPU): per (op, input shapes) count, FLOPs and self CPU time, plus the
+    threads alive during it and what the model trains, so the arms compare by what they compute, not by seconds."""
+    import threading
+    import torch
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], record_shapes=True,
+                                with_flops=True) as prof:
+        step()
+        threads = [t.name for t in threading.enumerate()]
+        tasks = sorted(Path(f"/proc/self/task/{t}/comm").read_text().strip() for t in os.listdir("/proc/self/task"))
+    ops = [{"name": e.key, "shapes": str(e.input_shapes), "count": e.count, "flops": e.flops,
+            "self_us": e.self_cpu_time_total} for e in prof.key_averages(group_by_input_shape=True)]
+    trainable = [(n, p.numel()) for n, p in model.named_parameters() if p.requires_grad]
+    config = getattr(model, "config", None)
+    return {"ops": ops, "python_threads": threads, "os_threads": tasks, "torch_threads": torch.get_num_threads(),
+            "interop_threads": torch.get_num_interop_threads(), "trainable": len(trainable),
+            "trainable_numel": sum(n for _, n in trainable),
+            "trainable_not_lora": [n for n, _ in trainable if "lora_" not in n],
+            "modules_in_eval_mode": sum(not m.training for m in model.modules()),
+            "attn_implementation": getattr(config, "_attn_implementation", None),
+            "dtypes": sorted({str(p.dtype) for p in model.parameters()})}
+
+
+def launcher_in_process(model: dict, args, work: Path) -> dict:
+    """The launcher's own set-up and train_step in this process (the op table needs the profiler inside it)."""
+    from launcher.recipe.schema import Recipe
+    from launcher.training.loop import setup, train_step
+    session = setup(Recipe.model_validate(recipe_for(model, args, work / "profiled-run")))
+    session.model.train()
+    profile, tokens = None, []
+    for step in range(args.profile_step):
+        batches = session.micro_batches(step)
+        tokens.append(int(sum(b["attention_mask"].sum() for b in batches)))
+        if step + 1 == args.profile_step:
+            profile = profiled(lambda: train_step(session, batches), session.model)
+        else:
+            train_step(session, batches)
+    session.console.close()
+    return {"tokens": tokens, "profile": profile}
 
 
 # ---------------------------------------------------------------- alternation and the table
@@ -194,6 +250,52 @@ def report(results: dict[str, list[dict]], args) -> None:
     print(f"launcher / plain median step: {a / b:.3f}")
 
 
+KEY_OPS = ("aten::scaled_dot_product_attention", "aten::_scaled_dot_product_flash_attention_for_cpu",
+           "aten::_scaled_dot_product_attention_math", "aten::to", "aten::_to_copy", "aten::copy_", "aten::contiguous",
+           "aten::clone", "aten::mm", "aten::addmm", "aten::bmm", "aten::cross_entropy_loss", "aten::log_softmax",
+           "aten::nll_loss_nd", "aten::dropout", "aten::embedding", "aten::embedding_backward", "aten::isfinite",
+           "aten::item", "aten::_local_scalar_dense", "aten::linalg_vector_norm", "aten::_foreach_norm", "aten::mul_",
+           "aten::addcdiv_", "aten::lerp_", "aten::sqrt", "aten::zero_", "aten::fill_")
+
+
+def by_name(profile: dict) -> dict:
+    table: dict = {}
+    for op in profile["ops"]:
+        row = table.setdefault(op["name"], [0, 0, 0.0])
+        row[0], row[1], row[2] = row[0] + op["count"], row[1] + op["flops"], row[2] + op["self_us"]
+    return table
+
+
+def compare_profiles(ours: dict, plain: dict) -> None:
+    """Ops whose count or FLOPs differ between the arms, the key ops either way, and the set-up facts."""
+    a, b = by_name(ours), by_name(plain)
+    print(f"\none step profiled (step {ours['step']}), tokens launcher {ours['tokens']} / plain {plain['tokens']}")
+    print(f"{'op':<52} | {'count L':>7} | {'count P':>7} | {'GFLOP L':>8} | {'GFLOP P':>8} | {'self ms L':>9} | {'self ms P':>9}")
+    for name in sorted(set(a) | set(b), key=lambda n: -max(a.get(n, [0, 0, 0])[2], b.get(n, [0, 0, 0])[2])):
+        x, y = a.get(name, [0, 0, 0.0]), b.get(name, [0, 0, 0.0])
+        if x[:2] != y[:2] or name in KEY_OPS:
+            print(f"{name[:52]:<52} | {x[0]:>7} | {y[0]:>7} | {x[1] / 1e9:>8.2f} | {y[1] / 1e9:>8.2f} | "
+                  f"{x[2] / 1e3:>9.1f} | {y[2] / 1e3:>9.1f}")
+    print(f"total GFLOP: launcher {sum(r[1] for r in a.values()) / 1e9:.2f}, plain {sum(r[1] for r in b.values()) / 1e9:.2f}")
+    shapes = lambda p: {(o["name"], o["shapes"]): o["count"] for o in p["ops"] if o["name"] in KEY_OPS}
+    sa, sb = shapes(ours), shapes(plain)
+    for key in sorted(set(sa) | set(sb)):
+        if sa.get(key, 0) != sb.get(key, 0):
+            print(f"  {key[0]} {key[1][:110]}: launcher {sa.get(key, 0)}, plain {sb.get(key, 0)}")
+    for fact in ("torch_threads", "interop_threads", "python_threads", "os_threads", "trainable", "trainable_numel",
+                 "trainable_not_lora", "modules_in_eval_mode", "attn_implementation", "dtypes"):
+        print(f"{fact}: launcher {ours[fact]} | plain {plain[fact]}")
+
+
+def profile_main(args, work: Path) -> None:
+    recipe_model, folder = models(args, work)
+    args.steps = args.profile_step
+    ours = plain_arm(json.dumps(recipe_model), args, work, "--launcher-profile-arm")
+    plain = plain_arm(folder, args, work)
+    compare_profiles({**ours["profile"], "step": args.profile_step, "tokens": ours["tokens"][-1]},
+                     {**plain["profile"], "step": args.profile_step, "tokens": plain["tokens"][-1]})
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tiny", action="store_true", help="a 2-layer random Llama, 200 rows, 6 steps: checks the script")
@@ -206,16 +308,24 @@ def main() -> None:
     parser.add_argument("--eval-rows", type=int, default=32)
     parser.add_argument("--seed", type=int, default=42)
     parser.add_argument("--plain-arm", help=argparse.SUPPRESS)  # internal: run the plain loop on this folder
+    parser.add_argument("--profile-step", type=int, default=0,
+                        help="instead of timing: run each arm to this step once and compare its op table (torch.profiler)")
+    parser.add_argument("--launcher-profile-arm", help=argparse.SUPPRESS)  # internal: profile the launcher's step
     parser.add_argument("--out", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.plain_arm:
         args.out.write_text(json.dumps(plain_loop(args.plain_arm, args)))
+        return
+    if args.launcher_profile_arm:
+        args.out.write_text(json.dumps(launcher_in_process(json.loads(args.launcher_profile_arm), args, args.out.parent)))
         return
     if args.tiny:
         args.steps, args.rows, args.eval_rows = min(args.steps, 6), min(args.rows, 200), min(args.eval_rows, 16)
     results: dict[str, list[dict]] = {"launcher": [], "plain": []}
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
+        if args.profile_step:
+            return profile_main(args, work)
         recipe_model, folder = models(args, work)
         for repeat in range(args.repeats):
             results["launcher"].append(launcher_arm(recipe_model, args, work))

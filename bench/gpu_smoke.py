@@ -88,17 +88,22 @@ def device():
 
 
 def fsdp_model(model_dir: Path, offload: bool = False, **load):
-    import torch
-    from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully_shard
     from transformers import AutoModelForCausalLM
     model = AutoModelForCausalLM.from_pretrained(model_dir, **load)
     if not offload:
         model.to(device())
+    return sharded(model, offload)
+
+
+def sharded(model, offload: bool = False, low_precision: bool = True):
+    """`model` under FSDP2 on a one-process mesh: each block, then the root (as strategies.Fsdp2.shard)."""
+    import torch
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully_shard
     kwargs = {"mesh": init_device_mesh(device().type, (1,))}
     if offload:
         kwargs["offload_policy"] = CPUOffloadPolicy()
-    if device().type == "cuda":
+    if device().type == "cuda" and low_precision:
         kwargs["mp_policy"] = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
     for block in model.model.layers:
         fully_shard(block, **kwargs)
@@ -165,9 +170,32 @@ def deepspeed_resume(work: Path) -> str:
     return "ok (resumed from step 2 and trained step 3)"
 
 
-@check("4", "FSDP2 loads on rank 0 only, the others on the meta device")
+@check("4", "FSDP2 rank-0 loading: a model built on the meta device, sharded, then filled from the loaded state dict "
+            "(a receiving rank's path) equals from_pretrained: every tensor, rotary buffers and logits", cpu=True)
 def rank0_load(work: Path) -> str:
-    return "not built: issue 25 #4 is open (every rank loads the whole model into host memory)"
+    import torch
+    from transformers import AutoModelForCausalLM
+    from launcher.distributed.strategies import fill_shards
+    from launcher.distributed.rules import rules_for
+    from launcher.model.loading import load_model
+    from launcher.recipe.schema import Recipe
+    recipe = Recipe.model_validate(recipe_dict(work / "model", work / "run4", method="full", distributed={"strategy": "fsdp"}))
+    if rules_for(recipe).reads_weights(2, 1):
+        return "FAIL: rank 1 of 2 would read the weights itself"
+    one_process_group("nccl" if device().type == "cuda" else "gloo")
+    loaded = AutoModelForCausalLM.from_pretrained(work / "model").to(device())
+    model = sharded(load_model(str(work / "model"), recipe, device().type == "cuda", weights=False), low_precision=False)
+    fill_shards(model, loaded.state_dict(), device(), device())
+    got = {k: v.full_tensor() if hasattr(v, "full_tensor") else v for k, v in model.state_dict().items()}
+    want = loaded.state_dict()
+    worst = max((got[k].float() - want[k].float()).abs().max().item() for k in want)
+    buffers = max((b - dict(loaded.named_buffers())[k]).abs().max().item() for k, b in model.named_buffers())
+    ids = torch.randint(0, 1000, (2, 16), device=device())
+    with torch.no_grad():
+        logits = (model(input_ids=ids).logits - loaded(input_ids=ids).logits).abs().max().item()
+    if got.keys() != want.keys() or worst or buffers or logits > 1e-4:
+        return f"FAIL: keys equal {got.keys() == want.keys()}, tensor diff {worst}, buffer diff {buffers}, logits diff {logits}"
+    return f"ok ({len(want)} tensors and the buffers equal, logits within {logits:.1e}, on {device().type})"
 
 
 @check("5", "packing, micro-batch 2: each example's logits as if alone (flash-attention varlen if installed, else sdpa)",

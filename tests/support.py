@@ -240,6 +240,20 @@ def validate_refusal(model, tmp_path, capsys, changes: dict) -> str:
 
 # ---------------------------------------------------------------- recipes several test modules share
 
+PAIRS = [{"prompt": "Translate: the house", "chosen": "la casa", "rejected": "el perro grande"},
+         {"prompt": "Translate: a dog", "chosen": "un perro", "rejected": "una casa"},
+         {"prompt": "Translate: the sea is wide", "chosen": "el mar es ancho", "rejected": "mar"}]
+
+
+def pair_recipe(model, tmp_path, **sections) -> dict:
+    """A DPO recipe on PAIRS x 4 (12 train pairs; the first 6 again as eval pairs)."""
+    train = tmp_path / "pairs.jsonl"
+    train.write_text("".join(json.dumps(row) + "\n" for row in PAIRS * 4))
+    data = {"train": str(train), "eval": str(train), "format": "preference", "fields": {}, "max_length": 48,
+            "max_train_rows": None, "max_eval_rows": 6, **sections.pop("data", {})}
+    return tiny_recipe(model, tmp_path / "run", data=data, **sections)
+
+
 COMPARE_STEPS = 4
 
 

@@ -283,3 +283,32 @@ def test_fsdp2_on_one_process_computes_in_the_requested_precision(tiny_model, tm
                           env={**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1"})
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.strip().splitlines()[-1] == "['torch.bfloat16']", "train.precision bf16 must reach the forward"
+
+
+def test_a_stop_signal_during_a_long_eval_ends_it_between_batches_and_checkpoints(tiny_model, tmp_path):
+    """Item 13: SIGTERM sent once the step-1 eval has begun (32 losses, then 32 generated translations) is acted on
+    before its next batch: the eval is dropped (no step-1 eval line), step 1 is checkpointed, exit 0."""
+    import json
+    import signal
+    recipe = tiny_recipe(tiny_model, tmp_path / "run", train={"max_steps": 3, "micro_batch_size": 2, "eval_every": 1},
+                         eval={"samples": 0, "generate_rows": 32, "max_new_tokens": 24})
+    recipe["data"]["max_eval_rows"] = 32
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
+    process = subprocess.Popen([sys.executable, "-m", "launcher", str(write_recipe(recipe, tmp_path / "r.yaml"))], cwd=REPO,
+                               env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    seen = []
+    try:
+        for line in process.stdout:
+            seen.append(line)
+            if line.startswith("evaluation (step 1)"):
+                process.send_signal(signal.SIGTERM)
+                break
+        seen += process.stdout.readlines()
+        assert process.wait(timeout=600) == 0, "".join(seen)[-3000:]
+    finally:
+        process.kill()
+    output = "".join(seen)
+    assert "stopped by SIGTERM during the evaluation after step 1/3; checkpoint written" in output, output[-3000:]
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if r["kind"] == "eval"] == [0]
+    assert sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir()) == ["step-1"]

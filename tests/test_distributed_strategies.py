@@ -108,6 +108,7 @@ def test_fsdp2_really_shards(two_process):
     _, run = two_process("fsdp")
     ranks = [rank_record(run, r, "parameter_bytes") for r in (0, 1)]
     full = ranks[0]["full_parameter_bytes"]
+    assert [r["read_weights"] for r in ranks] == [True, False]  # rank 1 built on meta and received its shards
     for record in ranks:
         assert record["world_size"] == 2 and record["strategy"] == "fsdp"
         assert 0.45 * full <= record["parameter_bytes"] <= 0.55 * full, ranks

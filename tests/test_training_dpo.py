@@ -9,32 +9,20 @@ import pytest
 import yaml
 from pydantic import ValidationError
 
-from support import launch, launch_two, load_tensors, ok, tiny_recipe, train_losses, validate_refusal, write_recipe
+from support import PAIRS, launch_two, load_tensors, ok, pair_recipe, run_here, train_losses, validate_refusal, write_recipe
 
 from launcher.data.batching import collate_pairs
 from launcher.data.encode import Encoder
 from launcher.model.preference import dpo_loss_sum, pair_terms
 from launcher.recipe.formats import IGNORE
+from launcher.recipe.objective import reference_precomputed
 from launcher.recipe.schema import DataSection, DpoSection, Recipe
-
-PAIRS = [{"prompt": "Translate: the house", "chosen": "la casa", "rejected": "el perro grande"},
-         {"prompt": "Translate: a dog", "chosen": "un perro", "rejected": "una casa"},
-         {"prompt": "Translate: the sea is wide", "chosen": "el mar es ancho", "rejected": "mar"}]
-
-
-def pair_recipe(model, tmp_path, **sections) -> dict:
-    train = tmp_path / "pairs.jsonl"
-    train.write_text("".join(json.dumps(row) + "\n" for row in PAIRS * 4))
-    data = {"train": str(train), "eval": str(train), "format": "preference", "fields": {}, "max_length": 48,
-            "max_train_rows": None, "max_eval_rows": 6, **sections.pop("data", {})}
-    return tiny_recipe(model, tmp_path / "run", data=data, **sections)
 
 
 # ---------------------------------------------------------------- recipe keys
 
 @pytest.mark.parametrize("change, expected", [
     ({"data": {"packing": True}}, "data.packing with objective dpo"),
-    ({"method": "full"}, "method full with objective dpo"),
     ({"train": {"loss_chunk_tokens": 64}}, "train.loss_chunk_tokens with objective dpo"),
     ({"objective": "sft"}, "objective sft cannot train on data.format preference"),
     ({"model": {"path": "x", "task": "classification"}}, "model.task classification cannot train on data.format preference"),
@@ -54,6 +42,9 @@ def test_the_objective_follows_the_format_and_survives_a_reload():
     assert Recipe.model_validate(recipe.model_dump(mode="json")).dpo == DpoSection(beta=0.2, loss="ipo")
     sft = Recipe.model_validate({"model": {"path": "x"}, "data": {"train": "x.jsonl"}, "output_dir": "o"})
     assert sft.objective == "sft" and Recipe.model_validate(sft.model_dump(mode="json")).objective == "sft"
+    full = Recipe.model_validate({"model": {"path": "x"}, "method": "full", "data": {"train": "x.jsonl", "format": "preference"},
+                                  "output_dir": "o"})
+    assert reference_precomputed(full) and not reference_precomputed(recipe), "an adapter's reference is the base, disabled"
     with pytest.raises(ValidationError, match="dpo: applies to objective dpo only"):
         Recipe.model_validate({"model": {"path": "x"}, "data": {"train": "x.jsonl"}, "dpo": {"beta": 0.5}, "output_dir": "o"})
     with pytest.raises(ValidationError, match="mix formats for objective sft and dpo"):
@@ -179,7 +170,7 @@ def straight(tiny_model, tmp_path_factory):
     folder = tmp_path_factory.mktemp("dpo")
     recipe = pair_recipe(tiny_model, folder, train={"max_steps": 4, "lr": 2e-2, "micro_batch_size": 2, "grad_accum": 2},
                          dpo={"beta": 0.5}, eval={"samples": 1}, lora={"dropout": 0.0})
-    ok(launch(["train", write_recipe(recipe, folder / "dpo.yaml")]))
+    ok(run_here(["train", write_recipe(recipe, folder / "dpo.yaml")]))
     return folder
 
 
@@ -195,6 +186,15 @@ def test_a_lora_dpo_run_logs_rewards_and_held_out_preference_accuracy(straight):
     assert "preference_accuracy" in (straight / "run" / "report.md").read_text()
 
 
+def test_launcher_eval_scores_a_lora_dpo_run_against_its_base(straight):
+    last = [json.loads(line) for line in (straight / "run" / "metrics.jsonl").read_text().splitlines()
+            if json.loads(line).get("kind") == "eval"][-1]
+    ok(run_here(["eval", straight / "dpo.yaml", "eval.samples=0"]))  # no generation: only the pair scores
+    results = json.loads((straight / "run" / "eval.json").read_text())
+    assert results["base"]["eval_loss"] == pytest.approx(math.log(2), abs=1e-6)
+    assert results[str(straight / "run" / "final")]["eval_loss"] == pytest.approx(last["eval_loss"], abs=1e-5)
+
+
 @pytest.mark.multiproc
 def test_two_ddp_processes_match_one_per_step(straight, tmp_path):
     recipe = yaml.safe_load((straight / "dpo.yaml").read_text())
@@ -206,12 +206,28 @@ def test_two_ddp_processes_match_one_per_step(straight, tmp_path):
         assert two[step] == pytest.approx(loss, rel=1e-5, abs=1e-7), step
 
 
+@pytest.mark.multiproc
+@pytest.mark.parametrize("distributed", [{"strategy": "deepspeed", "deepspeed": "zero3"}, {"strategy": "fsdp"}],
+                         ids=["zero3", "fsdp2"])
+def test_two_sharded_processes_match_one_per_step(straight, tmp_path, distributed):
+    """LoRA DPO under ZeRO-3 and FSDP2: the reference (adapter disabled) runs inside the sharded model."""
+    recipe = yaml.safe_load((straight / "dpo.yaml").read_text())
+    recipe["train"]["micro_batch_size"], recipe["distributed"], recipe["output_dir"] = 1, distributed, str(tmp_path / "run")
+    for key in ("eval", "max_eval_rows"):  # evaluation changes no step, and costs most of a sharded run's time
+        recipe["data"].pop(key)
+    ok(launch_two(["train", write_recipe(recipe, tmp_path / "sharded.yaml")]))
+    one, two = train_losses(straight / "run"), train_losses(tmp_path / "run")
+    assert sorted(two) == [1, 2, 3, 4]
+    for step, loss in one.items():
+        assert two[step] == pytest.approx(loss, rel=1e-5, abs=1e-7), step
+
+
 def test_a_resumed_dpo_run_is_bitwise_the_straight_one(straight, tmp_path):
     recipe = yaml.safe_load((straight / "dpo.yaml").read_text())
     recipe["output_dir"] = str(tmp_path / "split")
     path = write_recipe(recipe, tmp_path / "split.yaml")
-    ok(launch(["train", path, "train.max_steps=2"]))
-    second = ok(launch(["train", path]))
+    ok(run_here(["train", path, "train.max_steps=2"]))
+    second = ok(run_here(["train", path]))
     assert "resuming from" in second.stdout
     assert train_losses(tmp_path / "split") == train_losses(straight / "run")  # bitwise, not approx
     assert load_tensors(tmp_path / "split" / "final").keys() == load_tensors(straight / "run" / "final").keys()

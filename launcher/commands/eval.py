@@ -10,6 +10,7 @@ from rich.console import Console
 from rich.table import Table
 
 from launcher.data.encode import load_eval_data
+from launcher.data.reference_logps import with_base_reference
 from launcher.distributed.strategies import strategy_for
 from launcher.errors import UserError
 from launcher.evaluation.evaluate import eval_rows, evaluate
@@ -49,6 +50,10 @@ def compare_checkpoints(recipe: Recipe, checkpoint: str | None = None, console=N
     eval_data, labels = load_eval_data(recipe, tokenizer)  # no train row is tokenised (unless eval_fraction splits them)
     if eval_data is None:
         raise UserError("eval: the recipe has no eval data; set data.eval or data.eval_fraction")
+    if recipe.objective == "dpo":  # the reference of every checkpoint: the base, scored once
+        base = modeling.load_base(weights, recipe, on_gpu, labels).to(accelerator.device)
+        eval_data.dataset = with_base_reference(accelerator, base, eval_data.dataset, recipe.train.eval_batch(), tokenizer.pad_token_id)
+        del base
     results: dict[str, dict] = {}
     shown = Progress(accelerator.is_main_process)
     for target in targets:

@@ -9,5 +9,6 @@ batching     tokenised rows -> padded batches, the rows each rank reads at each 
 mixing       several sources as one table, in fixed shares
 packing      several examples per row with attention kept inside each
 cache        `launcher preprocess`: tokenise once, reuse when the fingerprint matches
+reference_logps  full fine-tuning DPO: every pair's reference log-probabilities, scored once before training and kept beside the data
 fingerprint  what a data file was when a run read it: its content hash (the key of every data cache)
 """

@@ -8,7 +8,7 @@ from functools import partial
 from typing import Callable, Iterator
 
 from launcher.data.packing import collate_packed, varlen_attention
-from launcher.data.preference import REJECTED
+from launcher.data.preference import REFERENCE, REJECTED
 from launcher.recipe.formats import IGNORE
 from launcher.recipe.schema import Recipe
 
@@ -49,10 +49,16 @@ def collate(rows: list[dict], pad_id: int, task: str = "causal-lm", multiple: in
 
 def collate_pairs(rows: list[dict], pad_id: int) -> dict:
     """Preference pairs as one batch of 2n sequences: the n chosen, then the n rejected, padded together
-    so policy and reference each score a whole micro-batch in one forward pass."""
+    so policy and reference each score a whole micro-batch in one forward pass. Rows that carry precomputed
+    reference log-probabilities (full fine-tuning) give them as REFERENCE, in the same order."""
+    import torch
+    rows = list(rows)
     sequences = [{"input_ids": row[key + "input_ids"], "labels": row[key + "labels"]}
                  for key in ("", REJECTED) for row in rows]
-    return collate(sequences, pad_id)
+    batch = collate(sequences, pad_id)
+    if rows and REFERENCE in rows[0]:
+        batch[REFERENCE] = torch.tensor([row[REFERENCE][side] for side in (0, 1) for row in rows], dtype=torch.float32)
+    return batch
 
 
 @dataclass

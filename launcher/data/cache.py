@@ -36,6 +36,7 @@ from launcher.rundir.paths import RunDir
 FINGERPRINT = "fingerprint.json"
 SUMMARY = "summary.json"
 RUNTIME_KEYS = {"preprocessed_dir", "tokenise_timeout_minutes"}  # how data is found or waited for, not what it is
+REFERENCE_FOLDER = "reference-logps"  # full fine-tuning DPO's reference values (reference_logps.py), kept across preprocessing
 
 
 def folder(recipe: Recipe) -> Path:
@@ -103,6 +104,8 @@ def preprocess(recipe: Recipe) -> Path:
                "warnings": found.train.warnings, "eval_warnings": found.eval.warnings if found.eval else []}
     (staging / SUMMARY).write_text(json.dumps(summary, indent=1))
     (staging / FINGERPRINT).write_text(json.dumps(inputs(recipe, tokenizer), indent=1))
+    if (target / REFERENCE_FOLDER).is_dir():  # keyed by their own inputs: still valid where those did not change
+        (target / REFERENCE_FOLDER).rename(staging / REFERENCE_FOLDER)
     shutil.rmtree(target, ignore_errors=True)
     staging.rename(target)
     return target

@@ -3,13 +3,15 @@
 Each reply is encoded exactly as an SFT target would be (same prompt layout, chat template and
 masking), so only reply tokens carry labels. The encoder tokenises the chosen sequences and the
 rejected ones in two passes over the same rows; this module says how a row becomes its rejected
-twin and how the two encodings become one row of the tokenised set.
+twin and how the two encodings become one row of the tokenised set. Under full fine-tuning a run adds
+one more column, REFERENCE: each pair's reference log-probabilities, precomputed (data/reference_logps.py).
 """
 from __future__ import annotations
 
 from launcher.recipe.schema import DataSection
 
 REJECTED = "rejected_"  # prefix of the rejected sequence's columns (input_ids, labels) in a tokenised pair
+REFERENCE = "reference_logps"  # full fine-tuning: the column of [chosen, rejected] reference log-probabilities (reference_logps.py)
 
 
 def rejected_twin(row: dict, data: DataSection) -> dict:

@@ -75,6 +75,11 @@ class StrategyRules:
         """The dtype bitsandbytes packs 4-bit weights into (None: its default, uint8)."""
         return None
 
+    def reads_weights(self, world: int, rank: int) -> bool:
+        """Whether this rank reads the checkpoint's weights into host memory (False: it builds the model on the meta
+        device and receives its shards from rank 0 after sharding). Every rank does, except under FSDP2."""
+        return True
+
 
 class DdpRules(StrategyRules):
     """DDP: every rank holds the whole model, so nothing is refused for sharding and checkpoints load anywhere."""
@@ -170,6 +175,12 @@ class FsdpRules(StrategyRules):
                               autocast=False, cast_weights=sharded,
                               gathered_blocks=2 if sharded else 0, keep_gathered=sharded and options.sharding == "grad_op",
                               root_gathered=sharded)
+
+    def reads_weights(self, world: int, rank: int) -> bool:
+        """Rank 0 only, over several processes (strategies.fill_shards sends the others their shards): every rank
+        loading the whole model would need world x its size of host memory per node. QLoRA still loads on every
+        rank: bitsandbytes quantises while it loads, straight to the rank's device."""
+        return world == 1 or rank == 0 or self.recipe.method == "qlora"
 
     def quant_storage(self, compute_dtype):
         """QLoRA: 4-bit weights packed into the compute dtype, so every parameter of a block has one dtype and

@@ -235,10 +235,14 @@ class Fsdp2(Strategy):
         if not blocks:
             raise UserError(f"strategy fsdp: {type(base).__name__} names no transformer block class "
                             "(_no_split_modules) to shard; use strategy deepspeed or ddp")
+        receives = not self.rules.reads_weights(accelerator.num_processes, 1)  # rank 0 alone read the weights
+        whole = model.state_dict() if receives and accelerator.is_main_process else None
         for module in model.modules():
             if type(module).__name__ in blocks:
                 fully_shard(module, **kwargs)
         fully_shard(model, **kwargs)
+        if receives:
+            fill_shards(model, whole, accelerator.device, "cpu" if "offload_policy" in kwargs else accelerator.device)
         return model
 
     def _shard_kwargs(self, accelerator) -> dict:
@@ -298,6 +302,40 @@ class Fsdp2(Strategy):
         if not isinstance(model, FSDPModule):  # one process: nothing was sharded
             return model.state_dict()
         return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
+def fill_shards(model, whole: dict | None, device, shard_device) -> None:
+    """Every rank's shards from rank 0's whole state dict (`whole`; None on the other ranks), one tensor at a time,
+    so no other rank holds more than its shards and one whole tensor (accelerate's cpu_ram_efficient_loading does
+    the same for the FSDP2 it applies). A model built on the meta device (the other ranks') gets memory for its
+    shards on `shard_device` (the CPU under offload) and copies its slice of each tensor; its buffers were computed
+    when it was built (rotary inv_freq is in no state dict) and are kept. Rank 0's random generator state goes to
+    every rank too, as when each rank loaded the model itself (LoRA's initialisation draws from it)."""
+    import torch
+    import torch.distributed as dist
+    from torch.distributed.tensor import DTensor, distribute_tensor
+    receives = any(p.is_meta for p in model.parameters())
+    if receives:
+        buffers = dict(model.named_buffers())
+        model.to_empty(device=shard_device)
+        for name, buffer in buffers.items():
+            owner, _, leaf = name.rpartition(".")
+            setattr(model.get_submodule(owner), leaf, buffer)
+    filled = set()  # tied weights (embeddings and head) are one parameter under two names
+    with torch.no_grad():
+        for name, local in model.state_dict(keep_vars=True).items():
+            if id(local) in filled:
+                continue
+            filled.add(id(local))
+            full = whole[name].to(device) if whole is not None else torch.empty(local.shape, dtype=local.dtype, device=device)
+            dist.broadcast(full, src=0)
+            if receives and isinstance(local, DTensor):
+                local.to_local().copy_(distribute_tensor(full, local.device_mesh, local.placements, src_data_rank=None).to_local())
+            elif receives:
+                local.copy_(full)
+        generator = torch.get_rng_state().to(device)
+        dist.broadcast(generator, src=0)
+        torch.set_rng_state(generator.cpu())
 
 
 def quant_storage_dtype(recipe: Recipe, on_gpu: bool):

@@ -23,6 +23,21 @@ from launcher.recipe.schema import Recipe
 UNTRACKABLE = re.compile(r"[^A-Za-z0-9_.\- ]")  # MLflow's metric names allow no others (and '/', kept as the separator)
 
 
+class EvalInterrupted(Exception):
+    """Every rank agreed, between two eval batches, to stop (a preemption signal): the eval is abandoned so the
+    grace period goes to the checkpoint (launcher/training/stop.py)."""
+
+
+def never() -> bool:
+    return False
+
+
+def check_stop(stop: Callable[[], bool]) -> None:
+    """Called before every eval batch on every rank (`stop` is a collective when several processes run)."""
+    if stop():
+        raise EvalInterrupted
+
+
 @dataclass
 class Evaluation:
     metrics: dict                                         # eval_loss, eval_ppl, eval_chrf, ... (metrics.jsonl keys)
@@ -36,7 +51,8 @@ def to_device(batch: dict, device) -> dict:
 
 
 def loss_pass(accelerator, model, dataset, batch_size: int, pad_id: int, task: str,
-              progress: Callable[[int], None] = lambda rows: None) -> tuple[float, list[tuple[int, int]], dict[str, float]]:
+              progress: Callable[[int], None] = lambda rows: None,
+              stop: Callable[[], bool] = never) -> tuple[float, list[tuple[int, int]], dict[str, float]]:
     """Mean eval loss over all ranks; each source's, when the rows came from several; and for a
     classifier the (row, predicted id) of every row. Sources are summed apart, one after another."""
     import torch
@@ -44,7 +60,7 @@ def loss_pass(accelerator, model, dataset, batch_size: int, pad_id: int, task: s
     sums, predicted = {}, []
     with torch.no_grad():
         for name, group in rows_by_source(dataset):
-            total, count, found = _summed(accelerator, model, dataset, group, batch_size, pad_id, task, progress)
+            total, count, found = _summed(accelerator, model, dataset, group, batch_size, pad_id, task, progress, stop)
             sums[name] = (accelerator.reduce(total, "sum"), accelerator.reduce(count, "sum"))
             predicted += found
     total, count = sum(t for t, _ in sums.values()), sum(c for _, c in sums.values())
@@ -55,7 +71,7 @@ def loss_pass(accelerator, model, dataset, batch_size: int, pad_id: int, task: s
     return loss, sorted(predicted), by_source
 
 
-def _summed(accelerator, model, dataset, group: list[int], batch_size: int, pad_id: int, task: str, progress):
+def _summed(accelerator, model, dataset, group: list[int], batch_size: int, pad_id: int, task: str, progress, stop):
     """This rank's loss sum and count over rows `group` of `dataset`, and its classifier predictions."""
     import torch
     device = accelerator.device
@@ -63,6 +79,7 @@ def _summed(accelerator, model, dataset, group: list[int], batch_size: int, pad_
     count = torch.zeros((), device=device, dtype=torch.float64)
     predicted: list[tuple[int, int]] = []
     for rows, real in eval_batches(len(group), batch_size, accelerator.num_processes, accelerator.process_index):
+        check_stop(stop)
         rows = [group[row] for row in rows]
         batch = to_device(collate(dataset.select(rows), pad_id, task), device)
         if task == "classification":
@@ -81,7 +98,7 @@ def _summed(accelerator, model, dataset, group: list[int], batch_size: int, pad_
 
 
 def pair_pass(accelerator, model, dataset, batch_size: int, pad_id: int, recipe: Recipe,
-              progress: Callable[[int], None] = lambda rows: None) -> dict:
+              progress: Callable[[int], None] = lambda rows: None, stop: Callable[[], bool] = never) -> dict:
     """Objective dpo: the mean DPO loss of the eval pairs, and their rewards and accuracies (percentages,
     as every task metric): preference_accuracy is the share of pairs whose chosen reply the model
     finds likelier, reward_accuracy the share whose chosen reply earns the higher reward."""
@@ -91,6 +108,7 @@ def pair_pass(accelerator, model, dataset, batch_size: int, pad_id: int, recipe:
     pairs, tally = torch.zeros_like(total), PairTally()
     with torch.no_grad():
         for rows, real in eval_batches(len(dataset), batch_size, accelerator.num_processes, accelerator.process_index):
+            check_stop(stop)
             loss, count, sums = dpo_loss_sum(model, to_device(collate_pairs(dataset.select(rows), pad_id), device), recipe.dpo)
             if real:
                 total, pairs = total + loss.double(), pairs + count.double()
@@ -113,7 +131,8 @@ def prompt_and_target(row: dict, task: str) -> tuple[list[int], list[int]]:
 
 
 def generate(accelerator, generator, tokenizer, dataset, count: int, recipe: Recipe, batch_size: int,
-             progress: Callable[[int], None] = lambda rows: None, synced_gpus: bool = False) -> list[dict]:
+             progress: Callable[[int], None] = lambda rows: None, synced_gpus: bool = False,
+             stop: Callable[[], bool] = never) -> list[dict]:
     """Decoded outputs for the first `count` eval rows, batched; causal prompts are left-padded.
     `generator` is the bare model (outside any DDP or DeepSpeed wrapper): `.generate` lives there.
     `synced_gpus`: every rank forwards until all have finished (sharded weights are gathered in each forward)."""
@@ -122,6 +141,7 @@ def generate(accelerator, generator, tokenizer, dataset, count: int, recipe: Rec
     pad = tokenizer.pad_token_id
     out = []
     for start in range(0, min(count, len(dataset)), batch_size):
+        check_stop(stop)
         rows = dataset.select(range(start, min(start + batch_size, count, len(dataset))))
         pairs = [prompt_and_target(row, task) for row in rows]
         width = max(len(prompt) for prompt, _ in pairs)
@@ -213,17 +233,18 @@ def main_process_metrics(accelerator, metrics: dict) -> dict:
 
 def evaluate(accelerator, model, tokenizer, dataset, recipe: Recipe, labels: list[str] | None = None,
              unwrap: Callable = lambda model: model, progress: Callable[[int], None] = lambda rows: None,
-             synced_gpus: bool = False) -> Evaluation:
+             synced_gpus: bool = False, stop: Callable[[], bool] = never) -> Evaluation:
     """Loss and task metrics on the eval set, the main process's on every rank; the model is left in the mode it
-    came in. `unwrap` gives the bare model of a prepared one (for generation); `progress` is told of rows done."""
+    came in. `unwrap` gives the bare model of a prepared one (for generation); `progress` is told of rows done;
+    `stop`, asked before every batch on every rank, ends the eval with EvalInterrupted when it says so."""
     task, fmt = recipe.model.task, recipe.data.eval_format()
     size = recipe.train.eval_batch()
     was_training = model.training
     model.eval()
     if recipe.objective == "dpo":
-        result = Evaluation(pair_pass(accelerator, model, dataset, size, tokenizer.pad_token_id, recipe, progress))
+        result = Evaluation(pair_pass(accelerator, model, dataset, size, tokenizer.pad_token_id, recipe, progress, stop))
     else:
-        loss, predicted, by_source = loss_pass(accelerator, model, dataset, size, tokenizer.pad_token_id, task, progress)
+        loss, predicted, by_source = loss_pass(accelerator, model, dataset, size, tokenizer.pad_token_id, task, progress, stop)
         result = Evaluation({"eval_loss": loss, **{per_source("eval_loss", name): value for name, value in by_source.items()}})
     if task == "classification":
         gold = [labels[row["labels"][0]] for row in dataset]
@@ -238,7 +259,7 @@ def evaluate(accelerator, model, tokenizer, dataset, recipe: Recipe, labels: lis
         rows, scored = generated_rows(recipe)
         if rows:
             generated = generate(accelerator, unwrap(model), tokenizer, dataset, rows, recipe,
-                                 recipe.eval.generate_batch_size or size, progress, synced_gpus)
+                                 recipe.eval.generate_batch_size or size, progress, synced_gpus, stop)
             if scored:
                 result.metrics.update(score(fmt, generated))
                 result.metrics.update(scores_by_source(fmt, generated, dataset))

@@ -271,7 +271,7 @@ def plan(recipe: Recipe, world: int | None = None, gpu_gib: float | None = None,
     label = (f"{recipe.model.path} ({inv.params / 1e9:.2f}B parameters, {inv.trainable / 1e6:.1f}M trainable), "
              f"{recipe.method}{', DPO' * (recipe.objective == 'dpo')}, {layout.label}{mesh_label}, "
              f"{world} process{'es' * (world > 1)}")
-    host = host_plan(recipe, inv, layout, shards, max(world // max(nodes, 1), 1), node_gib or recipe.memory.node_gib,
+    host = host_plan(recipe, inv, layout, world, shards, max(world // max(nodes, 1), 1), node_gib or recipe.memory.node_gib,
                      every_rank_loads)
     return Plan(label, world, gpu_gib or recipe.memory.gpu_gib or DEFAULT_GPU_GIB, moments, host=host)
 

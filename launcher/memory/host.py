@@ -22,6 +22,7 @@ from dataclasses import dataclass
 
 from launcher.memory import counts as memory
 from launcher.memory import zero as zero3
+from launcher.distributed.rules import rules_for
 from launcher.memory.inventory import Inventory
 from launcher.recipe.schema import Recipe
 
@@ -62,16 +63,16 @@ class HostPlan:
         return None if self.node_gib is None else self.peak_gib <= self.node_gib
 
 
-def host_plan(recipe: Recipe, inv: Inventory, layout: memory.StatePlacement, shards: int, ranks_per_node: int,
-              node_gib: float | None, every_rank_loads: bool | None = None) -> HostPlan:
-    """Node 0's host memory, state sharded over `shards` processes. `every_rank_loads` False plans loading on rank 0
-    only (the others build the model on the meta device and receive their shards); None, the launcher's loading
-    today: each rank's from_pretrained builds the whole model on the CPU, except under ZeRO-3 and for quantised
-    weights (partial loading)."""
+def host_plan(recipe: Recipe, inv: Inventory, layout: memory.StatePlacement, world: int, shards: int,
+              ranks_per_node: int, node_gib: float | None, every_rank_loads: bool | None = None) -> HostPlan:
+    """Node 0's host memory, state sharded over `shards` of the `world` processes. `every_rank_loads` False plans
+    loading on rank 0 only (the others build the model on the meta device and receive their shards), True on every
+    rank; None, the launcher's own loading (the strategy's reads_weights: rank 0 alone under FSDP2 over several
+    processes). ZeRO-3 and quantised weights load partially whichever is asked."""
     model_bytes = inv.layers * inv.block_weight_bytes + inv.rest_weight_bytes
     partial = recipe.method == "qlora" or zero3.settings(recipe, inv.hidden) is not None
     if every_rank_loads is None:
-        every_rank_loads = not partial
+        every_rank_loads = not partial and rules_for(recipe).reads_weights(world, 1)
     if partial:
         loaded = ranks_per_node * min(model_bytes, CHECKPOINT_FILE_BYTES)
     elif every_rank_loads:

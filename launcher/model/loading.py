@@ -251,11 +251,23 @@ def absent_linears(model, keys: set[str] | None) -> list[str]:
     return absent if len(absent) <= len(linears) // 2 else []
 
 
-def load_base(path: str, recipe: Recipe, on_gpu: bool, labels: list[str] | None = None):
-    """The pretrained model with the task's head; a classifier gets a new head sized and named from `labels`."""
+def base_kwargs(recipe: Recipe, on_gpu: bool) -> dict:
     kwargs = {"dtype": weight_dtype(recipe, on_gpu), "trust_remote_code": recipe.model.trust_remote_code}
     if recipe.model.attn_implementation:
         kwargs["attn_implementation"] = recipe.model.attn_implementation
+    return kwargs
+
+
+def label_kwargs(recipe: Recipe, labels: list[str] | None) -> dict:
+    """A classifier's head sized and named from `labels`; nothing for the other tasks."""
+    if recipe.model.task != "classification":
+        return {}
+    return {"num_labels": len(labels), "id2label": dict(enumerate(labels)), "label2id": {name: i for i, name in enumerate(labels)}}
+
+
+def load_base(path: str, recipe: Recipe, on_gpu: bool, labels: list[str] | None = None):
+    """The pretrained model with the task's head; a classifier gets a new head sized and named from `labels`."""
+    kwargs = base_kwargs(recipe, on_gpu)
     unquantised = []
     if recipe.method == "qlora":  # heads, and what the checkpoint does not hold (newly initialised: no 4-bit weights)
         model_tree = skeleton(path, recipe, labels)
@@ -265,16 +277,33 @@ def load_base(path: str, recipe: Recipe, on_gpu: bool, labels: list[str] | None 
         from accelerate import PartialState
         # Quantised weights are placed at load; accelerate will not move them to this process's device later.
         kwargs.update(quantization_config=quantization, device_map={"": PartialState().device})
-    if recipe.model.task == "classification":
-        kwargs.update(num_labels=len(labels), id2label=dict(enumerate(labels)),
-                      label2id={name: i for i, name in enumerate(labels)})
-    model = auto_class(recipe.model.task).from_pretrained(path, **kwargs)
+    model = auto_class(recipe.model.task).from_pretrained(path, **kwargs, **label_kwargs(recipe, labels))
     if quantization is not None:
         keep_4bit_training_layout(model)
+    return with_pad_id(model)
+
+
+def empty_base(path: str, recipe: Recipe, on_gpu: bool, labels: list[str] | None = None):
+    """The model `load_base` would give, with its parameters on the meta device (no memory) and its buffers real:
+    non-persistent ones (rotary inv_freq) are computed here and are in no checkpoint, so no rank could send them."""
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig, GenerationConfig
+    config = AutoConfig.from_pretrained(path, trust_remote_code=recipe.model.trust_remote_code, **label_kwargs(recipe, labels))
+    with init_empty_weights(include_buffers=False):
+        model = unpartitioned_from_config(recipe.model.task, config, **base_kwargs(recipe, on_gpu))
+    model.tie_weights()  # built on meta, a tied head is a parameter of its own (transformers 5.25): one again, as loaded
+    if model.can_generate():  # what from_pretrained reads beside the weights: generation defaults
+        try:
+            model.generation_config = GenerationConfig.from_pretrained(path)
+        except OSError:
+            pass  # none saved: the config's defaults, as from_pretrained keeps them
+    return with_pad_id(model)
+
+
+def with_pad_id(model):
     if model.config.pad_token_id is None:  # decoder classifiers find each row's last token by the pad id
         model.config.pad_token_id = model.config.eos_token_id
     return model
-
 
 
 def keep_4bit_training_layout(model) -> None:
@@ -299,10 +328,12 @@ def load_trained(path: str, recipe: Recipe, on_gpu: bool, labels: list[str] | No
     return PeftModel.from_pretrained(base, folder)
 
 
-def load_model(path: str, recipe: Recipe, on_gpu: bool, labels: list[str] | None = None):
-    """The model the loop trains: loaded, frozen or adapted, and checkpointed as the recipe says."""
+def load_model(path: str, recipe: Recipe, on_gpu: bool, labels: list[str] | None = None, weights: bool = True):
+    """The model the loop trains: loaded, frozen or adapted, and checkpointed as the recipe says. `weights` False
+    (StrategyRules.reads_weights): the same model on the meta device, adapter included, for a rank that receives
+    its shards after sharding."""
     where = adapter_placement(path, recipe, labels)  # refuses a bad placement before any weight loads
-    model = load_base(path, recipe, on_gpu, labels)
+    model = (load_base if weights else empty_base)(path, recipe, on_gpu, labels)
     if recipe.method == "full":
         freeze(model, recipe)
     if recipe.method == "qlora" and recipe.quant.fp32_non_quantised:

@@ -2,11 +2,13 @@
 
 A batch holds n pairs as 2n sequences, chosen first (data/batching.collate_pairs). The reference is
 the same model with its adapter disabled (peft's `disable_adapter`), so it costs one extra forward
-and no second copy of the weights. sigmoid is the loss of Rafailov et al. 2023 (DPO); ipo the
+and no second copy of the weights; under full fine-tuning there is no adapter to disable, and the
+reference's values are computed once before training (data/reference_logps.py) and read from each batch. sigmoid is the loss of Rafailov et al. 2023 (DPO); ipo the
 squared loss of Azar et al. 2023, which keeps the margin near 1 / (2 beta) instead of pushing it up.
 """
 from __future__ import annotations
 
+from launcher.data.preference import REFERENCE
 from launcher.recipe.formats import IGNORE
 from launcher.recipe.schema import DpoSection
 
@@ -30,7 +32,7 @@ def adapter_disabled(model):
     while hasattr(model, "module"):
         model = model.module
     if not hasattr(model, "disable_adapter"):
-        raise TypeError("objective dpo needs an adapter model: its reference is the base with the adapter disabled")
+        raise TypeError("objective dpo without an adapter reads its reference from the batch (REFERENCE), and this batch has none")
     return model, model.disable_adapter()
 
 
@@ -67,9 +69,13 @@ def pair_sums(policy, reference, settings: DpoSection) -> tuple:
 
 
 def dpo_loss_sum(model, batch: dict, settings: DpoSection) -> tuple:
-    """One micro-batch of pairs: the reference forward (no gradients), then the policy's."""
-    reference = reference_logps(model, batch)
-    return pair_sums(reply_logps(model, batch), reference, settings)
+    """One micro-batch of pairs: the reference's log-probabilities (precomputed and in the batch under full
+    fine-tuning; else a forward with the adapter disabled, without gradients), then the policy's forward."""
+    reference = batch.get(REFERENCE)
+    if reference is None:
+        reference = reference_logps(model, batch)
+    policy = reply_logps(model, batch)
+    return pair_sums(policy, reference.to(policy.dtype), settings)
 
 
 def pair_count(labels):

@@ -1,4 +1,4 @@
-"""Which objective a recipe trains, and what objective dpo refuses.
+"""Which objective a recipe trains, what objective dpo refuses, and where its reference comes from.
 
 The objective follows from the data formats (formats.py says which each trains) unless the recipe
 names it; every train and eval source must suit it. Called by the recipe's own validation
@@ -28,9 +28,13 @@ def objective_rules(recipe: "Recipe") -> None:
     refused = [(data.packing, "data.packing", "each pair's chosen and rejected replies are scored as whole sequences; "
                 "remove data.packing"),
                (recipe.train.loss_chunk_tokens, "train.loss_chunk_tokens", "DPO scores whole sequences; set it to 0"),
-               (data.train_on_prompt, "data.train_on_prompt", "only reply tokens are compared; remove it"),
-               (recipe.method == "full", "method full", "the reference model is the base with the adapter disabled; "
-                "use method lora or qlora")]
+               (data.train_on_prompt, "data.train_on_prompt", "only reply tokens are compared; remove it")]
     for on, key, why in refused:
         if on:
             raise ValueError(f"{key} with objective dpo: {why}")
+
+
+def reference_precomputed(recipe: "Recipe") -> bool:
+    """DPO's reference without an adapter to disable (method full): each pair's reference log-probabilities are
+    computed once, before training, by the initial model (data/reference_logps.py), instead of in every step."""
+    return recipe.objective == "dpo" and recipe.method == "full"

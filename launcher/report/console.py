@@ -58,6 +58,7 @@ class Phase:
         self.task = None
         if console.live:
             self.task = console.display().add_task(name, total=total, status=self.status())
+            console.progress.refresh()  # shown now, also while training (no redraw thread then)
 
     def status(self) -> str:
         count = f"{self.done}/{self.total} {self.unit}  " if self.total else ""
@@ -74,6 +75,8 @@ class Phase:
             self.console.progress.remove_task(self.task)
             if not self.console.progress.tasks:  # nothing else on screen: no live display between phases
                 self.console.close()
+            else:
+                self.console.progress.refresh()
         if self.console.active and finished:
             count = f" ({self.done}/{self.total} {self.unit})" if self.total else ""
             self.console.print(f"{self.name}: done{count} in {clock(time.perf_counter() - self.started)}")
@@ -89,13 +92,19 @@ class Console:
         self.progress: Progress | None = None
         self.train_task = None
         self.started = time.perf_counter()
+        self.redraw_on_change = False  # from training on: redrawn by each update, with no refresh thread (issue #29)
 
     def display(self) -> Progress:
         """The live display, started on demand (only while a phase or the training bar is showing), so an
-        error between phases leaves a normal terminal behind."""
+        error between phases leaves a normal terminal behind.
+
+        Before training, rich's refresh thread animates the spinners of phases that count nothing (loading the
+        model). From training on there is none: it would redraw ten times a second, taking CPU time and the GIL
+        from the step; the bar changes once a step and is redrawn then."""
         if self.progress is None:
             self.progress = Progress(SpinnerColumn(), TextColumn("{task.description}"), BarColumn(bar_width=30),
-                                     TextColumn("{task.fields[status]}"), console=self.rich, transient=False)
+                                     TextColumn("{task.fields[status]}"), console=self.rich, transient=False,
+                                     auto_refresh=not self.redraw_on_change)
             self.progress.start()
         return self.progress
 
@@ -128,7 +137,10 @@ class Console:
     def start_training(self, total: int, start: int) -> None:
         self.bar_total, self.bar_start, self.bar_began = total, start, time.perf_counter()
         if self.live:
+            self.close()  # a display still up was started with a refresh thread
+            self.redraw_on_change = True
             self.train_task = self.display().add_task("train", total=total, completed=start, status=f"step {start}/{total}")
+            self.progress.refresh()
 
     def step(self, step: int, fields: dict[str, str], log_line: bool) -> None:
         """The bar after optimiser step `step`: counts from the resume step, so its ETA is this run's."""
@@ -138,7 +150,7 @@ class Console:
         status = "  ".join([f"step {step}/{self.bar_total}", *(f"{k} {v}" for k, v in fields.items()),
                             f"elapsed {clock(elapsed)}", f"eta {clock(left)}"])
         if self.train_task is not None:
-            self.display().update(self.train_task, completed=step, status=status)
+            self.display().update(self.train_task, completed=step, status=status, refresh=True)
         elif log_line:
             self.print(status)
 

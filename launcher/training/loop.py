@@ -21,17 +21,19 @@ from launcher.checkpoint.diskspace import run_bytes
 from launcher.data.batching import StepPlan
 from launcher.data.cache import datasets_for_run
 from launcher.data.encode import Datasets
+from launcher.data.reference_logps import attach_reference
 from launcher.data.mixing import mixture_line
 from launcher.distributed import launch, sequence, slurm
 from launcher.distributed.strategies import Strategy, strategy_for
 from launcher.errors import UserError
-from launcher.evaluation.evaluate import Best, Evaluation, eval_rows, evaluate, synced_generation, to_device
-from launcher.memory.advice import EVALUATION, TRAINING, MemoryCheck, check_before_loading, measured_pass, predicted_and_measured
+from launcher.evaluation.evaluate import Best, EvalInterrupted, Evaluation, eval_rows, evaluate, never, synced_generation, to_device
+from launcher.memory.advice import EVALUATION, TRAINING, MemoryCheck, check_before_loading, measured_pass, peak_rss_kib, predicted_and_measured
 from launcher.memory.counts import ParamCount, count_parameters, parameter_bytes
 from launcher.model import loading as modeling
 from launcher.model.loss import objective_count, objective_loss_sum
 from launcher.model.preference import PairTally
 from launcher.recipe.files import resolved_yaml
+from launcher.recipe.objective import reference_precomputed
 from launcher.recipe.schema import Recipe
 from launcher.report import trackers
 from launcher.report.console import Console, end_line, header_rows, quiet_libraries
@@ -105,7 +107,9 @@ def run(recipe: Recipe, overwrite: bool = False, allow_data_change: bool = False
     try:
         stopped = fit(session, stop)
         if not stopped:
-            finish(session)
+            finish(session, stop)
+    except EvalInterrupted:  # a stop agreed between eval batches: the eval is dropped, the steps it followed are saved
+        stopped = _checkpoint_and_leave(session, stop, "during the evaluation after")
     finally:
         session.console.close()
     status = close(session)
@@ -133,7 +137,6 @@ def setup(recipe: Recipe, overwrite: bool = False, allow_data_change: bool = Fal
     if accelerator.is_main_process:
         for line in ([change] if change else []) + dir_plan.damage_lines():
             print(line)
-    if accelerator.is_main_process:
         rundir.take_live_lock(run_dir)  # before anything is written: a second live run is refused here
         dir_plan.clear_earlier(run_dir, overwrite)
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -153,6 +156,9 @@ def setup(recipe: Recipe, overwrite: bool = False, allow_data_change: bool = Fal
     set_seed(recipe.train.seed)
     with console.phase("loading model"):
         _build_model(session)
+    if reference_precomputed(recipe):  # by the model as loaded: before a checkpoint's weights replace it
+        write_rank_log(run_dir, accelerator, attach_reference(accelerator, session.model, session.data, recipe,
+                                                              session.tokenizer, session.weights, console))
     session.best = Best(recipe)
     if resume_from is not None:
         loaded = ckpt.load_checkpoint(session.layout, resume_from)
@@ -183,9 +189,12 @@ def _load_data(recipe: Recipe, strategy: Strategy, accelerator, run_dir: Path, c
 def _build_model(session: Run) -> None:
     """Model (sharded by the strategy before the optimiser sees it), optimiser and schedule, prepared."""
     recipe, accelerator, strategy = session.recipe, session.accelerator, session.strategy
-    model = modeling.load_model(session.weights, recipe, on_gpu=accelerator.device.type == "cuda", labels=session.data.labels)
+    rss_before = peak_rss_kib()  # the load's own growth of peak host memory goes into the rank log
+    loads = strategy.rules.reads_weights(accelerator.num_processes, accelerator.process_index)
+    model = modeling.load_model(session.weights, recipe, accelerator.device.type == "cuda", session.data.labels, loads)
     session.params = count_parameters(model, recipe.train.optimizer)
     model = strategy.shard(model, accelerator)
+    peak_rss_after_load = peak_rss_kib()
     if recipe.train.compile:  # in place: parameter names and saved keys stay as they are
         model.compile()
     optimizer = optim.build_optimizer(model, recipe.train, recipe.lora.plus_lr_ratio)
@@ -193,7 +202,8 @@ def _build_model(session: Run) -> None:
     session.model, session.optimizer, session.scheduler = strategy.prepare(accelerator, model, optimizer, scheduler)
     write_rank_log(session.run_dir, accelerator, {"strategy": strategy.name, "world_size": accelerator.num_processes,
                                                   "sequence_parallel": getattr(session.model, "sequence_parallel_size", 1),
-                                                  **parameter_bytes(session.model)})
+                                                  "read_weights": loads, **parameter_bytes(session.model),
+                                                  "load_rss_growth_bytes": (peak_rss_after_load - rss_before) * 1024})
     session.layout = strategy.checkpoint_layout(accelerator, session.model, session.optimizer, session.scheduler)
     accelerator.register_save_state_pre_hook(verify.checksum_hook(accelerator))  # layouts through save_state: what is written
 
@@ -236,7 +246,7 @@ def train_step(session: Run, micro_batches: list[dict]) -> StepStats:
     loss_sum = torch.zeros((), device=accelerator.device, dtype=torch.float64)
     grad_norm, skipped, overflow, scaled = None, False, False, guard.loss_scaled(accelerator)
     for batch in micro_batches:
-        with accelerator.accumulate(model):
+        with accelerator.accumulate(model), measured_pass(session.memory, TRAINING):  # each micro-batch's peak memory
             session.strategy.sync_gradients(model, accelerator.sync_gradients)
             total, _, pair_sums = objective_loss_sum(model, batch, recipe)  # its count is in step_targets already
             pairs.add(pair_sums)
@@ -265,37 +275,32 @@ def fit(session: Run, stop: StopRequest) -> bool:
     """Train to the last step; True when a stop signal ended it early (a checkpoint was written).
 
     After each step, in this order: the stop check (save and leave, before any due eval, so a
-    preempted job spends its grace period on the checkpoint), then a due eval, then a due save.
+    preempted job spends its grace period on the checkpoint), then a due eval (which a stop ends
+    between its batches: EvalInterrupted), then a due save.
     """
     cfg, start = session.recipe.train, session.step
     session.console.start_training(session.total_steps, start)
     session.model.train()
     while session.step < session.total_steps:
-        with measured_pass(session.memory, TRAINING):
-            stats = train_step(session, session.micro_batches(session.step))
+        stats = train_step(session, session.micro_batches(session.step))
         session.step += 1
         step, last = session.step, session.step == session.total_steps
         if step == start + 1:
             session.strategy.check_synchronised(session.accelerator, session.model)  # refuses independent processes
         _record(session, stats)
-        guard.check_step(step, stats.loss, None if stats.overflow else stats.grad_norm, stats.skipped,
-                         partial(ckpt.last_checkpoint, session.run_dir))
+        guard.check_step(step, stats.loss, None if stats.overflow else stats.grad_norm, stats.skipped, partial(ckpt.last_checkpoint, session.run_dir))
         if not last and stop.agreed(session.accelerator):  # at the last step, finishing is the quickest way out
-            log_memory(session)  # a stopped run's peaks so far, for `launcher plan RUN_DIR`
-            save(session)
-            _preempted(session.reporter, stop, step, session.total_steps)
-            return True
+            return _checkpoint_and_leave(session, stop, "after")
         if cfg.eval_every and step % cfg.eval_every == 0 and not last:
-            run_eval(session, step)
+            run_eval(session, step, stop)
         if cfg.save_every and step % cfg.save_every == 0 and not last:
             save(session)
     return False
 
 
 def _record(session: Run, stats: StepStats) -> None:
-    session.totals["tokens"] += stats.tokens
-    session.totals["slots"] += stats.slots
-    session.totals["seconds"] += stats.seconds
+    for key in ("tokens", "slots", "seconds"):  # the run's totals, for its end line and padding efficiency
+        session.totals[key] += getattr(stats, key)
     step = session.step
     if step % session.recipe.train.log_every == 0 or step == session.total_steps:
         session.reporter.log({"kind": "train", "step": step, "loss": stats.loss, "lr": stats.lr, "tokens": stats.tokens,
@@ -304,16 +309,17 @@ def _record(session: Run, stats: StepStats) -> None:
     session.reporter.step(step, stats.loss, stats.lr, stats.tokens / max(stats.seconds, 1e-9), stats.grad_norm, stats.pairs)
 
 
-def run_eval(session: Run, step: int) -> Evaluation | None:
-    """Task metrics into metrics.jsonl; a new best (after step 0) is exported to output_dir/best."""
+def run_eval(session: Run, step: int, stop: StopRequest | None = None) -> Evaluation | None:
+    """Task metrics into metrics.jsonl; a new best (after step 0) is exported to output_dir/best. A `stop` agreed
+    between batches raises EvalInterrupted (step 0's eval runs to its end: before training there is nothing to save)."""
     if session.data.eval is None:
         return None
     dataset, unwrap = session.data.eval.dataset, partial(session.strategy.unwrap, session.accelerator)
-    with session.console.phase(f"evaluation (step {step})", eval_rows(dataset, session.recipe)) as phase:
+    with session.console.phase(f"evaluation (step {step})", eval_rows(dataset, session.recipe)) as phase, \
+            measured_pass(session.memory, EVALUATION):
         synced = synced_generation(session.accelerator.num_processes, session.strategy.rules.shards_parameters)
-        with measured_pass(session.memory, EVALUATION):
-            result = evaluate(session.accelerator, session.model, session.tokenizer, dataset, session.recipe,
-                              session.data.labels, unwrap, phase.advance, synced)
+        result = evaluate(session.accelerator, session.model, session.tokenizer, dataset, session.recipe,
+                          session.data.labels, unwrap, phase.advance, synced, partial(stop.agreed, session.accelerator) if stop else never)
     extra = {"confusion": result.confusion} if result.confusion else {}
     if step == 0 and result.predictions:  # the "before" samples, read back by a resumed run's report
         extra["samples"] = result.predictions
@@ -336,10 +342,10 @@ def save(session: Run) -> None:
 
 # ---------------------------------------------------------------- the end
 
-def finish(session: Run) -> Path:
+def finish(session: Run, stop: StopRequest | None = None) -> Path:
     """Final eval, last checkpoint, export to output_dir/final, and the report."""
     recipe, accelerator, run_dir = session.recipe, session.accelerator, session.run_dir
-    last_eval = run_eval(session, session.total_steps)
+    last_eval = run_eval(session, session.total_steps, stop)
     save(session)
     with session.console.phase("export"):
         final = ckpt.export_final(accelerator, session.strategy, session.model, session.tokenizer, run_dir,
@@ -351,7 +357,8 @@ def finish(session: Run) -> Path:
     summary = {"model": session.weights, "method": recipe.method, "task": recipe.model.task,
                "parameters": session.params.line(), "steps": session.total_steps,
                "processes": accelerator.num_processes, "final": str(final)}
-    peak = log_memory(session)
+    peak = predicted_and_measured(session.memory, recipe)  # planned and measured peaks, training and evaluation apart
+    session.reporter.log({"kind": "memory", "step": session.total_steps, **peak})
     summary["peak memory"] = (f"predicted {peak['predicted_peak_gib']} GiB per process, measured "
                               f"{peak['measured_peak_gib']} GiB ({peak['measured_by']})")
     if session.totals["slots"]:  # real tokens / batch slots (slots estimated from this process's batch shapes)
@@ -370,19 +377,16 @@ def finish(session: Run) -> Path:
     return final
 
 
-def log_memory(session: Run) -> dict:
-    """The planned peaks beside the measured ones (training and evaluation apart) into metrics.jsonl."""
-    peak = predicted_and_measured(session.memory, session.recipe)
-    session.reporter.log({"kind": "memory", "step": session.step, **peak})
-    return peak
-
-
-def _preempted(reporter, stop: StopRequest, step: int, total: int) -> None:
-    name = signal.Signals(stop.signal).name if stop.signal else "a signal on another rank"
-    reporter.print(f"stopped by {name} after step {step}/{total}; checkpoint written")
+def _checkpoint_and_leave(session: Run, stop: StopRequest, when: str) -> bool:
+    """The stop every rank agreed on: save (a save under way when the signal came has finished by now), then leave."""
+    session.reporter.log({"kind": "memory", "step": session.step, **predicted_and_measured(session.memory, session.recipe)})
+    save(session)
+    reporter, name = session.reporter, signal.Signals(stop.signal).name if stop.signal else "a signal on another rank"
+    reporter.print(f"stopped by {name} {when} step {session.step}/{session.total_steps}; checkpoint written")
     requeued = slurm.requeue_self() if reporter.active else False  # Slurm ends this run soon after
     reporter.print("requeued this Slurm job: it resumes from the checkpoint when Slurm restarts it"
                    if requeued else "run the same command again to resume")
+    return True
 
 
 def close(session: Run) -> int:

@@ -1,8 +1,12 @@
 """Stopping a run on a signal: a checkpoint first, then exit, on every rank together.
 
 SIGUSR1 and SIGTERM (Slurm's warning and its preemption) and SIGINT (Ctrl-C) set a flag; every
-rank agrees on it at the next step boundary, where the run saves a checkpoint and leaves. A
-second Ctrl-C stops at once (exit 130), for a user who will not wait for the checkpoint.
+rank agrees on it at the next step boundary, or before the next batch of an eval under way (the
+eval is dropped: launcher/evaluation/evaluate.py EvalInterrupted), and the run saves a checkpoint
+of the last finished step and leaves. A save under way when the signal comes runs to its end:
+that is what the grace period is for, and a half-written checkpoint is no use (saves are atomic,
+so a kill during one leaves the previous checkpoint). A second Ctrl-C stops at once (exit 130),
+for a user who will not wait for the checkpoint.
 """
 from __future__ import annotations
 
