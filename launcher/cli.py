@@ -36,7 +36,8 @@ VERBS: dict[str, tuple[str, str, bool]] = {
     "recipes": ("recipes", "list the shipped recipes, or copy one: recipes copy NAME DEST", False),
     "reference": ("reference", "print the recipe reference (every key, allowed values, default and meaning)", False),
     "slurm": ("slurm", "Slurm batch jobs: print the sbatch script, or submit it (docs/slurm.md)", False),
-    "plan": ("plan", "predict per-GPU peak memory (no weights, no GPU) and the cheapest changes that make it fit", True),
+    "plan": ("plan", "predict per-GPU peak memory (no weights, no GPU) and the cheapest changes that make it fit; "
+                     "given a run directory, beside the peaks the run measured", True),
 }
 
 

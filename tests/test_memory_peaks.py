@@ -106,23 +106,46 @@ def test_zero3_terms_follow_the_deepspeed_settings_they_come_from(tmp_path):
 
 
 def test_host_memory_of_the_70b_fsdp2_recipe_on_a_256_gib_node_before_and_after_rank_0_loading(capsys):
-    """Today every rank's from_pretrained builds the whole 70B model (bf16, ~132 GiB) on the CPU: eight of them on a
-    256 GiB node do not fit. Loaded on rank 0 only, the node holds one copy while loading and one again when the
-    final export gathers the FSDP2 shards on rank 0: it fits."""
+    """Every rank's from_pretrained building the whole 70B model (bf16, ~132 GiB) on the CPU, eight of them on a
+    256 GiB node do not fit. FSDP2 now loads on rank 0 alone (the others build on the meta device and receive their
+    shards), so the node holds one copy while loading and one again when the final export gathers the shards on
+    rank 0: it fits, and that is what `plan` says by default."""
     recipe = REPO / "recipes" / "llama-70b-lora.yaml"
-    assert main(["plan", str(recipe), "--gpus", "8", "--gpu-memory", "80", "--node-memory", "256", "--json"]) == 0
-    today = json.loads(capsys.readouterr().out)
-    assert today["host_fits"] is False and today["host_peak_moment"] == "loading" and today["every_rank_loads"]
-    model_gib = today["host_moments"]["loading"]["weights loaded"] / 8
+    before = planner.plan(load_recipe(recipe), 8, 80, node_gib=256, every_rank_loads=True).as_dict()
+    assert before["host_fits"] is False and before["host_peak_moment"] == "loading" and before["every_rank_loads"]
+    model_gib = before["host_moments"]["loading"]["weights loaded"] / 8
     assert 128 < model_gib < 134  # 70.6B bf16 weights and the fp32 adapters
-    assert today["host_gib_per_node"] > 8 * model_gib
-    assert today["host_moments"]["export"]["export gather"] == pytest.approx(model_gib, abs=0.01)
-    after = planner.plan(load_recipe(recipe), 8, 80, node_gib=256, every_rank_loads=False).as_dict()
-    assert after["host_fits"] is True
+    assert before["host_gib_per_node"] > 8 * model_gib
+    assert before["host_moments"]["export"]["export gather"] == pytest.approx(model_gib, abs=0.01)
+    assert main(["plan", str(recipe), "--gpus", "8", "--gpu-memory", "80", "--node-memory", "256", "--json"]) == 0
+    after = json.loads(capsys.readouterr().out)
+    assert after["host_fits"] is True and not after["every_rank_loads"] and after["loading"].startswith("rank 0 alone")
     assert after["host_moments"]["loading"]["weights loaded"] == pytest.approx(model_gib, abs=0.01)
     assert model_gib < after["host_gib_per_node"] < 256
     assert main(["plan", str(recipe), "--gpus", "8", "--node-memory", "256"]) == 0
-    assert "does NOT fit 256 GiB" in capsys.readouterr().out
+    assert "fits 256 GiB" in capsys.readouterr().out
+
+
+def test_two_node_70b_host_memory_with_every_rank_loading_and_with_rank_0_loading(capsys):
+    """The 2-node HSDP recipe on 256 GiB nodes: eight ranks each loading the bf16 70B model need eight copies; rank 0
+    alone loading it (the others build on the meta device and receive their shards on the GPU) needs one, and the
+    node fits. `plan` gives both figures, and its verdict follows the loading the launcher does."""
+    recipe = load_recipe(REPO / "recipes" / "llama-70b-2nodes-lora.yaml")
+    both = planner.host_by_loading(recipe, 16, nodes=2, node_gib=256)
+    every, rank0 = both["every rank loads the whole model"], both["rank 0 alone loads the whole model"]
+    model = every.moments["loading"]["weights loaded"] / 8
+    assert 128 * 2**30 < model < 134 * 2**30
+    assert rank0.moments["loading"]["weights loaded"] == pytest.approx(model, rel=1e-6)
+    assert every.fits is False and every.peak_moment == "loading" and every.peak_gib > 8 * model / 2**30
+    assert rank0.fits is True and model / 2**30 < rank0.peak_gib < 256
+    assert main(["plan", str(REPO / "recipes" / "llama-70b-2nodes-lora.yaml"), "--gpus", "8", "--nodes", "2",
+                 "--node-memory", "256", "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["host_gib_per_node_by_loading"] == {key: round(host.peak_gib, 3) for key, host in both.items()}
+    assert result["host_fits"] == both[result["loading"]].fits
+    assert main(["plan", str(REPO / "recipes" / "llama-70b-2nodes-lora.yaml"), "--gpus", "8", "--nodes", "2",
+                 "--node-memory", "256"]) == 0
+    assert "rank 0 alone loads the whole model 148.6 GiB (fits)" in capsys.readouterr().out
 
 
 def test_zero3_offload_keeps_the_optimiser_partitions_in_host_memory_and_partitions_while_loading(tmp_path):

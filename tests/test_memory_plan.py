@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 from memory_reference import config_folder, recipe_for, reference_lines
-from support import build_tiny_llama, launch, tiny_recipe, write_recipe
+from support import build_tiny_llama, launch, run_here, tiny_recipe, write_recipe
 
 from launcher.memory import estimate as planner
 
@@ -123,18 +123,36 @@ def test_train_refuses_a_recipe_the_plan_says_cannot_fit_before_any_weights_load
     assert not (tmp_path / "run").exists()  # refused before the run directory, let alone the weights
 
 
-def test_over_budget_warn_trains_and_reports_predicted_beside_measured_peak(tiny, tmp_path):
-    data = tiny_recipe(tiny, tmp_path / "run", train={"max_steps": 2}, memory={"gpu_gib": 1e-4, "over_budget": "warn"},
-                       data={"eval": None})
-    result = launch([write_recipe(data, tmp_path / "r.yaml")])
+def test_over_budget_warn_trains_and_reports_planned_beside_measured_peaks_and_plan_run_dir_replans_it(tiny, tmp_path, capsys):
+    """One CPU run: its memory record, report.md and `launcher plan RUN_DIR` give the planned training and eval peaks
+    beside the measured ones; on CPU the measured figure is the growth of peak resident memory, said so."""
+    data = tiny_recipe(tiny, tmp_path / "run", train={"max_steps": 2}, memory={"gpu_gib": 1e-4, "over_budget": "warn"})
+    result = run_here([write_recipe(data, tmp_path / "r.yaml")])
     assert result.returncode == 0, result.stderr
     assert "warning: memory plan: peak" in result.stderr
     [peak] = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
               if json.loads(line).get("kind") == "memory"]
-    # ru_maxrss is a high-water mark: with a tiny model the peak may come before the model loads (tokenising),
-    # so the growth measured after loading can be 0; bench/cpu_memory.py compares the two on a 1.6 GB model.
+    # ru_maxrss is a high-water mark (here the test process's, set by whatever ran in it before), so the growth
+    # measured after loading can be 0; bench/cpu_memory.py compares the two on a 1.6 GB model in fresh processes.
     assert peak["predicted_peak_gib"] > 0 and peak["measured_peak_gib"] >= 0 and "ru_maxrss" in peak["measured_by"]
-    assert "peak memory" in (tmp_path / "run" / "report.md").read_text()
+    assert peak["device"] == "cpu" and peak["world_size"] == 1
+    assert 0 < peak["predicted_training_peak_gib"] and 0 < peak["predicted_evaluation_peak_gib"]
+    assert max(peak["predicted_training_peak_gib"], peak["predicted_evaluation_peak_gib"]) == peak["predicted_peak_gib"]
+    assert 0 <= peak["measured_training_peak_gib"] <= peak["measured_peak_gib"]
+    assert 0 <= peak["measured_evaluation_peak_gib"] <= peak["measured_peak_gib"]
+    report = (tmp_path / "run" / "report.md").read_text()
+    assert "peak memory" in report and "planned vs measured" in report
+    assert "| training |" in report and "| evaluation |" in report and "ru_maxrss" in report
+    assert main(["plan", str(tmp_path / "run"), "--json"]) == 0
+    replanned = json.loads(capsys.readouterr().out)
+    passes = {row["pass"]: row for row in replanned["measured"]["passes"]}
+    assert replanned["measured"]["device"] == "cpu" and set(passes) == {"training", "evaluation", "peak"}
+    for name in ("training", "evaluation"):  # the same recipe planned again gives the figures the run recorded
+        assert passes[name]["planned_gib"] == pytest.approx(peak[f"predicted_{name}_peak_gib"], abs=0.002)
+        assert passes[name]["measured_gib"] == peak[f"measured_{name}_peak_gib"]
+    assert main(["plan", str(tmp_path / "run")]) == 0
+    text = capsys.readouterr().out
+    assert "on CPU: resident memory" in text and "training" in text and "evaluation" in text
 
 
 @pytest.mark.parametrize("upcast", [False, True])
@@ -156,3 +174,86 @@ def test_qlora_unquantised_weights_keep_the_compute_dtype_unless_upcast_is_asked
     loaded = memory.count_parameters(model).weight_bytes  # what the planner must predict, 4-bit packing included
     planned = planner.plan(recipe, 1, 80, device="cpu").moments["end of forward"]["weights"]
     assert planned == pytest.approx(loaded, rel=0.005)
+
+
+def test_long_context_recipe_plans_activations_over_the_sequence_split_and_names_the_split_when_it_does_not_fit(capsys):
+    """recipes/llama-8b-32k-sp.yaml (8B full, ZeRO-3, 32k-token rows) split over 2 and 8 processes: each rank holds
+    a half and an eighth of the checkpointed block inputs and of the loss's float32 logits; the model state is the
+    same. Without the split it does not fit a 60 GiB GPU, and a split is the cheapest change that does."""
+    path = REPO / "recipes" / "llama-8b-32k-sp.yaml"
+    plans = {split: planner.plan(load_recipe(path, [f"distributed.sequence_parallel={split}"]), 8, 60) for split in (1, 2, 8)}
+    for split in (2, 8):
+        for term in ("activations", "logits/loss"):
+            assert plans[split].moments["end of forward"][term] == pytest.approx(plans[1].moments["end of forward"][term] / split,
+                                                                                 rel=0.001)
+        for term in ("weights", "optimizer state", "gradients"):
+            assert plans[split].moments["end of forward"][term] == plans[1].moments["end of forward"][term]
+        assert plans[split].fits and f"sequence split {split}" in plans[split].label
+    assert not plans[1].fits
+    assert main(["plan", str(path), "distributed.sequence_parallel=1", "--gpus", "8", "--gpu-memory", "60", "--json"]) == 0
+    first = json.loads(capsys.readouterr().out)["suggestions"][0]
+    assert first["overrides"] == ["distributed.sequence_parallel=2"] and first["fits"]
+    assert "sequence parallelism" in first["change"]
+
+
+def test_hsdp_divides_weights_by_the_shard_group_not_the_world(capsys):
+    """The 2-node 70B recipe (replicate 2 x shard 8): each node's replica is sharded eight ways, so a rank holds an
+    eighth of the weights (twice what plain FSDP2 over 16 would give it). A plain FSDP2 recipe on 2 nodes is
+    planned with the HSDP mesh `slurm submit` gives it."""
+    hybrid = planner.plan(load_recipe(REPO / "recipes" / "llama-70b-2nodes-lora.yaml"), 16, 80)
+    flat = planner.plan(load_recipe(REPO / "recipes" / "llama-70b-lora.yaml"), 16, 80)
+    eight = planner.plan(load_recipe(REPO / "recipes" / "llama-70b-lora.yaml"), 8, 80)
+    weights = {name: result.moments["end of forward"]["weights"] for name, result in
+               (("hybrid", hybrid), ("flat", flat), ("eight", eight))}
+    assert weights["hybrid"] == weights["eight"] == pytest.approx(2 * weights["flat"], rel=1e-6)
+    assert weights["hybrid"] == pytest.approx(70.6e9 * 2 / 8 / 2**0, rel=0.02)  # bf16 weights, an eighth
+    assert "HSDP 2 replicas x 8" in hybrid.label
+    assert main(["plan", str(REPO / "recipes" / "llama-70b-lora.yaml"), "--gpus", "8", "--nodes", "2", "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["mesh_overrides"] == ["distributed.replicate=2", "distributed.shard=8"]
+    assert result["components"]["weights"] == pytest.approx(weights["hybrid"] / 2**30, abs=0.01)
+
+
+def test_dpo_plans_two_sequences_per_row_and_the_references_no_grad_forward(tmp_path):
+    """The same LoRA recipe on preference pairs: chosen and rejected of every row in one forward, so the step's
+    activations and loss tensors double; the reference (adapter disabled) runs first without gradients."""
+    line = next(line for line in reference_lines() if line["label"] == "8b-lora-nogc")
+    sft = recipe_for(line, config_folder(line, tmp_path))
+    dpo = json.loads(json.dumps(sft))
+    dpo["data"] = {"train": str(REPO / "recipes" / "data" / "bible_en_es_pairs" / "train.jsonl"), "format": "preference",
+                   "max_length": sft["data"]["max_length"]}
+    sft_plan, dpo_plan = (planner.plan(Recipe.model_validate(data), 1, 141) for data in (sft, dpo))
+    assert Recipe.model_validate(dpo).objective == "dpo"
+    for term in ("activations", "logits/loss"):
+        assert dpo_plan.moments["end of forward"][term] == pytest.approx(2 * sft_plan.moments["end of forward"][term], rel=0.01)
+    assert "reference forward" not in sft_plan.moments
+    reference = dpo_plan.moments["reference forward"]["reference forward"]
+    assert 0 < reference < dpo_plan.moments["end of forward"]["activations"]
+    assert dpo_plan.moments["end of forward"]["weights"] == sft_plan.moments["end of forward"]["weights"]  # one model
+
+
+MEASURED_PASSES = """
+import json, resource
+from pathlib import Path
+from launcher.memory.advice import MemoryCheck, measured_pass, measured_passes, peak_rss_kib
+check = MemoryCheck(None, "cpu", 1, peak_rss_kib())
+resident_kib = int(Path("/proc/self/statm").read_text().split()[1]) * resource.getpagesize() // 1024
+room = max(check.rss_before_kib - resident_kib, 0) * 1024  # below the mark the imports left
+with measured_pass(check, "evaluation"):
+    held = bytearray(b"x") * (room + 256 * 2**20)  # every page written: 256 MiB above the mark
+del held
+with measured_pass(check, "training"):
+    held = bytearray(b"x") * (16 * 2**20)  # far below the mark: this pass's own peak cannot be seen
+print(json.dumps({**measured_passes(check), "room": room}))
+"""
+
+
+def test_cpu_passes_are_measured_exactly_when_they_raise_the_high_water_mark_and_as_a_bound_otherwise():
+    """In a fresh process (its high-water mark its own): a pass that writes 256 MiB above the mark is measured at
+    that growth; a later, smaller pass gets only the mark as its upper bound, flagged so."""
+    result = subprocess.run([sys.executable, "-c", MEASURED_PASSES], capture_output=True, text=True, timeout=300,
+                            env={"PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin", "HF_HUB_OFFLINE": "1"})
+    assert result.returncode == 0, result.stderr
+    passes = json.loads(result.stdout.strip().splitlines()[-1])
+    assert passes["evaluation"]["upper_bound"] is False and 0.2 < passes["evaluation"]["gib"] < 0.3, passes
+    assert passes["training"]["upper_bound"] is True and passes["training"]["gib"] == passes["evaluation"]["gib"], passes

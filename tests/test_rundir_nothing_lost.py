@@ -193,6 +193,8 @@ def test_a_stop_signal_writes_the_checkpoint_before_a_due_eval(tmp_path, tiny_mo
         session.console.close()
     assert (tmp_path / "run" / "checkpoints" / "step-1" / "trainer_state.json").is_file()
     assert [r["step"] for r in metrics(tmp_path / "run") if r["kind"] == "eval"] == [0], "no eval after the signal"
+    [memory] = [r for r in metrics(tmp_path / "run") if r["kind"] == "memory"]  # for `launcher plan RUN_DIR`
+    assert memory["step"] == 1 and {"measured_training_peak_gib", "predicted_training_peak_gib"} <= set(memory)
 
 
 def test_best_at_the_final_step_is_final_not_a_second_copy(tmp_path, tiny_model):

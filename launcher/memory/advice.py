@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import resource
 import sys
-from dataclasses import dataclass
+from contextlib import contextmanager
+from dataclasses import dataclass, field
 from itertools import combinations
 
 from pydantic import ValidationError
@@ -19,7 +20,8 @@ from launcher.memory.estimate import GIB, Plan
 from launcher.recipe.schema import Recipe, applicable
 from launcher.errors import UserError
 from launcher.recipe.files import apply_overrides, load_recipe
-from launcher.distributed.rules import rules_for
+from launcher.distributed import mesh
+from launcher.distributed.rules import DeepSpeedRules, FsdpRules, rules_for
 
 MAX_COMBINED = 3  # changes tried together when no single one fits
 SHOWN = 5
@@ -66,10 +68,23 @@ def candidate_changes(recipe: Recipe, world: int) -> list[Change]:
     for what, overrides, cost, alone in SHARDING_CHANGES:
         if world > 1 or alone:
             changes.append(Change(what, overrides, cost))
-    return changes
+    return changes + sequence_splits(recipe, world)
 
 
-def _changed(recipe: Recipe, overrides: list[str]) -> Recipe | None:
+def sequence_splits(recipe: Recipe, world: int) -> list[Change]:
+    """Splitting every sequence over 2, 4 or 8 of the processes (DeepSpeed Ulysses, or FSDP2's context parallelism
+    on GPUs): each rank's activations and logits shrink with the split, the all-to-all of each attention layer
+    costs about a tenth of a step per doubling (an estimate)."""
+    dist = recipe.distributed
+    if dist.sequence_parallel * dist.context_parallel > 1 or dist.strategy not in (DeepSpeedRules.name, FsdpRules.name):
+        return []
+    key, what = (("sequence_parallel", "sequence parallelism (Ulysses)") if dist.strategy == DeepSpeedRules.name
+                 else ("context_parallel", "context parallelism"))
+    return [Change(f"{what} over {split} processes", (f"distributed.{key}={split}",), 1 + 0.1 * split.bit_length() - 0.1)
+            for split in (2, 4, 8) if world % split == 0]
+
+
+def _changed(recipe: Recipe, overrides: list[str], world: int) -> Recipe | None:
     """The recipe with these overrides, or None when validation or the strategy's rules refuse the combination."""
     data = recipe.model_dump(mode="json")
     if any(o.startswith("distributed.strategy=") for o in overrides):  # the old strategy's own section goes with it
@@ -77,6 +92,8 @@ def _changed(recipe: Recipe, overrides: list[str]) -> Recipe | None:
     try:
         changed = Recipe.model_validate(applicable(apply_overrides(data, overrides)))
         rules_for(changed).refuse()
+        mesh.check_keys(changed)  # the mesh as preflight takes it (a sequence split the loop cannot train is left out)
+        mesh.mesh_for(changed, world)
     except (ValidationError, UserError):
         return None
     return changed
@@ -91,7 +108,7 @@ def suggestions(recipe: Recipe, world: int, gpu_gib: float) -> list[dict]:
             keys = [o.split("=")[0] for change in group for o in change.overrides]
             if len(keys) != len(set(keys)):
                 continue
-            changed = _changed(recipe, [o for change in group for o in change.overrides])
+            changed = _changed(recipe, [o for change in group for o in change.overrides], world)
             if changed is None:
                 continue
             result = planner.plan(changed, world, gpu_gib)
@@ -118,6 +135,9 @@ def plan_with_advice(recipe: Recipe, world: int | None = None, gpu_gib: float | 
 
 # ---------------------------------------------------------------- train's check, and the calibration point it leaves
 
+TRAINING, EVALUATION = "training", planner.EVALUATION  # the passes measured apart
+
+
 @dataclass
 class MemoryCheck:
     """The plan train checked (None without a GPU memory to check against) and what it measures from."""
@@ -125,6 +145,8 @@ class MemoryCheck:
     device: str
     world: int
     rss_before_kib: int  # this process's peak resident memory before the model loaded
+    passes: dict = field(default_factory=dict)  # pass -> {"exact": GiB, "bound": GiB}, see measured_pass
+    earlier_gib: float = 0.0  # on a GPU: the allocator's peak before the first measured pass reset it
 
 
 def peak_rss_kib() -> int:
@@ -161,23 +183,62 @@ def check_before_loading(recipe: Recipe, world: int, device: str) -> MemoryCheck
     return check
 
 
-def predicted_and_measured(check: MemoryCheck, recipe: Recipe) -> dict:
-    """The plan's peak beside the one measured, for the summary and metrics.jsonl: on a GPU
-    torch.cuda.max_memory_allocated; on CPU the growth of the process's peak resident memory (ru_maxrss) since
-    before the model loaded, against a plan with the dtypes a CPU run resolves."""
+@contextmanager
+def measured_pass(check: MemoryCheck | None, name: str):
+    """Measure the peak of one training step or evaluation apart from the other pass. On a GPU the allocator's peak
+    statistics are reset as it begins, so its peak is its own. On CPU the only peak is the process's high-water mark
+    (ru_maxrss), taken as growth since before the model loaded: exact when the pass raised it, else only a bound."""
+    if check is None:
+        yield
+        return
     if check.device == "cuda":
         import torch
-        measured, how = torch.cuda.max_memory_allocated() / GIB, "torch.cuda.max_memory_allocated"
-        predicted = check.plan or planner.plan(recipe, check.world)
+        check.earlier_gib = max(check.earlier_gib, torch.cuda.max_memory_allocated() / GIB)
+        torch.cuda.reset_peak_memory_stats()
+    before = peak_rss_kib()
+    try:
+        yield
+    finally:
+        figures = check.passes.setdefault(name, {"exact": 0.0, "bound": 0.0})
+        if check.device == "cuda":
+            figures["exact"] = max(figures["exact"], torch.cuda.max_memory_allocated() / GIB)
+        else:
+            after = peak_rss_kib()
+            growth = (after - check.rss_before_kib) * 1024 / GIB
+            figures["exact" if after > before else "bound"] = max(figures["exact" if after > before else "bound"], growth)
+
+
+def measured_passes(check: MemoryCheck) -> dict:
+    """Each measured pass's peak (GiB) and whether it is only an upper bound (CPU: it never raised the high-water
+    mark, so its own peak was at most the mark at its end)."""
+    return {name: {"gib": round(max(f.values()), 3), "upper_bound": f["bound"] > f["exact"]} for name, f in check.passes.items()}
+
+
+def predicted_and_measured(check: MemoryCheck, recipe: Recipe) -> dict:
+    """The plan's peaks beside the ones measured, training and evaluation apart, for the summary and metrics.jsonl:
+    on a GPU torch.cuda.max_memory_allocated; on CPU the growth of the process's peak resident memory (ru_maxrss)
+    since before the model loaded, against a plan with the dtypes a CPU run resolves."""
+    passes = measured_passes(check)
+    where = {"device": check.device, "world_size": check.world,
+             **{f"measured_{name}_peak_gib": figures["gib"] for name, figures in passes.items()},
+             "upper_bounds": [name for name, figures in passes.items() if figures["upper_bound"]]}
+    if check.device == "cuda":
+        import torch
+        measured = max([torch.cuda.max_memory_allocated() / GIB, check.earlier_gib] + [f["gib"] for f in passes.values()])
+        how = "torch.cuda.max_memory_allocated"
     else:
         measured = (peak_rss_kib() - check.rss_before_kib) * 1024 / GIB
         how = "growth of peak resident memory (ru_maxrss) since before the model loaded"
-        try:
-            predicted = planner.plan(recipe, check.world, device="cpu")
-        except Exception as exc:  # reported, never fatal after a finished run
-            return {"predicted_peak_gib": None, "measured_peak_gib": round(measured, 3), "measured_by": how,
-                    "no_plan": f"{type(exc).__name__}: {exc}"}
-    return {"predicted_peak_gib": round(predicted.peak_gib, 3), "measured_peak_gib": round(measured, 3), "measured_by": how}
+    try:
+        predicted = (check.plan if check.device == "cuda" and check.plan
+                     else planner.plan(recipe, check.world, device="cpu" if check.device != "cuda" else "cuda"))
+    except Exception as exc:  # reported, never fatal after a finished run
+        return {"predicted_peak_gib": None, "measured_peak_gib": round(measured, 3), "measured_by": how, **where,
+                "no_plan": f"{type(exc).__name__}: {exc}"}
+    evaluation = predicted.eval_peak_bytes
+    return {"predicted_peak_gib": round(predicted.peak_gib, 3), "measured_peak_gib": round(measured, 3), "measured_by": how,
+            "predicted_training_peak_gib": round(predicted.train_peak_bytes / GIB, 3),
+            "predicted_evaluation_peak_gib": None if evaluation is None else round(evaluation / GIB, 3), **where}
 
 
 def bench_line(recipe_path: str, overrides: list[str] = (), world: int | None = None, gpu_gib: float | None = None) -> dict:

@@ -21,7 +21,9 @@ The peak is the largest of these moments: the end of the forward pass, as the lo
 (activations and the loss's tensors alive, gradients not yet); with gradient checkpointing the last
 block's backward (every block's input still kept, that block recomputed, its backward's transients);
 the end of backward (all gradients); the optimiser step; and evaluation (generation's KV cache), which
-is reported apart from the training step's peak. DeepSpeed ZeRO-3's own allocations come from
+is reported apart from the training step's peak; objective dpo adds the reference's no-grad forward and runs
+two sequences per row. The mesh divides the model state by the shard group (HSDP: each replica holds a whole
+copy) and a micro-batch's tokens by the sequence split. DeepSpeed ZeRO-3's own allocations come from
 launcher/memory/zero.py, node 0's host memory from launcher/memory/host.py. `auto` dtypes resolve as on
 a bf16-capable GPU, whatever runs the plan.
 """
@@ -34,6 +36,7 @@ from launcher.memory import zero as zero3
 from launcher.memory.host import HostPlan, host_plan
 from launcher.memory.inventory import Inventory, inventory, resolved_dtypes
 from launcher.recipe.schema import Recipe
+from launcher.distributed.mesh import Mesh, mesh_for
 from launcher.distributed.rules import rules_for
 
 GIB = 2**30
@@ -50,6 +53,9 @@ FRAGMENTATION = 0.05  # PyTorch's caching allocator rounds large blocks up to 2 
 #                       tests/data count allocated memory only), kept apart so it can be measured and replaced
 DEFAULT_GPU_GIB = 80.0
 EVALUATION = "evaluation"  # the one moment that is not part of a training step
+REFERENCE = "reference forward"  # objective dpo: the reference's no-grad forward, over a micro-batch of pairs (LoRA:
+#                                   the adapter disabled) or, for full fine-tuning, over an eval batch of pairs in the
+#                                   pass before training (launcher/data/reference_logps.py)
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2, "fp32": 4, "bf16": 2, "fp16": 2}
 
 
@@ -123,18 +129,36 @@ def block_backward_bytes(inv: Inventory, s: Sizes, tokens: int) -> int:
     return tokens * (2 * inv.hidden * s.residual + 2 * inv.intermediate * s.compute)
 
 
+def no_grad_forward_bytes(inv: Inventory, s: Sizes, recipe: Recipe, tokens: int) -> int:
+    """A forward without gradients over `tokens` (evaluation's loss, DPO's reference): the float32 logits and their
+    log-softmax (the compute-dtype logits are freed by the cast), and one block's transients, nothing kept."""
+    return tokens * (inv.vocab * 8 if recipe.model.task != "classification" else 0) + tokens * inv.hidden * (4 + 3 * s.compute)
+
+
 def eval_bytes(inv: Inventory, s: Sizes, recipe: Recipe) -> dict:
-    """Evaluation's transient memory: the loss forward's logits, or generation's KV cache and last-token logits."""
+    """Evaluation's transient memory: the loss forward's logits, or generation's KV cache and last-token logits;
+    whole rows on each rank (the sequence split is for training: launcher/distributed/sequence.py)."""
     batch = recipe.train.eval_batch()
     length = recipe.data.max_length
-    # no_grad loss: the float32 logits and their log-softmax (the compute-dtype logits are freed by the cast)
-    loss_pass = batch * length * (inv.vocab * 8 if recipe.model.task != "classification" else 0)
-    loss_pass += batch * length * inv.hidden * (4 + 3 * s.compute)  # one block's transients, nothing kept
-    generates = recipe.model.task != "classification" and recipe.eval.generate_rows > 0
-    rows = batch * recipe.eval.num_beams
+    loss_pass = no_grad_forward_bytes(inv, s, recipe, batch * sequences_per_row(recipe) * length)
+    generated = max(recipe.eval.generate_rows, recipe.eval.samples)  # scored rows, or the samples (evaluate.py)
+    generates = recipe.model.task != "classification" and generated > 0
+    rows = min(recipe.eval.generate_batch_size or batch, generated) * recipe.eval.num_beams
     kv_cache = rows * (length + recipe.eval.max_new_tokens) * inv.layers * 2 * inv.kv_dim * s.compute if generates else 0
     generation = kv_cache + rows * inv.vocab * 4 * 2 if generates else 0
     return {"eval forward (logits)": loss_pass, "generation (KV cache + logits)": generation}
+
+
+def sequences_per_row(recipe: Recipe) -> int:
+    """Objective dpo runs n pairs as 2n sequences, chosen and rejected padded together (batching.py `collate_pairs`)."""
+    return 2 if recipe.objective == "dpo" else 1
+
+
+def shard_group(grid: Mesh) -> int:
+    """Processes one copy of the weights, gradients and optimiser state is divided over: the shard group and the
+    sequence split inside it (FSDP2 shards over shard x context, DeepSpeed's ZeRO partitions over every rank of
+    a Ulysses group too); under HSDP each of the `replicate` groups holds a whole copy over its own processes."""
+    return grid.world // grid.replicate
 
 
 # ---------------------------------------------------------------- the four moments
@@ -226,21 +250,38 @@ def plan(recipe: Recipe, world: int | None = None, gpu_gib: float | None = None,
          nodes: int = 1, node_gib: float | None = None, every_rank_loads: bool | None = None) -> Plan:
     """The recipe's per-rank memory on `world` processes with `gpu_gib` each (defaults: the recipe's), with dtypes
     resolved as on `device` (cpu: for comparing with a CPU run), and node 0's host memory over `nodes` nodes
-    against `node_gib` (default memory.node_gib; see launcher/memory/host.py)."""
+    against `node_gib` (default memory.node_gib; see launcher/memory/host.py). The mesh (launcher/distributed/mesh.py)
+    divides the model state by the shard group and the activations by the sequence split."""
     world = world or recipe.distributed.num_processes or 1
+    grid = mesh_for(recipe, world)
+    shards = shard_group(grid)
     inv = inventory(recipe, device)
     layout = rules_for(recipe).memory_layout(world, inv.hidden)
     s = sizes(recipe, layout, device)
-    state = _model_state(recipe, inv, layout, s, world)
-    work = _step_work(recipe, inv, layout, s)
+    state = _model_state(recipe, inv, layout, s, shards)
+    split = grid.sequence * grid.context
+    work = _step_work(recipe, inv, layout, s, split)
     zero = zero3.settings(recipe, inv.hidden)
     if zero is not None:
-        _with_zero3(state, work, zero3.zero3_bytes(zero, inv, _trainable(recipe, inv), world, s.compute,
+        _with_zero3(state, work, zero3.zero3_bytes(zero, inv, _trainable(recipe, inv), shards, s.compute,
                                                     checkpointing(recipe)))
+    moments = _moments(recipe, state, work, eval_bytes(inv, s, recipe))
+    mesh_label = (f", HSDP {grid.replicate} replicas x {grid.shard}" if grid.hybrid else "") + (
+        f", sequence split {split}" if split > 1 else "")
+    label = (f"{recipe.model.path} ({inv.params / 1e9:.2f}B parameters, {inv.trainable / 1e6:.1f}M trainable), "
+             f"{recipe.method}{', DPO' * (recipe.objective == 'dpo')}, {layout.label}{mesh_label}, "
+             f"{world} process{'es' * (world > 1)}")
+    host = host_plan(recipe, inv, layout, world, shards, max(world // max(nodes, 1), 1), node_gib or recipe.memory.node_gib,
+                     every_rank_loads)
+    return Plan(label, world, gpu_gib or recipe.memory.gpu_gib or DEFAULT_GPU_GIB, moments, host=host)
+
+
+def _moments(recipe: Recipe, state: dict, work: dict, evaluation: dict) -> dict:
+    """Per-component bytes at each moment of a step (see the module docstring), and evaluation's apart."""
     resident = {"weights": state["weights"], "optimizer state": state["optimizer state"],
                 "gradients": state["persistent gradients"], "buffers": state["buffers"]}
-    evaluation = eval_bytes(inv, s, recipe)
     moments = {
+        REFERENCE: {**resident, "reference forward": work["reference"], "buffers": state["buffers"] + work["gathered eval"]},
         "end of forward": {**resident, "activations": work["saved"], "logits/loss": work["logits"],
                            "buffers": state["buffers"] + work["gathered forward"]},
         # checkpointed: the last block is recomputed while every block's input is still kept, few gradients exist yet
@@ -253,15 +294,13 @@ def plan(recipe: Recipe, world: int | None = None, gpu_gib: float | None = None,
                            "buffers": state["buffers"] + state["step"]},
         EVALUATION: {**resident, "eval": max(evaluation.values()), "buffers": state["buffers"] + work["gathered eval"]},
     }
+    if not work["reference"]:
+        del moments[REFERENCE]
     if not work["block inputs"]:
         del moments["last block's backward"]
     if not (recipe.data.eval or recipe.data.eval_fraction):
         del moments[EVALUATION]
-    label = (f"{recipe.model.path} ({inv.params / 1e9:.2f}B parameters, {inv.trainable / 1e6:.1f}M trainable), "
-             f"{recipe.method}, {layout.label}, {world} process{'es' * (world > 1)}")
-    host = host_plan(recipe, inv, layout, world, max(world // max(nodes, 1), 1), node_gib or recipe.memory.node_gib,
-                     every_rank_loads)
-    return Plan(label, world, gpu_gib or recipe.memory.gpu_gib or DEFAULT_GPU_GIB, moments, host=host)
+    return moments
 
 
 def _trainable(recipe: Recipe, inv: Inventory) -> int:
@@ -286,8 +325,8 @@ def _with_zero3(state: dict, work: dict, zero: dict) -> None:
         work[f"gathered {moment}"] = zero[f"gathered {moment}"]
 
 
-def _model_state(recipe: Recipe, inv: Inventory, layout: memory.StatePlacement, s: Sizes, world: int) -> dict:
-    """Weights, gradients, optimiser state and the strategy's buffers this rank holds."""
+def _model_state(recipe: Recipe, inv: Inventory, layout: memory.StatePlacement, s: Sizes, shards: int) -> dict:
+    """Weights, gradients, optimiser state and the strategy's buffers this rank holds, sharded over `shards`."""
     blocks = inv.layers - min(recipe.freeze.first_n_blocks, inv.layers) if recipe.method == "full" else inv.layers
     trainable = _trainable(recipe, inv)
     grad_size = inv.trainable_bytes / max(inv.trainable, 1)  # bytes per trainable value in its own dtype
@@ -299,15 +338,15 @@ def _model_state(recipe: Recipe, inv: Inventory, layout: memory.StatePlacement, 
         state_bytes = state_bytes * 4 / grad_size + 4 * trainable
         gradients = trainable * s.compute
         if layout.shard_weights:  # ZeRO-3: fp32 gradient partitions live for the whole run
-            gradients, persistent = 0.0, 4 * trainable / world
+            gradients, persistent = 0.0, 4 * trainable / shards
         elif layout.shard_gradients:  # ZeRO-2: a low-precision partition buffer, then fp32 for the step
-            gradients, persistent, step = 0.0, trainable * s.compute / world, 4 * trainable / world
+            gradients, persistent, step = 0.0, trainable * s.compute / shards, 4 * trainable / shards
         else:
-            step = 4 * trainable / world
+            step = 4 * trainable / shards
     elif layout.shard_gradients:
-        gradients /= world
-    weights /= world if layout.shard_weights else 1
-    state_bytes /= world if layout.shard_optimizer else 1
+        gradients /= shards
+    weights /= shards if layout.shard_weights else 1
+    state_bytes /= shards if layout.shard_optimizer else 1
     if layout.offload_weights:
         weights = 0
     if layout.offload_optimizer:  # the optimiser steps on the CPU, where the gradients go too
@@ -322,17 +361,19 @@ def _model_state(recipe: Recipe, inv: Inventory, layout: memory.StatePlacement, 
             "head gradients": int(outside), "persistent gradients": int(persistent), "step": int(step), "buffers": int(buffers)}
 
 
-def _step_work(recipe: Recipe, inv: Inventory, layout: memory.StatePlacement, s: Sizes) -> dict:
-    """Activations, logits and gathered weights of one micro-batch, at the end of forward and during backward."""
+def _step_work(recipe: Recipe, inv: Inventory, layout: memory.StatePlacement, s: Sizes, split: int = 1) -> dict:
+    """Activations, logits and gathered weights of one micro-batch, at the end of forward and during backward; each
+    rank holds 1/`split` of every sequence (sequence or context parallelism), DPO two sequences per row."""
     train = recipe.train
-    tokens = train.micro_batch_size * recipe.data.max_length
+    sequences = train.micro_batch_size * sequences_per_row(recipe)
+    tokens = sequences * recipe.data.max_length // split
     masked = recipe.data.packing  # packed rows attend inside each example: a block-diagonal mask
     per_block = block_bytes_per_token(inv, s, recipe, masked) * tokens
     copies = inv.autocast_block_params * s.compute if s.autocast else 0  # autocast's low-precision weight copies
     rest_copies = inv.autocast_rest_params * s.compute if s.autocast else 0
     head = (4 * inv.hidden + (s.residual * inv.hidden if inv.final_norm_trainable else 0)
             + (s.compute * inv.hidden if inv.head_trainable and s.residual != s.compute else 0)) * tokens
-    mask = train.micro_batch_size * recipe.data.max_length ** 2 if masked else 0
+    mask = sequences * recipe.data.max_length ** 2 // split if masked else 0
     if checkpointing(recipe):  # each block keeps its input; backward recomputes one block at a time (non-reentrant)
         inputs = inv.layers * s.residual * inv.hidden * tokens
         saved = inputs + head + rest_copies + mask
@@ -345,5 +386,14 @@ def _step_work(recipe: Recipe, inv: Inventory, layout: memory.StatePlacement, s:
     gathered = layout.gathered_blocks * block + (inv.rest_params * s.compute if layout.root_gathered else 0)
     forward = inv.layers * block if layout.keep_gathered else gathered
     backward = gathered + (4 * inv.block_trainable if layout.gathered_blocks else 0)
+    pairs = train.eval_batch() if recipe.method == "full" else train.micro_batch_size  # see REFERENCE
+    reference = no_grad_forward_bytes(inv, s, recipe, 2 * pairs * recipe.data.max_length // split) if recipe.objective == "dpo" else 0
     return {"saved": int(saved), "recomputed": int(recomputed), "block inputs": int(inputs), "logits": int(logits_bytes(inv, s, recipe, tokens)),
+            "reference": int(reference),
             "gathered forward": int(forward), "gathered backward": int(backward), "gathered eval": int(gathered)}
+
+
+def host_by_loading(recipe: Recipe, world: int | None = None, nodes: int = 1, node_gib: float | None = None) -> dict:
+    """Node 0's host plan with every rank loading the whole model and with rank 0 alone loading it, by HostPlan.loading."""
+    hosts = [plan(recipe, world, nodes=nodes, node_gib=node_gib, every_rank_loads=flag).host for flag in (True, False)]
+    return {host.loading: host for host in hosts}

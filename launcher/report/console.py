@@ -188,12 +188,13 @@ def header_rows(session, resume_from, resume_step: int) -> dict[str, str]:
     }
 
 
-def end_line(started: float, totals: dict, device) -> str:
-    """Wall time, average training throughput and peak GPU memory of the whole run."""
+def end_line(started: float, totals: dict, device, peak_gib: float | None = None) -> str:
+    """Wall time, average training throughput and peak GPU memory of the whole run (`peak_gib`: the run's, as the
+    memory record measured it; the allocator's own peak restarts with each measured pass)."""
     wall = time.perf_counter() - started
     rate = totals["tokens"] / totals["seconds"] if totals.get("seconds") else 0.0
     line = f"finished in {clock(wall)}: {rate:,.0f} tokens/s on average over the training steps"
     if device.type == "cuda":
         import torch
-        line += f", peak memory {torch.cuda.max_memory_allocated(device) / 2**30:.1f} GiB"
+        line += f", peak memory {peak_gib if peak_gib is not None else torch.cuda.max_memory_allocated(device) / 2**30:.1f} GiB"
     return line

@@ -55,7 +55,8 @@ class Reporter:
 
 
 def peak_memory(device) -> str | None:
-    """Peak memory allocated on a GPU so far; None on CPU (no allocator statistics there)."""
+    """Peak memory allocated on a GPU in the step just run (launcher/memory/advice.py `measured_pass` restarts the
+    allocator's peak as each step begins); None on CPU (no allocator statistics there)."""
     if device.type != "cuda":
         return None
     import torch
@@ -145,6 +146,35 @@ def confusion_markdown(confusion: dict) -> list[str]:
     return lines + [f"| {label} | " + " | ".join(map(str, row)) + " |" for label, row in zip(labels, confusion["matrix"])]
 
 
+PASSES = ("training", "evaluation")  # the passes planned and measured apart (launcher/memory/advice.py)
+
+
+def memory_rows(record: dict) -> list[tuple[str, float | None, float | None, str]]:
+    """(pass, planned GiB, measured GiB, note) from a metrics.jsonl memory record: training and evaluation apart,
+    then the overall peak; a measured figure that is only an upper bound is marked "<=" in its note."""
+    rows = []
+    for name in PASSES:
+        planned, measured = record.get(f"predicted_{name}_peak_gib"), record.get(f"measured_{name}_peak_gib")
+        if planned is not None or measured is not None:
+            rows.append((name, planned, measured, "upper bound" if name in record.get("upper_bounds", []) else ""))
+    return rows + [("peak", record.get("predicted_peak_gib"), record.get("measured_peak_gib"), "")]
+
+
+def memory_markdown(record: dict) -> list[str]:
+    """report.md's table of planned against measured peak memory per process."""
+    def gib(value, note=""):
+        return "-" if value is None else ("<= " if note else "") + f"{value:.3f}"
+
+    lines = ["## Memory per process: planned vs measured (GiB)", "",
+             f"Measured by {record.get('measured_by', '?')} on {record.get('device', '?')}"
+             + (", against a plan with the dtypes a CPU run resolves" if record.get("device") == "cpu" else "") + ".", "",
+             "| pass | planned | measured | measured / planned |", "|---|---|---|---|"]
+    for name, planned, measured, note in memory_rows(record):
+        ratio = f"{measured / planned:.2f}" if planned and measured is not None else "-"
+        lines.append(f"| {name} | {gib(planned)} | {gib(measured, note)} | {ratio} |")
+    return lines
+
+
 def write_report(run_dir: Path, summary: dict, samples: list[dict], console: Console | None = None) -> None:
     """report.md, loss.png and a console table of every eval metric before and after."""
     run = RunDir(run_dir)
@@ -158,6 +188,9 @@ def write_report(run_dir: Path, summary: dict, samples: list[dict], console: Con
     confusion = next((r["confusion"] for r in reversed(records) if r.get("kind") == "eval" and r.get("confusion")), None)
     if confusion:
         lines += ["", "## Confusion matrix (last eval)", ""] + confusion_markdown(confusion)
+    memory = next((r for r in reversed(records) if r.get("kind") == "memory"), None)
+    if memory:
+        lines += [""] + memory_markdown(memory)
     if has_plot:
         lines += ["", f"![loss]({run.loss_plot.name})"]
     if samples:

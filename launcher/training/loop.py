@@ -26,9 +26,8 @@ from launcher.data.mixing import mixture_line
 from launcher.distributed import launch, sequence, slurm
 from launcher.distributed.strategies import Strategy, strategy_for
 from launcher.errors import UserError
-from launcher.evaluation.evaluate import (Best, EvalInterrupted, Evaluation, eval_rows, evaluate, never, synced_generation,
-                                          to_device)
-from launcher.memory.advice import MemoryCheck, check_before_loading, peak_rss_kib, predicted_and_measured
+from launcher.evaluation.evaluate import Best, EvalInterrupted, Evaluation, eval_rows, evaluate, never, synced_generation, to_device
+from launcher.memory.advice import EVALUATION, TRAINING, MemoryCheck, check_before_loading, measured_pass, peak_rss_kib, predicted_and_measured
 from launcher.memory.counts import ParamCount, count_parameters, parameter_bytes
 from launcher.model import loading as modeling
 from launcher.model.loss import objective_count, objective_loss_sum
@@ -247,7 +246,7 @@ def train_step(session: Run, micro_batches: list[dict]) -> StepStats:
     loss_sum = torch.zeros((), device=accelerator.device, dtype=torch.float64)
     grad_norm, skipped, overflow, scaled = None, False, False, guard.loss_scaled(accelerator)
     for batch in micro_batches:
-        with accelerator.accumulate(model):
+        with accelerator.accumulate(model), measured_pass(session.memory, TRAINING):  # each micro-batch's peak memory
             session.strategy.sync_gradients(model, accelerator.sync_gradients)
             total, _, pair_sums = objective_loss_sum(model, batch, recipe)  # its count is in step_targets already
             pairs.add(pair_sums)
@@ -289,8 +288,7 @@ def fit(session: Run, stop: StopRequest) -> bool:
         if step == start + 1:
             session.strategy.check_synchronised(session.accelerator, session.model)  # refuses independent processes
         _record(session, stats)
-        guard.check_step(step, stats.loss, None if stats.overflow else stats.grad_norm, stats.skipped,
-                         partial(ckpt.last_checkpoint, session.run_dir))
+        guard.check_step(step, stats.loss, None if stats.overflow else stats.grad_norm, stats.skipped, partial(ckpt.last_checkpoint, session.run_dir))
         if not last and stop.agreed(session.accelerator):  # at the last step, finishing is the quickest way out
             return _checkpoint_and_leave(session, stop, "after")
         if cfg.eval_every and step % cfg.eval_every == 0 and not last:
@@ -317,7 +315,8 @@ def run_eval(session: Run, step: int, stop: StopRequest | None = None) -> Evalua
     if session.data.eval is None:
         return None
     dataset, unwrap = session.data.eval.dataset, partial(session.strategy.unwrap, session.accelerator)
-    with session.console.phase(f"evaluation (step {step})", eval_rows(dataset, session.recipe)) as phase:
+    with session.console.phase(f"evaluation (step {step})", eval_rows(dataset, session.recipe)) as phase, \
+            measured_pass(session.memory, EVALUATION):
         synced = synced_generation(session.accelerator.num_processes, session.strategy.rules.shards_parameters)
         result = evaluate(session.accelerator, session.model, session.tokenizer, dataset, session.recipe,
                           session.data.labels, unwrap, phase.advance, synced, partial(stop.agreed, session.accelerator) if stop else never)
@@ -358,7 +357,7 @@ def finish(session: Run, stop: StopRequest | None = None) -> Path:
     summary = {"model": session.weights, "method": recipe.method, "task": recipe.model.task,
                "parameters": session.params.line(), "steps": session.total_steps,
                "processes": accelerator.num_processes, "final": str(final)}
-    peak = predicted_and_measured(session.memory, recipe)
+    peak = predicted_and_measured(session.memory, recipe)  # planned and measured peaks, training and evaluation apart
     session.reporter.log({"kind": "memory", "step": session.total_steps, **peak})
     summary["peak memory"] = (f"predicted {peak['predicted_peak_gib']} GiB per process, measured "
                               f"{peak['measured_peak_gib']} GiB ({peak['measured_by']})")
@@ -374,12 +373,13 @@ def finish(session: Run, stop: StopRequest | None = None) -> Path:
     before = session.first_eval.predictions if session.first_eval else first_samples(read_metrics(RunDir(run_dir).metrics))
     write_report(run_dir, summary, paired_samples(before, last_eval.predictions if last_eval else None), session.console)
     session.reporter.print(f"saved {final}; report {RunDir(run_dir).report}")
-    session.console.print(end_line(session.console.started, session.totals, accelerator.device))
+    session.console.print(end_line(session.console.started, session.totals, accelerator.device, peak["measured_peak_gib"]))
     return final
 
 
 def _checkpoint_and_leave(session: Run, stop: StopRequest, when: str) -> bool:
     """The stop every rank agreed on: save (a save under way when the signal came has finished by now), then leave."""
+    session.reporter.log({"kind": "memory", "step": session.step, **predicted_and_measured(session.memory, session.recipe)})
     save(session)
     reporter, name = session.reporter, signal.Signals(stop.signal).name if stop.signal else "a signal on another rank"
     reporter.print(f"stopped by {name} {when} step {session.step}/{session.total_steps}; checkpoint written")
