@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from launcher.cli import main
-from support import launch, ok, tiny_recipe, train_losses, write_recipe
+from support import launch, ok, run_here, tiny_recipe, train_losses, write_recipe
 
 
 # ---------------------------------------------------------------- the model folder, before any load
@@ -107,7 +107,7 @@ def straight(tmp_path_factory, tiny_model) -> Path:
     root = tmp_path_factory.mktemp("straight")
     recipe = tiny_recipe(tiny_model, root / "run", data={"eval": None},
                          train={"max_steps": STEPS, "save_every": 1, "keep_last": STEPS})
-    ok(launch([write_recipe(recipe, root / "r.yaml")]))
+    ok(run_here([write_recipe(recipe, root / "r.yaml")]))
     return root / "run"
 
 
@@ -141,7 +141,7 @@ def test_damaged_checkpoints_are_passed_over_for_the_newest_intact_one_in_a_move
     moved with `mv` (its recipe.yaml names the old output_dir), resumed by naming its new place."""
     run = copy_run(straight, tmp_path / "elsewhere" / "moved", keep_up_to=STEPS)
     expected_reasons = _damage(run)
-    result = ok(launch(["train", run]))
+    result = ok(run_here(["train", run]))
     lines = [line for line in result.stdout.splitlines() if "is damaged" in line]
     assert len(lines) == 4, result.stdout
     for line, (step, reason) in zip(lines, sorted(expected_reasons.items(), reverse=True)):
@@ -170,7 +170,7 @@ def test_no_intact_checkpoint_is_one_line_and_nothing_is_deleted(tmp_path, strai
     for step in (1, 2):
         (run / "checkpoints" / f"step-{step}" / "rng-0.pt").unlink()
     before = step_files(run)
-    result = launch(["train", run])
+    result = run_here(["train", run])
     assert result.returncode == 2 and result.stderr.startswith("error: ") and result.stderr.count("\n") == 1, result.stderr
     assert "no intact checkpoint to resume from (step-2: rng-0.pt is missing; step-1: rng-0.pt is missing)" in result.stderr
     assert step_files(run) == before
@@ -205,7 +205,7 @@ def test_a_refused_write_during_a_checkpoint_is_one_line_and_the_rerun_resumes(t
     assert not step3.exists() and not (run / "checkpoints" / "step-3.tmp").exists()
     assert damage(run / "checkpoints" / "step-2") is None and damage(run / "checkpoints" / "step-1") is None
 
-    again = ok(launch(["train", run]))  # the space is back
+    again = ok(run_here(["train", run]))  # the space is back
     assert f"resuming from {run / 'checkpoints' / 'step-2'} at step 2" in again.stdout
     losses, expected = train_losses(run), train_losses(straight)
     assert [losses[s] for s in range(3, STEPS + 1)] == [expected[s] for s in range(3, STEPS + 1)]

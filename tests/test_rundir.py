@@ -46,6 +46,7 @@ def journey(tiny_model, tmp_path_factory):
     recipe = write_recipe(tiny_recipe(tiny_model, run.root, train={"max_steps": 2, "micro_batch_size": 2, "grad_accum": 1},
                                       eval=LOSS_ONLY), folder / "r.yaml")
     seen = {"first": main([str(recipe)])}
+    seen["locked_after_first"] = run.lock.exists()  # the run has ended; this process goes on
     seen["resumed"] = main([str(recipe), "train.max_steps=3", "report.trackers=[tensorboard]"])
     seen["tensorboard"] = sorted(p.name for p in run.tensorboard.rglob("events.out.tfevents.*"))
     seen["resume_record"] = [json.loads(line) for line in run.rank_log(0).read_text().splitlines() if "resumed_from" in line]
@@ -61,6 +62,13 @@ def journey(tiny_model, tmp_path_factory):
     seen["overwrite"] = main([str(recipe), "train.lr=1e-3", "--overwrite"])
     seen["after"] = files(run.root)
     return run, seen
+
+
+def test_a_finished_run_frees_its_output_dir_while_the_process_goes_on(journey):
+    """The launcher called as a library (a notebook, these tests): the live lock goes when the run ends, not at exit,
+    so another process may resume the folder at once."""
+    _, seen = journey
+    assert seen["first"] == 0 and seen["locked_after_first"] is False
 
 
 def test_adding_a_tracker_on_resume_is_accepted_and_the_run_continues(journey):

@@ -5,6 +5,7 @@ import argparse
 
 from launcher.model.loading import check_against_config
 from launcher.preflight.checks import checked_recipe
+from launcher.rundir.directory import release_live_locks
 from launcher.training import loop
 
 
@@ -17,4 +18,7 @@ def add_options(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     recipe = checked_recipe(args)
     check_against_config(recipe)  # the model's module tree from its config: names that match nothing, before any weight
-    return loop.run(recipe, overwrite=args.overwrite, allow_data_change=args.allow_data_change)
+    try:
+        return loop.run(recipe, overwrite=args.overwrite, allow_data_change=args.allow_data_change)
+    finally:  # however the run ended: its output_dir is free again, also when this process goes on (tests, notebooks)
+        release_live_locks()

@@ -241,11 +241,22 @@ class LiveLock:
         self.release()
 
 
+HELD_LOCKS: list[LiveLock] = []  # this process's run locks, released when its run ends or, failing that, at exit
+
+
 def take_live_lock(run_dir: Path) -> LiveLock:
-    """The main process's lock on output_dir, held until this process ends (released by atexit; a kill leaves a stale one)."""
+    """The main process's lock on output_dir, held until the run ends (`release_live_locks`) or the process
+    does (atexit: an exception on the way out); a kill leaves a stale one, which the next run takes over."""
     lock = LiveLock(run_dir).acquire()
+    HELD_LOCKS.append(lock)
     atexit.register(lock.release)
     return lock
+
+
+def release_live_locks() -> None:
+    """End of a run: its output_dir is free again, also while the process goes on (the launcher called as a library)."""
+    while HELD_LOCKS:
+        HELD_LOCKS.pop().release()
 
 
 def remove_results(run_dir: Path, name: str) -> None:

@@ -41,9 +41,8 @@ from launcher.report.records import Reporter, first_samples, paired_samples, rea
 from launcher.rundir import directory as rundir
 from launcher.rundir.paths import RunDir
 from launcher.rundir.provenance import write_provenance
-from launcher.training import guard, optim
+from launcher.training import guard, optim, rescale
 from launcher.training.stop import StopRequest
-from launcher.training.rescale import hold_global_batch
 
 
 @dataclass
@@ -128,7 +127,7 @@ def setup(recipe: Recipe, overwrite: bool = False, allow_data_change: bool = Fal
     state = ckpt.load_state_file(resume_from) if resume_from is not None else None
     change = None
     if state is not None:  # on another process count: same global batch, or refused before anything loads
-        recipe, change = hold_global_batch(recipe, state, launch.launched_world_size())
+        recipe, change = rescale.hold_global_batch(recipe, state, launch.launched_world_size())
     strategy = strategy_for(recipe)
     strategy.plan_resume(state, launch.launched_world_size())
     accelerator = strategy.make_accelerator()
