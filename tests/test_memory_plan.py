@@ -116,7 +116,7 @@ def test_train_refuses_a_recipe_the_plan_says_cannot_fit_before_any_weights_load
     top = planning.suggestions(recipe, 1, gpu)[0]
     assert top["fits"]
     data["memory"] = {"gpu_gib": gpu}
-    result = launch([write_recipe(data, tmp_path / "r.yaml")])
+    result = run_here([write_recipe(data, tmp_path / "r.yaml")])
     assert result.returncode == 2, result.stderr
     [line] = result.stderr.strip().splitlines()[-1:]
     assert line.startswith("error: memory plan: peak") and " ".join(top["overrides"]) in line

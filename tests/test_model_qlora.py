@@ -29,7 +29,7 @@ def qlora_recipe(model, run_dir, **train) -> dict:
 def qlora_run(llama, tmp_path_factory):
     """Six QLoRA steps with bitsandbytes' 8-bit AdamW; shared by the training, resume and merge tests."""
     folder = tmp_path_factory.mktemp("qlora-run")
-    result = launch([write_recipe(qlora_recipe(llama, folder / "run"), folder / "r.yaml")])
+    result = run_here([write_recipe(qlora_recipe(llama, folder / "run"), folder / "r.yaml")])
     assert result.returncode == 0, result.stderr
     return folder / "run", result.stdout
 
@@ -120,7 +120,7 @@ def test_qlora_trains_under_ddp_with_two_processes(llama, tmp_path):
 
 def test_paged_optimizer_is_refused_on_cpu_before_anything_loads(llama, tmp_path):
     recipe = write_recipe(tiny_recipe(llama, tmp_path / "run", train={"optimizer": "paged-adamw-8bit"}), tmp_path / "r.yaml")
-    result = launch([recipe])
+    result = run_here([recipe])
     assert result.returncode == 2
     assert "train.optimizer paged-adamw-8bit: paging moves optimiser state" in result.stderr and "adamw-8bit" in result.stderr
     assert "Traceback" not in result.stderr and not (tmp_path / "run").exists()
@@ -187,7 +187,7 @@ def test_merge_reloads_with_plain_from_pretrained_and_matches_the_adapter(qlora_
     from launcher.commands.merge import CHECK_PROMPTS, load_dequantised_base, logits
     from launcher.recipe.files import load_run
     run, _ = qlora_run
-    result = launch(["merge", run, "--dtype", "fp32"])
+    result = run_here(["merge", run, "--dtype", "fp32"])
     assert result.returncode == 0, result.stderr
     assert "max |logit difference|" in result.stdout and " ok" in result.stdout
     merged_dir = run / "merged"  # beside final/, which stays the adapter alone
@@ -206,5 +206,5 @@ def test_merge_reloads_with_plain_from_pretrained_and_matches_the_adapter(qlora_
     assert difference < 1e-4, difference  # the stated float32 tolerance
     assert learnt > 100 * difference, "the adapter must change the logits, or the check proves nothing"
 
-    again = launch(["merge", run])
+    again = run_here(["merge", run])
     assert again.returncode == 2 and "exists; pass --overwrite" in again.stderr
