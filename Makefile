@@ -22,4 +22,4 @@ quickstart: setup
 	HF_HUB_OFFLINE=1 $(PY) -m launcher recipes/quickstart.yaml
 
 test: setup
-	HF_HUB_OFFLINE=1 $(PY) -m pytest -q -n 2 --dist loadgroup --durations=40
+	HF_HUB_OFFLINE=1 $(PY) -m pytest -q -n 2 --dist loadfile --durations=40

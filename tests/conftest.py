@@ -20,12 +20,9 @@ def tiny_model(tmp_path_factory) -> Path:
 
 
 def pytest_collection_modifyitems(config, items):
-    """Order and group for two workers (pytest-xdist, `--dist loadgroup`): each module stays on one worker, so
-    its module-scoped runs are made once and shared; the Slurm modules share one worker; and modules that launch
-    processes come first, so the long ones do not start last on one worker while the other sits idle."""
+    """Order for two workers (pytest-xdist, `--dist loadfile`: each module runs on one worker, so its module-scoped
+    runs are made once and shared): modules that launch processes first, so a long one does not start last on one
+    worker while the other sits idle."""
     heavy = {item.module.__name__ for item in items
              if item.get_closest_marker("multiproc") or item.get_closest_marker("slow")}
     items.sort(key=lambda item: item.module.__name__ not in heavy)  # stable: file order kept within each part
-    for item in items:
-        group = "slurm" if item.get_closest_marker("slurm") else item.module.__name__
-        item.add_marker(pytest.mark.xdist_group(group))
