@@ -53,10 +53,11 @@ def recipe_for(model: Path, task: str, method: str, run: Path, **lora) -> dict:
     """Three optimiser steps of two rows, no eval: the shipped Bible sample (BBC News for classifiers)."""
     data = ({"train": str(DATA / "bbc_news" / "train.jsonl"), "eval": None, "format": "classification", "fields": {}}
             if task == CLASSIFY else {"eval": None})
+    adapter = {} if method == "full" else {"lora": {"r": 4, "alpha": 8, "dropout": 0.0, "dora": method == "dora", **lora}}
     recipe = tiny_recipe(model, run, method="lora" if method == "dora" else method, model={"task": task},
                          data={**data, "max_length": 128, "max_train_rows": 12},
                          train={"max_steps": 3, "grad_accum": 1, "lr": 1e-2, "warmup_steps": 0, "schedule": "constant"},
-                         lora={"r": 4, "alpha": 8, "dropout": 0.0, "dora": method == "dora", **lora})
+                         **adapter)  # a lora section under method full is refused
     return recipe
 
 

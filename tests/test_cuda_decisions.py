@@ -214,10 +214,9 @@ def test_packed_batches_carry_varlen_bounds_for_flash_attention():
 # ---------------------------------------------------------------- 1, 6, 7, 12, 13: the strategy's decisions
 
 def fsdp_recipe(tiny_model, tmp_path, **changes) -> Recipe:
-    recipe = tiny_recipe(tiny_model, tmp_path / "run", distributed={"strategy": "fsdp", **changes.pop("distributed", {})})
-    for section, values in changes.items():
-        recipe[section] = {**recipe.get(section, {}), **values} if isinstance(values, dict) else values
-    return Recipe.model_validate(recipe)
+    """The tiny recipe under FSDP2 with `changes` given as sections (tiny_recipe then drops what they make moot)."""
+    distributed = {"strategy": "fsdp", **changes.pop("distributed", {})}
+    return Recipe.model_validate(tiny_recipe(tiny_model, tmp_path / "run", distributed=distributed, **changes))
 
 
 def test_fsdp2_cpu_offload_gets_a_cpu_backend_beside_nccl(tiny_model, tmp_path):
