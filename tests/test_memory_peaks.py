@@ -183,9 +183,8 @@ def test_plan_at_the_datas_longest_row_is_below_the_max_length_plan_and_matches_
     Read first from a tokenised sample, then from `launcher preprocess`'s cache; a CPU run over every row (so the
     longest row is in some micro-batch) stays within that plan's bound (+15 %), far below the max_length plan."""
     model = build_tiny_llama(tmp_path / "model", hidden=64, layers=2)  # GPT-2's 50k vocabulary: logits dominate
-    data = tiny_recipe(model, tmp_path / "run", method="full", train={"max_steps": 4, "micro_batch_size": 8, "grad_accum": 1})
-    data["data"].update(max_length=512, max_train_rows=32, eval=None)
-    del data["lora"]
+    data = tiny_recipe(model, tmp_path / "run", method="full", train={"max_steps": 4, "micro_batch_size": 8, "grad_accum": 1},
+                       data={"max_length": 512, "max_train_rows": 32, "eval": None})
     path = write_recipe(data, tmp_path / "r.yaml")
     assert main(["plan", str(path), "--data-lengths", "--json"]) == 0
     sampled = json_output(capsys.readouterr().out)
