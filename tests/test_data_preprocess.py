@@ -65,8 +65,8 @@ def test_a_changed_template_or_source_is_named_by_the_fingerprint(tmp_path, tiny
     assert main(["preprocess", str(path)]) == 0
     assert load_preprocessed(load_recipe(path), tokenizer) is not None
 
-    with pytest.raises(UserError, match=r"data.prompt_template changed: .* -> 'Say {source}'; run `launcher preprocess` again"):
-        load_preprocessed(load_recipe(path, ["data.prompt_template=Say {source}"]), tokenizer)
+    with pytest.raises(UserError, match=r"data.max_length changed: 32 -> 48; run `launcher preprocess` again"):
+        load_preprocessed(load_recipe(path, ["data.max_length=48"]), tokenizer)
     saved = json.loads((tmp_path / "run" / "preprocessed" / "fingerprint.json").read_text())
     tokenizer.chat_template = tokenizer.chat_template.replace("<|im_start|>", "<|im_begin|>")
     assert stale(saved, inputs(load_recipe(path), tokenizer)) == "the tokenizer's chat template changed"
