@@ -23,7 +23,7 @@ LOSS_RTOL = 1e-5
 def recipe_for(model, folder, grad_accum: int):
     recipe = tiny_recipe(model, folder / "run", method="full", distributed={"strategy": "fsdp"},
                          train={"max_steps": STEPS, "save_every": SAVED, "keep_last": 2, "grad_accum": grad_accum})
-    recipe.pop("lora")
+    recipe.pop("lora", None)  # tiny_recipe drops it already under method full
     for key in ("eval", "max_eval_rows"):
         recipe["data"].pop(key)
     folder.mkdir(parents=True, exist_ok=True)

@@ -53,7 +53,7 @@ def _with_eval(path, model):
 
 def _full(path):
     recipe = yaml.safe_load(path.read_text())
-    recipe.pop("lora")
+    recipe.pop("lora", None)  # tiny_recipe drops it already under method full
     path.write_text(yaml.safe_dump(recipe))
     return path
 
