@@ -18,11 +18,3 @@ def tiny_model(tmp_path_factory) -> Path:
     """A 2-layer random Llama with the small ChatML tokenizer, built once per session."""
     return build_tiny_llama(tmp_path_factory.mktemp("tiny-llama"))
 
-
-def pytest_collection_modifyitems(config, items):
-    """Order for two workers (pytest-xdist, `--dist loadfile`: each module runs on one worker, so its module-scoped
-    runs are made once and shared): modules that launch processes first, so a long one does not start last on one
-    worker while the other sits idle."""
-    heavy = {item.module.__name__ for item in items
-             if item.get_closest_marker("multiproc") or item.get_closest_marker("slow")}
-    items.sort(key=lambda item: item.module.__name__ not in heavy)  # stable: file order kept within each part

@@ -69,7 +69,9 @@ def build_tied_llama(folder: Path, hidden: int = 1024, layers: int = 8) -> Path:
                          num_attention_heads=8, num_key_value_heads=8, max_position_embeddings=512,
                          eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, bos_token_id=None,
                          tie_word_embeddings=True)
-    LlamaForCausalLM(config).save_pretrained(folder)
+    model = LlamaForCausalLM(config)
+    model.lm_head.weight = model.model.embed_tokens.weight  # tied by hand: after in-process runs tie_weights() may not
+    model.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     return folder
 

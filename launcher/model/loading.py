@@ -331,12 +331,22 @@ def empty_base(path: str, recipe: Recipe, on_gpu: bool, labels: list[str] | None
     with init_empty_weights(include_buffers=False):
         model = unpartitioned_from_config(recipe.model.task, config, **base_kwargs(recipe, on_gpu))
     model.tie_weights()  # built on meta, a tied head is a parameter of its own (transformers 5.25): one again, as loaded
+    tie_head_by_hand(model)
     if model.can_generate():  # what from_pretrained reads beside the weights: generation defaults
         try:
             model.generation_config = GenerationConfig.from_pretrained(path)
         except OSError:
             pass  # none saved: the config's defaults, as from_pretrained keeps them
     return with_pad_id(model)
+
+
+def tie_head_by_hand(model) -> None:
+    """The head is the input embedding when the config says so, even where tie_weights() did not tie it (seen after
+    earlier runs in the same process): a rank with a head of its own would make one broadcast more than rank 0."""
+    head, embedding = model.get_output_embeddings(), model.get_input_embeddings()
+    tied = getattr(model.config.get_text_config(), "tie_word_embeddings", False)
+    if tied and head is not None and embedding is not None and head.weight is not embedding.weight:
+        head.weight = embedding.weight
 
 
 def with_pad_id(model):
