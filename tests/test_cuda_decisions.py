@@ -311,3 +311,18 @@ def test_a_stop_signal_during_a_long_eval_ends_it_between_batches_and_checkpoint
     records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records if r["kind"] == "eval"] == [0]
     assert sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir()) == ["step-1"]
+
+
+# ---------------------------------------------------------------- the smoke script itself does not rot on CPU
+
+def test_the_gpu_smoke_script_runs_every_check_cpu_can():
+    """GPU time is scarce: a smoke script that fails on its own recipes (e.g. a key a new rule refuses) would waste
+    it. Its dry run lists every check and runs the CPU-runnable ones, each of which must say ok."""
+    done = subprocess.run([sys.executable, str(REPO / "bench" / "gpu_smoke.py"), "--dry-run"], capture_output=True,
+                          text=True, timeout=300, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    results = [line for line in done.stdout.splitlines() if line.startswith("#")]
+    listed = [line.split()[0] for line in done.stdout.splitlines() if line.startswith("  #")]
+    assert done.returncode == 0 and len(results) == len(listed) >= 10, done.stdout[-3000:] + done.stderr[-2000:]
+    for line in results:
+        assert ": ok" in line or "skipped (GPU only)" in line, line
+    assert sum(": ok" in line for line in results) >= 6
