@@ -1,8 +1,9 @@
 """Full fine-tuning DPO: the reference's log-probabilities are scored once, before training, by the model as
 loaded (launcher/data/reference_logps.py), saved beside the data, and read back instead of scored again.
 
-One 1-process run (in-process) is the straight run; a 1-process run in two halves must equal it bitwise, and a
-2-process ZeRO-3 run in two halves must match it per step and reuse its own reference file on resume."""
+One 1-process run (in-process) is the straight run; a 1-process run in two halves must equal it bitwise, a
+2-process ZeRO-3 run in two halves must match it per step and reuse its own reference file on resume, and
+2-process DDP and FSDP2 runs must match it per step and in their final weights, scoring the reference once for both ranks."""
 from __future__ import annotations
 
 import json
@@ -88,6 +89,40 @@ def test_two_zero3_processes_match_one_and_a_resume_does_not_score_again(straigh
     assert sorted(two) == list(range(1, STEPS + 1))
     for step, loss in one.items():
         assert two[step] == pytest.approx(loss, rel=1e-5, abs=1e-7), step
+
+
+@pytest.mark.multiproc
+@pytest.mark.parametrize("distributed", [{"strategy": "ddp"}, {"strategy": "fsdp"}], ids=["ddp", "fsdp2"])
+def test_two_processes_match_one_and_share_one_reference_pass(straight, tmp_path, distributed):
+    """One launch each: the ranks score their shares of one pass (under FSDP2 on the sharded model, once rank 1,
+    built on meta, has received its shards), the main process writes one file, and both train from it."""
+    import torch
+    from launcher.distributed.rules import rules_for
+    from launcher.recipe.schema import Recipe
+    recipe = yaml.safe_load((straight / "full.yaml").read_text())
+    recipe["train"]["micro_batch_size"] = 1  # 1 x 2 accumulated x 2 ranks = the same 4 pairs a step
+    recipe["distributed"], recipe["output_dir"] = distributed, str(tmp_path / "run")
+    run = ok(launch_two(["train", write_recipe(recipe, tmp_path / "two.yaml")]))
+    assert run.stdout.count("reference log-probabilities of 18 pairs: computed") == 1
+    records = [reference_file(tmp_path / "run")] + [rank_record(tmp_path / "run", 1, "reference_file")]
+    assert [r["reference_logps"] for r in records] == ["computed", "computed"]
+    assert records[0]["reference_file"] == records[1]["reference_file"], "one file for both ranks"
+    ours = torch.load(records[0]["reference_file"], weights_only=True)
+    theirs = torch.load(reference_file(straight / "run")["reference_file"], weights_only=True)
+    for split in ("train", "eval"):
+        assert torch.allclose(ours[split], theirs[split], rtol=1e-5, atol=1e-5), split
+    reads = [rank_record(tmp_path / "run", rank, "read_weights")["read_weights"] for rank in (0, 1)]
+    rules = rules_for(Recipe.model_validate(recipe))
+    assert reads == [rules.reads_weights(2, rank) for rank in (0, 1)]
+    assert reads == ([True, False] if distributed["strategy"] == "fsdp" else [True, True])
+    one, two = train_losses(straight / "run"), train_losses(tmp_path / "run")
+    assert sorted(two) == list(range(1, STEPS + 1))
+    for step, loss in one.items():
+        assert two[step] == pytest.approx(loss, rel=1e-5, abs=1e-7), step
+    final, expected = load_tensors(tmp_path / "run" / "final"), load_tensors(straight / "run" / "final")
+    assert final.keys() == expected.keys()
+    for name, tensor in expected.items():
+        assert torch.allclose(final[name], tensor, rtol=0, atol=1e-5), name
 
 
 def test_a_killed_pass_restarts_from_its_written_parts_and_never_trusts_a_broken_one(tiny_model, tmp_path):
