@@ -3,7 +3,7 @@
 The two processes form one sequence group: both read the same rows, each trains on half of every
 row (the 64-token rows are longer than one rank's share), and DeepSpeed's attention all-to-alls
 heads for sequence so each still attends over the whole row. Per-step losses and gradient norms
-must equal a 1-process run on the same global batches within 1e-5: LoRA under ZeRO-2 against an
+must equal a 1-process run on the same global batches within 1e-5, and so must the saved weights: LoRA under ZeRO-2 against an
 in-process DDP run (eval loss and metrics too: eval runs whole rows), full fine-tuning under ZeRO-3
 against a 1-process ZeRO-3 run (the same engine: DeepSpeed sums a full model's squared gradients in
 another order than torch's clip_grad_norm_, about 1e-5 apart on their own). ZeRO-2 and ZeRO-3
@@ -20,9 +20,10 @@ from launcher.distributed.sequence import split_batch
 from launcher.model.loss import objective_count, target_count
 from launcher.recipe.formats import IGNORE
 from launcher.recipe.schema import Recipe
-from support import comparable_recipe, launch, launch_two, ok, rank_record, tiny_recipe
+from support import comparable_recipe, launch, launch_two, load_tensors, ok, rank_record, tiny_recipe
 
 RTOL = 1e-5
+WEIGHT_ATOL = 1e-5
 
 
 def _steps(run) -> dict[int, tuple[float, float]]:
@@ -58,6 +59,15 @@ def _full(path):
     return path
 
 
+def _same_weights(run, reference) -> None:
+    """The saved adapter (or model) equals the 1-process one: every gradient of every step went into it."""
+    import torch
+    got, want = load_tensors(run / "final"), load_tensors(reference / "final")
+    assert got.keys() == want.keys() and got
+    for name, tensor in want.items():
+        torch.testing.assert_close(got[name], tensor, atol=WEIGHT_ATOL, rtol=0, msg=name)
+
+
 def _split_on_every_rank(run) -> None:
     """DeepSpeed's engine ran with the sequence group (its all-to-all attention registered) on both processes."""
     assert [rank_record(run, rank, "sequence_parallel")["sequence_parallel"] for rank in (0, 1)] == [2, 2]
@@ -74,6 +84,7 @@ def test_lora_split_over_two_processes_matches_one(tiny_model, tmp_path):
     assert "2 micro x 2 accum x 1 sequence groups of 2 processes" in result.stdout
     _split_on_every_rank(tmp_path / "split" / "run")
     _same_steps(_steps(tmp_path / "split" / "run"), _steps(tmp_path / "one" / "run"))
+    _same_weights(tmp_path / "split" / "run", tmp_path / "one" / "run")
     seen, expected = _evals(tmp_path / "split" / "run"), _evals(tmp_path / "one" / "run")
     assert len(seen) == len(expected) == 2 and "eval_loss" in expected[0]
     for got, want in zip(seen, expected):
@@ -90,6 +101,7 @@ def test_full_fine_tuning_split_under_zero3_matches_one(tiny_model, tmp_path):
     ok(launch_two([split]))
     _split_on_every_rank(tmp_path / "split" / "run")
     _same_steps(_steps(tmp_path / "split" / "run"), _steps(tmp_path / "one" / "run"))
+    _same_weights(tmp_path / "split" / "run", tmp_path / "one" / "run")
 
 
 def test_split_keeps_targets_masks_and_positions(tiny_model, tmp_path):
