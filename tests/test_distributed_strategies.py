@@ -2,10 +2,10 @@
 
 Each strategy trains once on 2 processes; its losses and saved model are compared with a 1-process
 run on the same global batches (micro 4 x accum 2 on one process = micro 2 x accum 2 x 2 processes),
-run once per method and shared. The same 2-process runs are then resumed from their step-2
-checkpoint, on 2 and on 1 process (ZeRO full fine-tuning through a universal checkpoint, and under
-ZeRO-3 from 1 process back to 2). Launcher processes cost 10-15 s of imports each, so cases are
-combined rather than split into many launches.
+run once per method and shared. Some of the same 2-process runs are then resumed from their step-2
+checkpoint, on 2 and on 1 process (ZeRO-3 offload full fine-tuning through a universal checkpoint; the
+other ZeRO stages' resumes on another count are in test_distributed_world_size_zero.py). Launcher
+processes cost 10-15 s of imports each, so cases are combined rather than split into many launches.
 """
 import json
 import shutil
@@ -146,12 +146,11 @@ def test_resume_two_to_two_is_exact_and_two_to_one_holds_the_global_batch(name, 
         torch.testing.assert_close(value.float(), weights[key].float(), atol=WEIGHT_ATOL, rtol=0, msg=key)
 
 
-@pytest.mark.parametrize("name", ["zero1", "zero2", "zero3_offload"])
-def test_zero_full_fine_tuning_resumes_on_another_process_count_through_a_universal_checkpoint(name, two_process, reference):
-    """ZeRO's per-rank shards are converted once to a DeepSpeed universal checkpoint (launcher/checkpoint/universal.py),
-    which loads on one process with the global batch held. ZeRO-3 (its offload variant, whose 2-process run the
-    comparison above already makes) also reuses the conversion on a second resume and resumes 1 -> 2."""
-    recipe, run = two_process(name)
+def test_zero3_offload_full_fine_tuning_resumes_on_one_process_through_a_universal_checkpoint(two_process, reference):
+    """ZeRO-3 with its optimiser offloaded to the CPU, stopped at step 2 on 2 processes, resumes on 1 through its
+    universal conversion with the global batch held. ZeRO-1/2/3 without offload, the reuse of a conversion and
+    1 -> 2 are specified in test_distributed_world_size_zero.py."""
+    recipe, run = two_process("zero3_offload")
     expected = train_losses(reference("full"))
     rewind(run, 2)
     one = ok(launch([recipe]))
@@ -160,31 +159,6 @@ def test_zero_full_fine_tuning_resumes_on_another_process_count_through_a_univer
         assert train_losses(run)[step] == pytest.approx(expected[step], rel=LOSS_RTOL), (train_losses(run), expected)
     converted = run / "checkpoints" / "step-2" / "universal"
     assert converted.is_dir() and not converted.with_name("universal.tmp").exists()
-    if name == "zero3_offload":
-        reuse_the_conversion_then_resume_one_to_two(recipe, run, expected, load_tensors(reference("full") / "final"))
-
-
-def reuse_the_conversion_then_resume_one_to_two(recipe: Path, run: Path, expected: dict, weights: dict) -> None:
-    """A second 1-process resume from step 2 reuses universal/ untouched and saves step 3 (written by 1 process);
-    that checkpoint resumed on 2 processes is converted in turn and gives step 4 and the final weights."""
-    import torch
-    state_file = run / "checkpoints" / "step-2" / "universal" / "pytorch_model" / "zero" / "optimizer_state.pt"
-    written = state_file.stat().st_mtime_ns
-    rewind(run, 2)
-    again = ok(launch([recipe, "train.save_every=1"]))
-    assert "reusing the conversion of" in again.stdout and "converted " not in again.stdout
-    assert state_file.stat().st_mtime_ns == written
-    assert train_losses(run)[3] == pytest.approx(expected[3], rel=LOSS_RTOL)
-    assert json.loads((run / "checkpoints" / "step-3" / "trainer_state.json").read_text())["world_size"] == 1
-
-    rewind(run, 3)
-    two = ok(launch_two([recipe]))
-    assert "resuming on 2 processes (the checkpoint was written by 1)" in two.stdout
-    assert "8 = 2 micro x 2 accum x 2 processes" in two.stdout  # the header: grad_accum back to the recipe's 2
-    assert two.stdout.count("converted ") == 1 and (run / "checkpoints" / "step-3" / "universal").is_dir()
-    assert train_losses(run)[4] == pytest.approx(expected[4], rel=LOSS_RTOL), (train_losses(run), expected)
-    for key, value in load_tensors(run / "final").items():
-        torch.testing.assert_close(value.float(), weights[key].float(), atol=WEIGHT_ATOL, rtol=0, msg=key)
 
 
 def test_failing_rank_ends_the_launch_with_its_error(tmp_path, model):
