@@ -194,6 +194,8 @@ def test_long_context_recipe_plans_activations_over_the_sequence_split_and_names
     first = json.loads(capsys.readouterr().out)["suggestions"][0]
     assert first["overrides"] == ["distributed.sequence_parallel=2"] and first["fits"]
     assert "sequence parallelism" in first["change"]
+    assert main(["plan", str(path), "--json"]) == 0  # as its header runs it, without --gpus: the split's 8 processes
+    assert json.loads(capsys.readouterr().out)["world_size"] == 8
 
 
 def test_hsdp_divides_weights_by_the_shard_group_not_the_world(capsys):

@@ -77,7 +77,8 @@ def lengths_line(found: dict) -> str:
 
 
 def add_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--gpus", type=int, help="GPUs (processes) per node; default: distributed.num_processes or 1")
+    parser.add_argument("--gpus", type=int, help="GPUs (processes) per node; default: distributed.num_processes, else the fewest the mesh keys allow "
+                        "(their product: sequence_parallel 8 plans 8), else 1")
     parser.add_argument("--nodes", type=int, default=1, help="nodes (default 1)")
     parser.add_argument("--gpu-memory", type=float, metavar="GiB",
                         help=f"memory per GPU; default: memory.gpu_gib, else {DEFAULT_GPU_GIB:g}")
@@ -93,7 +94,7 @@ def run(args: argparse.Namespace) -> int:
     if Path(args.recipe).is_dir():
         return run_dir_plan(args)
     recipe = load_recipe(args.recipe, args.overrides)
-    gpus = args.gpus or recipe.distributed.num_processes or 1
+    gpus = args.gpus or recipe.distributed.num_processes or mesh.smallest_world(recipe) // args.nodes or 1
     hybrid = mesh.hybrid_overrides(recipe, args.nodes, gpus)
     if hybrid:  # as `launcher slurm submit` runs it: shard inside each node, replicate across nodes
         recipe = load_recipe(args.recipe, [*args.overrides, *hybrid])
@@ -127,7 +128,7 @@ def run_dir_plan(args: argparse.Namespace) -> int:
     recipe = load_run(run.root, args.overrides)
     record = next((r for r in reversed(read_metrics(run.metrics)) if r.get("kind") == "memory"), None)
     device = (record or {}).get("device", "cuda")
-    world = args.gpus or (record or {}).get("world_size") or recipe.distributed.num_processes or 1
+    world = args.gpus or (record or {}).get("world_size") or recipe.distributed.num_processes or mesh.smallest_world(recipe)
     result = (plan_with_advice(recipe, world, args.gpu_memory, args.nodes, args.node_memory) if device == "cuda"
               else planner.plan(recipe, world, args.gpu_memory, device=device, nodes=args.nodes, node_gib=args.node_memory))
     planned = {"training": result.train_peak_bytes, "evaluation": result.eval_peak_bytes, "peak": result.peak_bytes}

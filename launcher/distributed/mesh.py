@@ -92,6 +92,12 @@ def _check_ulysses(recipe: Recipe, sp: int) -> None:
                         "flash_attention_2 (eager builds the whole row's mask); set attn_implementation: sdpa")
 
 
+def smallest_world(recipe: Recipe) -> int:
+    """The fewest processes the recipe's mesh keys allow (their product): what a plan assumes when it is not told."""
+    dist = recipe.distributed
+    return (dist.replicate or 1) * (dist.shard or 1) * dist.sequence_parallel * dist.context_parallel
+
+
 def mesh_for(recipe: Recipe, world: int) -> Mesh:
     """The mesh of `world` processes, the unset replicate/shard filled in; refuses one that does not multiply to `world`."""
     dist = recipe.distributed

@@ -36,7 +36,7 @@ from launcher.memory import zero as zero3
 from launcher.memory.host import HostPlan, host_plan
 from launcher.memory.inventory import Inventory, inventory, resolved_dtypes
 from launcher.recipe.schema import Recipe
-from launcher.distributed.mesh import Mesh, mesh_for
+from launcher.distributed.mesh import Mesh, mesh_for, smallest_world
 from launcher.distributed.rules import rules_for
 
 GIB = 2**30
@@ -252,7 +252,7 @@ def plan(recipe: Recipe, world: int | None = None, gpu_gib: float | None = None,
     resolved as on `device` (cpu: for comparing with a CPU run), and node 0's host memory over `nodes` nodes
     against `node_gib` (default memory.node_gib; see launcher/memory/host.py). The mesh (launcher/distributed/mesh.py)
     divides the model state by the shard group and the activations by the sequence split."""
-    world = world or recipe.distributed.num_processes or 1
+    world = world or recipe.distributed.num_processes or smallest_world(recipe)
     grid = mesh_for(recipe, world)
     shards = shard_group(grid)
     inv = inventory(recipe, device)
