@@ -109,3 +109,17 @@ def test_sequence_parallel_recipe_validates_and_context_split_waits_for_the_loop
     check(Recipe.model_validate(ulysses), Target("cpu", 4))
     with pytest.raises(UserError, match="does not train with it yet; set distributed.context_parallel: 1"):
         check(recipe_with(tiny_model, tmp_path, strategy="fsdp", context_parallel=2), Target("cuda", 2))
+
+
+def test_slurm_render_refuses_a_job_whose_processes_cannot_form_the_mesh(tiny_model, tmp_path, capsys):
+    """The script would start, load, and die at the first mesh check: render and submit say so before."""
+    from support import write_recipe
+
+    from launcher.cli import main
+    split = tiny_recipe(tiny_model, tmp_path / "run", distributed={"strategy": "deepspeed", "deepspeed": "zero2",
+                                                                   "sequence_parallel": 4})
+    recipe = write_recipe(split, tmp_path / "r.yaml")
+    assert main(["slurm", "render", str(recipe), "--gpus-per-node", "2"]) == 2
+    assert "distributed.sequence_parallel 4 does not divide the 2 processes" in capsys.readouterr().err
+    assert main(["slurm", "render", str(recipe), "--nodes", "2", "--gpus-per-node", "2"]) == 0
+    assert "sbatch" in capsys.readouterr().out.lower()

@@ -33,6 +33,8 @@ def run(args: argparse.Namespace) -> int:
     spec, run_dir = job_from_args(args), Path(recipe.output_dir)
     # FSDP2 over several nodes: shard inside each node, replicate across them, unless the recipe chose its mesh
     args.overrides = [*args.overrides, *mesh.hybrid_overrides(recipe, spec.nodes, spec.world_size // spec.nodes)]
+    # a job whose mesh its processes cannot form would die once it starts, hours later: refuse it now
+    mesh.mesh_for(load_recipe(args.recipe, args.overrides), spec.world_size)
     if args.action == "render":
         print(slurm.sbatch_script(args.recipe, run_dir, spec, args.overrides), end="")
         return 0
