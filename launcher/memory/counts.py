@@ -7,6 +7,7 @@ scales beside them. Imports no torch at module level.
 """
 from __future__ import annotations
 
+import gc
 import math
 from dataclasses import dataclass
 
@@ -139,8 +140,6 @@ def process_parameter_bytes() -> int:
     """Bytes held by every parameter alive in this process, whichever model or wrapper holds it: equal to the trained
     model's `parameter_bytes` when it is the only model here (a second copy, sharded or not, would add its own).
     Collects garbage first and walks the garbage collector's objects: a fraction of a second, so called once a run."""
-    import gc
-
     import torch
     gc.collect()
     total = 0
