@@ -207,10 +207,12 @@ def test_two_ddp_processes_match_one_per_step(straight, tmp_path):
 
 
 @pytest.mark.multiproc
-@pytest.mark.parametrize("distributed", [{"strategy": "deepspeed", "deepspeed": "zero3"}, {"strategy": "fsdp"}],
-                         ids=["zero3", "fsdp2"])
+@pytest.mark.parametrize("distributed", [{"strategy": "deepspeed", "deepspeed": "zero2"},
+                                         {"strategy": "deepspeed", "deepspeed": "zero3"}, {"strategy": "fsdp"}],
+                         ids=["zero2", "zero3", "fsdp2"])
 def test_two_sharded_processes_match_one_per_step(straight, tmp_path, distributed):
-    """LoRA DPO under ZeRO-3 and FSDP2: the reference (adapter disabled) runs inside the sharded model."""
+    """LoRA DPO under ZeRO-2 (the adapters' gradients and optimiser state partitioned), ZeRO-3 and FSDP2 (the weights
+    too): the reference (adapter disabled) runs inside the DeepSpeed engine or the sharded model."""
     recipe = yaml.safe_load((straight / "dpo.yaml").read_text())
     recipe["train"]["micro_batch_size"], recipe["distributed"], recipe["output_dir"] = 1, distributed, str(tmp_path / "run")
     for key in ("eval", "max_eval_rows"):  # evaluation changes no step, and costs most of a sharded run's time

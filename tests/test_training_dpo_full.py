@@ -3,7 +3,11 @@ loaded (launcher/data/reference_logps.py), saved beside the data, and read back 
 
 One 1-process run (in-process) is the straight run; a 1-process run in two halves must equal it bitwise, a
 2-process ZeRO-3 run in two halves must match it per step and reuse its own reference file on resume, and
-2-process DDP and FSDP2 runs must match it per step and in their final weights, scoring the reference once for both ranks."""
+2-process DDP and FSDP2 runs must match it per step and in their final weights, scoring the reference once for both ranks.
+Every 2-process run holds one model per rank: each rank's parameters alive after the reference pass are the model's own.
+
+Full DPO under ZeRO-1/2 is not run: the launcher has no code of its own per ZeRO stage (the stage is DeepSpeed's
+JSON), so its reference pass is ZeRO-3's engine forward (tested here) on unsharded weights (DDP's, tested here)."""
 from __future__ import annotations
 
 import json
@@ -32,6 +36,15 @@ def full_recipe(model, folder) -> dict:
 
 def reference_file(run):
     return rank_record(run, 0, "reference_file")
+
+
+def one_model_held(run, share: float) -> None:
+    """Each rank's parameters, all of them alive in the process after the reference pass, are the trained model's own
+    (`share` of the whole model): a reference copy, loaded whole or sharded, would add its own bytes."""
+    for rank in (0, 1):
+        model, alive = rank_record(run, rank, "parameter_bytes"), rank_record(run, rank, "process_parameter_bytes")
+        assert alive["process_parameter_bytes"] == model["parameter_bytes"], (rank, alive, model)
+        assert model["parameter_bytes"] == pytest.approx(share * model["full_parameter_bytes"], rel=0.02), (rank, model)
 
 
 @pytest.fixture(scope="module")
@@ -85,6 +98,7 @@ def test_two_zero3_processes_match_one_and_a_resume_does_not_score_again(straigh
     assert os.stat(target).st_mtime_ns == written
     records = [json.loads(line) for line in (tmp_path / "run" / "logs" / "rank-1.jsonl").read_text().splitlines()]
     assert [r["reference_logps"] for r in records if "reference_logps" in r] == ["computed", "reused"]
+    one_model_held(tmp_path / "run", share=0.5)  # ZeRO-3: one partitioned model, no second copy for the reference
     one, two = train_losses(straight / "run"), train_losses(tmp_path / "run")
     assert sorted(two) == list(range(1, STEPS + 1))
     for step, loss in one.items():
@@ -115,6 +129,7 @@ def test_two_processes_match_one_and_share_one_reference_pass(straight, tmp_path
     rules = rules_for(Recipe.model_validate(recipe))
     assert reads == [rules.reads_weights(2, rank) for rank in (0, 1)]
     assert reads == ([True, False] if distributed["strategy"] == "fsdp" else [True, True])
+    one_model_held(tmp_path / "run", share=0.5 if distributed["strategy"] == "fsdp" else 1.0)
     one, two = train_losses(straight / "run"), train_losses(tmp_path / "run")
     assert sorted(two) == list(range(1, STEPS + 1))
     for step, loss in one.items():

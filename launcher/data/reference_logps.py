@@ -3,7 +3,9 @@
 Without an adapter to disable, the reference would be a second copy of the model. Instead, before the
 first step, one pass of the model as loaded (eval mode, no gradients) scores the chosen and the rejected
 reply of every train and eval pair; the values become a column of the tokenised sets (REFERENCE), and
-each batch carries its own. ZeRO-3 and FSDP2 runs thus hold one model, and a step runs one forward.
+each batch carries its own. ZeRO-3 and FSDP2 runs thus hold one model, and a step runs one forward; the rank
+log shows it: process_parameter_bytes, every parameter alive in the process once the values are there, equals
+the trained model's own parameter_bytes (a shard per rank under ZeRO-3 and FSDP2).
 
 The values are saved beside the preprocessed data (cache.folder(recipe)/reference-logps/KEY.pt), KEY
 being a digest of what they depend on: the tokenised data's inputs (cache.inputs, file times left out),
@@ -30,6 +32,7 @@ from launcher.data import cache
 from launcher.data.batching import collate_pairs, eval_batches
 from launcher.data.encode import Datasets
 from launcher.data.preference import REFERENCE
+from launcher.memory.counts import process_parameter_bytes
 from launcher.model import preference
 from launcher.recipe.schema import Recipe
 
@@ -193,7 +196,8 @@ def attach_reference(accelerator, model, data: Datasets, recipe: Recipe, tokeniz
     console.print(f"reference log-probabilities of {pairs} pairs: "
                   f"{'reused (not recomputed)' if reused else f'computed in {seconds} s'}, {target}")
     return {"reference_logps": "reused" if reused else "computed", "reference_file": str(target),
-            "reference_pairs": pairs, "reference_seconds": seconds}
+            "reference_pairs": pairs, "reference_seconds": seconds,
+            "process_parameter_bytes": process_parameter_bytes()}  # one model here: its parameter_bytes, no more
 
 
 def with_base_reference(accelerator, base_model, dataset, batch_size: int, pad_id: int):

@@ -7,6 +7,7 @@ scales beside them. Imports no torch at module level.
 """
 from __future__ import annotations
 
+import gc
 import math
 from dataclasses import dataclass
 
@@ -117,18 +118,45 @@ def state_bytes(params, name: str) -> int:
     return total
 
 
+def local_part(param):
+    """The tensor this rank really holds of a parameter: a ZeRO-3 placeholder's partition (ds_tensor), an FSDP2
+    DTensor's local shard, else the parameter itself."""
+    if hasattr(param, "ds_tensor"):
+        return param.ds_tensor
+    return param.to_local() if hasattr(param, "to_local") else param
+
+
 def parameter_bytes(model) -> dict:
     """Bytes of parameters this rank really holds (a shard under FSDP2 and ZeRO-3), and of the whole model."""
     local = full = 0
     for param in model.parameters():
-        if hasattr(param, "ds_tensor"):  # ZeRO-3: a placeholder; ds_tensor is this rank's partition
-            local += param.ds_tensor.numel() * param.ds_tensor.element_size()
-            full += param.ds_numel * param.ds_tensor.element_size()
-            continue
-        held = param.to_local() if hasattr(param, "to_local") else param  # FSDP2: a DTensor shard
+        held = local_part(param)
         local += held.numel() * held.element_size()
-        full += param.numel() * param.element_size()
+        full += (param.ds_numel if hasattr(param, "ds_tensor") else param.numel()) * held.element_size()
     return {"parameter_bytes": local, "full_parameter_bytes": full}
+
+
+def process_parameter_bytes() -> int:
+    """Bytes held by every parameter alive in this process, whichever model or wrapper holds it: equal to the trained
+    model's `parameter_bytes` when it is the only model here (a second copy, sharded or not, would add its own).
+    Collects garbage first and walks the garbage collector's objects: a fraction of a second, so called once a run."""
+    import torch
+    gc.collect()
+    total = 0
+    for item in gc.get_objects():  # each object once
+        kind = type(item)  # not isinstance: it reads __class__, which a few deprecated torch objects answer with a warning
+        if issubclass(kind, torch.nn.Parameter) or (issubclass(kind, torch.Tensor) and getattr(item, "_is_param", False)):
+            total += _resident(item)  # _is_param: a tensor subclass made a Parameter (FSDP2's DTensors)
+    return total
+
+
+def _resident(param) -> int:
+    """Bytes of a parameter's local part, but 0 for one with no memory behind it: on meta, or FSDP2's full-size
+    unsharded parameter, whose storage is freed (resized to 0) while the module is sharded."""
+    held = local_part(param)
+    if held.device.type == "meta":
+        return 0
+    return min(held.numel() * held.element_size(), held.untyped_storage().nbytes())
 
 
 def four_bit_bytes(numel: int, double_quant: bool, blocksize: int = 64) -> int:
