@@ -259,7 +259,7 @@ def check_paths(recipe: Recipe, path: Path) -> None:
                 raise UserError(f"{path}: key 'data.{key}': file not found: {entry.path}")
     model_path = recipe.model.path
     looks_local = model_path.startswith(("/", ".", "~")) or os.path.isabs(model_path)
-    if looks_local and not Path(model_path).expanduser().exists():
+    if looks_local and not Path(model_path).exists():
         raise UserError(f"{path}: key 'model.path': folder not found: {model_path}")
 
 

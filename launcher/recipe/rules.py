@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 from launcher.recipe.formats import FORMATS, LOWER_IS_BETTER, formats_for_task, generated_formats
+from launcher.recipe.objective import reference_precomputed
 
 # LoRA inits that move each weight's top directions into the adapter and leave the residual in the base weights,
 # so the adapter is converted to plain LoRA at export (it needs the whole model in one process then).
@@ -61,8 +62,12 @@ SCOPES = (
     Scope(("data.system_prompt",), "data.format", ("instruction", "translation", "completion", "qa", "preference"), _all_formats),
     Scope(("train.decay_rate", "train.decay_steps"), "train.schedule", ("exponential",), lambda r: {r.train.schedule}),
     Scope(("data.max_eval_rows",), "data.eval", (), lambda r: {"data.eval"} if r.data.eval else set()),
-    Scope(("train.eval_every", "train.eval_batch_size", "eval.metric", "eval.greater_is_better"),
+    # what only an evaluation reads (`launcher generate` reads the other generation keys, with or without eval data)
+    Scope(("train.eval_every", "eval.metric", "eval.greater_is_better", "eval.samples", "eval.generate_rows"),
           "data.eval or data.eval_fraction", (), _evaluated),
+    # the eval batch is also the batch of full-fine-tuning DPO's reference pass (data/reference_logps.py)
+    Scope(("train.eval_batch_size",), "data.eval or data.eval_fraction, or objective dpo with method full", (),
+          lambda r: _evaluated(r) | ({"dpo with method full"} if reference_precomputed(r) else set())),
     Scope(("report.project",), "report.trackers", (), lambda r: set(r.report.trackers)),
 )
 
