@@ -75,8 +75,8 @@ def parse(argv: list[str]) -> argparse.Namespace:
 
 def refused(message: str) -> int:
     """One `error:` line (prefixed by the rank under several processes); exit status 2."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    prefix = f"[rank {os.environ.get('RANK', '0')}] " if world > 1 else ""
+    world, rank = os.environ.get("WORLD_SIZE", "1"), os.environ.get("RANK", "0")  # as set: they may be what is refused
+    prefix = f"[rank {rank}] " if world.isdigit() and int(world) > 1 and rank.isdigit() else ""
     print(f"{prefix}error: {message}", file=sys.stderr)
     return 2
 

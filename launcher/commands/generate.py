@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 from typing import Callable
 
+from launcher.commands import whole
 from launcher.data.encode import Encoder
 from launcher.data.sources import sources_of
 from launcher.errors import UserError
@@ -36,7 +37,7 @@ def add_options(parser: argparse.ArgumentParser) -> None:
     given.add_argument("--file", help="a text file with one prompt per line")
     parser.add_argument("--checkpoint", choices=["final", "best", "base"], default="final",
                         help="which model answers: the run's final (default) or best, or the base model")
-    parser.add_argument("--max-new-tokens", type=int, help="default: the recipe's eval.max_new_tokens")
+    parser.add_argument("--max-new-tokens", type=whole(1), help="default: the recipe's eval.max_new_tokens")
 
 
 def run(args: argparse.Namespace) -> int:

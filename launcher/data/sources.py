@@ -14,7 +14,8 @@ from pathlib import Path
 from typing import Iterator
 
 from launcher.data import fingerprint, prompts, rows
-from launcher.data.rows import FILE_TYPES, checked_rows, every_row, field_plan, file_rows
+from launcher.data.readers import FILE_TYPES, every_row
+from launcher.data.rows import checked_rows, field_plan, file_rows
 from launcher.errors import UserError
 from launcher.recipe.schema import DataSection, Recipe
 

@@ -17,8 +17,9 @@ from launcher.recipe.objective import reference_precomputed
 # LoRA inits that move each weight's top directions into the adapter and leave the residual in the base weights,
 # so the adapter is converted to plain LoRA at export (it needs the whole model in one process then).
 RESIDUAL_INITS = ("pissa", "olora")
-# What each prompt template may name (str.format placeholders).
+# What each prompt template may name (str.format placeholders), and the one it must: without it every row's prompt is the same.
 TEMPLATE_FIELDS = {"prompt_template": {"source_lang", "target_lang", "source"}, "qa_template": {"question", "context"}}
+TEMPLATE_NEEDS = {"prompt_template": "source", "qa_template": "question"}
 
 
 @dataclass(frozen=True)
@@ -148,6 +149,9 @@ def data_rules(data) -> None:
         if unknown:
             raise ValueError(f"data.{key}: unknown placeholder {{{unknown[0]}}}; it may use "
                              f"{', '.join('{' + n + '}' for n in sorted(allowed))}")
+        if TEMPLATE_NEEDS[key] not in names:
+            raise ValueError(f"data.{key}: has no {{{TEMPLATE_NEEDS[key]}}}, so every row would get the same prompt; "
+                             f"put {{{TEMPLATE_NEEDS[key]}}} where the row's {TEMPLATE_NEEDS[key]} goes")
 
 
 def format_rules(recipe) -> None:
