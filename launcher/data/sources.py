@@ -129,6 +129,9 @@ class Classes:
 
     def close(self, source: Source) -> None:
         if self.collecting is not None and self.known is None:
+            if len(self.collecting) < 2:  # one class: its head would learn nothing a constant does not say
+                raise UserError(f"{source.label}: every row's label is {next(iter(self.collecting))!r}; a classifier "
+                                "needs at least two classes (list them in data.labels when the others are in other sources)")
             self.known, self.origin = self.collecting, f"the labels of {source.label}"
 
 

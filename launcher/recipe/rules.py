@@ -138,6 +138,15 @@ def data_rules(data) -> None:
     for which in ("train", "eval"):
         if getattr(data, which) == []:
             raise ValueError(f"data.{which}: an empty list of sources; give a path or at least one source")
+    for which in ("train", "eval"):  # the same file read the same way twice: epochs or weight say how often
+        seen: dict[tuple, int] = {}
+        for index, entry in enumerate(data.entries(which)):
+            fields = entry.fields if entry.fields is not None else data.fields
+            key = (entry.path, entry.name, entry.split, entry.format or data.format, tuple(sorted(fields.items())), entry.max_rows)
+            if key in seen:
+                raise ValueError(f"data.{which}[{index}]: the same source as data.{which}[{seen[key]}] ({entry.path}, read the "
+                                 f"same way); give it once{', with epochs or weight to read it more' * (which == 'train')}")
+            seen[key] = index
     if data.labels is not None and len(set(data.labels)) != len(data.labels):
         raise ValueError(f"data.labels: {next(n for n in data.labels if data.labels.count(n) > 1)!r} is listed twice")
     for key, allowed in TEMPLATE_FIELDS.items():
