@@ -46,6 +46,8 @@ def recipe_cases() -> list[Case]:
              t, TRANSLATION, {"train": {"max_steps": 1, "eval_batch_size": 4}}),
         Case("warmup-past-max-steps", "train.warmup_steps 3 is more than the run's 1 steps (train.max_steps)", t,
              TRANSLATION, {"train": {"max_steps": 1, "warmup_steps": 3}}),
+        Case("epochs-with-max-steps", "train.epochs: applies only with train.max_steps null (this recipe has 1)", t,
+             TRANSLATION, {"train": {"max_steps": 1, "epochs": 3}}),
         Case("home-of-no-user", "key 'output_dir': there is no user 'no_such_user_here'", t, TRANSLATION,
              {"output_dir": "~no_such_user_here/run"}),
         Case("long-value-shown-cut", "key 'train.lr': Input should be a valid number (got [0, 1, 2, 3, 4, 5, 6, 7, ...])",

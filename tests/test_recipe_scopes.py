@@ -36,6 +36,7 @@ AWAY_AND_BACK = {
     "data.prompt_template": ({"data": {"train": "t.jsonl", "format": "text"}}, {}),
     "data.qa_template": ({}, {"data": {"train": "t.jsonl", "format": "qa"}}),
     "data.system_prompt": ({"data": {"train": "t.jsonl", "format": "text"}}, {}),
+    "train.epochs": ({"train": {"max_steps": 5}}, {}),
     "train.decay_rate": ({"train": {"schedule": "cosine"}}, {"train": {"schedule": "exponential"}}),
     "data.max_eval_rows": ({"data": {**BASE["data"], "eval_fraction": 0.2}}, {"data": {**BASE["data"], "eval": "t.jsonl"}}),
     "train.eval_every": ({}, {"data": {**BASE["data"], "eval_fraction": 0.2}}),
@@ -46,7 +47,7 @@ AWAY_AND_BACK = {
 VALUES = {"data.packing": True, "data.labels": ["a", "b"], "eval.max_new_tokens": 8, "eval.generate_rows": 4,
           "data.prompt_template": "{source}", "data.qa_template": "{question}", "data.system_prompt": "Be brief.",
           "train.decay_rate": 0.5, "data.max_eval_rows": 4, "train.eval_every": 2, "report.project": "p",
-          "distributed.deepspeed": "zero2", "quant.type": "fp4", "train.eval_batch_size": 2}
+          "distributed.deepspeed": "zero2", "quant.type": "fp4", "train.eval_batch_size": 2, "train.epochs": 2.0}
 
 
 def merged(*changes: dict) -> dict:

@@ -61,6 +61,7 @@ SCOPES = (
     Scope(("data.prompt_template", "data.source_lang", "data.target_lang"), "data.format", ("translation",), _all_formats),
     Scope(("data.qa_template",), "data.format", ("qa",), _all_formats),
     Scope(("data.system_prompt",), "data.format", ("instruction", "translation", "completion", "qa", "preference"), _all_formats),
+    Scope(("train.epochs",), "train.max_steps", ("null",), lambda r: {"null" if r.train.max_steps is None else str(r.train.max_steps)}),
     Scope(("train.decay_rate", "train.decay_steps"), "train.schedule", ("exponential",), lambda r: {r.train.schedule}),
     Scope(("data.max_eval_rows",), "data.eval", (), lambda r: {"data.eval"} if r.data.eval else set()),
     # what only an evaluation reads (`launcher generate` reads the other generation keys, with or without eval data)

@@ -176,7 +176,7 @@ class DataSection(Section):
 
 
 class TrainSection(Section):
-    epochs: float | None = Field(1.0, gt=0, description="Passes over the training data (ignored when max_steps is set).", json_schema_extra=RESUMABLE)
+    epochs: float | None = Field(1.0, gt=0, description="Passes over the training data (when max_steps is null).", json_schema_extra=RESUMABLE)
     max_steps: int | None = Field(None, ge=1, description="Optimiser steps to train; overrides epochs.", json_schema_extra=RESUMABLE)
     micro_batch_size: int = Field(4, ge=1, description="Examples per process per forward pass.", json_schema_extra=RESUMABLE)
     grad_accum: int = Field(1, ge=1, description="Micro-batches per optimiser step.", json_schema_extra=RESUMABLE)
