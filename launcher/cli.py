@@ -82,9 +82,9 @@ def refused(message: str) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    quiet_libraries()
-    args = parse(sys.argv[1:] if argv is None else argv)
     try:
+        quiet_libraries()
+        args = parse(sys.argv[1:] if argv is None else argv)  # imports the verb's module (torch): Ctrl-C may come here
         status = command(args.verb).run(args)
         sys.stdout.flush()  # inside the try: a reader that left early surfaces here
         return status

@@ -124,6 +124,19 @@ def test_a_launcher_variable_or_cache_the_run_cannot_use_is_one_line(tmp_path, e
     assert done.returncode == 2 and done.stderr.count("\n") == 1 and expected in done.stderr, done.stderr
 
 
+def test_ctrl_c_while_the_modules_import_is_one_line_and_130(tmp_path):
+    """`launcher train` spends its first seconds importing torch (before main's try): Ctrl-C there was a traceback."""
+    import signal
+    import time
+    recipe, _ = build(tmp_path, Case("ctrl-c", "", {"t.jsonl": jsonl(pairs())}, TRANSLATION))
+    started = subprocess.Popen([sys.executable, "-m", "launcher", "train", str(recipe)], stderr=subprocess.PIPE, text=True,
+                               env={**os.environ, "PYTHONPATH": str(REPO)})
+    time.sleep(0.5)
+    started.send_signal(signal.SIGINT)
+    err = started.communicate(timeout=120)[1]
+    assert started.returncode == 130 and err.strip() == "interrupted", err
+
+
 # ---------------------------------------------------------------- command-line options
 
 @pytest.mark.parametrize("argv,expected", [
