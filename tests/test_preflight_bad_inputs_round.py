@@ -58,6 +58,7 @@ def recipe_cases() -> list[Case]:
              text=base + "lora: {target_modules: &m [*m]}\n"),
         Case("aliases-expanding", "expands to more than 100000 values (aliases repeated inside aliases)", t,
              text=base + "freeze:\n  x0: &a0 [x, x, x, x, x, x, x, x, x, x]\n" + "".join("  " + line + "\n" for line in LAUGHS.splitlines())),
+        Case("preprocessed-dir-a-file", "data.preprocessed_dir ", t, {**TRANSLATION, "preprocessed_dir": "t.jsonl"}),
         Case("same-source-twice", "data.train[1]: the same source as data.train[0]", t,
              {**TRANSLATION, "train": [{"path": "t.jsonl"}, {"path": "t.jsonl"}]}),
     ]
@@ -152,6 +153,26 @@ def test_a_number_option_out_of_range_is_refused_by_the_parser(tmp_path, capsys,
     with pytest.raises(SystemExit) as stopped:
         main(argv)
     assert stopped.value.code == 2 and expected in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv,expected", [
+    (["recipes", "copy", "quickstart", "/proc/launcher-test/q.yaml"], "recipes copy: DEST /proc/launcher-test: cannot be made"),
+    (["recipes", "copy", "quickstart", "FILE/q.yaml"], "recipe.yaml: is a file, not a folder; choose another DEST"),
+    (["preprocess", "R", "data.preprocessed_dir=/proc/launcher-test"], "data.preprocessed_dir /proc/launcher-test: cannot be made"),
+    (["preprocess", "FOLDER"], "recipe file is a folder, not a file"),
+    (["generate", "FOLDER", "--file", "FOLDER"], "generate --file: FOLDER is a folder, not a file"),
+    (["generate", "FOLDER", "--file", "WIDE"], "generate --file: WIDE: byte 0xff at offset 0 is not UTF-8"),
+])
+def test_a_destination_or_input_a_verb_cannot_use_is_one_line(tmp_path, capsys, argv, expected):
+    """Each was a traceback (FileNotFoundError, NotADirectoryError, UnicodeDecodeError) or 'not found' for a folder."""
+    recipe, _ = build(tmp_path, Case("verbs", "", {"t.jsonl": jsonl(pairs())}, TRANSLATION))
+    (tmp_path / "wide.txt").write_bytes("a prompt\n".encode("utf-16"))
+    names = {"R": str(recipe), "FILE": str(recipe), "FOLDER": str(tmp_path), "WIDE": str(tmp_path / "wide.txt")}
+    argv = [names.get(part.split("/")[0], part.split("/")[0]) + part[len(part.split("/")[0]):] for part in argv]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert expected.replace("FOLDER", str(tmp_path)).replace("WIDE", str(tmp_path / "wide.txt")) in err, err
+    assert err.count("\n") == 1
 
 
 @pytest.mark.parametrize("option,expected", [

@@ -25,6 +25,13 @@ def check_output_dir(recipe: Recipe) -> None:
     """output_dir must be a folder, or creatable, and writable; so must the datasets cache, where train writes the
     rows it reads (a read-only or unmakeable HF_HOME would otherwise end in a traceback after the model's checks)."""
     check_folder(Path(recipe.output_dir), "output_dir", "choose a folder you can write to")
+    check_datasets_cache()
+    shared = recipe.data.preprocessed_dir  # read by train, written by `launcher preprocess` (which checks that)
+    if shared and Path(shared).exists() and not Path(shared).is_dir():
+        raise UserError(f"data.preprocessed_dir {shared}: is a file, not a folder; choose a folder")
+
+
+def check_datasets_cache() -> None:
     cache, given_by = datasets_cache()
     check_folder(cache, f"the datasets cache ({given_by})", "set HF_DATASETS_CACHE to a folder you can write to")
 

@@ -144,7 +144,7 @@ def _refuse_expansion(node, path: Path) -> None:
 
 def _read_yaml(path: Path) -> dict:
     if not path.is_file():
-        raise UserError(f"recipe file not found: {path}")
+        raise UserError(f"recipe file {'is a folder, not a file' if path.is_dir() else 'not found'}: {path}")
     loader = _RecipeLoader(_decoded(path))
     try:
         node = loader.get_single_node()
