@@ -58,6 +58,10 @@ def recipe_cases() -> list[Case]:
              text=base + "lora: {target_modules: &m [*m]}\n"),
         Case("aliases-expanding", "expands to more than 100000 values (aliases repeated inside aliases)", t,
              text=base + "freeze:\n  x0: &a0 [x, x, x, x, x, x, x, x, x, x]\n" + "".join("  " + line + "\n" for line in LAUGHS.splitlines())),
+        Case("yaml-no-read-as-false", "key 'data.source_lang': Input should be a valid string (got False); YAML reads "
+             "unquoted yes/no/on/off as booleans", t, {**TRANSLATION, "source_lang": False}),
+        Case("empty-section", "key 'lora': Input should be a valid dictionary or instance of LoraSection (got None); an "
+             "empty section: give it keys, or remove it for the defaults", t, TRANSLATION, {"lora": None}),
         Case("preprocessed-dir-a-file", "data.preprocessed_dir ", t, {**TRANSLATION, "preprocessed_dir": "t.jsonl"}),
         Case("same-source-twice", "data.train[1]: the same source as data.train[0]", t,
              {**TRANSLATION, "train": [{"path": "t.jsonl"}, {"path": "t.jsonl"}]}),
@@ -99,6 +103,18 @@ def test_refused_in_one_line_naming_where(tmp_path, capsys, case, verb):
     assert case.expected in err, err
     assert err.startswith("error: ") and err.count("\n") == 1 and "Traceback" not in err
     assert snapshot(output_dir) == before
+
+
+def test_weights_of_another_shape_than_the_config_are_refused_before_the_load(tmp_path, capsys):
+    """transformers finds [vocab, hidden] differing from config.json only as it loads (a RuntimeError traceback)."""
+    recipe, _ = build(tmp_path, Case("model", "", {"t.jsonl": jsonl(pairs())}, TRANSLATION))
+    model = tmp_path / "model"
+    (model / "config.json").write_text(json.dumps({"model_type": "llama", "vocab_size": 10, "hidden_size": 8}))
+    header = json.dumps({"model.embed_tokens.weight": {"dtype": "F32", "shape": [10, 4], "data_offsets": [0, 160]}}).encode()
+    (model / "model.safetensors").write_bytes(len(header).to_bytes(8, "little") + header + bytes(160))
+    (model / "vocab.json").write_text("{}")
+    assert main(["validate", str(recipe)]) == 2
+    assert "model.embed_tokens.weight is 10 x 4, but config.json gives vocab_size 10 and hidden size 8" in capsys.readouterr().err
 
 
 # ---------------------------------------------------------------- the environment a process starts in

@@ -69,7 +69,18 @@ def _describe(error: dict) -> str:
     message = error["msg"].removeprefix("Value error, ")
     if not loc or (error["type"] == "value_error" and isinstance(error.get("input"), dict)):  # a rule between keys
         return message
-    return f"key '{key}': {message} (got {SHOWN.repr(error.get('input'))})"
+    return f"key '{key}': {message} (got {SHOWN.repr(error.get('input'))}){_yaml_hint(error)}"
+
+
+def _yaml_hint(error: dict) -> str:
+    """What YAML made of text the user wrote, where that is the likely mistake: `no` and `on` read as booleans,
+    `0777` or `1e3` as numbers, a section left with no keys as null."""
+    found = error.get("input")
+    if error["type"] == "string_type" and isinstance(found, (bool, int, float)):
+        return "; YAML reads unquoted yes/no/on/off as booleans and digits as numbers: put the value in quotes"
+    if error["type"] == "model_type" and found is None:
+        return "; an empty section: give it keys, or remove it for the defaults"
+    return ""
 
 
 def _first_error(errors: list[dict]) -> dict:
