@@ -162,9 +162,11 @@ def test_ctrl_c_while_the_modules_import_is_one_line_and_130(tmp_path):
     (["plan", "R", "--gpu-memory", "nan"], "argument --gpu-memory: must be a finite number above 0, got nan"),
     (["generate", "RUN", "--prompt", "hi", "--max-new-tokens", "0"], "argument --max-new-tokens: must be at least 1"),
     (["inspect", "R", "-n", "-1"], "argument -n/--examples: must be at least 0, got -1"),
+    (["train", "R", "--overwrite", "--allow-data-change"], "argument --allow-data-change: not allowed with argument --overwrite"),
 ])
-def test_a_number_option_out_of_range_is_refused_by_the_parser(tmp_path, capsys, argv, expected):
-    """Not read as the default (`--gpus 0` was the recipe's count) nor a traceback (`--max-new-tokens -5`)."""
+def test_an_option_out_of_range_or_in_conflict_is_refused_by_the_parser(tmp_path, capsys, argv, expected):
+    """Not read as the default (`--gpus 0` was the recipe's count), nor a traceback (`--max-new-tokens -5`), nor one
+    of two flags silently ignored (a fresh start has no checkpoint whose data could have changed)."""
     argv = [str(tmp_path / part) if part in ("R", "RUN") else part for part in argv]
     with pytest.raises(SystemExit) as stopped:
         main(argv)
