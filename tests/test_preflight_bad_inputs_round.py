@@ -85,6 +85,8 @@ def data_cases() -> list[Case]:
              {"t.jsonl": jsonl(pairs())}, {**TRANSLATION, "prompt_template": "Translate from {source_lang}:"}),
         Case("qa-template-without-question", "data.qa_template: has no {question}",
              {"q.jsonl": jsonl([{"question": "q", "answer": "a"}] * 4)}, {"format": "qa", "qa_template": "{context}Answer:"}),
+        Case("fewer-rows-than-a-batch", "data.train: 6 rows is less than one global batch (micro_batch_size x grad_accum = 8",
+             {"t.jsonl": jsonl(pairs())}, TRANSLATION, {"train": {"max_steps": 1, "micro_batch_size": 4, "grad_accum": 2}}),
         Case("one-class-classifier", "l.jsonl: every row's label is 'good'; a classifier needs at least two classes",
              {"l.jsonl": labelled(["good"] * 6)}, CLASSIFY, classify),
     ]

@@ -104,7 +104,11 @@ def check_sources(recipe: Recipe) -> None:
                 raise UserError(f"data.format chat needs a tokenizer with a chat template; {recipe.model.path} has none")
             train_rows += min(count, source.max_rows or count) if which == "train" else 0
     if recipe.data.eval_fraction and not recipe.data.eval:
-        eval_split(train_rows, recipe.data.eval_fraction)
+        train_rows = eval_split(train_rows, recipe.data.eval_fraction)[0]
+    batch = recipe.train.micro_batch_size * recipe.train.grad_accum  # times the processes, at least one
+    if train_rows < batch:  # before tokenising drops any: train would refuse it after tokenising
+        raise UserError(f"data.train: {train_rows} rows is less than one global batch (micro_batch_size x grad_accum = "
+                        f"{batch}, times the processes); lower them, or add rows")
 
 
 class Classes:
