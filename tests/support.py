@@ -126,6 +126,13 @@ def tiny_recipe(model: Path, output_dir: Path, /, **sections) -> dict:
     return without(recipe, [key for key in ignored_keys(recipe) or [] if lookup(sections, key) is None])
 
 
+def without_eval(recipe: dict) -> dict:
+    """`recipe` with no eval data, and without the keys only an evaluation reads (eval.samples ...: rules.SCOPES)."""
+    for key in ("eval", "max_eval_rows"):
+        recipe["data"].pop(key, None)
+    return without(recipe, ignored_keys(recipe) or [])
+
+
 def write_recipe(recipe: dict, path: Path) -> Path:
     import yaml
     path.write_text(yaml.safe_dump(recipe))
@@ -270,9 +277,7 @@ def comparable_recipe(model: Path, folder: Path, method: str, distributed: dict,
                          train={"max_steps": COMPARE_STEPS, "save_every": 2, "keep_last": 3, **train})
     if "lora" in recipe:
         recipe["lora"]["dropout"] = 0.0
-    for key in ("eval", "max_eval_rows"):
-        recipe["data"].pop(key)
-    recipe.pop("eval")  # what only an evaluation reads
+    recipe = without_eval(recipe)
     folder.mkdir(parents=True, exist_ok=True)
     return write_recipe(recipe, folder / "recipe.yaml")
 
