@@ -182,7 +182,7 @@ class TrainSection(Section):
     grad_accum: int = Field(1, ge=1, description="Micro-batches per optimiser step.", json_schema_extra=RESUMABLE)
     lr: float = Field(2e-4, gt=0, le=1, description="Peak learning rate.")
     schedule: Literal["linear", "cosine", "constant", "exponential"] = Field("cosine", description="Learning-rate schedule after warmup.")
-    warmup_steps: int = Field(0, ge=0, description="Linear warmup steps.")
+    warmup_steps: int = Field(0, ge=0, description="Linear warmup steps; no more than the run's steps.")
     decay_rate: float = Field(0.96, gt=0, le=1, description="exponential: lr_t = lr * decay_rate ** (t / decay_steps).")
     decay_steps: int = Field(100, ge=1, description="exponential: steps per factor of decay_rate.")
     optimizer: Literal[("adamw", *BNB_OPTIMIZERS, "adafactor", "sgd")] = Field(
