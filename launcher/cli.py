@@ -75,16 +75,16 @@ def parse(argv: list[str]) -> argparse.Namespace:
 
 def refused(message: str) -> int:
     """One `error:` line (prefixed by the rank under several processes); exit status 2."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    prefix = f"[rank {os.environ.get('RANK', '0')}] " if world > 1 else ""
+    world, rank = os.environ.get("WORLD_SIZE", "1"), os.environ.get("RANK", "0")  # as set: they may be what is refused
+    prefix = f"[rank {rank}] " if world.isdigit() and int(world) > 1 and rank.isdigit() else ""
     print(f"{prefix}error: {message}", file=sys.stderr)
     return 2
 
 
 def main(argv: list[str] | None = None) -> int:
-    quiet_libraries()
-    args = parse(sys.argv[1:] if argv is None else argv)
     try:
+        quiet_libraries()
+        args = parse(sys.argv[1:] if argv is None else argv)  # imports the verb's module (torch): Ctrl-C may come here
         status = command(args.verb).run(args)
         sys.stdout.flush()  # inside the try: a reader that left early surfaces here
         return status

@@ -120,8 +120,17 @@ def tiny_recipe(model: Path, output_dir: Path, /, **sections) -> dict:
             recipe[section] = {**recipe[section], **values}
         else:
             recipe[section] = values
+    if "warmup_steps" not in sections.get("train", {}):  # a warmup longer than the run is refused
+        recipe["train"]["warmup_steps"] = min(2, recipe["train"].get("max_steps") or 2)
     # as a base recipe's keys are: those the given sections make the run ignore (lora under method full) go
     return without(recipe, [key for key in ignored_keys(recipe) or [] if lookup(sections, key) is None])
+
+
+def without_eval(recipe: dict) -> dict:
+    """`recipe` with no eval data, and without the keys only an evaluation reads (eval.samples ...: rules.SCOPES)."""
+    for key in ("eval", "max_eval_rows"):
+        recipe["data"].pop(key, None)
+    return without(recipe, ignored_keys(recipe) or [])
 
 
 def write_recipe(recipe: dict, path: Path) -> Path:
@@ -268,8 +277,7 @@ def comparable_recipe(model: Path, folder: Path, method: str, distributed: dict,
                          train={"max_steps": COMPARE_STEPS, "save_every": 2, "keep_last": 3, **train})
     if "lora" in recipe:
         recipe["lora"]["dropout"] = 0.0
-    for key in ("eval", "max_eval_rows"):
-        recipe["data"].pop(key)
+    recipe = without_eval(recipe)
     folder.mkdir(parents=True, exist_ok=True)
     return write_recipe(recipe, folder / "recipe.yaml")
 
@@ -299,6 +307,8 @@ def mixture_recipe(model: Path, folder: Path, sources: list, **extra) -> Path:
               "data": {"train": sources, "max_length": 32, **extra.pop("data", {})},
               "train": {"max_steps": 4, "micro_batch_size": 4, "lr": 5e-3, "schedule": "constant", "seed": 5,
                         "save_every": 2, "keep_last": 3, **extra.pop("train", {})},
-              "eval": {"samples": 0}, "output_dir": str(folder / "run"), **extra}
+              "output_dir": str(folder / "run"), **extra}
+    if recipe["data"].get("eval") or recipe["data"].get("eval_fraction"):
+        recipe.setdefault("eval", {"samples": 0})
     folder.mkdir(parents=True, exist_ok=True)
     return write_recipe(recipe, folder / "recipe.yaml")

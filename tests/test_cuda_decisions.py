@@ -13,7 +13,7 @@ from datetime import timedelta
 
 import pytest
 import torch
-from support import DATA, REPO, gpt2_tokenizer, tiny_recipe, write_recipe
+from support import DATA, REPO, gpt2_tokenizer, tiny_recipe, without_eval, write_recipe
 
 from launcher.checkpoint import layouts
 from launcher.data.packing import VARLEN_KEYS, collate_packed, varlen_attention
@@ -37,8 +37,7 @@ def scaled_session(tiny_model, tmp_path, skip_nonfinite: int):
     recipe = tiny_recipe(tiny_model, tmp_path / "run", lora={"r": 4, "alpha": 8, "dropout": 0.0},
                          train={"optimizer": "sgd", "max_grad_norm": 1.0, "skip_nonfinite": skip_nonfinite,
                                 "micro_batch_size": 2, "grad_accum": 2, "lr": 0.1})
-    for key in ("eval", "max_eval_rows"):
-        recipe["data"].pop(key)
+    recipe = without_eval(recipe)
     session = setup(Recipe.model_validate(recipe))
     accelerator = session.accelerator
     accelerator.scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 127, growth_interval=1000)
@@ -275,8 +274,7 @@ print(sorted(set(seen)))
 def test_fsdp2_on_one_process_computes_in_the_requested_precision(tiny_model, tmp_path):
     """In its own process: accelerate keeps one precision per process, and other tests here set up fp32 runs."""
     recipe = tiny_recipe(tiny_model, tmp_path / "run", distributed={"strategy": "fsdp"}, train={"precision": "bf16"})
-    for key in ("eval", "max_eval_rows"):
-        recipe["data"].pop(key)
+    recipe = without_eval(recipe)
     path = write_recipe(recipe, tmp_path / "r.yaml")
     done = subprocess.run([sys.executable, "-c", PRECISION_PROBE, str(path)], capture_output=True, text=True, timeout=600,
                           env={**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1"})

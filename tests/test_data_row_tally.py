@@ -27,8 +27,9 @@ def write_case(tmp_path, tiny_model, **data) -> str:
     recipe = {"model": {"path": str(tiny_model)}, "method": "lora", "lora": {"r": 2, "alpha": 4},
               "data": {"train": "train.jsonl", "format": "translation", "fields": {"source": "en", "target": "es"},
                        "max_length": 32, **data},
-              "train": {"max_steps": 1, "micro_batch_size": 2}, "eval": {"samples": 0, "generate_rows": 0},
-              "output_dir": str(tmp_path / "run")}
+              "train": {"max_steps": 1, "micro_batch_size": 2}, "output_dir": str(tmp_path / "run")}
+    if data.get("eval") or data.get("eval_fraction"):
+        recipe["eval"] = {"samples": 0, "generate_rows": 0}
     (tmp_path / "recipe.yaml").write_text(yaml.safe_dump(recipe))
     return str(tmp_path / "recipe.yaml")
 

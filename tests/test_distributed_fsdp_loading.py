@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from support import launch_two, load_tensors, ok, rank_record, small_tokenizer, tiny_recipe, write_recipe
+from support import launch_two, load_tensors, ok, rank_record, small_tokenizer, tiny_recipe, without_eval, write_recipe
 
 from launcher.distributed.rules import rules_for
 from launcher.model.loading import empty_base, load_base
@@ -86,8 +86,7 @@ def test_rank_one_never_holds_the_whole_model(tmp_path):
     model = build_tied_llama(tmp_path / "model")
     recipe = tiny_recipe(model, tmp_path / "run", method="full", distributed={"strategy": "fsdp"},
                          train={"max_steps": 1, "micro_batch_size": 1, "grad_accum": 1, "lr": 1e-4, "schedule": "constant"})
-    for key in ("eval", "max_eval_rows"):
-        recipe["data"].pop(key)
+    recipe = without_eval(recipe)
     ok(launch_two([write_recipe(recipe, tmp_path / "r.yaml")]))
     ranks = [rank_record(tmp_path / "run", rank, "load_rss_growth_bytes") for rank in (0, 1)]
     whole = ranks[0]["full_parameter_bytes"]

@@ -9,7 +9,7 @@ import os
 
 import pytest
 
-from support import build_tiny_llama, free_port, tiny_recipe, write_recipe
+from support import build_tiny_llama, free_port, tiny_recipe, without_eval, write_recipe
 
 pytestmark = [pytest.mark.multiproc, pytest.mark.slow]
 
@@ -45,8 +45,7 @@ def test_fsdp2_reduce_scatters_per_micro_batch_for_full_fine_tuning_once_per_ste
     model = build_tiny_llama(tmp_path / "model")
     recipe = tiny_recipe(model, tmp_path / "run", method=method, distributed={"strategy": "fsdp"},
                          train={"max_steps": STEPS, "micro_batch_size": 1, "grad_accum": ACCUM})
-    for key in ("eval", "max_eval_rows"):
-        recipe["data"].pop(key)
+    recipe = without_eval(recipe)
     path = write_recipe(recipe, tmp_path / "r.yaml")
     context = mp.get_context("spawn")
     queue, port = context.Queue(), free_port()

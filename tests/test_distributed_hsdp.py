@@ -12,7 +12,7 @@ import json
 
 import pytest
 
-from support import build_tiny_llama, launch, launch_processes, launch_two, ok, rank_record, rewind, tiny_recipe, train_losses, write_recipe
+from support import build_tiny_llama, launch, launch_processes, launch_two, ok, rank_record, rewind, tiny_recipe, train_losses, without_eval, write_recipe
 
 pytestmark = [pytest.mark.multiproc, pytest.mark.slow]
 
@@ -24,8 +24,7 @@ def recipe_for(model, folder, grad_accum: int):
     recipe = tiny_recipe(model, folder / "run", method="full", distributed={"strategy": "fsdp"},
                          train={"max_steps": STEPS, "save_every": SAVED, "keep_last": 2, "grad_accum": grad_accum})
     recipe.pop("lora", None)  # tiny_recipe drops it already under method full
-    for key in ("eval", "max_eval_rows"):
-        recipe["data"].pop(key)
+    recipe = without_eval(recipe)
     folder.mkdir(parents=True, exist_ok=True)
     return write_recipe(recipe, folder / "recipe.yaml")
 

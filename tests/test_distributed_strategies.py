@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from support import (COMPARE_STEPS, build_tiny_llama, comparable_recipe, free_port, launch, launch_two, load_tensors, ok, rank_record, rewind, run_here, tiny_recipe, train_losses,
-                     write_recipe)
+                     without_eval, write_recipe)
 
 pytestmark = [pytest.mark.multiproc, pytest.mark.slow]
 
@@ -176,8 +176,7 @@ def test_failing_rank_ends_the_launch_with_its_error(tmp_path, model):
     (boom / "config.json").write_text(json.dumps(config))
     recipe = tiny_recipe(boom, tmp_path / "run", method="full", train={"max_steps": COMPARE_STEPS}, distributed={"timeout_minutes": 1})
     recipe["model"]["trust_remote_code"] = True
-    for key in ("eval", "max_eval_rows"):
-        recipe["data"].pop(key)
+    recipe = without_eval(recipe)
     started = time.time()
     result = launch_two([write_recipe(recipe, tmp_path / "r.yaml")], timeout=300)
     elapsed = time.time() - started

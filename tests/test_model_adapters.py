@@ -158,7 +158,7 @@ def test_shipped_classify_recipe_trains_and_evaluates_with_qlora(tmp_path):
     from support import REPO, train_losses
     run = tmp_path / "run"
     status = main([str(REPO / "recipes" / "classify.yaml"), "method=qlora", f"output_dir={run}", "train.max_steps=2",
-                   "train.micro_batch_size=4", "data.max_train_rows=16", "data.max_eval_rows=8", "eval.samples=0"])
+                   "train.warmup_steps=1", "train.micro_batch_size=4", "data.max_train_rows=16", "data.max_eval_rows=8", "eval.samples=0"])
     assert status == 0 and sorted(train_losses(run)) == [1, 2]
     evals = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if '"eval"' in line]
     assert [e["step"] for e in evals] == [0, 2] and all("eval_accuracy" in e for e in evals)

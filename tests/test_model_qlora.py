@@ -9,7 +9,7 @@ import pytest
 
 from launcher.cli import main
 from launcher.recipe.schema import Recipe
-from support import build_tiny_llama, eval_losses, launch, run_here, tiny_recipe, train_losses, validate_refusal, write_recipe
+from support import build_tiny_llama, eval_losses, launch, run_here, tiny_recipe, train_losses, validate_refusal, without_eval, write_recipe
 
 FAST_EVAL = {"samples": 0, "generate_rows": 0}
 
@@ -95,8 +95,7 @@ def test_qlora_resume_is_exact(llama, tmp_path):
     runs = {}
     for name in ("straight", "split"):
         recipe = qlora_recipe(llama, tmp_path / name)
-        for key in ("eval", "max_eval_rows"):
-            recipe["data"].pop(key)
+        recipe = without_eval(recipe)
         runs[name] = write_recipe(recipe, tmp_path / f"{name}.yaml")
     assert run_here([runs["straight"]]).returncode == 0
     first = run_here([runs["split"], "train.max_steps=3"])

@@ -36,16 +36,18 @@ AWAY_AND_BACK = {
     "data.prompt_template": ({"data": {"train": "t.jsonl", "format": "text"}}, {}),
     "data.qa_template": ({}, {"data": {"train": "t.jsonl", "format": "qa"}}),
     "data.system_prompt": ({"data": {"train": "t.jsonl", "format": "text"}}, {}),
+    "train.epochs": ({"train": {"max_steps": 5}}, {}),
     "train.decay_rate": ({"train": {"schedule": "cosine"}}, {"train": {"schedule": "exponential"}}),
     "data.max_eval_rows": ({"data": {**BASE["data"], "eval_fraction": 0.2}}, {"data": {**BASE["data"], "eval": "t.jsonl"}}),
     "train.eval_every": ({}, {"data": {**BASE["data"], "eval_fraction": 0.2}}),
+    "train.eval_batch_size": ({}, {"data": {**BASE["data"], "eval_fraction": 0.2}}),
     "report.project": ({}, {"report": {"trackers": ["tensorboard"]}}),
 }
 # A value each key may take where it is read (sections: empty, all defaults).
 VALUES = {"data.packing": True, "data.labels": ["a", "b"], "eval.max_new_tokens": 8, "eval.generate_rows": 4,
           "data.prompt_template": "{source}", "data.qa_template": "{question}", "data.system_prompt": "Be brief.",
           "train.decay_rate": 0.5, "data.max_eval_rows": 4, "train.eval_every": 2, "report.project": "p",
-          "distributed.deepspeed": "zero2", "quant.type": "fp4"}
+          "distributed.deepspeed": "zero2", "quant.type": "fp4", "train.eval_batch_size": 2, "train.epochs": 2.0}
 
 
 def merged(*changes: dict) -> dict:
@@ -123,3 +125,30 @@ def test_a_run_whose_recipe_yaml_kept_ignored_keys_still_resumes(tmp_path):
     assert recipe.method == "full" and "lora" not in recipe.model_dump(mode="json")
     with pytest.raises(UserError, match="train.decay_steps: applies only with train.schedule exponential"):
         load_run(tmp_path, ["train.decay_steps=10"])
+
+
+@pytest.mark.parametrize("key,value", [("eval.samples", 2), ("eval.samples", 0), ("eval.generate_rows", 8)])
+def test_what_only_an_evaluation_reads_is_refused_without_eval_data_unless_an_override_removed_it(tmp_path, key, value):
+    """eval.samples and eval.generate_rows are read by the evaluations only (no other command draws samples);
+    the other generation keys are also read by `launcher generate`, so they stay allowed without eval data."""
+    (tmp_path / "t.jsonl").write_text('{"source": "a", "target": "b"}\n')
+    section, last = key.split(".")
+    data = {**BASE["data"], "train": str(tmp_path / "t.jsonl")}
+    eval_keys = {"eval": {last: value}} if section == "eval" else {}
+    with pytest.raises(ValidationError, match=f"{key}: applies only when data.eval or data.eval_fraction is set"):
+        Recipe.model_validate(merged({"data": data}, eval_keys))
+    assert Recipe.model_validate(merged({"data": {**data, "eval_fraction": 0.2}}, eval_keys))
+    assert Recipe.model_validate(merged({"data": data}, {"eval": {"max_new_tokens": 8, "num_beams": 2}}))
+    # eval data removed by an override: the file's key is moot and left out; given by the override itself, refused
+    written = merged({"data": {**data, "eval_fraction": 0.2}, "output_dir": str(tmp_path / "o")}, eval_keys)
+    (tmp_path / "r.yaml").write_text(yaml.safe_dump(written))
+    assert lookup(load_recipe(tmp_path / "r.yaml", ["data.eval_fraction=0"]).model_dump(mode="json"), key) is None
+    with pytest.raises(UserError, match=f"{key}: applies only when data.eval"):
+        load_recipe(tmp_path / "r.yaml", ["data.eval_fraction=0", f"{key}={value}"])
+
+
+def test_the_eval_batch_is_read_without_eval_data_by_full_dpo_reference_pass():
+    pairs = {"data": {"train": "t.jsonl", "format": "preference"}, "train": {"eval_batch_size": 2}}
+    assert Recipe.model_validate(merged(pairs, {"method": "full"})).train.eval_batch() == 2
+    with pytest.raises(ValidationError, match="train.eval_batch_size: applies only when data.eval or"):
+        Recipe.model_validate(merged(pairs))  # lora: the reference is the adapter disabled, no reference pass

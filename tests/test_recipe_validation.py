@@ -62,6 +62,10 @@ BAD_RECIPES = [
     ("bad format", "data.format", "csv", "key 'data.format': Input should be"),
     ("bad schedule", "train.schedule", "step", "key 'train.schedule'"),
     ("bad dropout", "lora.dropout", 1.5, "key 'lora.dropout': Input should be less than 1"),
+    ("warmup past the run", "train.warmup_steps", 5,
+     "train.warmup_steps 5 is more than the run's 2 steps (train.max_steps): the learning rate would never reach train.lr"),
+    ("samples without eval data", "eval.samples", 2, "eval.samples: applies only when data.eval or data.eval_fraction is set"),
+    ("home of no user", "output_dir", "~no_such_user_here/run", "key 'output_dir': there is no user 'no_such_user_here'"),
 ]
 
 
@@ -91,6 +95,19 @@ BAD_OVERRIDES = [
 def test_bad_override_is_checked_like_the_file(tmp_path, capsys, override, expected):
     assert main(["validate", write(tmp_path, good_recipe(tmp_path)), override]) == 2
     assert expected in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("home", ["", None])
+def test_a_home_path_without_a_home_is_refused_not_put_at_the_root(tmp_path, home):
+    """HOME empty makes expanduser turn `~/run` into `/run`; unset, it falls back on the password database. Either
+    way the recipe's `~` has no home the user set: refused naming the key (schema._path is the one expansion)."""
+    recipe = write(tmp_path, {**good_recipe(tmp_path), "output_dir": "~/launcher-test-run"})
+    env = {key: value for key, value in os.environ.items() if key != "HOME"} | ({"HOME": home} if home is not None else {})
+    env["PYTHONPATH"] = REPO
+    done = subprocess.run([sys.executable, "-m", "launcher", "validate", recipe], capture_output=True, text=True, env=env)
+    assert done.returncode == 2 and done.stderr.count("\n") == 1, done.stderr
+    assert "key 'output_dir': starts with ~ but HOME is empty or unset" in done.stderr
+    assert not os.path.exists("/launcher-test-run")
 
 
 def test_override_changes_the_value(tmp_path, capsys):

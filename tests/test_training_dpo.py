@@ -9,7 +9,7 @@ import pytest
 import yaml
 from pydantic import ValidationError
 
-from support import PAIRS, launch_two, load_tensors, ok, pair_recipe, run_here, train_losses, validate_refusal, write_recipe
+from support import PAIRS, launch_two, load_tensors, ok, pair_recipe, run_here, train_losses, validate_refusal, without_eval, write_recipe
 
 from launcher.data.batching import collate_pairs
 from launcher.data.encode import Encoder
@@ -215,8 +215,7 @@ def test_two_sharded_processes_match_one_per_step(straight, tmp_path, distribute
     too): the reference (adapter disabled) runs inside the DeepSpeed engine or the sharded model."""
     recipe = yaml.safe_load((straight / "dpo.yaml").read_text())
     recipe["train"]["micro_batch_size"], recipe["distributed"], recipe["output_dir"] = 1, distributed, str(tmp_path / "run")
-    for key in ("eval", "max_eval_rows"):  # evaluation changes no step, and costs most of a sharded run's time
-        recipe["data"].pop(key)
+    recipe = without_eval(recipe)
     ok(launch_two(["train", write_recipe(recipe, tmp_path / "sharded.yaml")]))
     one, two = train_losses(straight / "run"), train_losses(tmp_path / "run")
     assert sorted(two) == [1, 2, 3, 4]

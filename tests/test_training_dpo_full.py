@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 
 import pytest
 import yaml
@@ -21,7 +22,8 @@ from support import PAIRS, launch_two, load_tensors, ok, pair_recipe, rank_recor
 
 from launcher.data.batching import collate_pairs
 from launcher.data.encode import Encoder
-from launcher.data.reference_logps import computed_values
+from launcher.data.fingerprint import WHOLE, sampled_digest
+from launcher.data.reference_logps import computed_values, model_identity
 from launcher.model.preference import reply_logps
 from launcher.recipe.schema import DataSection
 
@@ -192,3 +194,28 @@ def test_launcher_eval_compares_base_and_final_against_the_base_as_reference(str
     assert base["eval_loss"] == pytest.approx(math.log(2), abs=1e-6) and base["eval_reward_margin"] == 0
     for name in ("eval_loss", "eval_reward_margin", "eval_preference_accuracy"):
         assert final[name] == pytest.approx(last[name], abs=1e-5), name
+
+
+def test_the_reference_model_is_known_by_content_so_a_copied_checkpoint_is_not_scored_again(tiny_model, tmp_path):
+    """The key of the saved values names the model by content (not its folder or file times): a copy is the same
+    model; one changed weight is another. Files above WHOLE bytes are sampled: every tensor at start, middle, end."""
+    import torch
+    from safetensors.torch import load_file, save_file
+    copy = shutil.copytree(tiny_model, tmp_path / "copy")
+    os.utime(copy / "model.safetensors", (1, 1))
+    assert model_identity(str(copy)) == model_identity(str(tiny_model))
+    weights = load_file(copy / "model.safetensors")
+    name = next(iter(weights))
+    weights[name] = weights[name] + 1e-3
+    save_file(weights, copy / "model.safetensors", metadata={"format": "pt"})
+    assert model_identity(str(copy)) != model_identity(str(tiny_model))
+    big = {"a": torch.zeros(WHOLE // 4 + 1), "b": torch.zeros(1000)}  # float32: over WHOLE bytes, so sampled
+    save_file(big, tmp_path / "big.safetensors")
+    sampled = sampled_digest(tmp_path / "big.safetensors")
+    shutil.copy(tmp_path / "big.safetensors", tmp_path / "same.safetensors")
+    assert sampled_digest(tmp_path / "same.safetensors") == sampled
+    for tensor, index in (("a", len(big["a"]) // 2), ("b", 999)):  # the middle of a large tensor, the end of a small one
+        changed = {key: value.clone() for key, value in big.items()}
+        changed[tensor][index] = 1.0
+        save_file(changed, tmp_path / "changed.safetensors")
+        assert sampled_digest(tmp_path / "changed.safetensors") != sampled, tensor

@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from launcher.data.batching import StepPlan, eval_batches
+from launcher.errors import UserError
 from launcher.training.optim import l2_penalty, lr_multiplier
 from launcher.recipe.schema import Recipe, TrainSection
 
@@ -22,6 +23,17 @@ def test_warmup_then_linear_and_cosine_shapes():
     cosine = TrainSection(schedule="cosine")
     assert lr_multiplier(50, cosine, 100) == pytest.approx(0.5)
     assert lr_multiplier(7, TrainSection(schedule="constant"), 10) == 1.0
+
+
+def test_a_warmup_longer_than_the_steps_the_epochs_give_is_refused_naming_both():
+    """max_steps is known to the schema; the steps epochs give are known once the rows are tokenised (before the
+    model loads): 40 rows in global batches of 4 is 10 steps an epoch."""
+    plan = StepPlan(rows=40, micro=2, accum=2, world=1, rank=0, seed=0)
+    assert plan.total_steps(1.5, None, 15) == 15 and plan.total_steps(None, 3, 0) == 3
+    with pytest.raises(UserError, match=r"train.warmup_steps 16 is more than the run's 15 steps \(train.epochs 1.5 x 10 "):
+        plan.total_steps(1.5, None, 16)
+    with pytest.raises(ValueError, match=r"train.warmup_steps 4 is more than the run's 3 steps \(train.max_steps\)"):
+        TrainSection(max_steps=3, warmup_steps=4)
 
 
 def test_l2_penalty_sums_squares_of_trainable_parameters_only():

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from support import tiny_recipe
+from support import tiny_recipe, without_eval
 
 from launcher.recipe.schema import Recipe
 from launcher.report.console import Console
@@ -32,8 +32,7 @@ def session(tiny_model, tmp_path_factory):
                          train={"max_steps": 8, "micro_batch_size": 4, "grad_accum": 1, "lr": 1e-3, "schedule": "constant",
                                 "warmup_steps": 0, "max_grad_norm": 1.0, "optimizer": "adamw"},
                          data={"max_length": 128})
-    for key in ("eval", "max_eval_rows"):
-        recipe["data"].pop(key)
+    recipe = without_eval(recipe)
     run = setup(Recipe.model_validate(recipe))
     run.model.train()
     yield run

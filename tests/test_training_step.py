@@ -5,7 +5,7 @@ import threading
 
 import pytest
 import torch
-from support import tiny_recipe
+from support import tiny_recipe, without_eval
 
 from launcher.model.loss import target_count, task_loss_sum
 from launcher.training.optim import lr_multiplier
@@ -17,8 +17,7 @@ def session_for(tiny_model, tmp_path, **train):
     """A one-process run set up in this process: plain SGD (update = -lr * grad), no dropout, no clipping, no eval."""
     recipe = tiny_recipe(tiny_model, tmp_path / "run", lora={"r": 4, "alpha": 8, "dropout": 0.0},
                          train={"optimizer": "sgd", "max_grad_norm": None, "schedule": "linear", "warmup_steps": 0, **train})
-    for key in ("eval", "max_eval_rows"):
-        recipe["data"].pop(key)
+    recipe = without_eval(recipe)
     return setup(Recipe.model_validate(recipe))
 
 
@@ -83,8 +82,7 @@ def test_a_whole_run_in_process_exports_a_config_that_generates_with_its_cache(t
 
     from launcher.training.loop import StopRequest, finish, fit
     recipe = tiny_recipe(tiny_model, tmp_path / "run", method="full", train={"max_steps": 2, "micro_batch_size": 2})
-    for key in ("eval", "max_eval_rows"):
-        recipe["data"].pop(key)
+    recipe = without_eval(recipe)
     session = setup(Recipe.model_validate(recipe))
     try:
         assert fit(session, StopRequest()) is False and session.step == 2

@@ -52,8 +52,10 @@ def save_checkpoint(accelerator, layout, run_dir: Path, step: int, state: dict, 
             if accelerator.is_main_process:
                 verify.checkpoint(staging)  # read back before it counts: a bad save never replaces a good one
                 _write_state(staging, {**state, FILES_KEY: verify.file_record(staging, STATE_FILE)})
-                if folder.exists():
+                if folder.is_dir() and not folder.is_symlink():
                     shutil.rmtree(folder)
+                elif folder.exists() or folder.is_symlink():  # a stray file or link where the step's folder goes
+                    folder.unlink()
                 staging.rename(folder)
                 _prune(run_dir, step, keep_last)
             waiting.meet(group)
@@ -76,15 +78,48 @@ def _prune(run_dir: Path, step: int, keep_last: int) -> None:
 
 def damage(folder: Path) -> str | None:
     """Why a checkpoint cannot be trusted (its state file unreadable, a file missing, truncated or changed); None when whole."""
+    if not folder.is_dir():
+        return "is not a folder"
     try:
         state = load_state_file(folder)
     except FileNotFoundError:
         return f"{STATE_FILE} is missing"
     except (OSError, UnicodeDecodeError, json.JSONDecodeError):
         return f"{STATE_FILE} is {'empty' if _empty(folder / STATE_FILE) else 'not valid JSON'}"
-    if not isinstance(state, dict) or not isinstance(state.get("step"), int):
-        return f"{STATE_FILE} holds no step"
+    problem = state_problem(state, folder)
+    if problem:
+        return f"{STATE_FILE}: {problem}"
     return verify.damage(folder, state.get(FILES_KEY) or {})  # saved before the list was kept: the state alone
+
+
+# What a state file's keys hold when present (older checkpoints lack some); a count is at least 1.
+STATE_TYPES = {"step": int, "total_steps": int, "world_size": int, "global_batch": int, "strategy": str, "best": dict,
+               "data": dict, FILES_KEY: dict}
+COUNTS = ("step", "total_steps", "world_size", "global_batch")
+
+
+def state_problem(state, folder: Path) -> str | None:
+    """What in a checkpoint's state file resume could not use (a wrong type, a step not the folder's, a file entry
+    that is not [bytes, crc32]); None when it can. Such a checkpoint is passed over as damaged."""
+    if not isinstance(state, dict) or "step" not in state:
+        return "holds no step"
+    for key, kind in STATE_TYPES.items():
+        if key in state and (not isinstance(state[key], kind) or isinstance(state[key], bool)):
+            return f"{key} is {json.dumps(state[key])[:40]}, not {'a number' if kind is int else 'an object' if kind is dict else 'text'}"
+    bad = next((key for key in COUNTS if key in state and state[key] < 1), None)
+    if bad:
+        return f"{bad} is {state[bad]}, not a count"
+    if folder.name != f"step-{state['step']}":
+        return f"step is {state['step']}, but the folder is {folder.name}"
+    entry = next((name for name, value in state.get(FILES_KEY, {}).items() if not (isinstance(value, list) and
+                  len(value) == 2 and all(isinstance(n, int) and not isinstance(n, bool) for n in value))), None)
+    if entry is not None:
+        return f"{FILES_KEY}.{entry} is not [bytes, crc32]"
+    best = state.get("best", {})
+    if not all(isinstance(best.get(key), (int, float, type(None))) for key in ("value", "step")) or \
+            not all(isinstance(value, dict) for value in state.get("data", {}).values()):
+        return "best or data is not as saved"
+    return None
 
 
 def _empty(path: Path) -> bool:

@@ -22,3 +22,29 @@ def add_recipe_args(parser: argparse.ArgumentParser) -> None:
     """The `recipe [key.path=value ...]` arguments of every verb that reads a recipe."""
     parser.add_argument("recipe", help="recipe YAML file")
     parser.add_argument("overrides", nargs="*", metavar="key.path=value", help="override recipe keys, e.g. train.lr=1e-4")
+
+
+
+def whole(minimum: int):
+    """An option's type: a whole number no less than `minimum`, so `--gpus 0` is refused by the parser (usage
+    line, exit 2) instead of read as the default, and `--max-new-tokens -5` before anything loads."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be at least {minimum}, got {value}")
+        return value
+    return parse
+
+
+def positive(text: str) -> float:
+    """An option's type: a finite number above 0 (GiB of memory)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not 0 < value < float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a finite number above 0, got {text}")
+    return value

@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 from typing import Callable
 
+from launcher.commands import whole
 from launcher.data.encode import Encoder
 from launcher.data.sources import sources_of
 from launcher.errors import UserError
@@ -36,7 +37,7 @@ def add_options(parser: argparse.ArgumentParser) -> None:
     given.add_argument("--file", help="a text file with one prompt per line")
     parser.add_argument("--checkpoint", choices=["final", "best", "base"], default="final",
                         help="which model answers: the run's final (default) or best, or the base model")
-    parser.add_argument("--max-new-tokens", type=int, help="default: the recipe's eval.max_new_tokens")
+    parser.add_argument("--max-new-tokens", type=whole(1), help="default: the recipe's eval.max_new_tokens")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -106,8 +107,12 @@ def answer_prompts(run_dir: str, checkpoint: str, prompts: list[str] | None, fil
     """The verb: prompts from --prompt, --file, a terminal session, or standard input."""
     if file:
         if not Path(file).is_file():
-            raise UserError(f"generate --file: {file} not found")
-        prompts = [line for line in Path(file).read_text().splitlines() if line.strip()]
+            raise UserError(f"generate --file: {file} {'is a folder, not a file' if Path(file).is_dir() else 'not found'}")
+        try:
+            prompts = [line for line in Path(file).read_text(encoding="utf-8").splitlines() if line.strip()]
+        except UnicodeDecodeError as exc:
+            raise UserError(f"generate --file: {file}: byte 0x{exc.object[exc.start]:02x} at offset {exc.start} is not "
+                            "UTF-8; save the prompts as UTF-8") from None
     if prompts:
         for prompt, answer in zip(prompts, answers(run_dir, checkpoint, prompts, max_new_tokens)):
             print(f"> {prompt}\n{answer}\n")

@@ -8,6 +8,7 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
+from launcher.commands import whole
 from launcher.data.encode import load_datasets
 from launcher.model import loading as modeling
 from launcher.preflight.checks import checked_recipe
@@ -16,7 +17,7 @@ from launcher.recipe.schema import Recipe
 
 
 def add_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("-n", "--examples", type=int, default=3, help="examples to show")
+    parser.add_argument("-n", "--examples", type=whole(0), default=3, help="examples to show")
     parser.add_argument("--plain", action="store_true",
                         help="token ids, labels and pieces in columns (also whenever stdout is not a terminal)")
 

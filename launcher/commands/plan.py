@@ -11,6 +11,7 @@ import argparse
 import json
 from pathlib import Path
 
+from launcher.commands import positive, whole
 from launcher.distributed import mesh
 from launcher.distributed.rules import FsdpRules
 from launcher.memory import estimate as planner
@@ -77,12 +78,12 @@ def lengths_line(found: dict) -> str:
 
 
 def add_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--gpus", type=int, help="GPUs (processes) per node; default: distributed.num_processes, else the fewest the mesh keys allow "
-                        "(their product: sequence_parallel 8 plans 8), else 1")
-    parser.add_argument("--nodes", type=int, default=1, help="nodes (default 1)")
-    parser.add_argument("--gpu-memory", type=float, metavar="GiB",
+    parser.add_argument("--gpus", type=whole(1), help="GPUs (processes) per node; default: distributed.num_processes, "
+                        "else the fewest the mesh keys allow (their product: sequence_parallel 8 plans 8), else 1")
+    parser.add_argument("--nodes", type=whole(1), default=1, help="nodes (default 1)")
+    parser.add_argument("--gpu-memory", type=positive, metavar="GiB",
                         help=f"memory per GPU; default: memory.gpu_gib, else {DEFAULT_GPU_GIB:g}")
-    parser.add_argument("--node-memory", type=float, metavar="GiB",
+    parser.add_argument("--node-memory", type=positive, metavar="GiB",
                         help="host (CPU) memory per node; default: memory.node_gib (no host verdict without one)")
     parser.add_argument("--data-lengths", action="store_true",
                         help="plan at the data's longest row (preprocess cache, else a tokenised sample) instead of "

@@ -2,7 +2,9 @@
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
+from launcher.preflight.locations import check_folder
 from launcher.recipe import catalog
 
 
@@ -15,6 +17,8 @@ def add_options(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     if args.action == "copy":
+        dest = Path(args.dest)
+        check_folder(dest.parent if dest.suffix in (".yaml", ".yml") else dest, "recipes copy: DEST", "choose another DEST")
         print(f"copied {args.name} to {catalog.copy(args.name, args.dest)}")
     else:
         print(catalog.listing())

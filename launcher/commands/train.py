@@ -10,8 +10,9 @@ from launcher.training import loop
 
 
 def add_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--overwrite", action="store_true", help="discard a previous run in output_dir and start fresh")
-    parser.add_argument("--allow-data-change", action="store_true",
+    start = parser.add_mutually_exclusive_group()  # a fresh start has no checkpoint whose data could have changed
+    start.add_argument("--overwrite", action="store_true", help="discard a previous run in output_dir and start fresh")
+    start.add_argument("--allow-data-change", action="store_true",
                         help="resume even though a data file changed since the checkpoint (refused otherwise)")
 
 

@@ -9,8 +9,10 @@ from typing import Callable, Iterator
 
 from launcher.data.packing import collate_packed, varlen_attention
 from launcher.data.preference import REFERENCE, REJECTED
+from launcher.errors import UserError
 from launcher.recipe.formats import IGNORE
 from launcher.recipe.schema import Recipe
+from launcher.recipe.values import warmup_fits
 
 
 def train_collate(recipe: Recipe, tokenizer, pack: bool = True) -> Callable[[list[dict]], dict]:
@@ -86,8 +88,16 @@ class StepPlan:
     def steps_per_epoch(self) -> int:
         return self.rows // self.global_batch
 
-    def total_steps(self, epochs: float | None, max_steps: int | None) -> int:
-        return max_steps if max_steps is not None else max(1, math.ceil(epochs * self.steps_per_epoch))
+    def total_steps(self, epochs: float | None, max_steps: int | None, warmup_steps: int = 0) -> int:
+        """Optimiser steps of the run; a warmup longer than the steps the epochs give is refused (before the model loads)."""
+        if max_steps is not None:
+            return max_steps
+        steps = max(1, math.ceil(epochs * self.steps_per_epoch))
+        try:
+            warmup_fits(warmup_steps, steps, f"train.epochs {epochs:g} x {self.steps_per_epoch} per epoch of {self.rows} rows")
+        except ValueError as exc:
+            raise UserError(str(exc)) from None
+        return steps
 
     def micro_batches(self, step: int) -> list[list[int]]:
         import torch

@@ -198,7 +198,7 @@ def has_tokenizer_files(recipe: Recipe) -> bool:
 def _tokenizer_folder(recipe: Recipe) -> Path | None:
     """The folder holding the tokenizer files (or the GGUF file itself when it was not converted yet)."""
     path = recipe.model.path
-    if path.startswith("pkg:") or os.path.isdir(os.path.expanduser(path)):
+    if path.startswith("pkg:") or os.path.isdir(path):
         folder = Path(modeling.weights_folder(recipe))
     else:
         import huggingface_hub

@@ -9,8 +9,9 @@ the trained model's own parameter_bytes (a shard per rank under ZeRO-3 and FSDP2
 
 The values are saved beside the preprocessed data (cache.folder(recipe)/reference-logps/KEY.pt), KEY
 being a digest of what they depend on: the tokenised data's inputs (cache.inputs, file times left out),
-the reference model's identity (its folder, and each file's name, size and modification time: hashing
-a 140 GB checkpoint would cost minutes), its settings and precision, and this code. A resumed run, or a
+the reference model's identity (each file's name and content: small files hashed whole, large weight files by
+their size, safetensors header and samples of every tensor, since hashing a 140 GB checkpoint would cost minutes;
+a copied checkpoint is the same model), its settings and precision, and this code. A resumed run, or a
 new run on the same data and model, reads them instead of scoring again.
 
 The pass is sharded: the rows go in parts of PART_PAIRS pairs; within a part each rank scores its
@@ -31,6 +32,7 @@ from pathlib import Path
 from launcher.data import cache
 from launcher.data.batching import collate_pairs, eval_batches
 from launcher.data.encode import Datasets
+from launcher.data.fingerprint import sampled_digest
 from launcher.data.preference import REFERENCE
 from launcher.memory.counts import process_parameter_bytes
 from launcher.model import preference
@@ -45,14 +47,14 @@ def store(recipe: Recipe) -> Path:
 
 
 def model_identity(weights: str) -> dict:
-    """The reference model's folder and each file's name, size and modification time (not a content hash: too slow
-    for large checkpoints; rewriting a weight file changes its time)."""
+    """The reference model by content, not place or time: each file's name and sampled digest (configs and tokenizer
+    files whole; large weight files by size, safetensors header and samples of every tensor: fingerprint.py), so a
+    copied checkpoint reuses the values and a changed one scores again. A hub id stands for itself."""
     folder = Path(weights)
     if not folder.is_dir():
         return {"path": weights}
     files = sorted(p for p in folder.rglob("*") if p.is_file())
-    return {"path": str(folder.resolve()),
-            "files": {str(p.relative_to(folder)): [p.stat().st_size, p.stat().st_mtime_ns] for p in files}}
+    return {"files": {str(p.relative_to(folder)): sampled_digest(p) for p in files}}
 
 
 def _without_times(value):

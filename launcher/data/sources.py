@@ -14,7 +14,8 @@ from pathlib import Path
 from typing import Iterator
 
 from launcher.data import fingerprint, prompts, rows
-from launcher.data.rows import FILE_TYPES, checked_rows, every_row, field_plan, file_rows
+from launcher.data.readers import FILE_TYPES, every_row
+from launcher.data.rows import checked_rows, field_plan, file_rows
 from launcher.errors import UserError
 from launcher.recipe.schema import DataSection, Recipe
 
@@ -103,7 +104,11 @@ def check_sources(recipe: Recipe) -> None:
                 raise UserError(f"data.format chat needs a tokenizer with a chat template; {recipe.model.path} has none")
             train_rows += min(count, source.max_rows or count) if which == "train" else 0
     if recipe.data.eval_fraction and not recipe.data.eval:
-        eval_split(train_rows, recipe.data.eval_fraction)
+        train_rows = eval_split(train_rows, recipe.data.eval_fraction)[0]
+    batch = recipe.train.micro_batch_size * recipe.train.grad_accum  # times the processes, at least one
+    if train_rows < batch:  # before tokenising drops any: train would refuse it after tokenising
+        raise UserError(f"data.train: {train_rows} rows is less than one global batch (micro_batch_size x grad_accum = "
+                        f"{batch}, times the processes); lower them, or add rows")
 
 
 class Classes:
@@ -128,6 +133,9 @@ class Classes:
 
     def close(self, source: Source) -> None:
         if self.collecting is not None and self.known is None:
+            if len(self.collecting) < 2:  # one class: its head would learn nothing a constant does not say
+                raise UserError(f"{source.label}: every row's label is {next(iter(self.collecting))!r}; a classifier "
+                                "needs at least two classes (list them in data.labels when the others are in other sources)")
             self.known, self.origin = self.collecting, f"the labels of {source.label}"
 
 

@@ -17,9 +17,37 @@ CPU_LAUNCH = ("`ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu --num_process
 ENV_FIX = "the recipe's distributed section decides; drop that setting from the accelerate config (or the --use_* flag)"
 
 
+# The variables a process launcher sets for each process, and the least value each may have (LOCAL_RANK -1: none,
+# as Hugging Face's scripts write it).
+LAUNCH_VARIABLES = {"WORLD_SIZE": 1, "RANK": 0, "LOCAL_WORLD_SIZE": 1, "LOCAL_RANK": -1}
+
+
+def launch_variables() -> dict[str, int]:
+    """The launcher variables that are set, as numbers; one that is not a whole number, is below its least value,
+    or names a rank the world does not have is refused naming it (torch and accelerate would fail on it later,
+    with a traceback, or start a run of no process)."""
+    found = {}
+    for name, least in LAUNCH_VARIABLES.items():
+        text = os.environ.get(name)
+        if text is None:
+            continue
+        if not text.strip().lstrip("-").isdigit() or int(text) < least:
+            raise UserError(f"{name}={text!r}: must be a whole number of at least {least}; a process launcher "
+                            f"(accelerate launch, torchrun, srun) sets it: unset it, or start the run with one")
+        found[name] = int(text)
+    for size, rank in (("WORLD_SIZE", "RANK"), ("LOCAL_WORLD_SIZE", "LOCAL_RANK")):
+        if size in found and found.get(rank, 0) >= found[size]:
+            raise UserError(f"{rank}={found[rank]} with {size}={found[size]}: ranks run from 0 to {found[size] - 1}; "
+                            f"unset both, or start the run with a process launcher")
+    if found.get("LOCAL_RANK", -1) >= 0 and not os.environ.get("MASTER_ADDR"):  # accelerate would open a process group
+        raise UserError(f"LOCAL_RANK={found['LOCAL_RANK']} is set but MASTER_ADDR is not, so no process group can start; "
+                        f"unset LOCAL_RANK for one process, or start the run with a process launcher (which sets both)")
+    return found
+
+
 def launched_world_size() -> int:
     """The number of processes the launcher (torchrun, accelerate, Slurm's srun) says it started."""
-    return int(os.environ.get("WORLD_SIZE", "1"))
+    return launch_variables().get("WORLD_SIZE", 1)
 
 
 def launched() -> bool:
@@ -55,7 +83,7 @@ def this_gpu_capability() -> tuple[int, int]:
     """The compute capability of this process's GPU (LOCAL_RANK), read before the device is set."""
     import torch
     count = torch.cuda.device_count()
-    return torch.cuda.get_device_capability(int(os.environ.get("LOCAL_RANK", "0")) % count) if count else (0, 0)
+    return torch.cuda.get_device_capability(max(0, launch_variables().get("LOCAL_RANK", 0)) % count) if count else (0, 0)
 
 
 def native_bf16(capability: tuple[int, int]) -> bool:

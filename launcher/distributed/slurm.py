@@ -101,8 +101,16 @@ class SlurmJob:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
         if self.gpus_per_node < 0:
             raise ValueError(f"gpus_per_node must be 0 or more, got {self.gpus_per_node}")
-        if self.processes_per_node is not None and self.processes_per_node < 1:
-            raise ValueError(f"processes_per_node must be at least 1, got {self.processes_per_node}")
+        for name in ("processes_per_node", "cpus_per_task"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if self.port is not None and not 1 <= self.port <= 65535:
+            raise ValueError(f"port must be 1 to 65535, got {self.port}")
+        for name in ("partition", "account", "qos", "time"):  # one word each on an #SBATCH line
+            if getattr(self, name) is not None and not re.fullmatch(r"[\w.,:+-]+", getattr(self, name)):
+                raise ValueError(f"{name} must be one word (letters, digits and ._,:+-), got {getattr(self, name)!r}")
+        if self.time is not None and not re.fullmatch(r"(\d+-)?\d+(:\d+){0,2}|(?i:unlimited|infinite)", self.time):
+            raise ValueError(f"time must be minutes, MM:SS, HH:MM:SS, D-HH, D-HH:MM or D-HH:MM:SS, got {self.time!r}")
         if not re.fullmatch(r"[\w.+-]+", self.job_name):
             raise ValueError(f"job_name must be letters, digits and ._+-, got {self.job_name!r}")
 

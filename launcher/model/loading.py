@@ -18,11 +18,12 @@ from launcher.data.fingerprint import content_digest
 from launcher.distributed.rules import rules_for
 from launcher.model import adapters
 from launcher.recipe.schema import Recipe
+from launcher.recipe.values import expand_home
 from launcher.errors import UserError
 
 
 def cache_root() -> Path:
-    return Path(os.environ.get("LAUNCHER_CACHE", Path.home() / ".cache" / "launcher"))
+    return Path(os.environ.get("LAUNCHER_CACHE") or expand_home("~/.cache/launcher", "set LAUNCHER_CACHE"))
 
 
 def package_folder(name: str) -> Path:
@@ -35,14 +36,13 @@ def package_folder(name: str) -> Path:
 
 def weights_folder(recipe: Recipe) -> str:
     """A hub id or local folder that `from_pretrained` reads, without the GGUF file resolved yet."""
-    path = recipe.model.path
-    if path.startswith("pkg:"):
-        folder = package_folder(path.removeprefix("pkg:"))
-        # The shallowest config.json beside weights: packages also hold configs of sub-modules (1_Pooling/).
-        nested = sorted((p.parent for p in folder.rglob("config.json")
-                         if any(p.parent.glob("*.safetensors")) or any(p.parent.glob("*.bin"))), key=lambda f: len(f.parts))
-        return str(nested[0] if nested and not recipe.model.gguf_file else folder)
-    return os.path.expanduser(path)
+    if not recipe.model.path.startswith("pkg:"):
+        return recipe.model.path  # `~` already expanded by the recipe (recipe/values.py)
+    folder = package_folder(recipe.model.path.removeprefix("pkg:"))
+    # The shallowest config.json beside weights: packages also hold configs of sub-modules (1_Pooling/).
+    nested = sorted((p.parent for p in folder.rglob("config.json")
+                     if any(p.parent.glob("*.safetensors")) or any(p.parent.glob("*.bin"))), key=lambda f: len(f.parts))
+    return str(nested[0] if nested and not recipe.model.gguf_file else folder)
 
 
 def gguf_cache_folder(source: Path) -> Path:

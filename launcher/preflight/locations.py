@@ -22,18 +22,40 @@ SHIPPED_CONFIGS = MODEL_CONFIGS
 
 
 def check_output_dir(recipe: Recipe) -> None:
-    """output_dir must be a folder, or creatable, and writable."""
-    target = Path(recipe.output_dir)
+    """output_dir must be a folder, or creatable, and writable; so must the datasets cache, where train writes the
+    rows it reads (a read-only or unmakeable HF_HOME would otherwise end in a traceback after the model's checks)."""
+    check_folder(Path(recipe.output_dir), "output_dir", "choose a folder you can write to")
+    check_datasets_cache()
+    shared = recipe.data.preprocessed_dir  # read by train, written by `launcher preprocess` (which checks that)
+    if shared and Path(shared).exists() and not Path(shared).is_dir():
+        raise UserError(f"data.preprocessed_dir {shared}: is a file, not a folder; choose a folder")
+
+
+def check_datasets_cache() -> None:
+    cache, given_by = datasets_cache()
+    check_folder(cache, f"the datasets cache ({given_by})", "set HF_DATASETS_CACHE to a folder you can write to")
+
+
+def datasets_cache() -> tuple[Path, str]:
+    """The folder `datasets` writes its tables in, found as it finds it (without importing it), and what set it."""
+    for name, tail in (("HF_DATASETS_CACHE", ()), ("HF_HOME", ("datasets",)), ("XDG_CACHE_HOME", ("huggingface", "datasets"))):
+        if os.environ.get(name):
+            return Path(os.environ[name]).expanduser().joinpath(*tail), name
+    return Path("~/.cache/huggingface/datasets").expanduser(), "its default"
+
+
+def check_folder(target: Path, what: str, fix: str) -> None:
+    """A folder that exists or can be made, and can be written to; refused naming `what` and `fix` otherwise."""
     if target.exists() and not target.is_dir():
-        raise UserError(f"output_dir {target}: is a file, not a folder; choose another output_dir")
+        raise UserError(f"{what} {target}: is a file, not a folder; {fix}")
     nearest = target
     while not nearest.exists() and nearest != nearest.parent:
         nearest = nearest.parent
     if not nearest.is_dir():
-        raise UserError(f"output_dir {target}: {nearest} is a file, so the folder cannot be made; choose another output_dir")
+        raise UserError(f"{what} {target}: {nearest} is a file, so the folder cannot be made; {fix}")
     if not _writable(nearest):
-        what = "is not writable" if nearest == target else f"cannot be made: {nearest} is not writable"
-        raise UserError(f"output_dir {target}: {what}; choose a folder you can write to")
+        problem = "is not writable" if nearest == target else f"cannot be made: {nearest} is not writable"
+        raise UserError(f"{what} {target}: {problem}; {fix}")
 
 
 def _writable(folder: Path) -> bool:

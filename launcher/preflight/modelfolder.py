@@ -41,7 +41,7 @@ def check_model_folder(recipe: Recipe) -> None:
         check_positions(recipe, limit, f"{folder / recipe.model.gguf_file} context_length")
         return
     config = read_config(folder / "config.json")
-    check_weights(folder)
+    check_weights(folder, config)
     if not recipe.model.trust_remote_code and not any((folder / name).is_file() for name in TOKENIZER_FILES):
         raise UserError(f"model.path {folder}: no tokenizer files (one of {', '.join(TOKENIZER_FILES[:4])}, ...); "
                         f"copy the tokenizer the model was trained with into the folder")
@@ -75,8 +75,9 @@ def check_tokenizer_files(folder: Path) -> None:
             json_object(folder / name)
 
 
-def check_weights(folder: Path) -> None:
-    """Every weights file whole as far as its header says; the shards an index names all present."""
+def check_weights(folder: Path, config: dict | None = None) -> None:
+    """Every weights file whole as far as its header says; the shards an index names all present; the input
+    embedding of the shape the config gives it (transformers would refuse a mismatch only as it loads)."""
     for index in INDEX_FILES:
         if (folder / index).is_file():
             check_index(folder / index)
@@ -87,7 +88,7 @@ def check_weights(folder: Path) -> None:
                         f"copy the model's weights into the folder")
     for path in files:
         if path.suffix == ".safetensors":
-            check_safetensors(path)
+            check_embedding(path, check_safetensors(path), config or {})
         elif path.stat().st_size == 0:
             raise UserError(f"{path}: the weights file is empty (0 bytes); copy it again")
         elif path.suffix == ".bin" and zipfile.is_zipfile(path) is False and _zip_magic(path):
@@ -111,7 +112,7 @@ def check_index(path: Path) -> None:
                         f"({', '.join(missing[:3])}); copy the missing files")
 
 
-def check_safetensors(path: Path) -> None:
+def check_safetensors(path: Path) -> dict:
     """The header parses, and the file is exactly header plus the data the header describes."""
     size = path.stat().st_size
     with open(path, "rb") as handle:
@@ -128,6 +129,21 @@ def check_safetensors(path: Path) -> None:
     if size != expected:
         what = "truncated" if size < expected else "longer than its header says"
         raise UserError(f"{path}: {what}: {size} bytes, its header describes {expected}; copy the file again")
+    return header
+
+
+EMBEDDINGS = ("embed_tokens.weight", "wte.weight", "word_embeddings.weight")  # the input embedding's names
+
+
+def check_embedding(path: Path, header: dict, config: dict) -> None:
+    """The input embedding's [vocab_size, hidden size] as config.json (or its text_config) says, when both say it."""
+    settings = config.get("text_config") or config
+    wanted = [settings.get("vocab_size"), next((settings[k] for k in ("hidden_size", "n_embd", "d_model") if k in settings), None)]
+    for name, entry in header.items():
+        shape = entry.get("shape") if isinstance(entry, dict) and name.endswith(EMBEDDINGS) else None
+        if isinstance(shape, list) and len(shape) == 2 and all(isinstance(n, int) for n in wanted) and shape != wanted:
+            raise UserError(f"{path}: {name} is {shape[0]} x {shape[1]}, but config.json gives vocab_size {wanted[0]} "
+                            f"and hidden size {wanted[1]}; the weights and config.json are of different models")
 
 
 def position_limit(config: dict, path: Path) -> tuple[str | None, int | None]:

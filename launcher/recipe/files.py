@@ -8,6 +8,7 @@ from __future__ import annotations
 import copy
 import os
 import re
+import reprlib
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +19,13 @@ from launcher.recipe.rules import lookup, without
 from launcher.recipe.schema import Recipe, ignored_keys, unknown_key
 
 from launcher.errors import UserError
+
+# How a refused value is shown: whole when short, cut when long (a 50 kB string, a list of thousands)
+SHOWN = reprlib.Repr()
+SHOWN.maxstring = SHOWN.maxother = 120
+SHOWN.maxlist = SHOWN.maxdict = 8
+# Values a recipe may expand to: aliases repeated inside aliases can make a few lines of YAML into billions.
+MAX_VALUES = 100_000
 
 # The resolved recipe a run writes into its output_dir (launcher/rundir/paths.py places it; `load_run` reads it).
 RESOLVED_RECIPE = "recipe.yaml"
@@ -61,7 +69,18 @@ def _describe(error: dict) -> str:
     message = error["msg"].removeprefix("Value error, ")
     if not loc or (error["type"] == "value_error" and isinstance(error.get("input"), dict)):  # a rule between keys
         return message
-    return f"key '{key}': {message} (got {error.get('input')!r})"
+    return f"key '{key}': {message} (got {SHOWN.repr(error.get('input'))}){_yaml_hint(error)}"
+
+
+def _yaml_hint(error: dict) -> str:
+    """What YAML made of text the user wrote, where that is the likely mistake: `no` and `on` read as booleans,
+    `0777` or `1e3` as numbers, a section left with no keys as null."""
+    found = error.get("input")
+    if error["type"] == "string_type" and isinstance(found, (bool, int, float)):
+        return "; YAML reads unquoted yes/no/on/off as booleans and digits as numbers: put the value in quotes"
+    if error["type"] == "model_type" and found is None:
+        return "; an empty section: give it keys, or remove it for the defaults"
+    return ""
 
 
 def _first_error(errors: list[dict]) -> dict:
@@ -89,11 +108,21 @@ def _decoded(path: Path) -> str:
                         "save the recipe as UTF-8") from None
 
 
-def _refuse_duplicate_keys(node, path: Path, where: str = "") -> None:
-    """A key written twice in one mapping, at any depth: YAML would keep the last one silently."""
+def _refuse_duplicate_keys(node, path: Path, where: str = "", inside: tuple = (), checked: set | None = None) -> None:
+    """A key written twice in one mapping, at any depth: YAML would keep the last one silently. A node an alias
+    repeats is checked once (`checked`: a chain of aliases would otherwise cost exponential time); an alias to a
+    node it is inside (`inside`) would make the recipe contain itself, and is refused."""
+    checked = set() if checked is None else checked
+    if any(node is outer for outer in inside):
+        raise UserError(f"{path} line {node.start_mark.line + 1}: key '{where}': an alias (*name) refers to a node "
+                        "it is inside, so the recipe would contain itself; write the value out")
+    if id(node) in checked:
+        return
+    checked.add(id(node))
+    inside = (*inside, node)
     if isinstance(node, yaml.SequenceNode):
         for index, item in enumerate(node.value):
-            _refuse_duplicate_keys(item, path, f"{where}[{index}]")
+            _refuse_duplicate_keys(item, path, f"{where}[{index}]", inside, checked)
     if not isinstance(node, yaml.MappingNode):
         return
     seen: dict[str, int] = {}
@@ -105,17 +134,34 @@ def _refuse_duplicate_keys(node, path: Path, where: str = "") -> None:
             raise UserError(f"{path}: key '{dotted}' appears twice (lines {seen[key]} and {line}); "
                             "YAML would keep only the last: keep one")
         seen[key] = line
-        _refuse_duplicate_keys(value_node, path, dotted)
+        _refuse_duplicate_keys(value_node, path, dotted, inside, checked)
+
+
+def _refuse_expansion(node, path: Path) -> None:
+    """Refused when the document expands to more than MAX_VALUES values (counted once per node, aliases by
+    what they repeat)."""
+    sizes: dict[int, int] = {}
+
+    def size(node) -> int:
+        if id(node) not in sizes:
+            items = node.value if isinstance(node, yaml.SequenceNode) else \
+                [item for pair in node.value for item in pair] if isinstance(node, yaml.MappingNode) else []
+            sizes[id(node)] = min(1 + sum(size(item) for item in items), MAX_VALUES + 1)
+        return sizes[id(node)]
+    if size(node) > MAX_VALUES:
+        raise UserError(f"{path}: expands to more than {MAX_VALUES} values (aliases repeated inside aliases); "
+                        "a recipe is a few dozen keys: write the values out")
 
 
 def _read_yaml(path: Path) -> dict:
     if not path.is_file():
-        raise UserError(f"recipe file not found: {path}")
+        raise UserError(f"recipe file {'is a folder, not a file' if path.is_dir() else 'not found'}: {path}")
     loader = _RecipeLoader(_decoded(path))
     try:
         node = loader.get_single_node()
         if node is not None:
             _refuse_duplicate_keys(node, path)
+            _refuse_expansion(node, path)
         data = loader.construct_document(node) if node is not None else None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
@@ -124,7 +170,8 @@ def _read_yaml(path: Path) -> dict:
     finally:
         loader.dispose()
     if data is None:
-        data = {}
+        raise UserError(f"{path}: holds no keys (empty, or only comments); a recipe needs at least model, data and "
+                        "output_dir (`launcher recipes copy NAME DEST` gives a complete one to edit)")
     if not isinstance(data, dict):
         raise UserError(f"{path}: a recipe is a mapping of keys, got {type(data).__name__}")
     return data
@@ -259,7 +306,7 @@ def check_paths(recipe: Recipe, path: Path) -> None:
                 raise UserError(f"{path}: key 'data.{key}': file not found: {entry.path}")
     model_path = recipe.model.path
     looks_local = model_path.startswith(("/", ".", "~")) or os.path.isabs(model_path)
-    if looks_local and not Path(model_path).expanduser().exists():
+    if looks_local and not Path(model_path).exists():
         raise UserError(f"{path}: key 'model.path': folder not found: {model_path}")
 
 

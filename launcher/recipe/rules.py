@@ -12,12 +12,14 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 from launcher.recipe.formats import FORMATS, LOWER_IS_BETTER, formats_for_task, generated_formats
+from launcher.recipe.objective import reference_precomputed
 
 # LoRA inits that move each weight's top directions into the adapter and leave the residual in the base weights,
 # so the adapter is converted to plain LoRA at export (it needs the whole model in one process then).
 RESIDUAL_INITS = ("pissa", "olora")
-# What each prompt template may name (str.format placeholders).
+# What each prompt template may name (str.format placeholders), and the one it must: without it every row's prompt is the same.
 TEMPLATE_FIELDS = {"prompt_template": {"source_lang", "target_lang", "source"}, "qa_template": {"question", "context"}}
+TEMPLATE_NEEDS = {"prompt_template": "source", "qa_template": "question"}
 
 
 @dataclass(frozen=True)
@@ -59,10 +61,15 @@ SCOPES = (
     Scope(("data.prompt_template", "data.source_lang", "data.target_lang"), "data.format", ("translation",), _all_formats),
     Scope(("data.qa_template",), "data.format", ("qa",), _all_formats),
     Scope(("data.system_prompt",), "data.format", ("instruction", "translation", "completion", "qa", "preference"), _all_formats),
+    Scope(("train.epochs",), "train.max_steps", ("null",), lambda r: {"null" if r.train.max_steps is None else str(r.train.max_steps)}),
     Scope(("train.decay_rate", "train.decay_steps"), "train.schedule", ("exponential",), lambda r: {r.train.schedule}),
     Scope(("data.max_eval_rows",), "data.eval", (), lambda r: {"data.eval"} if r.data.eval else set()),
-    Scope(("train.eval_every", "train.eval_batch_size", "eval.metric", "eval.greater_is_better"),
+    # what only an evaluation reads (`launcher generate` reads the other generation keys, with or without eval data)
+    Scope(("train.eval_every", "eval.metric", "eval.greater_is_better", "eval.samples", "eval.generate_rows"),
           "data.eval or data.eval_fraction", (), _evaluated),
+    # the eval batch is also the batch of full-fine-tuning DPO's reference pass (data/reference_logps.py)
+    Scope(("train.eval_batch_size",), "data.eval or data.eval_fraction, or objective dpo with method full", (),
+          lambda r: _evaluated(r) | ({"dpo with method full"} if reference_precomputed(r) else set())),
     Scope(("report.project",), "report.trackers", (), lambda r: set(r.report.trackers)),
 )
 
@@ -132,6 +139,15 @@ def data_rules(data) -> None:
     for which in ("train", "eval"):
         if getattr(data, which) == []:
             raise ValueError(f"data.{which}: an empty list of sources; give a path or at least one source")
+    for which in ("train", "eval"):  # the same file read the same way twice: epochs or weight say how often
+        seen: dict[tuple, int] = {}
+        for index, entry in enumerate(data.entries(which)):
+            fields = entry.fields if entry.fields is not None else data.fields
+            key = (entry.path, entry.name, entry.split, entry.format or data.format, tuple(sorted(fields.items())), entry.max_rows)
+            if key in seen:
+                raise ValueError(f"data.{which}[{index}]: the same source as data.{which}[{seen[key]}] ({entry.path}, read the "
+                                 f"same way); give it once{', with epochs or weight to read it more' * (which == 'train')}")
+            seen[key] = index
     if data.labels is not None and len(set(data.labels)) != len(data.labels):
         raise ValueError(f"data.labels: {next(n for n in data.labels if data.labels.count(n) > 1)!r} is listed twice")
     for key, allowed in TEMPLATE_FIELDS.items():
@@ -143,6 +159,9 @@ def data_rules(data) -> None:
         if unknown:
             raise ValueError(f"data.{key}: unknown placeholder {{{unknown[0]}}}; it may use "
                              f"{', '.join('{' + n + '}' for n in sorted(allowed))}")
+        if TEMPLATE_NEEDS[key] not in names:
+            raise ValueError(f"data.{key}: has no {{{TEMPLATE_NEEDS[key]}}}, so every row would get the same prompt; "
+                             f"put {{{TEMPLATE_NEEDS[key]}}} where the row's {TEMPLATE_NEEDS[key]} goes")
 
 
 def format_rules(recipe) -> None:

@@ -6,8 +6,6 @@ descriptions double as the recipe reference in the README (`launcher reference`)
 """
 from __future__ import annotations
 
-import os
-import re
 from typing import Annotated, Literal, get_args
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, model_validator
@@ -16,6 +14,7 @@ from launcher.recipe import rules
 from launcher.recipe.formats import FORMATS, LOWER_IS_BETTER, METRICS, OBJECTIVES, TASKS
 from launcher.recipe.objective import objective_rules
 from launcher.recipe.rules import RESIDUAL_INITS, unknown_key, without  # noqa: F401  (re-exported: files.py, model/, distributed/)
+from launcher.recipe.values import listed_once, path_value, regex_value, warmup_fits
 
 # bitsandbytes optimisers: they need its package, and they step whole local tensors (DDP only).
 BNB_OPTIMIZERS = ("adamw-8bit", "paged-adamw", "paged-adamw-8bit")
@@ -28,31 +27,8 @@ class Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True, strict=True, allow_inf_nan=False)
 
 
-def _path(value: str) -> str:
-    """Every path key: not empty, and `~` is the user's home (as a shell would make it), data paths included."""
-    if not value.strip():
-        raise ValueError("empty path; give a file or folder")
-    return os.path.expanduser(value)
-
-
-def _regex(value: str) -> str:
-    try:
-        re.compile(value)
-    except re.error as exc:
-        raise ValueError(f"not a valid regular expression ({exc})") from None
-    return value
-
-
-def _once_each(values: list) -> list:
-    """A list of choices in which each is named once (a second mention would be ignored)."""
-    twice = next((value for value in values if values.count(value) > 1), None)
-    if twice is not None:
-        raise ValueError(f"{twice!r} is listed twice")
-    return values
-
-
-PathText = Annotated[str, AfterValidator(_path)]
-Regex = Annotated[str, AfterValidator(_regex)]
+PathText = Annotated[str, AfterValidator(path_value)]
+Regex = Annotated[str, AfterValidator(regex_value)]
 
 
 class ModelSection(Section):
@@ -200,13 +176,13 @@ class DataSection(Section):
 
 
 class TrainSection(Section):
-    epochs: float | None = Field(1.0, gt=0, description="Passes over the training data (ignored when max_steps is set).", json_schema_extra=RESUMABLE)
+    epochs: float | None = Field(1.0, gt=0, description="Passes over the training data (when max_steps is null).", json_schema_extra=RESUMABLE)
     max_steps: int | None = Field(None, ge=1, description="Optimiser steps to train; overrides epochs.", json_schema_extra=RESUMABLE)
     micro_batch_size: int = Field(4, ge=1, description="Examples per process per forward pass.", json_schema_extra=RESUMABLE)
     grad_accum: int = Field(1, ge=1, description="Micro-batches per optimiser step.", json_schema_extra=RESUMABLE)
     lr: float = Field(2e-4, gt=0, le=1, description="Peak learning rate.")
     schedule: Literal["linear", "cosine", "constant", "exponential"] = Field("cosine", description="Learning-rate schedule after warmup.")
-    warmup_steps: int = Field(0, ge=0, description="Linear warmup steps.")
+    warmup_steps: int = Field(0, ge=0, description="Linear warmup steps; no more than the run's steps.")
     decay_rate: float = Field(0.96, gt=0, le=1, description="exponential: lr_t = lr * decay_rate ** (t / decay_steps).")
     decay_steps: int = Field(100, ge=1, description="exponential: steps per factor of decay_rate.")
     optimizer: Literal[("adamw", *BNB_OPTIMIZERS, "adafactor", "sgd")] = Field(
@@ -230,6 +206,12 @@ class TrainSection(Section):
     log_every: int = Field(1, ge=1, description="Write a metrics line every N steps.", json_schema_extra=RESUMABLE)
     keep_last: int = Field(2, ge=1, description="Checkpoints kept on disk.", json_schema_extra=RESUMABLE)
     eval_batch_size: int | None = Field(None, ge=1, description="Default: micro_batch_size.")
+
+    @model_validator(mode="after")
+    def _warmup_within_the_run(self) -> "TrainSection":
+        if self.max_steps is not None:
+            warmup_fits(self.warmup_steps, self.max_steps, "train.max_steps")
+        return self
 
     def eval_batch(self) -> int:
         """Rows per eval forward pass: eval_batch_size, else micro_batch_size (evaluation and the planner agree)."""
@@ -264,7 +246,7 @@ Tracker = Literal["tensorboard", "mlflow", "wandb"]
 
 
 class ReportSection(Section):
-    trackers: Annotated[list[Tracker], AfterValidator(_once_each)] = Field(
+    trackers: Annotated[list[Tracker], AfterValidator(listed_once)] = Field(
         default_factory=list, description="Experiment trackers fed through accelerate's log_with: tensorboard (output_dir/tb/<project>), "
         "mlflow (MLFLOW_TRACKING_URI, else a local store in output_dir/mlruns), wandb (offline in output_dir/wandb "
         "unless WANDB_MODE says otherwise). Credentials are read from the environment only, never from the recipe.", json_schema_extra=RESUMABLE)

@@ -112,8 +112,7 @@ def plan_run_dir(run_dir: Path, resolved: dict, overwrite: bool) -> RunDirPlan:
         return RunDirPlan(None)
     allowed = resumable_keys()
     # sections the method does not read are not part of a run's identity (recipe.yaml leaves them out)
-    changed = [".".join(k) for k in _changed_keys(applicable(yaml.safe_load(run.recipe.read_text()) or {}), applicable(resolved))
-               if ".".join(k) not in allowed]
+    changed = [".".join(k) for k in _changed_keys(applicable(_run_recipe(run)), applicable(resolved)) if ".".join(k) not in allowed]
     if not has_something_to_lose(run_dir):
         return RunDirPlan(None, _leftover_names(run), f"{', '.join(changed[:5])} changed" if changed else "same recipe")
     if changed:
@@ -122,8 +121,22 @@ def plan_run_dir(run_dir: Path, resolved: dict, overwrite: bool) -> RunDirPlan:
     return _resume_plan(run_dir)
 
 
+def _run_recipe(run: RunDir) -> dict:
+    """The recipe a run wrote (RUN/recipe.yaml), as a dict; one line when it was damaged since."""
+    try:
+        found = yaml.safe_load(run.recipe.read_text(encoding="utf-8")) or {}
+    except (yaml.YAMLError, UnicodeDecodeError) as exc:
+        found = f"not valid YAML ({str(exc).splitlines()[0]})"
+    if not isinstance(found, dict):
+        raise UserError(f"output_dir {run.root}: its {run.recipe.name} is {found if isinstance(found, str) else 'not a mapping'}, "
+                        f"so what the run trained is unknown; restore it, or pass --overwrite to start fresh")
+    return found
+
+
 def _resume_plan(run_dir: Path) -> RunDirPlan:
     """Resume from the newest checkpoint whose files are those saved; refuse, deleting nothing, when none is."""
+    from launcher.report.records import read_metrics
+    read_metrics(RunDir(run_dir).metrics)  # a damaged line would otherwise be found by the final report, after training
     intact, passed_over = ckpt.newest_intact(run_dir)
     if intact is None and passed_over:
         named = "; ".join(f"{folder.name}: {reason}" for folder, reason in passed_over[:3])

@@ -182,7 +182,7 @@ def _load_data(recipe: Recipe, strategy: Strategy, accelerator, run_dir: Path, c
         raise UserError(f"data.train: {rows} usable rows is less than one global batch "
                         f"(micro_batch_size x grad_accum x processes = {plan.global_batch})")
     return Run(recipe, strategy, accelerator, run_dir, weights, tokenizer, datasets, plan,
-               plan.total_steps(cfg.epochs, cfg.max_steps), console=console)
+               plan.total_steps(cfg.epochs, cfg.max_steps, cfg.warmup_steps), console=console)
 
 
 def _build_model(session: Run) -> None:
