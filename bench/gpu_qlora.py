@@ -132,7 +132,6 @@ def arm_launcher(args, folder: Path, data: Path) -> dict:
         "data": {"train": str(data), "format": "text", "max_length": args.length},
         "train": {"max_steps": args.steps, "micro_batch_size": args.batch, "grad_accum": 1, "lr": LR, "schedule": "constant",
                   "optimizer": "adamw", "gradient_checkpointing": True, "max_grad_norm": 1.0, "save_every": 0, "seed": 0},
-        "eval": {"samples": 0},
         "output_dir": str(run_dir),
     }
     path = Path(args.workdir) / "launcher-qlora.yaml"

@@ -63,7 +63,7 @@ def recipe_dict(model: Path, run: Path, **sections) -> dict:
               "data": {"train": str(DATA / "bible_en_es" / "train.jsonl"), "eval": None, "format": "translation",
                        "fields": {"source": "en", "target": "es"}, "max_length": 64, "max_train_rows": 64},
               "train": {"max_steps": 2, "micro_batch_size": 2, "grad_accum": 2, "lr": 1e-3, "warmup_steps": 0},
-              "eval": {"samples": 0}, "output_dir": str(run)}
+              "output_dir": str(run)}
     for section, values in sections.items():
         recipe[section] = {**recipe.get(section, {}), **values} if isinstance(values, dict) else values
     if recipe["method"] not in ("lora", "qlora"):  # the lora section is refused where it does not apply

@@ -94,7 +94,6 @@ def run_launcher(stage: str, model: Path, data: Path, work: Path, args, on_gpu: 
               "train": {"max_steps": args.steps, "micro_batch_size": args.micro, "grad_accum": 1, "lr": 1e-5,
                         "schedule": "constant", "precision": "bf16" if on_gpu else "fp32", "max_grad_norm": 1.0,
                         "gradient_checkpointing": args.gradient_checkpointing},
-              "eval": {"samples": 0},
               "distributed": {"strategy": "deepspeed", "deepspeed": stage, "num_processes": 1},
               "output_dir": str(run_dir)}
     path = work / f"{stage}.yaml"
