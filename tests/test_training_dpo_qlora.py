@@ -11,7 +11,7 @@ import shutil
 import pytest
 import yaml
 
-from support import launch_two, load_tensors, ok, pair_recipe, rewind, run_here, train_losses, write_recipe
+from support import launch_two, load_tensors, ok, pair_recipe, rewind, run_here, train_losses, without_eval, write_recipe
 
 STEPS = 4
 
@@ -83,9 +83,7 @@ def test_two_fsdp2_processes_match_one_per_step(straight, tmp_path):
     recipe["train"]["micro_batch_size"] = 1  # 1 x 2 accumulated x 2 ranks = the same 4 pairs a step
     recipe["distributed"], recipe["output_dir"] = {"strategy": "fsdp"}, str(tmp_path / "run")
     recipe.pop("report")
-    for key in ("eval", "max_eval_rows"):  # evaluation changes no step
-        recipe["data"].pop(key)
-    ok(launch_two(["train", write_recipe(recipe, tmp_path / "fsdp.yaml")]))
+    ok(launch_two(["train", write_recipe(without_eval(recipe), tmp_path / "fsdp.yaml")]))  # evaluation changes no step
     one, two = train_losses(folder / "run"), train_losses(tmp_path / "run")
     assert sorted(two) == list(range(1, STEPS + 1))
     for step, loss in one.items():

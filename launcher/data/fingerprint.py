@@ -8,6 +8,7 @@ two and says in words what differs. Imports no torch and no other launcher modul
 from __future__ import annotations
 
 import hashlib
+import json
 from pathlib import Path
 
 BLOCK = 2**20
@@ -30,7 +31,6 @@ def _spans(handle, size: int, digest) -> list[tuple[int, int]]:
     """The byte ranges of a large file that `sampled_digest` samples: each tensor's data in a safetensors file
     (its header, which holds every tensor's name, dtype, shape and offsets, goes into `digest` whole), else 64
     equal parts of the file."""
-    import json
     head = handle.read(8)
     length = int.from_bytes(head, "little") if len(head) == 8 else 0
     try:

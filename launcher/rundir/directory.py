@@ -26,6 +26,7 @@ from launcher.data.fingerprint import changed, file_fingerprint
 from launcher.errors import UserError
 from launcher.recipe.reference import fields
 from launcher.recipe.schema import applicable
+from launcher.report.records import read_metrics
 from launcher.rundir.paths import EXPORTS, RunDir
 
 FOREIGN_SHOWN = 3  # foreign entries named in a refusal
@@ -135,7 +136,6 @@ def _run_recipe(run: RunDir) -> dict:
 
 def _resume_plan(run_dir: Path) -> RunDirPlan:
     """Resume from the newest checkpoint whose files are those saved; refuse, deleting nothing, when none is."""
-    from launcher.report.records import read_metrics
     read_metrics(RunDir(run_dir).metrics)  # a damaged line would otherwise be found by the final report, after training
     intact, passed_over = ckpt.newest_intact(run_dir)
     if intact is None and passed_over:
