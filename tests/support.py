@@ -233,6 +233,18 @@ def rewind(run: Path, step: int) -> None:
     shutil.rmtree(run / "final", ignore_errors=True)
 
 
+def straight_then_stopped(straight: Path, two: Path, stop: int) -> tuple[Path, dict, dict]:
+    """The two runs a resume on another process count is checked against: `straight` whole on 1 process (its run
+    folder, per-step losses and final weights returned; the losses must vary), and `two` on 2 processes stopped
+    after step `stop`."""
+    ok(launch([straight]))
+    run = straight.parent / "run"
+    losses, final = train_losses(run), load_tensors(run / "final")
+    assert len(set(losses.values())) == len(losses), "losses should vary from step to step"
+    ok(launch_two([two, f"train.max_steps={stop}"]))
+    return run, losses, final
+
+
 def rank_record(run_dir, rank: int, key: str) -> dict:
     """The first line of a rank's log (logs/rank-R.jsonl) that holds `key`: the log also records data and resume events."""
     import json

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from support import build_tiny_llama, comparable_recipe, launch, launch_two, load_tensors, ok, rewind, train_losses
+from support import build_tiny_llama, comparable_recipe, launch, launch_two, load_tensors, ok, rewind, straight_then_stopped, train_losses
 
 pytestmark = [pytest.mark.multiproc, pytest.mark.slow]
 
@@ -61,13 +61,9 @@ def assert_adapter_only(checkpoint: Path, adapter: dict, base: Path) -> None:
 def test_resume_on_another_process_count_continues_the_straight_run(name, model, tmp_path):
     distributed = CASES[name]
     straight = recipe_for(model, tmp_path / "straight", distributed, grad_accum=4)
-    ok(launch([straight]))
-    run = tmp_path / "straight" / "run"
-    losses, adapter = train_losses(run), load_tensors(run / "final")
-    assert len(set(losses.values())) == STEPS, "losses should vary from step to step"
-
     two = recipe_for(model, tmp_path / "two", distributed, grad_accum=2)
-    ok(launch_two([two, f"train.max_steps={HALF}"]))
+    run, losses, adapter = straight_then_stopped(straight, two, HALF)
+    assert sorted(losses) == list(range(1, STEPS + 1))
     assert_adapter_only(tmp_path / "two" / "run" / "checkpoints" / f"step-{HALF}", adapter, model)
     to_one = ok(launch([two]))
     assert "resuming on 1 process (the checkpoint was written by 2)" in to_one.stdout

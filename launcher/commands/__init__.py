@@ -24,7 +24,6 @@ def add_recipe_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("overrides", nargs="*", metavar="key.path=value", help="override recipe keys, e.g. train.lr=1e-4")
 
 
-
 def whole(minimum: int):
     """An option's type: a whole number no less than `minimum`, so `--gpus 0` is refused by the parser (usage
     line, exit 2) instead of read as the default, and `--max-new-tokens -5` before anything loads."""
