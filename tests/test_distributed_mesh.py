@@ -1,6 +1,9 @@
 """The process mesh (HSDP replicate x shard, sequence and context parallelism): refused in one line before
 anything loads when it contradicts the strategy, the sequence length, the device or the process count."""
+import os
+
 import pytest
+
 from support import tiny_recipe, validate_refusal
 
 from launcher.distributed import mesh
@@ -123,3 +126,16 @@ def test_slurm_render_refuses_a_job_whose_processes_cannot_form_the_mesh(tiny_mo
     assert "distributed.sequence_parallel 4 does not divide the 2 processes" in capsys.readouterr().err
     assert main(["slurm", "render", str(recipe), "--nodes", "2", "--gpus-per-node", "2"]) == 0
     assert "sbatch" in capsys.readouterr().out.lower()
+
+
+def test_validate_in_a_plain_shell_checks_the_process_count_the_recipe_asks_for(tiny_model, tmp_path, capsys):
+    """Before the launch (no WORLD_SIZE), `validate` checks the mesh on the recipe's num_processes instead of
+    refusing the one process it runs in; `train` started that way is still refused (test_distributed_strategies)."""
+    from support import write_recipe
+
+    from launcher.cli import main
+    assert "WORLD_SIZE" not in os.environ
+    recipe = tiny_recipe(tiny_model, tmp_path / "run", distributed={"strategy": "fsdp", "num_processes": 4})
+    assert main(["validate", str(write_recipe(recipe, tmp_path / "r.yaml"))]) == 0
+    assert main(["validate", str(tmp_path / "r.yaml"), "distributed.replicate=3"]) == 2
+    assert "distributed.replicate 3 does not divide the 4 data-parallel processes" in capsys.readouterr().err

@@ -13,9 +13,9 @@ from rich.console import Console
 from rich.text import Text
 
 from launcher.data.encode import load_datasets
-from launcher.distributed.launch import launched_world_size
+from launcher.distributed.launch import launched, launched_world_size
 from launcher.model import loading as modeling
-from launcher.preflight.checks import Target, checked_recipe
+from launcher.preflight.checks import Target, checked_recipe, detect_device
 from launcher.recipe.schema import Recipe
 
 
@@ -27,7 +27,8 @@ def add_options(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    recipe = checked_recipe(args, Target(args.device, launched_world_size()) if args.device else None)
+    # in a plain shell the run is not launched yet: its processes are the ones the recipe asks for
+    recipe = checked_recipe(args, Target(args.device or detect_device(), launched_world_size(), ahead=not launched()))
     if args.deep:
         deep_check(recipe)
     print(f"{args.recipe}: ok ({recipe.method} on {recipe.model.path}, data format {recipe.data.format}, output {recipe.output_dir})")

@@ -28,9 +28,11 @@ BNB_FIRST_CPU_VERSION = (0, 46)  # bitsandbytes gained its CPU backend (4-bit, 8
 
 @dataclass
 class Target:
-    """Where the run will execute: the device type and how many processes were launched."""
+    """Where the run will execute: the device type and how many processes were launched. `ahead`: a check made
+    before the launch (`validate` in a plain shell), so the recipe's own num_processes is the count to check."""
     device: str
     world: int
+    ahead: bool = False
 
 
 def detect_device() -> str:
@@ -79,7 +81,7 @@ def check_launch(recipe: Recipe, target: Target) -> None:
         # a WORLD_SIZE left in the shell (or set by hand) without the rendezvous a launcher sets beside it
         raise UserError(f"WORLD_SIZE={target.world} is set but MASTER_ADDR is not, so the processes cannot meet; start them "
                         f"with {launch_hint(target.world)} (which sets both), or unset WORLD_SIZE for one process")
-    if wanted is not None and target.world != wanted:
+    if wanted is not None and target.world != wanted and not target.ahead:
         raise UserError(f"distributed.num_processes is {wanted} but {target.world} process{'es' * (target.world != 1)} "
                         f"started; launch with {launch_hint(wanted)}")
     known = wanted or (target.world if target.world > 1 or launched() else None)  # plain validate: count unknown
